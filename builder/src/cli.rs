@@ -1,0 +1,332 @@
+//! The `imgbuild` command line. stdout carries data (`--json` for scripts),
+//! stderr carries logs and progress.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use imgdeploy_common::sign::PublicKey;
+
+use crate::pack::{build, short, BuildRequest};
+use crate::publish::Repo;
+
+/// Pack a master tree into a signed, reproducible squashfs image and publish
+/// it into a repository directory served by any static HTTP server.
+#[derive(Debug, Parser)]
+#[command(name = "imgbuild", version, about)]
+pub struct Cli {
+    /// Options every command takes.
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every command takes.
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// More log output (repeat for more).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Only errors on stderr.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create an Ed25519 key pair: PREFIX.key (PKCS#8 PEM, 0600) and PREFIX.pub.
+    Keygen {
+        /// Path prefix of the two files.
+        #[arg(long, value_name = "PREFIX")]
+        out: PathBuf,
+    },
+    /// Pack SRC into an image and publish it to a channel in the repository.
+    Build(BuildArgs),
+    /// Check a published manifest: signature, expiry, image size and sha256.
+    Verify {
+        /// Manifest path or http(s) URL (its signature is MANIFEST.sig).
+        manifest: String,
+        /// Trusted public key (repeat for several).
+        #[arg(long = "pub", value_name = "PREFIX.pub", required = true)]
+        public: Vec<PathBuf>,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show what a manifest or an image file says (does not check signatures).
+    Inspect {
+        /// A manifest (.json) or an image (.squashfs).
+        path: PathBuf,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove images no channel references, keeping the newest N of those.
+    Gc {
+        /// Repository directory.
+        #[arg(long, env = "IMGBUILD_REPO")]
+        repo: PathBuf,
+        /// Unreferenced images to keep (newest first).
+        #[arg(long, default_value_t = 2)]
+        keep: usize,
+        /// Only say what would be removed.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Arguments of `build`.
+#[derive(Debug, Args)]
+pub struct BuildArgs {
+    /// The root of the tree to pack.
+    pub src: PathBuf,
+    /// Private signing key (PKCS#8 PEM).
+    #[arg(long, env = "IMGBUILD_KEY", value_name = "PREFIX.key")]
+    pub key: PathBuf,
+    /// Channel to publish to (a-z, 0-9, '.', '_', '-').
+    #[arg(long)]
+    pub channel: String,
+    /// Repository directory (created if missing).
+    #[arg(long, env = "IMGBUILD_REPO")]
+    pub repo: PathBuf,
+    /// Human version label (default: r<serial>).
+    #[arg(long = "version", value_name = "LABEL")]
+    pub version_label: Option<String>,
+    /// Serial number (default: the channel's current serial + 1; must increase).
+    #[arg(long)]
+    pub serial: Option<u64>,
+    /// zstd compression level.
+    #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u32).range(1..=22))]
+    pub level: u32,
+    /// Leave out paths matching this glob, relative to SRC (repeatable; `*` stays within a component, `**` crosses).
+    #[arg(long, value_name = "GLOB")]
+    pub exclude: Vec<String>,
+    /// How long the manifest stays valid (e.g. 30d, 12h).
+    #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
+    pub expires_in: Duration,
+    /// Compression threads (default: all cores).
+    #[arg(long, default_value_t = 0)]
+    pub jobs: u32,
+    /// Print the result as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn print_json(v: &impl serde::Serialize) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn read_keys(paths: &[PathBuf]) -> Result<Vec<PublicKey>> {
+    paths
+        .iter()
+        .map(|p| PublicKey::read(p).map_err(Into::into))
+        .collect()
+}
+
+/// Runs the parsed command line.
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Keygen { out } => {
+            let (key, public, id) = crate::keygen::keygen(&out)?;
+            println!("{}\n{}", key.display(), public.display());
+            tracing::info!(
+                "created key {id}; keep {} secret, give {} to the deployers",
+                short(&key),
+                short(&public)
+            );
+        }
+        Command::Build(a) => {
+            let req = BuildRequest {
+                src: a.src,
+                key: a.key,
+                channel: a.channel,
+                repo: a.repo,
+                version: a.version_label,
+                serial: a.serial,
+                level: a.level,
+                exclude: a.exclude,
+                expires_in: a.expires_in,
+                jobs: a.jobs,
+            };
+            let r = build(&req)?;
+            if a.json {
+                print_json(&r)?;
+            } else {
+                let p = &r.published;
+                println!(
+                    "published {} serial {} ({}) to {}\n  image {} ({} bytes, {} inodes, {} bytes of data)\n  sha256 {}\n  expires {}",
+                    p.channel,
+                    p.serial,
+                    p.version,
+                    short(&p.manifest),
+                    short(&p.image),
+                    p.size,
+                    r.inodes,
+                    r.data_bytes,
+                    p.sha256,
+                    p.expires
+                );
+            }
+        }
+        Command::Verify {
+            manifest,
+            public,
+            json,
+        } => {
+            let keys = read_keys(&public)?;
+            let v = crate::verify::verify(&manifest, &keys)?;
+            if json {
+                print_json(&v)?;
+            } else {
+                let m = &v.manifest;
+                println!(
+                    "ok: {} serial {} ({}) signed by {}, image {} bytes sha256 {}, expires {}",
+                    m.channel,
+                    m.serial,
+                    m.version,
+                    v.key_id,
+                    m.image.size,
+                    m.image.sha256,
+                    m.expires
+                );
+            }
+        }
+        Command::Inspect { path, json } => {
+            let i = crate::inspect::inspect(&path)?;
+            if json {
+                print_json(&i)?;
+            } else {
+                if let Some(m) = &i.manifest {
+                    println!("manifest (signature NOT checked; use `imgbuild verify`):");
+                    print!("{}", String::from_utf8_lossy(&m.to_bytes()));
+                }
+                if let (Some(sb), Some(img)) = (&i.superblock, &i.image) {
+                    println!("image {img}: {sb}");
+                }
+            }
+        }
+        Command::Gc {
+            repo,
+            keep,
+            dry_run,
+            json,
+        } => {
+            let repo = Repo::open(&repo).context("opening the repository")?;
+            let r = crate::gc::gc(&repo, keep, dry_run)?;
+            if json {
+                print_json(&r)?;
+            } else {
+                for p in &r.removed {
+                    println!(
+                        "{} {}",
+                        if dry_run { "would remove" } else { "removed" },
+                        short(p)
+                    );
+                }
+                tracing::info!(
+                    "{} referenced, {} unreferenced kept, {} removed ({} bytes)",
+                    r.referenced.len(),
+                    r.kept.len(),
+                    r.removed.len(),
+                    r.freed_bytes
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn parses_build() {
+        let cli = Cli::try_parse_from([
+            "imgbuild",
+            "build",
+            "/src",
+            "--key",
+            "k.key",
+            "--channel",
+            "stable",
+            "--repo",
+            "/r",
+            "--level",
+            "19",
+            "--exclude",
+            "tmp/*",
+            "--exclude",
+            "*.log",
+            "--expires-in",
+            "12h",
+            "--json",
+        ])
+        .unwrap();
+        let Command::Build(b) = cli.command else {
+            panic!("not build")
+        };
+        assert_eq!(
+            (b.level, b.exclude.len(), b.expires_in, b.json),
+            (19, 2, Duration::from_secs(12 * 3600), true)
+        );
+    }
+
+    #[test]
+    fn rejects_bad_level_and_missing_args() {
+        for args in [
+            &[
+                "imgbuild",
+                "build",
+                "/s",
+                "--key",
+                "k",
+                "--channel",
+                "c",
+                "--repo",
+                "r",
+                "--level",
+                "23",
+            ][..],
+            &[
+                "imgbuild",
+                "build",
+                "/s",
+                "--key",
+                "k",
+                "--channel",
+                "c",
+                "--repo",
+                "r",
+                "--level",
+                "0",
+            ],
+            &["imgbuild", "build", "/s", "--key", "k", "--channel", "c"],
+            &["imgbuild", "verify", "m.json"],
+            &[
+                "imgbuild",
+                "build",
+                "/s",
+                "--key",
+                "k",
+                "--channel",
+                "c",
+                "--repo",
+                "r",
+                "--expires-in",
+                "soon",
+            ],
+        ] {
+            assert!(Cli::try_parse_from(args).is_err(), "{args:?}");
+        }
+    }
+}

@@ -1,0 +1,161 @@
+//! `imgbuild build`: read the tree, write the image, publish it. Every check
+//! that can fail cheaply (key, channel, repository, serial) runs before the
+//! expensive compression, and nothing reaches the repository's public names
+//! unless the whole build succeeded.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use imgdeploy_common::manifest::{validate_channel, validate_version, Timestamp};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::image::{write_image, ImageOptions};
+use crate::keygen::load_private_key;
+use crate::publish::{next_serial, publish_manifest, store_image, Published, Release, Repo};
+use crate::tree::{compile_excludes, read_tree};
+
+/// Everything `build` needs.
+#[derive(Debug, Clone)]
+pub struct BuildRequest {
+    /// Tree to pack.
+    pub src: PathBuf,
+    /// Private key file.
+    pub key: PathBuf,
+    /// Channel.
+    pub channel: String,
+    /// Repository directory.
+    pub repo: PathBuf,
+    /// Version label.
+    pub version: Option<String>,
+    /// Explicit serial.
+    pub serial: Option<u64>,
+    /// zstd level.
+    pub level: u32,
+    /// Exclude globs.
+    pub exclude: Vec<String>,
+    /// Manifest validity.
+    pub expires_in: Duration,
+    /// Compression threads (0 = all cores).
+    pub jobs: u32,
+}
+
+/// The result of a build.
+#[derive(Debug, serde::Serialize)]
+pub struct BuildReport {
+    /// What was published.
+    #[serde(flatten)]
+    pub published: Published,
+    /// Inodes in the image.
+    pub inodes: u32,
+    /// Regular-file bytes packed.
+    pub data_bytes: u64,
+}
+
+/// Removes a temp file unless it was committed.
+struct TempFile(PathBuf);
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        // Best effort: the file may already have been renamed away (committed).
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// `SOURCE_DATE_EPOCH`, if set, for reproducible builds.
+pub fn source_date_epoch() -> Result<Option<u64>> {
+    match std::env::var("SOURCE_DATE_EPOCH") {
+        Ok(s) => Ok(Some(s.trim().parse().with_context(|| {
+            format!("SOURCE_DATE_EPOCH=`{s}` is not a number of seconds")
+        })?)),
+        Err(_) => Ok(None),
+    }
+}
+
+fn progress_bar(total: u64) -> ProgressBar {
+    // indicatif draws nothing when stderr is not a terminal.
+    let pb = ProgressBar::new(total);
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{spinner} packing [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    pb
+}
+
+/// Runs a build.
+pub fn build(req: &BuildRequest) -> Result<BuildReport> {
+    let key = load_private_key(&req.key)?;
+    validate_channel(&req.channel)?;
+    if let Some(v) = &req.version {
+        validate_version(v)?;
+    }
+    let excludes = compile_excludes(&req.exclude)?;
+    let repo = Repo::open(&req.repo)?;
+    let epoch = source_date_epoch()?;
+    let created = epoch.map(Timestamp).unwrap_or_else(Timestamp::now);
+    let release = Release {
+        channel: &req.channel,
+        version: req.version.as_deref(),
+        serial: req.serial,
+        created,
+        expires_in: req.expires_in,
+    };
+    let serial = next_serial(&repo, &release)?;
+    if created.plus(req.expires_in) <= Timestamp::now() {
+        tracing::warn!("the manifest expires at {} which is already past (SOURCE_DATE_EPOCH is old); deployers will refuse it", created.plus(req.expires_in));
+    }
+
+    tracing::info!("reading {}", req.src.display());
+    let tree = read_tree(&req.src, &excludes)?;
+    tracing::info!(
+        "{} entries, {} bytes of file data",
+        tree.nodes.len(),
+        tree.data_bytes
+    );
+
+    // libsquashfs creates the file itself (O_EXCL), so only pick a fresh name.
+    let tmp = TempFile(
+        repo.images_dir().join(format!(
+            ".tmp-{}-{}.squashfs",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0)
+        )),
+    );
+    let jobs = if req.jobs == 0 {
+        std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1)
+    } else {
+        req.jobs
+    };
+    let opts = ImageOptions {
+        level: req.level,
+        workers: jobs,
+        mtime: epoch.map(|e| e.min(u32::MAX as u64) as u32),
+    };
+    let pb = progress_bar(tree.data_bytes);
+    let stats = write_image(&tree, &tmp.0, &opts, &|n| pb.inc(n))
+        .with_context(|| format!("packing {}", req.src.display()))?;
+    pb.finish_and_clear();
+
+    let (image, sha, size) = store_image(&repo, &tmp.0)?;
+    let published = publish_manifest(&repo, &key, &release, serial, (&image, sha, size))?;
+    Ok(BuildReport {
+        published,
+        inodes: stats.inodes,
+        data_bytes: stats.data_bytes,
+    })
+}
+
+/// For messages: a path relative to the current directory when shorter.
+pub fn short(p: &Path) -> String {
+    std::env::current_dir()
+        .ok()
+        .and_then(|cwd| p.strip_prefix(cwd).ok().map(|r| r.display().to_string()))
+        .unwrap_or_else(|| p.display().to_string())
+}

@@ -1,0 +1,330 @@
+//! The repository layout and publishing into it.
+//!
+//! ```text
+//! REPO/
+//!   <channel>.json          signed manifest (the only mutable files)
+//!   <channel>.json.sig      raw 64-byte Ed25519 signature over <channel>.json
+//!   images/<sha256>.squashfs  immutable, content-addressed images
+//! ```
+//!
+//! Order on disk: image (temp, fsync, rename) first, then signature, then
+//! manifest, so a server never serves a manifest whose image is missing. A
+//! reader that catches the signature and manifest mid-swap gets a
+//! verification failure and retries; it never accepts a mixed pair.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use imgdeploy_common::atomic::{commit_file, fsync_dir, write_atomic};
+use imgdeploy_common::digest::Sha256Digest;
+use imgdeploy_common::manifest::{
+    image_path, validate_channel, ImageRef, Manifest, ManifestError, Timestamp, FORMAT_VERSION,
+    IMAGES_DIR,
+};
+use imgdeploy_common::sign::PrivateKey;
+use imgdeploy_common::MAX_MANIFEST_BYTES;
+
+/// Why publishing failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// The repository directory cannot be used.
+    #[error("repository {path} is not writable: {source}; check the path and its permissions")]
+    Repo {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The channel's current manifest cannot be read.
+    #[error("existing manifest {path} is unreadable or corrupt ({why}); fix or remove it before publishing to this channel")]
+    Existing {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        why: String,
+    },
+    /// The requested serial would not increase.
+    #[error("serial {requested} for channel `{channel}` is not above the published serial {current}; serials must only go up (omit --serial to use {next})", next = current + 1)]
+    SerialBackwards {
+        /// The channel.
+        channel: String,
+        /// Serial asked for.
+        requested: u64,
+        /// Serial already published.
+        current: u64,
+    },
+    /// A field is invalid.
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+}
+
+/// A repository directory.
+#[derive(Debug, Clone)]
+pub struct Repo {
+    root: PathBuf,
+}
+
+impl Repo {
+    /// Opens (creating if needed) the repository at `root` and checks it is writable.
+    pub fn open(root: &Path) -> Result<Self, PublishError> {
+        let err = |source| PublishError::Repo {
+            path: root.to_owned(),
+            source,
+        };
+        fs::create_dir_all(root.join(IMAGES_DIR)).map_err(err)?;
+        let root = fs::canonicalize(root).map_err(err)?;
+        // Prove we can create files where we will need to, before hours of compression.
+        tempfile::Builder::new()
+            .prefix(".tmp-probe")
+            .tempfile_in(root.join(IMAGES_DIR))
+            .map_err(err)?;
+        tempfile::Builder::new()
+            .prefix(".tmp-probe")
+            .tempfile_in(&root)
+            .map_err(err)?;
+        Ok(Self { root })
+    }
+
+    /// The repository directory (absolute).
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Path of a channel's manifest.
+    pub fn manifest_path(&self, channel: &str) -> PathBuf {
+        self.root.join(format!("{channel}.json"))
+    }
+
+    /// Where images live.
+    pub fn images_dir(&self) -> PathBuf {
+        self.root.join(IMAGES_DIR)
+    }
+
+    /// The serial currently published on `channel` (0 if none).
+    pub fn current_serial(&self, channel: &str) -> Result<u64, PublishError> {
+        let path = self.manifest_path(channel);
+        match fs::read(&path) {
+            Ok(bytes) => {
+                let m = parse_own_manifest(&bytes).map_err(|why| PublishError::Existing {
+                    path: path.clone(),
+                    why,
+                })?;
+                Ok(m.serial)
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
+            Err(e) => Err(PublishError::Existing {
+                path,
+                why: e.to_string(),
+            }),
+        }
+    }
+
+    /// Every channel manifest in the repository, parsed.
+    pub fn manifests(&self) -> Result<Vec<(PathBuf, Manifest)>, PublishError> {
+        let err = |source| PublishError::Repo {
+            path: self.root.clone(),
+            source,
+        };
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&self.root).map_err(err)? {
+            let path = entry.map_err(err)?.path();
+            if path.extension().is_some_and(|e| e == "json") && path.is_file() {
+                let bytes = fs::read(&path).map_err(|e| PublishError::Existing {
+                    path: path.clone(),
+                    why: e.to_string(),
+                })?;
+                let m = parse_own_manifest(&bytes).map_err(|why| PublishError::Existing {
+                    path: path.clone(),
+                    why,
+                })?;
+                out.push((path, m));
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+}
+
+/// Parses a manifest in our own repository. The builder trusts its own
+/// repository directory (it holds the key); deployers never take this path.
+fn parse_own_manifest(bytes: &[u8]) -> Result<Manifest, String> {
+    if bytes.len() as u64 > MAX_MANIFEST_BYTES {
+        return Err(format!("larger than {MAX_MANIFEST_BYTES} bytes"));
+    }
+    // Expired manifests are still valid for finding the serial.
+    Manifest::parse(bytes).map_err(|e| e.to_string())
+}
+
+/// What to publish.
+#[derive(Debug)]
+pub struct Release<'a> {
+    /// Channel name.
+    pub channel: &'a str,
+    /// Version label (defaults to `r<serial>`).
+    pub version: Option<&'a str>,
+    /// Explicit serial; default: current + 1.
+    pub serial: Option<u64>,
+    /// Creation time of the manifest.
+    pub created: Timestamp,
+    /// How long the manifest is valid.
+    pub expires_in: Duration,
+}
+
+/// What was published.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Published {
+    /// Manifest file (absolute).
+    pub manifest: PathBuf,
+    /// Signature file (absolute).
+    pub signature: PathBuf,
+    /// Image file (absolute).
+    pub image: PathBuf,
+    /// Image sha256.
+    pub sha256: Sha256Digest,
+    /// Image size.
+    pub size: u64,
+    /// Channel.
+    pub channel: String,
+    /// Serial.
+    pub serial: u64,
+    /// Version label.
+    pub version: String,
+    /// Manifest creation time.
+    pub created: String,
+    /// Manifest expiry time.
+    pub expires: String,
+    /// Id of the signing key.
+    pub key_id: String,
+}
+
+/// Decides the serial for a release, refusing to go backwards.
+pub fn next_serial(repo: &Repo, release: &Release<'_>) -> Result<u64, PublishError> {
+    let current = repo.current_serial(release.channel)?;
+    match release.serial {
+        Some(s) if s <= current => Err(PublishError::SerialBackwards {
+            channel: release.channel.to_owned(),
+            requested: s,
+            current,
+        }),
+        Some(s) => Ok(s),
+        None => Ok(current + 1),
+    }
+}
+
+/// Moves a finished image (a temp file inside the repo's images directory)
+/// to its content-addressed name and returns its digest and size.
+pub fn store_image(repo: &Repo, tmp: &Path) -> Result<(PathBuf, Sha256Digest, u64), PublishError> {
+    let err = |source| PublishError::Repo {
+        path: repo.images_dir(),
+        source,
+    };
+    let (sha, size) = Sha256Digest::of_reader(fs::File::open(tmp).map_err(err)?).map_err(err)?;
+    let dest = repo.root.join(image_path(&sha));
+    if dest.exists() {
+        // Same bytes already published (content addressing): keep the old file,
+        // whose mtime caches may rely on.
+        fs::remove_file(tmp).map_err(err)?;
+        fsync_dir(&repo.images_dir()).map_err(err)?;
+    } else {
+        commit_file(tmp, &dest).map_err(err)?;
+    }
+    Ok((dest, sha, size))
+}
+
+/// Signs and writes the manifest for an image already stored in the repo.
+pub fn publish_manifest(
+    repo: &Repo,
+    key: &PrivateKey,
+    release: &Release<'_>,
+    serial: u64,
+    image: (&Path, Sha256Digest, u64),
+) -> Result<Published, PublishError> {
+    validate_channel(release.channel)?;
+    let version = release
+        .version
+        .map(str::to_owned)
+        .unwrap_or_else(|| format!("r{serial}"));
+    let (image_file, sha256, size) = image;
+    let manifest = Manifest {
+        format: FORMAT_VERSION,
+        channel: release.channel.to_owned(),
+        serial,
+        version: version.clone(),
+        created: release.created,
+        expires: release.created.plus(release.expires_in),
+        image: ImageRef {
+            path: image_path(&sha256),
+            sha256,
+            size,
+            format: "squashfs".into(),
+            compression: "zstd".into(),
+        },
+    };
+    manifest.validate()?;
+    let bytes = manifest.to_bytes();
+    let sig = key.sign(&bytes);
+    let manifest_path = repo.manifest_path(release.channel);
+    let sig_path = repo.root.join(format!("{}.json.sig", release.channel));
+    let err = |source| PublishError::Repo {
+        path: repo.root.clone(),
+        source,
+    };
+    write_atomic(&sig_path, &sig, 0o644).map_err(err)?;
+    write_atomic(&manifest_path, &bytes, 0o644).map_err(err)?;
+    Ok(Published {
+        manifest: manifest_path,
+        signature: sig_path,
+        image: image_file.to_owned(),
+        sha256,
+        size,
+        channel: manifest.channel,
+        serial,
+        version,
+        created: manifest.created.to_string(),
+        expires: manifest.expires.to_string(),
+        key_id: key.public().id(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serials_only_go_up() {
+        let d = tempfile::tempdir().unwrap();
+        let repo = Repo::open(&d.path().join("repo")).unwrap();
+        let key = PrivateKey::generate().unwrap();
+        let rel = |serial| Release {
+            channel: "stable",
+            version: None,
+            serial,
+            created: Timestamp(1000),
+            expires_in: Duration::from_secs(60),
+        };
+        assert_eq!(next_serial(&repo, &rel(None)).unwrap(), 1);
+        let tmp = repo.images_dir().join(".tmp-x");
+        fs::write(&tmp, b"image bytes").unwrap();
+        let (p, sha, size) = store_image(&repo, &tmp).unwrap();
+        let published = publish_manifest(&repo, &key, &rel(None), 5, (&p, sha, size)).unwrap();
+        assert_eq!(published.version, "r5");
+        assert_eq!(next_serial(&repo, &rel(None)).unwrap(), 6);
+        assert!(matches!(
+            next_serial(&repo, &rel(Some(5))),
+            Err(PublishError::SerialBackwards { current: 5, .. })
+        ));
+        assert_eq!(next_serial(&repo, &rel(Some(9))).unwrap(), 9);
+        let sig = fs::read(&published.signature).unwrap();
+        key.public()
+            .verify(&fs::read(&published.manifest).unwrap(), &sig)
+            .unwrap();
+        fs::write(&published.manifest, b"garbage").unwrap();
+        assert!(matches!(
+            next_serial(&repo, &rel(None)),
+            Err(PublishError::Existing { .. })
+        ));
+    }
+}

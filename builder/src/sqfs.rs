@@ -1,0 +1,813 @@
+//! Safe wrapper over libsquashfs (squashfs-tools-ng 1.2, Debian's
+//! `libsquashfs-dev`), the one module of `imgbuild` that contains `unsafe`.
+//!
+//! Why bind libsquashfs instead of using a crate: the `squashfs-ng` 0.1.4
+//! writer mis-encodes device minors above 255, gives every hardlink its own
+//! nlink 1, writes parent inode 0 (no `..`), miscounts directory nlink,
+//! hard-codes zstd level 15 and the current time, and emits xattrs in
+//! HashMap order; `backhand` drops xattrs, splits hardlinks and compresses on
+//! one thread. libsquashfs itself is sound, multi-threaded and lean, so we use
+//! its block processor, meta writers, directory writer and tables directly
+//! and take every decision about inodes (numbers, nlink, parents, devices,
+//! ordering, timestamps) ourselves in [`crate::image`].
+//!
+//! The declarations below mirror `/usr/include/sqfs/*.h` of 1.2.0 by hand
+//! (only what we call); `tests::layouts` pins the struct sizes the C headers
+//! give, and the round-trip tests mount every image with the kernel.
+#![allow(unsafe_code)]
+
+use std::ffi::CString;
+use std::os::raw::{c_char, c_int, c_uint, c_void};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::ptr::{self, NonNull};
+
+/// A libsquashfs error code with the operation that returned it.
+#[derive(Debug, thiserror::Error)]
+#[error("libsquashfs failed while {what}: {}", describe(*.code))]
+pub struct SqfsError {
+    /// What we were doing.
+    pub what: &'static str,
+    /// The negative `SQFS_ERROR` code (0 for a NULL return).
+    pub code: i32,
+}
+
+fn describe(code: i32) -> &'static str {
+    match code {
+        0 => "out of memory or could not create the object",
+        -1 => "out of memory",
+        -2 => "input/output error (is the disk full?)",
+        -3 => "compressor error",
+        -4 => "internal error",
+        -5 => "corrupted data",
+        -6 => "unsupported feature",
+        -7 => "numeric overflow (the tree is too large for squashfs)",
+        -8 => "out of bounds",
+        -16 => "invalid argument",
+        -17 => "call sequence error",
+        _ => "unknown error",
+    }
+}
+
+fn check(code: c_int, what: &'static str) -> Result<(), SqfsError> {
+    if code == 0 {
+        Ok(())
+    } else {
+        Err(SqfsError { what, code })
+    }
+}
+
+fn nonnull<T>(p: *mut T, what: &'static str) -> Result<NonNull<T>, SqfsError> {
+    NonNull::new(p).ok_or(SqfsError { what, code: 0 })
+}
+
+mod ffi {
+    use super::*;
+
+    #[repr(C)]
+    pub struct Object {
+        pub destroy: unsafe extern "C" fn(*mut Object),
+        pub copy: Option<unsafe extern "C" fn(*const Object) -> *mut Object>,
+    }
+
+    #[repr(C)]
+    pub struct File {
+        pub base: Object,
+        pub read_at: unsafe extern "C" fn(*mut File, u64, *mut c_void, usize) -> c_int,
+        pub write_at: unsafe extern "C" fn(*mut File, u64, *const c_void, usize) -> c_int,
+        pub get_size: unsafe extern "C" fn(*const File) -> u64,
+        pub truncate: unsafe extern "C" fn(*mut File, u64) -> c_int,
+    }
+
+    #[repr(C)]
+    pub struct Compressor {
+        pub base: Object,
+        pub get_configuration: unsafe extern "C" fn(*const Compressor, *mut CompressorConfig),
+        pub write_options: unsafe extern "C" fn(*mut Compressor, *mut File) -> c_int,
+        pub read_options: unsafe extern "C" fn(*mut Compressor, *mut File) -> c_int,
+        pub do_block: unsafe extern "C" fn(*mut Compressor, *const u8, u32, *mut u8, u32) -> i32,
+    }
+
+    #[repr(C)]
+    pub struct CompressorConfig {
+        pub id: u16,
+        pub flags: u16,
+        pub block_size: u32,
+        pub level: u32,
+        pub opt: [u64; 2],
+    }
+
+    #[repr(C)]
+    #[derive(Default)]
+    pub struct Super {
+        pub magic: u32,
+        pub inode_count: u32,
+        pub modification_time: u32,
+        pub block_size: u32,
+        pub fragment_entry_count: u32,
+        pub compression_id: u16,
+        pub block_log: u16,
+        pub flags: u16,
+        pub id_count: u16,
+        pub version_major: u16,
+        pub version_minor: u16,
+        pub root_inode_ref: u64,
+        pub bytes_used: u64,
+        pub id_table_start: u64,
+        pub xattr_id_table_start: u64,
+        pub inode_table_start: u64,
+        pub directory_table_start: u64,
+        pub fragment_table_start: u64,
+        pub export_table_start: u64,
+    }
+
+    #[repr(C)]
+    pub struct BlockProcessorDesc {
+        pub size: u32,
+        pub max_block_size: u32,
+        pub num_workers: u32,
+        pub max_backlog: u32,
+        pub cmp: *mut Compressor,
+        pub wr: *mut c_void,
+        pub tbl: *mut c_void,
+        pub file: *mut File,
+        pub uncmp: *mut Compressor,
+    }
+
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    pub struct InodeBase {
+        pub type_: u16,
+        pub mode: u16,
+        pub uid_idx: u16,
+        pub gid_idx: u16,
+        pub mod_time: u32,
+        pub inode_number: u32,
+    }
+
+    /// `sqfs_inode_generic_t` without the flexible `extra[]` tail; the union
+    /// is laid out as 40 bytes (the largest member, `file_ext`).
+    #[repr(C)]
+    pub struct InodeGeneric {
+        pub base: InodeBase,
+        pub payload_bytes_available: u32,
+        pub payload_bytes_used: u32,
+        pub data: [u32; 10],
+    }
+
+    pub const SQFS_COMP_ZSTD: c_uint = 6;
+    pub const SQFS_FILE_OPEN_NO_CHARSET_XFRM: u32 = 0x04;
+    pub const SQFS_META_WRITER_KEEP_IN_MEMORY: u32 = 0x01;
+    pub const SQFS_FLAG_COMPRESSOR_OPTIONS: u16 = 0x0400;
+
+    pub const SQFS_INODE_DIR: u16 = 1;
+    pub const SQFS_INODE_FILE: u16 = 2;
+    pub const SQFS_INODE_SLINK: u16 = 3;
+    pub const SQFS_INODE_BDEV: u16 = 4;
+    pub const SQFS_INODE_CDEV: u16 = 5;
+    pub const SQFS_INODE_FIFO: u16 = 6;
+    pub const SQFS_INODE_SOCKET: u16 = 7;
+
+    #[link(name = "squashfs")]
+    extern "C" {
+        pub fn sqfs_open_file(filename: *const c_char, flags: u32) -> *mut File;
+        pub fn sqfs_compressor_config_init(
+            cfg: *mut CompressorConfig,
+            id: c_uint,
+            block_size: usize,
+            flags: u16,
+        ) -> c_int;
+        pub fn sqfs_compressor_create(
+            cfg: *const CompressorConfig,
+            out: *mut *mut Compressor,
+        ) -> c_int;
+        pub fn sqfs_super_init(
+            sup: *mut Super,
+            block_size: usize,
+            mtime: u32,
+            comp: c_uint,
+        ) -> c_int;
+        pub fn sqfs_super_write(sup: *const Super, file: *mut File) -> c_int;
+        pub fn sqfs_block_writer_create(
+            file: *mut File,
+            devblksz: usize,
+            flags: u32,
+        ) -> *mut c_void;
+        pub fn sqfs_frag_table_create(flags: u32) -> *mut c_void;
+        pub fn sqfs_frag_table_write(
+            tbl: *mut c_void,
+            file: *mut File,
+            sup: *mut Super,
+            cmp: *mut Compressor,
+        ) -> c_int;
+        pub fn sqfs_block_processor_create_ex(
+            desc: *const BlockProcessorDesc,
+            out: *mut *mut c_void,
+        ) -> c_int;
+        pub fn sqfs_block_processor_begin_file(
+            proc_: *mut c_void,
+            inode: *mut *mut InodeGeneric,
+            user: *mut c_void,
+            flags: u32,
+        ) -> c_int;
+        pub fn sqfs_block_processor_append(
+            proc_: *mut c_void,
+            data: *const c_void,
+            size: usize,
+        ) -> c_int;
+        pub fn sqfs_block_processor_end_file(proc_: *mut c_void) -> c_int;
+        pub fn sqfs_block_processor_finish(proc_: *mut c_void) -> c_int;
+        pub fn sqfs_id_table_create(flags: u32) -> *mut c_void;
+        pub fn sqfs_id_table_id_to_index(tbl: *mut c_void, id: u32, out: *mut u16) -> c_int;
+        pub fn sqfs_id_table_write(
+            tbl: *mut c_void,
+            file: *mut File,
+            sup: *mut Super,
+            cmp: *mut Compressor,
+        ) -> c_int;
+        pub fn sqfs_xattr_writer_create(flags: u32) -> *mut c_void;
+        pub fn sqfs_xattr_writer_begin(xwr: *mut c_void, flags: u32) -> c_int;
+        pub fn sqfs_xattr_writer_add(
+            xwr: *mut c_void,
+            key: *const c_char,
+            value: *const c_void,
+            size: usize,
+        ) -> c_int;
+        pub fn sqfs_xattr_writer_end(xwr: *mut c_void, out: *mut u32) -> c_int;
+        pub fn sqfs_xattr_writer_flush(
+            xwr: *const c_void,
+            file: *mut File,
+            sup: *mut Super,
+            cmp: *mut Compressor,
+        ) -> c_int;
+        pub fn sqfs_meta_writer_create(
+            file: *mut File,
+            cmp: *mut Compressor,
+            flags: u32,
+        ) -> *mut c_void;
+        pub fn sqfs_meta_writer_flush(m: *mut c_void) -> c_int;
+        pub fn sqfs_meta_writer_get_position(
+            m: *const c_void,
+            block_start: *mut u64,
+            offset: *mut u32,
+        );
+        pub fn sqfs_meta_write_write_to_file(m: *mut c_void) -> c_int;
+        pub fn sqfs_meta_writer_write_inode(m: *mut c_void, n: *const InodeGeneric) -> c_int;
+        pub fn sqfs_dir_writer_create(dm: *mut c_void, flags: u32) -> *mut c_void;
+        pub fn sqfs_dir_writer_begin(w: *mut c_void, flags: u32) -> c_int;
+        pub fn sqfs_dir_writer_add_entry(
+            w: *mut c_void,
+            name: *const c_char,
+            inode_num: u32,
+            inode_ref: u64,
+            mode: u16,
+        ) -> c_int;
+        pub fn sqfs_dir_writer_end(w: *mut c_void) -> c_int;
+        pub fn sqfs_dir_writer_create_inode(
+            w: *const c_void,
+            hlinks: usize,
+            xattr: u32,
+            parent_ino: u32,
+        ) -> *mut InodeGeneric;
+        pub fn sqfs_inode_make_extended(inode: *mut InodeGeneric) -> c_int;
+        pub fn sqfs_inode_set_xattr_index(inode: *mut InodeGeneric, index: u32) -> c_int;
+        pub fn sqfs_free(ptr: *mut c_void);
+    }
+}
+
+/// Destroys any libsquashfs object through its embedded `destroy` pointer.
+///
+/// SAFETY: `obj` must be a live object created by libsquashfs, whose first
+/// member is `sqfs_object_t`, and must not be used afterwards.
+unsafe fn destroy(obj: *mut c_void) {
+    if !obj.is_null() {
+        let o = obj as *mut ffi::Object;
+        ((*o).destroy)(o);
+    }
+}
+
+/// An inode under construction, owned by us (freed with `sqfs_free`).
+pub struct Inode {
+    ptr: NonNull<ffi::InodeGeneric>,
+}
+
+// SAFETY: an Inode is a plain heap allocation owned by exactly one value.
+unsafe impl Send for Inode {}
+
+impl Drop for Inode {
+    fn drop(&mut self) {
+        // SAFETY: allocated by libsquashfs (malloc) or by `Inode::alloc` (calloc).
+        unsafe { ffi::sqfs_free(self.ptr.as_ptr().cast()) }
+    }
+}
+
+/// The kinds of inode that carry no file data.
+pub enum Special<'a> {
+    /// A symlink with this target.
+    Symlink(&'a [u8]),
+    /// A block device with this squashfs-encoded device number.
+    BlockDev(u32),
+    /// A character device.
+    CharDev(u32),
+    /// A named pipe.
+    Fifo,
+    /// A unix socket.
+    Socket,
+}
+
+impl Inode {
+    fn alloc(extra: usize) -> Result<Self, SqfsError> {
+        let size = std::mem::size_of::<ffi::InodeGeneric>() + extra;
+        // SAFETY: calloc returns zeroed memory (or NULL), suitable for the C
+        // struct; libsquashfs frees inodes with free(), as does our Drop.
+        let p = unsafe { libc::calloc(1, size) } as *mut ffi::InodeGeneric;
+        let ptr = nonnull(p, "allocating an inode")?;
+        // SAFETY: freshly allocated, large enough, exclusively ours.
+        unsafe {
+            (*ptr.as_ptr()).payload_bytes_available = extra as u32;
+            (*ptr.as_ptr()).payload_bytes_used = extra as u32;
+        }
+        Ok(Self { ptr })
+    }
+
+    /// A data-less inode with link count `nlink`.
+    pub fn special(kind: Special<'_>, nlink: u32) -> Result<Self, SqfsError> {
+        let extra = match kind {
+            Special::Symlink(t) => t.len(),
+            _ => 0,
+        };
+        let inode = Self::alloc(extra)?;
+        let p = inode.ptr.as_ptr();
+        // SAFETY: `p` is our zeroed allocation with `extra` bytes after the
+        // struct; the `data` words follow the C union's member layouts
+        // (dev: nlink, devno; ipc: nlink; slink: nlink, target_size).
+        unsafe {
+            let (ty, second) = match kind {
+                Special::Symlink(t) => {
+                    let dst = (p as *mut u8).add(std::mem::size_of::<ffi::InodeGeneric>());
+                    ptr::copy_nonoverlapping(t.as_ptr(), dst, t.len());
+                    (ffi::SQFS_INODE_SLINK, Some(t.len() as u32))
+                }
+                Special::BlockDev(d) => (ffi::SQFS_INODE_BDEV, Some(d)),
+                Special::CharDev(d) => (ffi::SQFS_INODE_CDEV, Some(d)),
+                Special::Fifo => (ffi::SQFS_INODE_FIFO, None),
+                Special::Socket => (ffi::SQFS_INODE_SOCKET, None),
+            };
+            (*p).base.type_ = ty;
+            (*p).data[0] = nlink;
+            if let Some(v) = second {
+                (*p).data[1] = v;
+            }
+        }
+        Ok(inode)
+    }
+
+    /// Sets the fields every inode has.
+    pub fn set_base(&mut self, mode: u16, uid_idx: u16, gid_idx: u16, mtime: u32, number: u32) {
+        // SAFETY: we own the allocation.
+        let b = unsafe { &mut (*self.ptr.as_ptr()).base };
+        b.mode = mode;
+        b.uid_idx = uid_idx;
+        b.gid_idx = gid_idx;
+        b.mod_time = mtime;
+        b.inode_number = number;
+    }
+
+    /// Sets the link count of a regular file (promoting it to an extended
+    /// inode when it is above 1, as the basic file inode has no nlink).
+    pub fn set_file_nlink(&mut self, nlink: u32) -> Result<(), SqfsError> {
+        let p = self.ptr.as_ptr();
+        // SAFETY: we own the inode; for EXT_FILE the layout is
+        // blocks_start(u64) file_size(u64) sparse(u64) nlink(u32) ... so nlink
+        // is data word 6.
+        unsafe {
+            if (*p).base.type_ == ffi::SQFS_INODE_FILE {
+                if nlink == 1 {
+                    return Ok(());
+                }
+                check(
+                    ffi::sqfs_inode_make_extended(p),
+                    "making a file inode extended",
+                )?;
+            }
+            (*p).data[6] = nlink;
+        }
+        Ok(())
+    }
+
+    /// Sets a directory's link count (2 + number of subdirectories).
+    pub fn set_dir_nlink(&mut self, nlink: u32) {
+        let p = self.ptr.as_ptr();
+        // SAFETY: we own the inode; DIR has nlink in word 1, EXT_DIR in word 0.
+        unsafe {
+            if (*p).base.type_ == ffi::SQFS_INODE_DIR {
+                (*p).data[1] = nlink;
+            } else {
+                (*p).data[0] = nlink;
+            }
+        }
+    }
+
+    /// Attaches an xattr set (index from [`ImageWriter::xattrs`]).
+    pub fn set_xattr(&mut self, index: Option<u32>) -> Result<(), SqfsError> {
+        let Some(index) = index else { return Ok(()) };
+        // SAFETY: we own the inode; the library grows it to an extended type.
+        check(
+            unsafe { ffi::sqfs_inode_set_xattr_index(self.ptr.as_ptr(), index) },
+            "setting an xattr index",
+        )
+    }
+}
+
+/// Options of one image.
+#[derive(Clone, Debug)]
+pub struct WriterOptions {
+    /// zstd level 1..=22.
+    pub level: u32,
+    /// Data block size.
+    pub block_size: u32,
+    /// Compression threads.
+    pub workers: u32,
+    /// Superblock modification time.
+    pub mtime: u32,
+}
+
+/// Every libsquashfs object needed to write one image, destroyed together.
+pub struct ImageWriter {
+    file: *mut ffi::File,
+    cmp: *mut ffi::Compressor,
+    blkwr: *mut c_void,
+    fragtbl: *mut c_void,
+    proc_: *mut c_void,
+    idtbl: *mut c_void,
+    xwr: *mut c_void,
+    im: *mut c_void,
+    dm: *mut c_void,
+    dirwr: *mut c_void,
+    sup: ffi::Super,
+    /// Stable homes for the inode pointers the block processor keeps updating
+    /// until `finish_data`; boxed so pushing does not move them (the
+    /// processor holds a pointer to the slot itself, not to the Vec).
+    #[allow(clippy::vec_box)]
+    file_slots: Vec<Box<*mut ffi::InodeGeneric>>,
+}
+
+impl Drop for ImageWriter {
+    fn drop(&mut self) {
+        // SAFETY: every pointer is NULL or a live object we created; the
+        // processor goes first because it uses the writer, table and compressor.
+        unsafe {
+            for obj in [
+                self.dirwr,
+                self.dm,
+                self.im,
+                self.xwr,
+                self.idtbl,
+                self.proc_,
+                self.fragtbl,
+                self.blkwr,
+            ] {
+                destroy(obj);
+            }
+            destroy(self.cmp.cast());
+            destroy(self.file.cast());
+            for slot in &self.file_slots {
+                if !slot.is_null() {
+                    ffi::sqfs_free((**slot).cast());
+                }
+            }
+        }
+    }
+}
+
+/// A handle to a file written through [`ImageWriter::begin_file`].
+#[derive(Clone, Copy, Debug)]
+pub struct FileSlot(usize);
+
+impl ImageWriter {
+    /// Creates `path` (which must not exist) and prepares to write an image.
+    pub fn create(path: &Path, opts: &WriterOptions) -> Result<Self, SqfsError> {
+        let cpath = CString::new(path.as_os_str().as_bytes()).map_err(|_| SqfsError {
+            what: "naming the image file",
+            code: -16,
+        })?;
+        let mut w = ImageWriter {
+            file: ptr::null_mut(),
+            cmp: ptr::null_mut(),
+            blkwr: ptr::null_mut(),
+            fragtbl: ptr::null_mut(),
+            proc_: ptr::null_mut(),
+            idtbl: ptr::null_mut(),
+            xwr: ptr::null_mut(),
+            im: ptr::null_mut(),
+            dm: ptr::null_mut(),
+            dirwr: ptr::null_mut(),
+            sup: ffi::Super::default(),
+            file_slots: Vec::new(),
+        };
+        // SAFETY: plain calls into the C API in the order its docs require;
+        // each result is checked before it is used, and stored in `w` so Drop
+        // frees it whatever fails later.
+        unsafe {
+            w.file = nonnull(
+                ffi::sqfs_open_file(cpath.as_ptr(), ffi::SQFS_FILE_OPEN_NO_CHARSET_XFRM),
+                "creating the image file",
+            )?
+            .as_ptr();
+            let mut cfg: ffi::CompressorConfig = std::mem::zeroed();
+            check(
+                ffi::sqfs_compressor_config_init(
+                    &mut cfg,
+                    ffi::SQFS_COMP_ZSTD,
+                    opts.block_size as usize,
+                    0,
+                ),
+                "configuring zstd",
+            )?;
+            cfg.level = opts.level;
+            check(
+                ffi::sqfs_compressor_create(&cfg, &mut w.cmp),
+                "creating the zstd compressor",
+            )?;
+            check(
+                ffi::sqfs_super_init(
+                    &mut w.sup,
+                    opts.block_size as usize,
+                    opts.mtime,
+                    ffi::SQFS_COMP_ZSTD,
+                ),
+                "initialising the superblock",
+            )?;
+            check(
+                ffi::sqfs_super_write(&w.sup, w.file),
+                "writing the superblock",
+            )?;
+            let n = ((*w.cmp).write_options)(w.cmp, w.file);
+            if n < 0 {
+                return Err(SqfsError {
+                    what: "writing compressor options",
+                    code: n,
+                });
+            }
+            if n > 0 {
+                w.sup.flags |= ffi::SQFS_FLAG_COMPRESSOR_OPTIONS;
+            }
+            w.blkwr = nonnull(
+                ffi::sqfs_block_writer_create(w.file, 4096, 0),
+                "creating the block writer",
+            )?
+            .as_ptr();
+            w.fragtbl = nonnull(
+                ffi::sqfs_frag_table_create(0),
+                "creating the fragment table",
+            )?
+            .as_ptr();
+            let desc = ffi::BlockProcessorDesc {
+                size: std::mem::size_of::<ffi::BlockProcessorDesc>() as u32,
+                max_block_size: opts.block_size,
+                num_workers: opts.workers.max(1),
+                max_backlog: opts.workers.max(1) * 8,
+                cmp: w.cmp,
+                wr: w.blkwr,
+                tbl: w.fragtbl,
+                file: ptr::null_mut(),
+                uncmp: ptr::null_mut(),
+            };
+            check(
+                ffi::sqfs_block_processor_create_ex(&desc, &mut w.proc_),
+                "starting the compression threads",
+            )?;
+            w.idtbl = nonnull(ffi::sqfs_id_table_create(0), "creating the id table")?.as_ptr();
+            w.xwr = nonnull(
+                ffi::sqfs_xattr_writer_create(0),
+                "creating the xattr writer",
+            )?
+            .as_ptr();
+            w.im = nonnull(
+                ffi::sqfs_meta_writer_create(w.file, w.cmp, 0),
+                "creating the inode table writer",
+            )?
+            .as_ptr();
+            w.dm = nonnull(
+                ffi::sqfs_meta_writer_create(w.file, w.cmp, ffi::SQFS_META_WRITER_KEEP_IN_MEMORY),
+                "creating the directory table writer",
+            )?
+            .as_ptr();
+            w.dirwr = nonnull(
+                ffi::sqfs_dir_writer_create(w.dm, 0),
+                "creating the directory writer",
+            )?
+            .as_ptr();
+        }
+        Ok(w)
+    }
+
+    /// Starts a regular file's data.
+    pub fn begin_file(&mut self) -> Result<FileSlot, SqfsError> {
+        self.file_slots.push(Box::new(ptr::null_mut()));
+        let idx = self.file_slots.len() - 1;
+        let slot: *mut *mut ffi::InodeGeneric = &mut *self.file_slots[idx];
+        // SAFETY: the boxed slot outlives the processor's use of it (until
+        // `finish_data`), as the Vec only moves the Box, not its contents.
+        check(
+            unsafe { ffi::sqfs_block_processor_begin_file(self.proc_, slot, ptr::null_mut(), 0) },
+            "starting a file",
+        )?;
+        Ok(FileSlot(idx))
+    }
+
+    /// Appends data to the current file.
+    pub fn append(&mut self, data: &[u8]) -> Result<(), SqfsError> {
+        // SAFETY: `data` is valid for its length; the processor copies it.
+        check(
+            unsafe {
+                ffi::sqfs_block_processor_append(self.proc_, data.as_ptr().cast(), data.len())
+            },
+            "compressing file data",
+        )
+    }
+
+    /// Ends the current file.
+    pub fn end_file(&mut self) -> Result<(), SqfsError> {
+        // SAFETY: plain call on our processor.
+        check(
+            unsafe { ffi::sqfs_block_processor_end_file(self.proc_) },
+            "finishing a file",
+        )
+    }
+
+    /// Waits for every data block and flushes the last fragment block.
+    pub fn finish_data(&mut self) -> Result<(), SqfsError> {
+        // SAFETY: plain call on our processor.
+        check(
+            unsafe { ffi::sqfs_block_processor_finish(self.proc_) },
+            "writing the remaining data blocks",
+        )
+    }
+
+    /// Takes ownership of a file's finished inode. Call after `finish_data`.
+    pub fn take_file_inode(&mut self, slot: FileSlot) -> Result<Inode, SqfsError> {
+        let p = std::mem::replace(&mut *self.file_slots[slot.0], ptr::null_mut());
+        Ok(Inode {
+            ptr: nonnull(p, "taking a file inode")?,
+        })
+    }
+
+    /// The id table index of a uid or gid.
+    pub fn id_index(&mut self, id: u32) -> Result<u16, SqfsError> {
+        let mut out = 0u16;
+        // SAFETY: plain call on our table.
+        check(
+            unsafe { ffi::sqfs_id_table_id_to_index(self.idtbl, id, &mut out) },
+            "recording a uid/gid (more than 65536 distinct ids?)",
+        )?;
+        Ok(out)
+    }
+
+    /// Records an xattr set (keys must carry a `user.`, `trusted.` or
+    /// `security.` prefix) and returns its index; `None` when empty.
+    pub fn xattrs(&mut self, pairs: &[(CString, Vec<u8>)]) -> Result<Option<u32>, SqfsError> {
+        if pairs.is_empty() {
+            return Ok(None);
+        }
+        let mut out = 0u32;
+        // SAFETY: plain calls; keys are NUL-terminated, values valid for their length.
+        unsafe {
+            check(
+                ffi::sqfs_xattr_writer_begin(self.xwr, 0),
+                "starting an xattr set",
+            )?;
+            for (k, v) in pairs {
+                check(
+                    ffi::sqfs_xattr_writer_add(self.xwr, k.as_ptr(), v.as_ptr().cast(), v.len()),
+                    "adding an xattr",
+                )?;
+            }
+            check(
+                ffi::sqfs_xattr_writer_end(self.xwr, &mut out),
+                "ending an xattr set",
+            )?;
+        }
+        Ok(Some(out))
+    }
+
+    /// Writes an inode into the inode table and returns its reference.
+    pub fn write_inode(&mut self, inode: &Inode) -> Result<u64, SqfsError> {
+        let (mut block, mut offset) = (0u64, 0u32);
+        // SAFETY: plain calls on our meta writer with our inode.
+        unsafe {
+            ffi::sqfs_meta_writer_get_position(self.im, &mut block, &mut offset);
+            check(
+                ffi::sqfs_meta_writer_write_inode(self.im, inode.ptr.as_ptr()),
+                "writing an inode",
+            )?;
+        }
+        Ok((block << 16) | offset as u64)
+    }
+
+    /// Writes one directory's entries (sorted by name bytes) and returns its
+    /// inode, with `nlink` and `parent` set as given.
+    pub fn write_dir(
+        &mut self,
+        entries: &[(CString, u32, u64, u16)],
+        xattr: Option<u32>,
+        nlink: u32,
+        parent: u32,
+    ) -> Result<Inode, SqfsError> {
+        // SAFETY: plain calls on our directory writer; names are NUL-terminated.
+        unsafe {
+            check(
+                ffi::sqfs_dir_writer_begin(self.dirwr, 0),
+                "starting a directory",
+            )?;
+            for (name, ino, iref, mode) in entries {
+                check(
+                    ffi::sqfs_dir_writer_add_entry(self.dirwr, name.as_ptr(), *ino, *iref, *mode),
+                    "adding a directory entry",
+                )?;
+            }
+            check(ffi::sqfs_dir_writer_end(self.dirwr), "ending a directory")?;
+            let p =
+                ffi::sqfs_dir_writer_create_inode(self.dirwr, 0, xattr.unwrap_or(u32::MAX), parent);
+            let mut inode = Inode {
+                ptr: nonnull(p, "creating a directory inode")?,
+            };
+            inode.set_dir_nlink(nlink);
+            Ok(inode)
+        }
+    }
+
+    /// Writes the tables and the final superblock. The image is complete
+    /// (padded to 4 KiB) when this returns.
+    pub fn finalize(mut self, inode_count: u32, root_ref: u64) -> Result<u64, SqfsError> {
+        // SAFETY: plain calls in the order the format requires: inode table,
+        // directory table, fragment table, id table, xattrs, superblock.
+        unsafe {
+            let size = |f: *mut ffi::File| ((*f).get_size)(f);
+            self.sup.inode_count = inode_count;
+            self.sup.inode_table_start = size(self.file);
+            check(
+                ffi::sqfs_meta_writer_flush(self.im),
+                "flushing the inode table",
+            )?;
+            check(
+                ffi::sqfs_meta_writer_flush(self.dm),
+                "flushing the directory table",
+            )?;
+            self.sup.root_inode_ref = root_ref;
+            self.sup.directory_table_start = size(self.file);
+            check(
+                ffi::sqfs_meta_write_write_to_file(self.dm),
+                "writing the directory table",
+            )?;
+            check(
+                ffi::sqfs_frag_table_write(self.fragtbl, self.file, &mut self.sup, self.cmp),
+                "writing the fragment table",
+            )?;
+            check(
+                ffi::sqfs_id_table_write(self.idtbl, self.file, &mut self.sup, self.cmp),
+                "writing the id table",
+            )?;
+            check(
+                ffi::sqfs_xattr_writer_flush(self.xwr, self.file, &mut self.sup, self.cmp),
+                "writing the xattr table",
+            )?;
+            self.sup.bytes_used = size(self.file);
+            check(
+                ffi::sqfs_super_write(&self.sup, self.file),
+                "writing the superblock",
+            )?;
+            let pad = (4096 - self.sup.bytes_used % 4096) % 4096;
+            if pad > 0 {
+                let zeros = vec![0u8; pad as usize];
+                check(
+                    ((*self.file).write_at)(
+                        self.file,
+                        self.sup.bytes_used,
+                        zeros.as_ptr().cast(),
+                        zeros.len(),
+                    ),
+                    "padding the image",
+                )?;
+            }
+            Ok(self.sup.bytes_used + pad)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Sizes printed by a C program compiled against libsquashfs 1.2.0's headers.
+    #[test]
+    fn layouts() {
+        use std::mem::size_of;
+        assert_eq!(size_of::<ffi::Super>(), 96);
+        assert_eq!(size_of::<ffi::InodeGeneric>(), 64);
+        assert_eq!(size_of::<ffi::CompressorConfig>(), 32);
+        assert_eq!(size_of::<ffi::BlockProcessorDesc>(), 56);
+        assert_eq!(size_of::<ffi::File>(), 48);
+        assert_eq!(size_of::<ffi::Compressor>(), 48);
+    }
+}

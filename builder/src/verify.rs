@@ -1,0 +1,65 @@
+//! `imgbuild verify`: check a published manifest the way a deployer would:
+//! signature, expiry, then the image's size and sha256 (streamed, bounded by
+//! the signed size), from a local path or an http(s) URL.
+
+use std::io::Read;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use imgdeploy_common::digest::HashingReader;
+use imgdeploy_common::location::{http_agent, Location};
+use imgdeploy_common::manifest::{Manifest, Timestamp};
+use imgdeploy_common::sign::PublicKey;
+use imgdeploy_common::squashfs::{Superblock, SUPERBLOCK_BYTES};
+use imgdeploy_common::trust::verify_manifest;
+use imgdeploy_common::{MAX_MANIFEST_BYTES, SIGNATURE_BYTES};
+
+/// A verified publication.
+#[derive(Debug, serde::Serialize)]
+pub struct Verified {
+    /// The manifest.
+    pub manifest: Manifest,
+    /// Where the image was read.
+    pub image: String,
+    /// Id of the key that signed the manifest.
+    pub key_id: String,
+    /// The image's superblock.
+    pub superblock: Superblock,
+}
+
+/// Verifies the manifest at `source` with `keys`.
+pub fn verify(source: &str, keys: &[PublicKey]) -> Result<Verified> {
+    let agent = http_agent(Duration::from_secs(60));
+    let loc = Location::parse(source);
+    let bytes = loc.read_bounded(&agent, MAX_MANIFEST_BYTES)?;
+    let sig = loc
+        .with_suffix(".sig")
+        .read_bounded(&agent, SIGNATURE_BYTES as u64)?;
+    let v = verify_manifest(&bytes, &sig, keys, Timestamp::now())
+        .with_context(|| format!("manifest {loc}"))?;
+    let m = v.manifest;
+    let img = loc.sibling(&m.image.path);
+    let (reader, _) = img.open(&agent, 0)?;
+    // Read at most one byte past the signed size, so an endless or padded body is caught.
+    let mut hashing = HashingReader::new(reader.take(m.image.size + 1));
+    let mut head = vec![0u8; SUPERBLOCK_BYTES];
+    hashing
+        .read_exact(&mut head)
+        .map_err(|e| img.read_error(e))
+        .with_context(|| format!("image {img} is shorter than a superblock"))?;
+    std::io::copy(&mut hashing, &mut std::io::sink()).map_err(|e| img.read_error(e))?;
+    let (sha, size) = hashing.finish();
+    if size != m.image.size {
+        bail!("image {img} is {}{size} bytes but the manifest signs {}; the upload is incomplete or the file was replaced", if size > m.image.size { "more than " } else { "" }, m.image.size);
+    }
+    if sha != m.image.sha256 {
+        bail!("image {img} has sha256 {sha} but the manifest signs {}; the image was corrupted or tampered with", m.image.sha256);
+    }
+    let superblock = Superblock::parse(&head).with_context(|| format!("image {img}"))?;
+    Ok(Verified {
+        manifest: m,
+        image: img.to_string(),
+        key_id: v.key_id,
+        superblock,
+    })
+}

@@ -1,0 +1,28 @@
+//! Shared building blocks of `imgbuild` and `imgdeploy`.
+//!
+//! Both binaries must agree, byte for byte, on what a published image is: the
+//! manifest's schema ([`manifest`]), how it is signed and which keys are
+//! trusted ([`sign`]), how a manifest is accepted ([`trust`]: signature first,
+//! then parsing, then expiry), how images are hashed ([`digest`]) and what a
+//! squashfs superblock says ([`squashfs`]). Keeping that here means the builder
+//! cannot publish something the deployer would read differently.
+//!
+//! ```
+//! use imgdeploy_common::digest::Sha256Digest;
+//! let d = Sha256Digest::of_bytes(b"abc");
+//! assert_eq!(d.to_string(), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+//! ```
+#![deny(missing_docs)]
+
+pub mod atomic;
+pub mod digest;
+pub mod location;
+pub mod manifest;
+pub mod sign;
+pub mod squashfs;
+pub mod trust;
+
+/// Upper bound on a manifest's size; anything larger is refused before it is read.
+pub const MAX_MANIFEST_BYTES: u64 = 64 * 1024;
+/// An Ed25519 signature is exactly this long; the `.sig` file holds nothing else.
+pub const SIGNATURE_BYTES: usize = 64;

@@ -1,0 +1,332 @@
+//! The channel manifest: the small signed JSON document that names the image
+//! a channel currently serves. Everything a deployer acts on is in here, and
+//! so under the signature: channel, serial (anti-rollback), expiry
+//! (anti-freeze), and the image's path, size and sha256.
+//!
+//! Parsing is strict: unknown fields are refused, because a field an old
+//! deployer silently ignored would be an unsigned decision in practice.
+
+use std::fmt;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::digest::Sha256Digest;
+
+/// The manifest format this code writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+/// Directory, relative to the manifest, that holds the content-addressed images.
+pub const IMAGES_DIR: &str = "images";
+/// File name suffix of an image.
+pub const IMAGE_SUFFIX: &str = ".squashfs";
+
+/// Why a manifest was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    /// Not JSON of the expected shape.
+    #[error("manifest is not valid: {0}")]
+    Syntax(#[source] serde_json::Error),
+    /// Written by a newer builder.
+    #[error("manifest format {found} is not supported (this imgdeploy reads format {FORMAT_VERSION}); upgrade imgdeploy")]
+    Format {
+        /// The version found.
+        found: u32,
+    },
+    /// A field's value is not allowed.
+    #[error("manifest field `{field}` is invalid: {why}")]
+    Field {
+        /// The field.
+        field: &'static str,
+        /// What is wrong with it.
+        why: String,
+    },
+}
+
+/// A point in time, whole seconds since the Unix epoch, written as RFC 3339 UTC.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Timestamp(pub u64);
+
+impl Timestamp {
+    /// The current time.
+    pub fn now() -> Self {
+        Self::from(SystemTime::now())
+    }
+
+    /// This time plus `d`, saturating.
+    pub fn plus(self, d: Duration) -> Self {
+        Self(self.0.saturating_add(d.as_secs()))
+    }
+}
+
+impl From<SystemTime> for Timestamp {
+    fn from(t: SystemTime) -> Self {
+        Self(
+            t.duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        )
+    }
+}
+
+impl fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let t = UNIX_EPOCH + Duration::from_secs(self.0);
+        write!(f, "{}", humantime::format_rfc3339_seconds(t))
+    }
+}
+
+impl Serialize for Timestamp {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Timestamp {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let t = humantime::parse_rfc3339(&s).map_err(|e| {
+            serde::de::Error::custom(format!("`{s}` is not an RFC 3339 UTC time: {e}"))
+        })?;
+        Ok(Self::from(t))
+    }
+}
+
+/// Where the image is and what it must hash to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageRef {
+    /// Path relative to the manifest's directory: `images/<sha256>.squashfs`.
+    pub path: String,
+    /// SHA-256 of the whole image file.
+    pub sha256: Sha256Digest,
+    /// Exact size of the image file in bytes.
+    pub size: u64,
+    /// Filesystem format; always `squashfs`.
+    pub format: String,
+    /// Compressor inside the filesystem; always `zstd`.
+    pub compression: String,
+}
+
+/// A channel manifest (format 1).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Manifest format version, [`FORMAT_VERSION`].
+    pub format: u32,
+    /// The channel this manifest was published to, e.g. `stable`.
+    pub channel: String,
+    /// Increases with every publish to the channel; deployers refuse to go back.
+    pub serial: u64,
+    /// Human version label.
+    pub version: String,
+    /// When the manifest was signed.
+    pub created: Timestamp,
+    /// After this time deployers refuse the manifest.
+    pub expires: Timestamp,
+    /// The image.
+    pub image: ImageRef,
+}
+
+/// The relative path an image with this digest is published under.
+pub fn image_path(sha256: &Sha256Digest) -> String {
+    format!("{IMAGES_DIR}/{sha256}{IMAGE_SUFFIX}")
+}
+
+/// Checks a channel name: 1 to 64 of `a-z 0-9 . _ -`, starting with a letter or digit.
+pub fn validate_channel(name: &str) -> Result<(), ManifestError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+        && name.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(ManifestError::Field {
+            field: "channel",
+            why: format!("`{name}` must be 1-64 characters of a-z, 0-9, '.', '_', '-', starting with a letter or digit"),
+        })
+    }
+}
+
+/// Checks a version label: 1 to 128 printable characters, no control characters.
+pub fn validate_version(label: &str) -> Result<(), ManifestError> {
+    if label.is_empty() || label.chars().count() > 128 || label.chars().any(char::is_control) {
+        return Err(ManifestError::Field {
+            field: "version",
+            why: "must be 1-128 characters with no control characters".into(),
+        });
+    }
+    Ok(())
+}
+
+impl Manifest {
+    /// Parses and validates manifest bytes. Call only on bytes whose
+    /// signature has been verified (see [`crate::trust`]).
+    pub fn parse(bytes: &[u8]) -> Result<Self, ManifestError> {
+        // Read the format first so a newer manifest gets "upgrade" rather than
+        // a confusing complaint about an unknown field.
+        #[derive(Deserialize)]
+        struct FormatOnly {
+            format: u32,
+        }
+        if let Ok(f) = serde_json::from_slice::<FormatOnly>(bytes) {
+            if f.format != FORMAT_VERSION {
+                return Err(ManifestError::Format { found: f.format });
+            }
+        }
+        let m: Manifest = serde_json::from_slice(bytes).map_err(ManifestError::Syntax)?;
+        m.validate()?;
+        Ok(m)
+    }
+
+    /// Checks every field's value.
+    pub fn validate(&self) -> Result<(), ManifestError> {
+        if self.format != FORMAT_VERSION {
+            return Err(ManifestError::Format { found: self.format });
+        }
+        validate_channel(&self.channel)?;
+        validate_version(&self.version)?;
+        if self.serial == 0 {
+            return Err(ManifestError::Field {
+                field: "serial",
+                why: "must be at least 1".into(),
+            });
+        }
+        if self.expires <= self.created {
+            return Err(ManifestError::Field {
+                field: "expires",
+                why: "must be after `created`".into(),
+            });
+        }
+        let want = image_path(&self.image.sha256);
+        if self.image.path != want {
+            return Err(ManifestError::Field {
+                field: "image.path",
+                why: format!(
+                    "`{}` must be `{want}` (content-addressed by its sha256)",
+                    self.image.path
+                ),
+            });
+        }
+        if self.image.format != "squashfs" {
+            return Err(ManifestError::Field {
+                field: "image.format",
+                why: format!("`{}` is not `squashfs`", self.image.format),
+            });
+        }
+        if self.image.compression != "zstd" {
+            return Err(ManifestError::Field {
+                field: "image.compression",
+                why: format!("`{}` is not `zstd`", self.image.compression),
+            });
+        }
+        if self.image.size == 0 {
+            return Err(ManifestError::Field {
+                field: "image.size",
+                why: "must not be 0".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The exact bytes that get signed and published: pretty JSON in field
+    /// order with a trailing newline, so the same manifest always has the same bytes.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = serde_json::to_vec_pretty(self).expect("a manifest always serialises");
+        out.push(b'\n');
+        out
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) fn sample() -> Manifest {
+        let sha = Sha256Digest::of_bytes(b"image");
+        Manifest {
+            format: FORMAT_VERSION,
+            channel: "stable".into(),
+            serial: 7,
+            version: "2026.11.25".into(),
+            created: Timestamp(1_700_000_000),
+            expires: Timestamp(1_700_000_000 + 30 * 86400),
+            image: ImageRef {
+                path: image_path(&sha),
+                sha256: sha,
+                size: 4096,
+                format: "squashfs".into(),
+                compression: "zstd".into(),
+            },
+        }
+    }
+
+    #[test]
+    fn round_trip_is_byte_stable() {
+        let m = sample();
+        let bytes = m.to_bytes();
+        let back = Manifest::parse(&bytes).unwrap();
+        assert_eq!(back, m);
+        assert_eq!(back.to_bytes(), bytes);
+        let text = String::from_utf8(bytes).unwrap();
+        assert!(
+            text.contains("\"created\": \"2023-11-14T22:13:20Z\""),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn refuses_bad_fields() {
+        type Edit = fn(&mut serde_json::Value);
+        let cases: &[(&str, Edit)] = &[
+            ("format", |v| v["format"] = 2.into()),
+            ("unknown field", |v| v["rollout"] = 5.into()),
+            ("channel", |v| v["channel"] = "../etc".into()),
+            ("channel", |v| v["channel"] = "Stable".into()),
+            ("serial", |v| v["serial"] = 0.into()),
+            ("serial", |v| v["serial"] = (-1).into()),
+            ("version", |v| v["version"] = "a\nb".into()),
+            ("expires", |v| v["expires"] = "2020-01-01T00:00:00Z".into()),
+            ("expires", |v| v["expires"] = "tomorrow".into()),
+            ("image.path", |v| {
+                v["image"]["path"] = "../../etc/shadow".into()
+            }),
+            ("image.path", |v| {
+                v["image"]["path"] = "images/x.squashfs".into()
+            }),
+            ("image.sha256", |v| v["image"]["sha256"] = "00".into()),
+            ("image.format", |v| v["image"]["format"] = "erofs".into()),
+            ("image.compression", |v| {
+                v["image"]["compression"] = "xz".into()
+            }),
+            ("image.size", |v| v["image"]["size"] = 0.into()),
+            ("missing", |v| {
+                v.as_object_mut().unwrap().remove("expires");
+            }),
+        ];
+        for (what, edit) in cases {
+            let mut v = serde_json::to_value(sample()).unwrap();
+            edit(&mut v);
+            let bytes = serde_json::to_vec(&v).unwrap();
+            assert!(Manifest::parse(&bytes).is_err(), "{what}: accepted {v}");
+        }
+        assert!(matches!(
+            Manifest::parse(br#"{"format": 9}"#),
+            Err(ManifestError::Format { found: 9 })
+        ));
+        assert!(Manifest::parse(b"").is_err());
+        assert!(Manifest::parse(b"\xff\xfe").is_err());
+    }
+
+    #[test]
+    fn channel_names() {
+        for ok in ["stable", "beta-2", "a", "web.cgi_chroot"] {
+            validate_channel(ok).unwrap();
+        }
+        for bad in ["", "-x", ".x", "a/b", "A", &"a".repeat(65), "a b"] {
+            assert!(validate_channel(bad).is_err(), "{bad:?}");
+        }
+    }
+}
