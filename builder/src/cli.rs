@@ -125,10 +125,7 @@ fn print_json(v: &impl serde::Serialize) -> Result<()> {
 }
 
 fn read_keys(paths: &[PathBuf]) -> Result<Vec<PublicKey>> {
-    paths
-        .iter()
-        .map(|p| PublicKey::read(p).map_err(Into::into))
-        .collect()
+    paths.iter().map(|p| PublicKey::read(p).map_err(Into::into)).collect()
 }
 
 /// Runs the parsed command line.
@@ -137,11 +134,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Keygen { out } => {
             let (key, public, id) = crate::keygen::keygen(&out)?;
             println!("{}\n{}", key.display(), public.display());
-            tracing::info!(
-                "created key {id}; keep {} secret, give {} to the deployers",
-                short(&key),
-                short(&public)
-            );
+            tracing::info!("created key {id}; keep {} secret, give {} to the deployers", short(&key), short(&public));
         }
         Command::Build(a) => {
             let req = BuildRequest {
@@ -176,11 +169,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 );
             }
         }
-        Command::Verify {
-            manifest,
-            public,
-            json,
-        } => {
+        Command::Verify { manifest, public, json } => {
             let keys = read_keys(&public)?;
             let v = crate::verify::verify(&manifest, &keys)?;
             if json {
@@ -189,13 +178,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 let m = &v.manifest;
                 println!(
                     "ok: {} serial {} ({}) signed by {}, image {} bytes sha256 {}, expires {}",
-                    m.channel,
-                    m.serial,
-                    m.version,
-                    v.key_id,
-                    m.image.size,
-                    m.image.sha256,
-                    m.expires
+                    m.channel, m.serial, m.version, v.key_id, m.image.size, m.image.sha256, m.expires
                 );
             }
         }
@@ -213,23 +196,14 @@ pub fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
-        Command::Gc {
-            repo,
-            keep,
-            dry_run,
-            json,
-        } => {
+        Command::Gc { repo, keep, dry_run, json } => {
             let repo = Repo::open(&repo).context("opening the repository")?;
             let r = crate::gc::gc(&repo, keep, dry_run)?;
             if json {
                 print_json(&r)?;
             } else {
                 for p in &r.removed {
-                    println!(
-                        "{} {}",
-                        if dry_run { "would remove" } else { "removed" },
-                        short(p)
-                    );
+                    println!("{} {}", if dry_run { "would remove" } else { "removed" }, short(p));
                 }
                 tracing::info!(
                     "{} referenced, {} unreferenced kept, {} removed ({} bytes)",
@@ -272,59 +246,18 @@ mod tests {
             "--json",
         ])
         .unwrap();
-        let Command::Build(b) = cli.command else {
-            panic!("not build")
-        };
-        assert_eq!(
-            (b.level, b.exclude.len(), b.expires_in, b.json),
-            (19, 2, Duration::from_secs(12 * 3600), true)
-        );
+        let Command::Build(b) = cli.command else { panic!("not build") };
+        assert_eq!((b.level, b.exclude.len(), b.expires_in, b.json), (19, 2, Duration::from_secs(12 * 3600), true));
     }
 
     #[test]
     fn rejects_bad_level_and_missing_args() {
         for args in [
-            &[
-                "imgbuild",
-                "build",
-                "/s",
-                "--key",
-                "k",
-                "--channel",
-                "c",
-                "--repo",
-                "r",
-                "--level",
-                "23",
-            ][..],
-            &[
-                "imgbuild",
-                "build",
-                "/s",
-                "--key",
-                "k",
-                "--channel",
-                "c",
-                "--repo",
-                "r",
-                "--level",
-                "0",
-            ],
+            &["imgbuild", "build", "/s", "--key", "k", "--channel", "c", "--repo", "r", "--level", "23"][..],
+            &["imgbuild", "build", "/s", "--key", "k", "--channel", "c", "--repo", "r", "--level", "0"],
             &["imgbuild", "build", "/s", "--key", "k", "--channel", "c"],
             &["imgbuild", "verify", "m.json"],
-            &[
-                "imgbuild",
-                "build",
-                "/s",
-                "--key",
-                "k",
-                "--channel",
-                "c",
-                "--repo",
-                "r",
-                "--expires-in",
-                "soon",
-            ],
+            &["imgbuild", "build", "/s", "--key", "k", "--channel", "c", "--repo", "r", "--expires-in", "soon"],
         ] {
             assert!(Cli::try_parse_from(args).is_err(), "{args:?}");
         }

@@ -30,20 +30,15 @@ pub struct GcReport {
 
 /// Runs gc on `repo`, keeping `keep` unreferenced images.
 pub fn gc(repo: &Repo, keep: usize, dry_run: bool) -> Result<GcReport> {
-    let referenced: BTreeSet<PathBuf> = repo
-        .manifests()?
-        .into_iter()
-        .map(|(_, m)| repo.root().join(&m.image.path))
-        .collect();
+    let referenced: BTreeSet<PathBuf> =
+        repo.manifests()?.into_iter().map(|(_, m)| repo.root().join(&m.image.path)).collect();
     let mut unreferenced = Vec::new();
     let mut stale_tmp = Vec::new();
     let dir = repo.images_dir();
     for entry in fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
         let entry = entry.with_context(|| format!("listing {}", dir.display()))?;
         let path = entry.path();
-        let md = entry
-            .metadata()
-            .with_context(|| format!("examining {}", path.display()))?;
+        let md = entry.metadata().with_context(|| format!("examining {}", path.display()))?;
         let name = entry.file_name();
         let name = name.to_string_lossy();
         let mtime = md.modified().unwrap_or(SystemTime::UNIX_EPOCH);
@@ -64,17 +59,14 @@ pub fn gc(repo: &Repo, keep: usize, dry_run: bool) -> Result<GcReport> {
         removed: Vec::new(),
         freed_bytes: 0,
     };
-    let doomed = unreferenced
-        .into_iter()
-        .enumerate()
-        .filter_map(|(i, (_, p, len))| {
-            if i < keep {
-                report.kept.push(p);
-                None
-            } else {
-                Some((p, len))
-            }
-        });
+    let doomed = unreferenced.into_iter().enumerate().filter_map(|(i, (_, p, len))| {
+        if i < keep {
+            report.kept.push(p);
+            None
+        } else {
+            Some((p, len))
+        }
+    });
     let doomed: Vec<_> = doomed.chain(stale_tmp).collect();
     for (path, len) in doomed {
         if !dry_run {
@@ -84,8 +76,7 @@ pub fn gc(repo: &Repo, keep: usize, dry_run: bool) -> Result<GcReport> {
         report.removed.push(path);
     }
     if !dry_run {
-        imgdeploy_common::atomic::fsync_dir(&dir)
-            .with_context(|| format!("syncing {}", dir.display()))?;
+        imgdeploy_common::atomic::fsync_dir(&dir).with_context(|| format!("syncing {}", dir.display()))?;
     }
     Ok(report)
 }

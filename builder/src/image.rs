@@ -104,11 +104,7 @@ fn pack_file(
     progress: &dyn Fn(u64),
 ) -> Result<(), ImageError> {
     // O_NOFOLLOW: the walk saw a regular file; if a symlink replaced it since, refuse.
-    let mut f = File::options()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
-        .map_err(|e| classify(path, e))?;
+    let mut f = File::options().read(true).custom_flags(libc::O_NOFOLLOW).open(path).map_err(|e| classify(path, e))?;
     let mut total = 0u64;
     loop {
         let n = match f.read(buf) {
@@ -119,21 +115,13 @@ fn pack_file(
         };
         total += n as u64;
         if total > expected {
-            return Err(ImageError::Changed {
-                path: path.to_owned(),
-                expected,
-                found: total,
-            });
+            return Err(ImageError::Changed { path: path.to_owned(), expected, found: total });
         }
         w.append(&buf[..n])?;
         progress(n as u64);
     }
     if total != expected {
-        return Err(ImageError::Changed {
-            path: path.to_owned(),
-            expected,
-            found: total,
-        });
+        return Err(ImageError::Changed { path: path.to_owned(), expected, found: total });
     }
     Ok(())
 }
@@ -247,11 +235,7 @@ pub fn write_image(
         iref[p] = w.write_inode(&inode)?;
     }
     let size = w.finalize(inode_count, iref[0])?;
-    Ok(ImageStats {
-        size,
-        inodes: inode_count,
-        data_bytes: tree.data_bytes,
-    })
+    Ok(ImageStats { size, inodes: inode_count, data_bytes: tree.data_bytes })
 }
 
 #[cfg(test)]
@@ -268,11 +252,7 @@ mod tests {
         std::fs::write(src.join("d/f"), vec![7u8; 300_000]).unwrap();
         std::fs::write(src.join("small"), b"x").unwrap();
         let tree = read_tree(&src, &compile_excludes(&[]).unwrap()).unwrap();
-        let opts = ImageOptions {
-            level: 3,
-            workers: 2,
-            mtime: Some(1_000),
-        };
+        let opts = ImageOptions { level: 3, workers: 2, mtime: Some(1_000) };
         let (a, b) = (d.path().join("a.sqfs"), d.path().join("b.sqfs"));
         let st = write_image(&tree, &a, &opts, &|_| {}).unwrap();
         write_image(&tree, &b, &opts, &|_| {}).unwrap();
@@ -282,18 +262,28 @@ mod tests {
         assert_eq!(st.size % 4096, 0);
         let sb = Superblock::parse(&bytes).unwrap();
         assert_eq!(
-            (
-                sb.inode_count,
-                sb.modification_time,
-                sb.compression(),
-                sb.block_size
-            ),
+            (sb.inode_count, sb.modification_time, sb.compression(), sb.block_size),
             (5, 1_000, "zstd", BLOCK_SIZE)
         );
         sb.check_size(st.size).unwrap();
-        assert!(
-            write_image(&tree, &a, &opts, &|_| {}).is_err(),
-            "overwrote an existing file"
-        );
+        assert!(write_image(&tree, &a, &opts, &|_| {}).is_err(), "overwrote an existing file");
+    }
+
+    #[test]
+    fn files_that_vanish_or_change_after_the_walk_are_named() {
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("src");
+        std::fs::create_dir_all(&src).unwrap();
+        std::fs::write(src.join("gone"), b"x").unwrap();
+        std::fs::write(src.join("grows"), b"x").unwrap();
+        let tree = read_tree(&src, &compile_excludes(&[]).unwrap()).unwrap();
+        let opts = ImageOptions { level: 1, workers: 1, mtime: None };
+        std::fs::remove_file(src.join("gone")).unwrap();
+        let err = write_image(&tree, &d.path().join("a"), &opts, &|_| {}).unwrap_err();
+        assert!(matches!(&err, ImageError::Walk(WalkError::Vanished(p)) if p.ends_with("gone")), "{err}");
+        std::fs::write(src.join("gone"), b"x").unwrap();
+        std::fs::write(src.join("grows"), b"xx").unwrap();
+        let err = write_image(&tree, &d.path().join("b"), &opts, &|_| {}).unwrap_err();
+        assert!(matches!(&err, ImageError::Changed { expected: 1, found: 2, .. }), "{err}");
     }
 }

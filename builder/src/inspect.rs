@@ -30,12 +30,9 @@ fn read_superblock(path: &Path) -> Result<Superblock> {
     let mut f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let len = f.metadata()?.len();
     let mut head = vec![0u8; SUPERBLOCK_BYTES];
-    let n = f
-        .read(&mut head)
-        .with_context(|| format!("reading {}", path.display()))?;
+    let n = f.read(&mut head).with_context(|| format!("reading {}", path.display()))?;
     let sb = Superblock::parse(&head[..n]).with_context(|| format!("{}", path.display()))?;
-    sb.check_size(len)
-        .with_context(|| format!("{}", path.display()))?;
+    sb.check_size(len).with_context(|| format!("{}", path.display()))?;
     Ok(sb)
 }
 
@@ -58,27 +55,13 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
         path.display()
     );
     let bytes = std::fs::read(path)?;
-    let manifest = Manifest::parse(&bytes).with_context(|| {
-        format!(
-            "{} is neither a squashfs image nor a valid manifest",
-            path.display()
-        )
-    })?;
-    let image_path = path
-        .parent()
-        .unwrap_or(Path::new("."))
-        .join(&manifest.image.path);
+    let manifest = Manifest::parse(&bytes)
+        .with_context(|| format!("{} is neither a squashfs image nor a valid manifest", path.display()))?;
+    let image_path = path.parent().unwrap_or(Path::new(".")).join(&manifest.image.path);
     let (superblock, image) = if image_path.exists() {
-        (
-            Some(read_superblock(&image_path)?),
-            Some(image_path.display().to_string()),
-        )
+        (Some(read_superblock(&image_path)?), Some(image_path.display().to_string()))
     } else {
         (None, None)
     };
-    Ok(Inspection {
-        manifest: Some(manifest),
-        superblock,
-        image,
-    })
+    Ok(Inspection { manifest: Some(manifest), superblock, image })
 }

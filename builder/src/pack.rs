@@ -64,9 +64,9 @@ impl Drop for TempFile {
 /// `SOURCE_DATE_EPOCH`, if set, for reproducible builds.
 pub fn source_date_epoch() -> Result<Option<u64>> {
     match std::env::var("SOURCE_DATE_EPOCH") {
-        Ok(s) => Ok(Some(s.trim().parse().with_context(|| {
-            format!("SOURCE_DATE_EPOCH=`{s}` is not a number of seconds")
-        })?)),
+        Ok(s) => {
+            Ok(Some(s.trim().parse().with_context(|| format!("SOURCE_DATE_EPOCH=`{s}` is not a number of seconds"))?))
+        }
         Err(_) => Ok(None),
     }
 }
@@ -75,11 +75,9 @@ fn progress_bar(total: u64) -> ProgressBar {
     // indicatif draws nothing when stderr is not a terminal.
     let pb = ProgressBar::new(total);
     pb.set_style(
-        ProgressStyle::with_template(
-            "{spinner} packing [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
+        ProgressStyle::with_template("{spinner} packing [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
     );
     pb
 }
@@ -104,52 +102,36 @@ pub fn build(req: &BuildRequest) -> Result<BuildReport> {
     };
     let serial = next_serial(&repo, &release)?;
     if created.plus(req.expires_in) <= Timestamp::now() {
-        tracing::warn!("the manifest expires at {} which is already past (SOURCE_DATE_EPOCH is old); deployers will refuse it", created.plus(req.expires_in));
+        tracing::warn!(
+            "the manifest expires at {} which is already past (SOURCE_DATE_EPOCH is old); deployers will refuse it",
+            created.plus(req.expires_in)
+        );
     }
 
     tracing::info!("reading {}", req.src.display());
     let tree = read_tree(&req.src, &excludes)?;
-    tracing::info!(
-        "{} entries, {} bytes of file data",
-        tree.nodes.len(),
-        tree.data_bytes
-    );
+    tracing::info!("{} entries, {} bytes of file data", tree.nodes.len(), tree.data_bytes);
 
     // libsquashfs creates the file itself (O_EXCL), so only pick a fresh name.
-    let tmp = TempFile(
-        repo.images_dir().join(format!(
-            ".tmp-{}-{}.squashfs",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos())
-                .unwrap_or(0)
-        )),
-    );
+    let tmp = TempFile(repo.images_dir().join(format!(
+        ".tmp-{}-{}.squashfs",
+        std::process::id(),
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
+    )));
     let jobs = if req.jobs == 0 {
-        std::thread::available_parallelism()
-            .map(|n| n.get() as u32)
-            .unwrap_or(1)
+        std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1)
     } else {
         req.jobs
     };
-    let opts = ImageOptions {
-        level: req.level,
-        workers: jobs,
-        mtime: epoch.map(|e| e.min(u32::MAX as u64) as u32),
-    };
+    let opts = ImageOptions { level: req.level, workers: jobs, mtime: epoch.map(|e| e.min(u32::MAX as u64) as u32) };
     let pb = progress_bar(tree.data_bytes);
-    let stats = write_image(&tree, &tmp.0, &opts, &|n| pb.inc(n))
-        .with_context(|| format!("packing {}", req.src.display()))?;
+    let stats =
+        write_image(&tree, &tmp.0, &opts, &|n| pb.inc(n)).with_context(|| format!("packing {}", req.src.display()))?;
     pb.finish_and_clear();
 
     let (image, sha, size) = store_image(&repo, &tmp.0)?;
     let published = publish_manifest(&repo, &key, &release, serial, (&image, sha, size))?;
-    Ok(BuildReport {
-        published,
-        inodes: stats.inodes,
-        data_bytes: stats.data_bytes,
-    })
+    Ok(BuildReport { published, inodes: stats.inodes, data_bytes: stats.data_bytes })
 }
 
 /// For messages: a path relative to the current directory when shorter.

@@ -20,8 +20,7 @@ use std::time::Duration;
 use imgdeploy_common::atomic::{commit_file, fsync_dir, write_atomic};
 use imgdeploy_common::digest::Sha256Digest;
 use imgdeploy_common::manifest::{
-    image_path, validate_channel, ImageRef, Manifest, ManifestError, Timestamp, FORMAT_VERSION,
-    IMAGES_DIR,
+    image_path, validate_channel, ImageRef, Manifest, ManifestError, Timestamp, FORMAT_VERSION, IMAGES_DIR,
 };
 use imgdeploy_common::sign::PrivateKey;
 use imgdeploy_common::MAX_MANIFEST_BYTES;
@@ -39,7 +38,9 @@ pub enum PublishError {
         source: io::Error,
     },
     /// The channel's current manifest cannot be read.
-    #[error("existing manifest {path} is unreadable or corrupt ({why}); fix or remove it before publishing to this channel")]
+    #[error(
+        "existing manifest {path} is unreadable or corrupt ({why}); fix or remove it before publishing to this channel"
+    )]
     Existing {
         /// The file.
         path: PathBuf,
@@ -70,21 +71,12 @@ pub struct Repo {
 impl Repo {
     /// Opens (creating if needed) the repository at `root` and checks it is writable.
     pub fn open(root: &Path) -> Result<Self, PublishError> {
-        let err = |source| PublishError::Repo {
-            path: root.to_owned(),
-            source,
-        };
+        let err = |source| PublishError::Repo { path: root.to_owned(), source };
         fs::create_dir_all(root.join(IMAGES_DIR)).map_err(err)?;
         let root = fs::canonicalize(root).map_err(err)?;
         // Prove we can create files where we will need to, before hours of compression.
-        tempfile::Builder::new()
-            .prefix(".tmp-probe")
-            .tempfile_in(root.join(IMAGES_DIR))
-            .map_err(err)?;
-        tempfile::Builder::new()
-            .prefix(".tmp-probe")
-            .tempfile_in(&root)
-            .map_err(err)?;
+        tempfile::Builder::new().prefix(".tmp-probe").tempfile_in(root.join(IMAGES_DIR)).map_err(err)?;
+        tempfile::Builder::new().prefix(".tmp-probe").tempfile_in(&root).map_err(err)?;
         Ok(Self { root })
     }
 
@@ -108,38 +100,24 @@ impl Repo {
         let path = self.manifest_path(channel);
         match fs::read(&path) {
             Ok(bytes) => {
-                let m = parse_own_manifest(&bytes).map_err(|why| PublishError::Existing {
-                    path: path.clone(),
-                    why,
-                })?;
+                let m = parse_own_manifest(&bytes).map_err(|why| PublishError::Existing { path: path.clone(), why })?;
                 Ok(m.serial)
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
-            Err(e) => Err(PublishError::Existing {
-                path,
-                why: e.to_string(),
-            }),
+            Err(e) => Err(PublishError::Existing { path, why: e.to_string() }),
         }
     }
 
     /// Every channel manifest in the repository, parsed.
     pub fn manifests(&self) -> Result<Vec<(PathBuf, Manifest)>, PublishError> {
-        let err = |source| PublishError::Repo {
-            path: self.root.clone(),
-            source,
-        };
+        let err = |source| PublishError::Repo { path: self.root.clone(), source };
         let mut out = Vec::new();
         for entry in fs::read_dir(&self.root).map_err(err)? {
             let path = entry.map_err(err)?.path();
             if path.extension().is_some_and(|e| e == "json") && path.is_file() {
-                let bytes = fs::read(&path).map_err(|e| PublishError::Existing {
-                    path: path.clone(),
-                    why: e.to_string(),
-                })?;
-                let m = parse_own_manifest(&bytes).map_err(|why| PublishError::Existing {
-                    path: path.clone(),
-                    why,
-                })?;
+                let bytes =
+                    fs::read(&path).map_err(|e| PublishError::Existing { path: path.clone(), why: e.to_string() })?;
+                let m = parse_own_manifest(&bytes).map_err(|why| PublishError::Existing { path: path.clone(), why })?;
                 out.push((path, m));
             }
         }
@@ -204,11 +182,9 @@ pub struct Published {
 pub fn next_serial(repo: &Repo, release: &Release<'_>) -> Result<u64, PublishError> {
     let current = repo.current_serial(release.channel)?;
     match release.serial {
-        Some(s) if s <= current => Err(PublishError::SerialBackwards {
-            channel: release.channel.to_owned(),
-            requested: s,
-            current,
-        }),
+        Some(s) if s <= current => {
+            Err(PublishError::SerialBackwards { channel: release.channel.to_owned(), requested: s, current })
+        }
         Some(s) => Ok(s),
         None => Ok(current + 1),
     }
@@ -217,10 +193,7 @@ pub fn next_serial(repo: &Repo, release: &Release<'_>) -> Result<u64, PublishErr
 /// Moves a finished image (a temp file inside the repo's images directory)
 /// to its content-addressed name and returns its digest and size.
 pub fn store_image(repo: &Repo, tmp: &Path) -> Result<(PathBuf, Sha256Digest, u64), PublishError> {
-    let err = |source| PublishError::Repo {
-        path: repo.images_dir(),
-        source,
-    };
+    let err = |source| PublishError::Repo { path: repo.images_dir(), source };
     let (sha, size) = Sha256Digest::of_reader(fs::File::open(tmp).map_err(err)?).map_err(err)?;
     let dest = repo.root.join(image_path(&sha));
     if dest.exists() {
@@ -243,10 +216,7 @@ pub fn publish_manifest(
     image: (&Path, Sha256Digest, u64),
 ) -> Result<Published, PublishError> {
     validate_channel(release.channel)?;
-    let version = release
-        .version
-        .map(str::to_owned)
-        .unwrap_or_else(|| format!("r{serial}"));
+    let version = release.version.map(str::to_owned).unwrap_or_else(|| format!("r{serial}"));
     let (image_file, sha256, size) = image;
     let manifest = Manifest {
         format: FORMAT_VERSION,
@@ -268,10 +238,7 @@ pub fn publish_manifest(
     let sig = key.sign(&bytes);
     let manifest_path = repo.manifest_path(release.channel);
     let sig_path = repo.root.join(format!("{}.json.sig", release.channel));
-    let err = |source| PublishError::Repo {
-        path: repo.root.clone(),
-        source,
-    };
+    let err = |source| PublishError::Repo { path: repo.root.clone(), source };
     write_atomic(&sig_path, &sig, 0o644).map_err(err)?;
     write_atomic(&manifest_path, &bytes, 0o644).map_err(err)?;
     Ok(Published {
@@ -312,19 +279,11 @@ mod tests {
         let published = publish_manifest(&repo, &key, &rel(None), 5, (&p, sha, size)).unwrap();
         assert_eq!(published.version, "r5");
         assert_eq!(next_serial(&repo, &rel(None)).unwrap(), 6);
-        assert!(matches!(
-            next_serial(&repo, &rel(Some(5))),
-            Err(PublishError::SerialBackwards { current: 5, .. })
-        ));
+        assert!(matches!(next_serial(&repo, &rel(Some(5))), Err(PublishError::SerialBackwards { current: 5, .. })));
         assert_eq!(next_serial(&repo, &rel(Some(9))).unwrap(), 9);
         let sig = fs::read(&published.signature).unwrap();
-        key.public()
-            .verify(&fs::read(&published.manifest).unwrap(), &sig)
-            .unwrap();
+        key.public().verify(&fs::read(&published.manifest).unwrap(), &sig).unwrap();
         fs::write(&published.manifest, b"garbage").unwrap();
-        assert!(matches!(
-            next_serial(&repo, &rel(None)),
-            Err(PublishError::Existing { .. })
-        ));
+        assert!(matches!(next_serial(&repo, &rel(None)), Err(PublishError::Existing { .. })));
     }
 }

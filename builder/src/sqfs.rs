@@ -177,62 +177,29 @@ mod ffi {
             block_size: usize,
             flags: u16,
         ) -> c_int;
-        pub fn sqfs_compressor_create(
-            cfg: *const CompressorConfig,
-            out: *mut *mut Compressor,
-        ) -> c_int;
-        pub fn sqfs_super_init(
-            sup: *mut Super,
-            block_size: usize,
-            mtime: u32,
-            comp: c_uint,
-        ) -> c_int;
+        pub fn sqfs_compressor_create(cfg: *const CompressorConfig, out: *mut *mut Compressor) -> c_int;
+        pub fn sqfs_super_init(sup: *mut Super, block_size: usize, mtime: u32, comp: c_uint) -> c_int;
         pub fn sqfs_super_write(sup: *const Super, file: *mut File) -> c_int;
-        pub fn sqfs_block_writer_create(
-            file: *mut File,
-            devblksz: usize,
-            flags: u32,
-        ) -> *mut c_void;
+        pub fn sqfs_block_writer_create(file: *mut File, devblksz: usize, flags: u32) -> *mut c_void;
         pub fn sqfs_frag_table_create(flags: u32) -> *mut c_void;
-        pub fn sqfs_frag_table_write(
-            tbl: *mut c_void,
-            file: *mut File,
-            sup: *mut Super,
-            cmp: *mut Compressor,
-        ) -> c_int;
-        pub fn sqfs_block_processor_create_ex(
-            desc: *const BlockProcessorDesc,
-            out: *mut *mut c_void,
-        ) -> c_int;
+        pub fn sqfs_frag_table_write(tbl: *mut c_void, file: *mut File, sup: *mut Super, cmp: *mut Compressor)
+            -> c_int;
+        pub fn sqfs_block_processor_create_ex(desc: *const BlockProcessorDesc, out: *mut *mut c_void) -> c_int;
         pub fn sqfs_block_processor_begin_file(
             proc_: *mut c_void,
             inode: *mut *mut InodeGeneric,
             user: *mut c_void,
             flags: u32,
         ) -> c_int;
-        pub fn sqfs_block_processor_append(
-            proc_: *mut c_void,
-            data: *const c_void,
-            size: usize,
-        ) -> c_int;
+        pub fn sqfs_block_processor_append(proc_: *mut c_void, data: *const c_void, size: usize) -> c_int;
         pub fn sqfs_block_processor_end_file(proc_: *mut c_void) -> c_int;
         pub fn sqfs_block_processor_finish(proc_: *mut c_void) -> c_int;
         pub fn sqfs_id_table_create(flags: u32) -> *mut c_void;
         pub fn sqfs_id_table_id_to_index(tbl: *mut c_void, id: u32, out: *mut u16) -> c_int;
-        pub fn sqfs_id_table_write(
-            tbl: *mut c_void,
-            file: *mut File,
-            sup: *mut Super,
-            cmp: *mut Compressor,
-        ) -> c_int;
+        pub fn sqfs_id_table_write(tbl: *mut c_void, file: *mut File, sup: *mut Super, cmp: *mut Compressor) -> c_int;
         pub fn sqfs_xattr_writer_create(flags: u32) -> *mut c_void;
         pub fn sqfs_xattr_writer_begin(xwr: *mut c_void, flags: u32) -> c_int;
-        pub fn sqfs_xattr_writer_add(
-            xwr: *mut c_void,
-            key: *const c_char,
-            value: *const c_void,
-            size: usize,
-        ) -> c_int;
+        pub fn sqfs_xattr_writer_add(xwr: *mut c_void, key: *const c_char, value: *const c_void, size: usize) -> c_int;
         pub fn sqfs_xattr_writer_end(xwr: *mut c_void, out: *mut u32) -> c_int;
         pub fn sqfs_xattr_writer_flush(
             xwr: *const c_void,
@@ -240,17 +207,9 @@ mod ffi {
             sup: *mut Super,
             cmp: *mut Compressor,
         ) -> c_int;
-        pub fn sqfs_meta_writer_create(
-            file: *mut File,
-            cmp: *mut Compressor,
-            flags: u32,
-        ) -> *mut c_void;
+        pub fn sqfs_meta_writer_create(file: *mut File, cmp: *mut Compressor, flags: u32) -> *mut c_void;
         pub fn sqfs_meta_writer_flush(m: *mut c_void) -> c_int;
-        pub fn sqfs_meta_writer_get_position(
-            m: *const c_void,
-            block_start: *mut u64,
-            offset: *mut u32,
-        );
+        pub fn sqfs_meta_writer_get_position(m: *const c_void, block_start: *mut u64, offset: *mut u32);
         pub fn sqfs_meta_write_write_to_file(m: *mut c_void) -> c_int;
         pub fn sqfs_meta_writer_write_inode(m: *mut c_void, n: *const InodeGeneric) -> c_int;
         pub fn sqfs_dir_writer_create(dm: *mut c_void, flags: u32) -> *mut c_void;
@@ -385,10 +344,7 @@ impl Inode {
                 if nlink == 1 {
                     return Ok(());
                 }
-                check(
-                    ffi::sqfs_inode_make_extended(p),
-                    "making a file inode extended",
-                )?;
+                check(ffi::sqfs_inode_make_extended(p), "making a file inode extended")?;
             }
             (*p).data[6] = nlink;
         }
@@ -412,10 +368,7 @@ impl Inode {
     pub fn set_xattr(&mut self, index: Option<u32>) -> Result<(), SqfsError> {
         let Some(index) = index else { return Ok(()) };
         // SAFETY: we own the inode; the library grows it to an extended type.
-        check(
-            unsafe { ffi::sqfs_inode_set_xattr_index(self.ptr.as_ptr(), index) },
-            "setting an xattr index",
-        )
+        check(unsafe { ffi::sqfs_inode_set_xattr_index(self.ptr.as_ptr(), index) }, "setting an xattr index")
     }
 }
 
@@ -457,16 +410,7 @@ impl Drop for ImageWriter {
         // SAFETY: every pointer is NULL or a live object we created; the
         // processor goes first because it uses the writer, table and compressor.
         unsafe {
-            for obj in [
-                self.dirwr,
-                self.dm,
-                self.im,
-                self.xwr,
-                self.idtbl,
-                self.proc_,
-                self.fragtbl,
-                self.blkwr,
-            ] {
+            for obj in [self.dirwr, self.dm, self.im, self.xwr, self.idtbl, self.proc_, self.fragtbl, self.blkwr] {
                 destroy(obj);
             }
             destroy(self.cmp.cast());
@@ -487,10 +431,8 @@ pub struct FileSlot(usize);
 impl ImageWriter {
     /// Creates `path` (which must not exist) and prepares to write an image.
     pub fn create(path: &Path, opts: &WriterOptions) -> Result<Self, SqfsError> {
-        let cpath = CString::new(path.as_os_str().as_bytes()).map_err(|_| SqfsError {
-            what: "naming the image file",
-            code: -16,
-        })?;
+        let cpath = CString::new(path.as_os_str().as_bytes())
+            .map_err(|_| SqfsError { what: "naming the image file", code: -16 })?;
         let mut w = ImageWriter {
             file: ptr::null_mut(),
             cmp: ptr::null_mut(),
@@ -516,52 +458,25 @@ impl ImageWriter {
             .as_ptr();
             let mut cfg: ffi::CompressorConfig = std::mem::zeroed();
             check(
-                ffi::sqfs_compressor_config_init(
-                    &mut cfg,
-                    ffi::SQFS_COMP_ZSTD,
-                    opts.block_size as usize,
-                    0,
-                ),
+                ffi::sqfs_compressor_config_init(&mut cfg, ffi::SQFS_COMP_ZSTD, opts.block_size as usize, 0),
                 "configuring zstd",
             )?;
             cfg.level = opts.level;
+            check(ffi::sqfs_compressor_create(&cfg, &mut w.cmp), "creating the zstd compressor")?;
             check(
-                ffi::sqfs_compressor_create(&cfg, &mut w.cmp),
-                "creating the zstd compressor",
-            )?;
-            check(
-                ffi::sqfs_super_init(
-                    &mut w.sup,
-                    opts.block_size as usize,
-                    opts.mtime,
-                    ffi::SQFS_COMP_ZSTD,
-                ),
+                ffi::sqfs_super_init(&mut w.sup, opts.block_size as usize, opts.mtime, ffi::SQFS_COMP_ZSTD),
                 "initialising the superblock",
             )?;
-            check(
-                ffi::sqfs_super_write(&w.sup, w.file),
-                "writing the superblock",
-            )?;
+            check(ffi::sqfs_super_write(&w.sup, w.file), "writing the superblock")?;
             let n = ((*w.cmp).write_options)(w.cmp, w.file);
             if n < 0 {
-                return Err(SqfsError {
-                    what: "writing compressor options",
-                    code: n,
-                });
+                return Err(SqfsError { what: "writing compressor options", code: n });
             }
             if n > 0 {
                 w.sup.flags |= ffi::SQFS_FLAG_COMPRESSOR_OPTIONS;
             }
-            w.blkwr = nonnull(
-                ffi::sqfs_block_writer_create(w.file, 4096, 0),
-                "creating the block writer",
-            )?
-            .as_ptr();
-            w.fragtbl = nonnull(
-                ffi::sqfs_frag_table_create(0),
-                "creating the fragment table",
-            )?
-            .as_ptr();
+            w.blkwr = nonnull(ffi::sqfs_block_writer_create(w.file, 4096, 0), "creating the block writer")?.as_ptr();
+            w.fragtbl = nonnull(ffi::sqfs_frag_table_create(0), "creating the fragment table")?.as_ptr();
             let desc = ffi::BlockProcessorDesc {
                 size: std::mem::size_of::<ffi::BlockProcessorDesc>() as u32,
                 max_block_size: opts.block_size,
@@ -573,31 +488,16 @@ impl ImageWriter {
                 file: ptr::null_mut(),
                 uncmp: ptr::null_mut(),
             };
-            check(
-                ffi::sqfs_block_processor_create_ex(&desc, &mut w.proc_),
-                "starting the compression threads",
-            )?;
+            check(ffi::sqfs_block_processor_create_ex(&desc, &mut w.proc_), "starting the compression threads")?;
             w.idtbl = nonnull(ffi::sqfs_id_table_create(0), "creating the id table")?.as_ptr();
-            w.xwr = nonnull(
-                ffi::sqfs_xattr_writer_create(0),
-                "creating the xattr writer",
-            )?
-            .as_ptr();
-            w.im = nonnull(
-                ffi::sqfs_meta_writer_create(w.file, w.cmp, 0),
-                "creating the inode table writer",
-            )?
-            .as_ptr();
+            w.xwr = nonnull(ffi::sqfs_xattr_writer_create(0), "creating the xattr writer")?.as_ptr();
+            w.im = nonnull(ffi::sqfs_meta_writer_create(w.file, w.cmp, 0), "creating the inode table writer")?.as_ptr();
             w.dm = nonnull(
                 ffi::sqfs_meta_writer_create(w.file, w.cmp, ffi::SQFS_META_WRITER_KEEP_IN_MEMORY),
                 "creating the directory table writer",
             )?
             .as_ptr();
-            w.dirwr = nonnull(
-                ffi::sqfs_dir_writer_create(w.dm, 0),
-                "creating the directory writer",
-            )?
-            .as_ptr();
+            w.dirwr = nonnull(ffi::sqfs_dir_writer_create(w.dm, 0), "creating the directory writer")?.as_ptr();
         }
         Ok(w)
     }
@@ -620,9 +520,7 @@ impl ImageWriter {
     pub fn append(&mut self, data: &[u8]) -> Result<(), SqfsError> {
         // SAFETY: `data` is valid for its length; the processor copies it.
         check(
-            unsafe {
-                ffi::sqfs_block_processor_append(self.proc_, data.as_ptr().cast(), data.len())
-            },
+            unsafe { ffi::sqfs_block_processor_append(self.proc_, data.as_ptr().cast(), data.len()) },
             "compressing file data",
         )
     }
@@ -630,27 +528,25 @@ impl ImageWriter {
     /// Ends the current file.
     pub fn end_file(&mut self) -> Result<(), SqfsError> {
         // SAFETY: plain call on our processor.
-        check(
-            unsafe { ffi::sqfs_block_processor_end_file(self.proc_) },
-            "finishing a file",
-        )
+        check(unsafe { ffi::sqfs_block_processor_end_file(self.proc_) }, "finishing a file")
     }
 
-    /// Waits for every data block and flushes the last fragment block.
+    /// Waits for every data block and flushes the last fragment block. The
+    /// inode table starts right after, and inode blocks reach the file as
+    /// they fill, so its start is recorded now.
     pub fn finish_data(&mut self) -> Result<(), SqfsError> {
-        // SAFETY: plain call on our processor.
-        check(
-            unsafe { ffi::sqfs_block_processor_finish(self.proc_) },
-            "writing the remaining data blocks",
-        )
+        // SAFETY: plain calls on our processor and file.
+        unsafe {
+            check(ffi::sqfs_block_processor_finish(self.proc_), "writing the remaining data blocks")?;
+            self.sup.inode_table_start = ((*self.file).get_size)(self.file);
+        }
+        Ok(())
     }
 
     /// Takes ownership of a file's finished inode. Call after `finish_data`.
     pub fn take_file_inode(&mut self, slot: FileSlot) -> Result<Inode, SqfsError> {
         let p = std::mem::replace(&mut *self.file_slots[slot.0], ptr::null_mut());
-        Ok(Inode {
-            ptr: nonnull(p, "taking a file inode")?,
-        })
+        Ok(Inode { ptr: nonnull(p, "taking a file inode")? })
     }
 
     /// The id table index of a uid or gid.
@@ -673,20 +569,11 @@ impl ImageWriter {
         let mut out = 0u32;
         // SAFETY: plain calls; keys are NUL-terminated, values valid for their length.
         unsafe {
-            check(
-                ffi::sqfs_xattr_writer_begin(self.xwr, 0),
-                "starting an xattr set",
-            )?;
+            check(ffi::sqfs_xattr_writer_begin(self.xwr, 0), "starting an xattr set")?;
             for (k, v) in pairs {
-                check(
-                    ffi::sqfs_xattr_writer_add(self.xwr, k.as_ptr(), v.as_ptr().cast(), v.len()),
-                    "adding an xattr",
-                )?;
+                check(ffi::sqfs_xattr_writer_add(self.xwr, k.as_ptr(), v.as_ptr().cast(), v.len()), "adding an xattr")?;
             }
-            check(
-                ffi::sqfs_xattr_writer_end(self.xwr, &mut out),
-                "ending an xattr set",
-            )?;
+            check(ffi::sqfs_xattr_writer_end(self.xwr, &mut out), "ending an xattr set")?;
         }
         Ok(Some(out))
     }
@@ -697,10 +584,7 @@ impl ImageWriter {
         // SAFETY: plain calls on our meta writer with our inode.
         unsafe {
             ffi::sqfs_meta_writer_get_position(self.im, &mut block, &mut offset);
-            check(
-                ffi::sqfs_meta_writer_write_inode(self.im, inode.ptr.as_ptr()),
-                "writing an inode",
-            )?;
+            check(ffi::sqfs_meta_writer_write_inode(self.im, inode.ptr.as_ptr()), "writing an inode")?;
         }
         Ok((block << 16) | offset as u64)
     }
@@ -716,10 +600,7 @@ impl ImageWriter {
     ) -> Result<Inode, SqfsError> {
         // SAFETY: plain calls on our directory writer; names are NUL-terminated.
         unsafe {
-            check(
-                ffi::sqfs_dir_writer_begin(self.dirwr, 0),
-                "starting a directory",
-            )?;
+            check(ffi::sqfs_dir_writer_begin(self.dirwr, 0), "starting a directory")?;
             for (name, ino, iref, mode) in entries {
                 check(
                     ffi::sqfs_dir_writer_add_entry(self.dirwr, name.as_ptr(), *ino, *iref, *mode),
@@ -727,11 +608,8 @@ impl ImageWriter {
                 )?;
             }
             check(ffi::sqfs_dir_writer_end(self.dirwr), "ending a directory")?;
-            let p =
-                ffi::sqfs_dir_writer_create_inode(self.dirwr, 0, xattr.unwrap_or(u32::MAX), parent);
-            let mut inode = Inode {
-                ptr: nonnull(p, "creating a directory inode")?,
-            };
+            let p = ffi::sqfs_dir_writer_create_inode(self.dirwr, 0, xattr.unwrap_or(u32::MAX), parent);
+            let mut inode = Inode { ptr: nonnull(p, "creating a directory inode")? };
             inode.set_dir_nlink(nlink);
             Ok(inode)
         }
@@ -745,48 +623,27 @@ impl ImageWriter {
         unsafe {
             let size = |f: *mut ffi::File| ((*f).get_size)(f);
             self.sup.inode_count = inode_count;
-            self.sup.inode_table_start = size(self.file);
-            check(
-                ffi::sqfs_meta_writer_flush(self.im),
-                "flushing the inode table",
-            )?;
-            check(
-                ffi::sqfs_meta_writer_flush(self.dm),
-                "flushing the directory table",
-            )?;
+            check(ffi::sqfs_meta_writer_flush(self.im), "flushing the inode table")?;
+            check(ffi::sqfs_meta_writer_flush(self.dm), "flushing the directory table")?;
             self.sup.root_inode_ref = root_ref;
             self.sup.directory_table_start = size(self.file);
-            check(
-                ffi::sqfs_meta_write_write_to_file(self.dm),
-                "writing the directory table",
-            )?;
+            check(ffi::sqfs_meta_write_write_to_file(self.dm), "writing the directory table")?;
             check(
                 ffi::sqfs_frag_table_write(self.fragtbl, self.file, &mut self.sup, self.cmp),
                 "writing the fragment table",
             )?;
-            check(
-                ffi::sqfs_id_table_write(self.idtbl, self.file, &mut self.sup, self.cmp),
-                "writing the id table",
-            )?;
+            check(ffi::sqfs_id_table_write(self.idtbl, self.file, &mut self.sup, self.cmp), "writing the id table")?;
             check(
                 ffi::sqfs_xattr_writer_flush(self.xwr, self.file, &mut self.sup, self.cmp),
                 "writing the xattr table",
             )?;
             self.sup.bytes_used = size(self.file);
-            check(
-                ffi::sqfs_super_write(&self.sup, self.file),
-                "writing the superblock",
-            )?;
+            check(ffi::sqfs_super_write(&self.sup, self.file), "writing the superblock")?;
             let pad = (4096 - self.sup.bytes_used % 4096) % 4096;
             if pad > 0 {
                 let zeros = vec![0u8; pad as usize];
                 check(
-                    ((*self.file).write_at)(
-                        self.file,
-                        self.sup.bytes_used,
-                        zeros.as_ptr().cast(),
-                        zeros.len(),
-                    ),
+                    ((*self.file).write_at)(self.file, self.sup.bytes_used, zeros.as_ptr().cast(), zeros.len()),
                     "padding the image",
                 )?;
             }

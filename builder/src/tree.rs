@@ -129,24 +129,15 @@ pub fn encode_dev(major: u64, minor: u64) -> Option<u32> {
 pub fn compile_excludes(patterns: &[String]) -> Result<GlobSet, WalkError> {
     let mut b = GlobSetBuilder::new();
     for p in patterns {
-        let trimmed = p
-            .trim_start_matches("./")
-            .trim_start_matches('/')
-            .trim_end_matches('/');
+        let trimmed = p.trim_start_matches("./").trim_start_matches('/').trim_end_matches('/');
         let glob = GlobBuilder::new(trimmed)
             .literal_separator(true)
             .backslash_escape(true)
             .build()
-            .map_err(|source| WalkError::Pattern {
-                pattern: p.clone(),
-                source,
-            })?;
+            .map_err(|source| WalkError::Pattern { pattern: p.clone(), source })?;
         b.add(glob);
     }
-    b.build().map_err(|source| WalkError::Pattern {
-        pattern: patterns.join(" "),
-        source,
-    })
+    b.build().map_err(|source| WalkError::Pattern { pattern: patterns.join(" "), source })
 }
 
 fn lstat(path: &Path) -> Result<fs::Metadata, WalkError> {
@@ -158,10 +149,7 @@ pub fn classify(path: &Path, e: io::Error) -> WalkError {
     if e.kind() == io::ErrorKind::NotFound {
         WalkError::Vanished(path.to_owned())
     } else {
-        WalkError::Read {
-            path: path.to_owned(),
-            source: e,
-        }
+        WalkError::Read { path: path.to_owned(), source: e }
     }
 }
 
@@ -178,10 +166,7 @@ fn read_xattrs(path: &Path) -> Result<Xattrs, WalkError> {
     let mut out = Vec::new();
     for name in names {
         let key = name.as_bytes().to_vec();
-        if !(key.starts_with(b"user.")
-            || key.starts_with(b"trusted.")
-            || key.starts_with(b"security."))
-        {
+        if !(key.starts_with(b"user.") || key.starts_with(b"trusted.") || key.starts_with(b"security.")) {
             return Err(WalkError::UnsupportedXattr {
                 path: path.to_owned(),
                 key: name.to_string_lossy().into_owned(),
@@ -274,11 +259,7 @@ fn node_from(path: &Path, name: Vec<u8>, md: &fs::Metadata) -> Result<Node, Walk
     let ft = md.file_type();
     let dev = |md: &fs::Metadata| {
         let (major, minor) = (libc::major(md.rdev()) as u64, libc::minor(md.rdev()) as u64);
-        encode_dev(major, minor).ok_or_else(|| WalkError::DeviceNumber {
-            path: path.to_owned(),
-            major,
-            minor,
-        })
+        encode_dev(major, minor).ok_or_else(|| WalkError::DeviceNumber { path: path.to_owned(), major, minor })
     };
     let kind = if ft.is_dir() {
         Kind::Dir(Vec::new())
@@ -296,10 +277,7 @@ fn node_from(path: &Path, name: Vec<u8>, md: &fs::Metadata) -> Result<Node, Walk
     } else if ft.is_socket() {
         Kind::Socket
     } else {
-        return Err(WalkError::Read {
-            path: path.to_owned(),
-            source: io::Error::other("unknown file type"),
-        });
+        return Err(WalkError::Read { path: path.to_owned(), source: io::Error::other("unknown file type") });
     };
     Ok(Node {
         name,
@@ -328,12 +306,7 @@ mod tests {
     #[test]
     fn device_encoding_matches_kernel_new_encode_dev() {
         // Values from the kernel's new_encode_dev().
-        let cases = [
-            (8, 1, 0x801),
-            (300, 70000, 0x1111_2c70),
-            (4095, 0xfffff, 0xffff_ffff),
-            (0, 0, 0),
-        ];
+        let cases = [(8, 1, 0x801), (300, 70000, 0x1111_2c70), (4095, 0xfffff, 0xffff_ffff), (0, 0, 0)];
         for (maj, min, want) in cases {
             assert_eq!(encode_dev(maj, min), Some(want), "{maj}:{min}");
         }
@@ -353,11 +326,7 @@ mod tests {
         let ex = compile_excludes(&["b/cache".into(), "*.tmp".into()]).unwrap();
         fs::write(r.join("z.tmp"), b"").unwrap();
         let t = read_tree(r, &ex).unwrap();
-        let names: Vec<_> = t
-            .nodes
-            .iter()
-            .map(|n| String::from_utf8_lossy(&n.name).into_owned())
-            .collect();
+        let names: Vec<_> = t.nodes.iter().map(|n| String::from_utf8_lossy(&n.name).into_owned()).collect();
         assert_eq!(names, ["", "a", "b", "c", "a2", "keep"]);
         assert_eq!(t.nodes[1].nlink, 2);
         assert_eq!(t.nodes[4].link_of, Some(1));
@@ -373,13 +342,7 @@ mod tests {
         let f = d.path().join("f");
         fs::write(&f, b"").unwrap();
         let none = compile_excludes(&[]).unwrap();
-        assert!(matches!(
-            read_tree(&f, &none),
-            Err(WalkError::NotADirectory(_))
-        ));
-        assert!(matches!(
-            read_tree(&d.path().join("missing"), &none),
-            Err(WalkError::Vanished(_))
-        ));
+        assert!(matches!(read_tree(&f, &none), Err(WalkError::NotADirectory(_))));
+        assert!(matches!(read_tree(&d.path().join("missing"), &none), Err(WalkError::Vanished(_))));
     }
 }

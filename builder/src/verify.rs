@@ -32,11 +32,8 @@ pub fn verify(source: &str, keys: &[PublicKey]) -> Result<Verified> {
     let agent = http_agent(Duration::from_secs(60));
     let loc = Location::parse(source);
     let bytes = loc.read_bounded(&agent, MAX_MANIFEST_BYTES)?;
-    let sig = loc
-        .with_suffix(".sig")
-        .read_bounded(&agent, SIGNATURE_BYTES as u64)?;
-    let v = verify_manifest(&bytes, &sig, keys, Timestamp::now())
-        .with_context(|| format!("manifest {loc}"))?;
+    let sig = loc.with_suffix(".sig").read_bounded(&agent, SIGNATURE_BYTES as u64)?;
+    let v = verify_manifest(&bytes, &sig, keys, Timestamp::now()).with_context(|| format!("manifest {loc}"))?;
     let m = v.manifest;
     let img = loc.sibling(&m.image.path);
     let (reader, _) = img.open(&agent, 0)?;
@@ -53,13 +50,11 @@ pub fn verify(source: &str, keys: &[PublicKey]) -> Result<Verified> {
         bail!("image {img} is {}{size} bytes but the manifest signs {}; the upload is incomplete or the file was replaced", if size > m.image.size { "more than " } else { "" }, m.image.size);
     }
     if sha != m.image.sha256 {
-        bail!("image {img} has sha256 {sha} but the manifest signs {}; the image was corrupted or tampered with", m.image.sha256);
+        bail!(
+            "image {img} has sha256 {sha} but the manifest signs {}; the image was corrupted or tampered with",
+            m.image.sha256
+        );
     }
     let superblock = Superblock::parse(&head).with_context(|| format!("image {img}"))?;
-    Ok(Verified {
-        manifest: m,
-        image: img.to_string(),
-        key_id: v.key_id,
-        superblock,
-    })
+    Ok(Verified { manifest: m, image: img.to_string(), key_id: v.key_id, superblock })
 }

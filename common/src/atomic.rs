@@ -23,10 +23,8 @@ pub fn parent_dir(path: &Path) -> PathBuf {
 /// Atomically replaces `path` with `bytes`, with permission bits `mode`.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
     let dir = parent_dir(path);
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".tmp-")
-        .permissions(fs::Permissions::from_mode(mode))
-        .tempfile_in(&dir)?;
+    let mut tmp =
+        tempfile::Builder::new().prefix(".tmp-").permissions(fs::Permissions::from_mode(mode)).tempfile_in(&dir)?;
     tmp.write_all(bytes)?;
     tmp.as_file().sync_all()?;
     tmp.persist(path).map_err(|e| e.error)?;
@@ -44,11 +42,7 @@ pub fn commit_file(tmp: &Path, path: &Path) -> io::Result<()> {
 /// Creates `path` exclusively (fails if it exists) with mode `mode`, writes
 /// `bytes` and fsyncs. For files that must never be overwritten, like keys.
 pub fn create_new(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(path)?;
+    let mut f = OpenOptions::new().write(true).create_new(true).mode(mode).open(path)?;
     // The umask may have narrowed the mode; set exactly what was asked.
     f.set_permissions(fs::Permissions::from_mode(mode))?;
     f.write_all(bytes)?;
@@ -67,10 +61,7 @@ mod tests {
         write_atomic(&p, b"one", 0o644).unwrap();
         write_atomic(&p, b"two", 0o600).unwrap();
         assert_eq!(fs::read(&p).unwrap(), b"two");
-        assert_eq!(
-            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
-            0o600
-        );
+        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
         // No temp files are left behind.
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
     }
@@ -80,10 +71,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("k");
         create_new(&p, b"a", 0o600).unwrap();
-        assert_eq!(
-            create_new(&p, b"b", 0o600).unwrap_err().kind(),
-            io::ErrorKind::AlreadyExists
-        );
+        assert_eq!(create_new(&p, b"b", 0o600).unwrap_err().kind(), io::ErrorKind::AlreadyExists);
         assert_eq!(fs::read(&p).unwrap(), b"a");
     }
 }

@@ -79,6 +79,36 @@ impl<'de> serde::Deserialize<'de> for Sha256Digest {
     }
 }
 
+/// An incremental SHA-256 that also counts bytes.
+#[derive(Clone, Default)]
+pub struct StreamHasher {
+    hasher: Sha256,
+    count: u64,
+}
+
+impl StreamHasher {
+    /// A fresh hasher.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds bytes.
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.hasher.update(bytes);
+        self.count += bytes.len() as u64;
+    }
+
+    /// Bytes added so far.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// The digest and byte count.
+    pub fn finish(self) -> (Sha256Digest, u64) {
+        (Sha256Digest(self.hasher.finalize().into()), self.count)
+    }
+}
+
 /// A reader that hashes what passes through it, so a download is verified
 /// while it streams instead of being read twice.
 pub struct HashingReader<R> {
@@ -90,11 +120,7 @@ pub struct HashingReader<R> {
 impl<R: Read> HashingReader<R> {
     /// Wraps `inner`.
     pub fn new(inner: R) -> Self {
-        Self {
-            inner,
-            hasher: Sha256::new(),
-            count: 0,
-        }
+        Self { inner, hasher: Sha256::new(), count: 0 }
     }
 
     /// Bytes read so far.
@@ -125,10 +151,7 @@ mod tests {
     fn parse_and_display_round_trip() {
         let d = Sha256Digest::of_bytes(b"");
         let s = d.to_string();
-        assert_eq!(
-            s,
-            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
-        );
+        assert_eq!(s, "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
         assert_eq!(s.parse::<Sha256Digest>().unwrap(), d);
     }
 

@@ -108,14 +108,9 @@ impl Location {
         let (reader, _) = self.open(agent, 0)?;
         let mut out = Vec::new();
         let mut limited = reader.take(limit + 1);
-        limited
-            .read_to_end(&mut out)
-            .map_err(|e| self.read_error(e))?;
+        limited.read_to_end(&mut out).map_err(|e| self.read_error(e))?;
         if out.len() as u64 > limit {
-            return Err(FetchError::TooLarge {
-                what: self.to_string(),
-                limit,
-            });
+            return Err(FetchError::TooLarge { what: self.to_string(), limit });
         }
         Ok(out)
     }
@@ -123,24 +118,13 @@ impl Location {
     /// Opens the resource for streaming from byte `offset`. Returns the reader
     /// and, for HTTP, whether the server honoured the offset (206); a server
     /// that ignores Range sends the whole body from byte 0.
-    pub fn open(
-        &self,
-        agent: &ureq::Agent,
-        offset: u64,
-    ) -> Result<(Box<dyn Read + Send>, u64), FetchError> {
+    pub fn open(&self, agent: &ureq::Agent, offset: u64) -> Result<(Box<dyn Read + Send>, u64), FetchError> {
         match self {
             Location::Path(p) => {
-                let mut f = File::open(p).map_err(|source| FetchError::Local {
-                    path: p.clone(),
-                    source,
-                })?;
+                let mut f = File::open(p).map_err(|source| FetchError::Local { path: p.clone(), source })?;
                 if offset > 0 {
-                    io::Seek::seek(&mut f, io::SeekFrom::Start(offset)).map_err(|source| {
-                        FetchError::Local {
-                            path: p.clone(),
-                            source,
-                        }
-                    })?;
+                    io::Seek::seek(&mut f, io::SeekFrom::Start(offset))
+                        .map_err(|source| FetchError::Local { path: p.clone(), source })?;
                 }
                 Ok((Box::new(f), offset))
             }
@@ -149,10 +133,7 @@ impl Location {
                 if offset > 0 {
                     req = req.header("Range", &format!("bytes={offset}-"));
                 }
-                let resp = req.call().map_err(|e| FetchError::Transport {
-                    url: u.clone(),
-                    message: e.to_string(),
-                })?;
+                let resp = req.call().map_err(|e| FetchError::Transport { url: u.clone(), message: e.to_string() })?;
                 let status = resp.status().as_u16();
                 let start = match status {
                     200 => 0,
@@ -167,14 +148,8 @@ impl Location {
     /// Wraps an error that happened while reading the body.
     pub fn read_error(&self, e: io::Error) -> FetchError {
         match self {
-            Location::Path(p) => FetchError::Local {
-                path: p.clone(),
-                source: e,
-            },
-            Location::Url(u) => FetchError::Transport {
-                url: u.clone(),
-                message: format!("transfer broke: {e}"),
-            },
+            Location::Path(p) => FetchError::Local { path: p.clone(), source: e },
+            Location::Url(u) => FetchError::Transport { url: u.clone(), message: format!("transfer broke: {e}") },
         }
     }
 }
@@ -186,11 +161,7 @@ fn status_error(url: &str, status: u16) -> FetchError {
         500..=599 => "; the server failed: try again later or use another mirror",
         _ => "",
     };
-    FetchError::Status {
-        url: url.to_owned(),
-        status,
-        hint,
-    }
+    FetchError::Status { url: url.to_owned(), status, hint }
 }
 
 /// An HTTP agent with sane limits: connect timeout, a bound on each read,
@@ -215,35 +186,18 @@ mod tests {
     #[test]
     fn parse_and_resolve() {
         let cases = [
-            (
-                "http://h/repo/stable.json",
-                "images/a.squashfs",
-                "http://h/repo/images/a.squashfs",
-            ),
-            (
-                "https://h/stable.json?x=1",
-                "images/a.squashfs",
-                "https://h/images/a.squashfs",
-            ),
+            ("http://h/repo/stable.json", "images/a.squashfs", "http://h/repo/images/a.squashfs"),
+            ("https://h/stable.json?x=1", "images/a.squashfs", "https://h/images/a.squashfs"),
         ];
         for (base, rel, want) in cases {
-            assert_eq!(
-                Location::parse(base).sibling(rel),
-                Location::Url(want.into())
-            );
+            assert_eq!(Location::parse(base).sibling(rel), Location::Url(want.into()));
         }
         assert_eq!(
             Location::parse("file:///srv/repo/stable.json").sibling("images/x"),
             Location::Path("/srv/repo/images/x".into())
         );
-        assert_eq!(
-            Location::parse("stable.json").sibling("images/x"),
-            Location::Path("images/x".into())
-        );
-        assert_eq!(
-            Location::parse("/r/s.json").with_suffix(".sig"),
-            Location::Path("/r/s.json.sig".into())
-        );
+        assert_eq!(Location::parse("stable.json").sibling("images/x"), Location::Path("images/x".into()));
+        assert_eq!(Location::parse("/r/s.json").with_suffix(".sig"), Location::Path("/r/s.json.sig".into()));
     }
 
     #[test]
@@ -254,9 +208,6 @@ mod tests {
         let agent = http_agent(Duration::from_secs(1));
         let loc = Location::Path(p);
         assert_eq!(loc.read_bounded(&agent, 100).unwrap().len(), 100);
-        assert!(matches!(
-            loc.read_bounded(&agent, 99),
-            Err(FetchError::TooLarge { limit: 99, .. })
-        ));
+        assert!(matches!(loc.read_bounded(&agent, 99), Err(FetchError::TooLarge { limit: 99, .. })));
     }
 }

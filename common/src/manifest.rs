@@ -27,7 +27,9 @@ pub enum ManifestError {
     #[error("manifest is not valid: {0}")]
     Syntax(#[source] serde_json::Error),
     /// Written by a newer builder.
-    #[error("manifest format {found} is not supported (this imgdeploy reads format {FORMAT_VERSION}); upgrade imgdeploy")]
+    #[error(
+        "manifest format {found} is not supported (this imgdeploy reads format {FORMAT_VERSION}); upgrade imgdeploy"
+    )]
     Format {
         /// The version found.
         found: u32,
@@ -60,11 +62,7 @@ impl Timestamp {
 
 impl From<SystemTime> for Timestamp {
     fn from(t: SystemTime) -> Self {
-        Self(
-            t.duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
-        )
+        Self(t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0))
     }
 }
 
@@ -84,9 +82,8 @@ impl Serialize for Timestamp {
 impl<'de> Deserialize<'de> for Timestamp {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        let t = humantime::parse_rfc3339(&s).map_err(|e| {
-            serde::de::Error::custom(format!("`{s}` is not an RFC 3339 UTC time: {e}"))
-        })?;
+        let t = humantime::parse_rfc3339(&s)
+            .map_err(|e| serde::de::Error::custom(format!("`{s}` is not an RFC 3339 UTC time: {e}")))?;
         Ok(Self::from(t))
     }
 }
@@ -137,15 +134,15 @@ pub fn validate_channel(name: &str) -> Result<(), ManifestError> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && name.as_bytes()[0].is_ascii_alphanumeric()
-        && name.bytes().all(|b| {
-            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-')
-        });
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-'));
     if ok {
         Ok(())
     } else {
         Err(ManifestError::Field {
             field: "channel",
-            why: format!("`{name}` must be 1-64 characters of a-z, 0-9, '.', '_', '-', starting with a letter or digit"),
+            why: format!(
+                "`{name}` must be 1-64 characters of a-z, 0-9, '.', '_', '-', starting with a letter or digit"
+            ),
         })
     }
 }
@@ -189,25 +186,16 @@ impl Manifest {
         validate_channel(&self.channel)?;
         validate_version(&self.version)?;
         if self.serial == 0 {
-            return Err(ManifestError::Field {
-                field: "serial",
-                why: "must be at least 1".into(),
-            });
+            return Err(ManifestError::Field { field: "serial", why: "must be at least 1".into() });
         }
         if self.expires <= self.created {
-            return Err(ManifestError::Field {
-                field: "expires",
-                why: "must be after `created`".into(),
-            });
+            return Err(ManifestError::Field { field: "expires", why: "must be after `created`".into() });
         }
         let want = image_path(&self.image.sha256);
         if self.image.path != want {
             return Err(ManifestError::Field {
                 field: "image.path",
-                why: format!(
-                    "`{}` must be `{want}` (content-addressed by its sha256)",
-                    self.image.path
-                ),
+                why: format!("`{}` must be `{want}` (content-addressed by its sha256)", self.image.path),
             });
         }
         if self.image.format != "squashfs" {
@@ -223,10 +211,7 @@ impl Manifest {
             });
         }
         if self.image.size == 0 {
-            return Err(ManifestError::Field {
-                field: "image.size",
-                why: "must not be 0".into(),
-            });
+            return Err(ManifestError::Field { field: "image.size", why: "must not be 0".into() });
         }
         Ok(())
     }
@@ -271,10 +256,7 @@ pub(crate) mod tests {
         assert_eq!(back, m);
         assert_eq!(back.to_bytes(), bytes);
         let text = String::from_utf8(bytes).unwrap();
-        assert!(
-            text.contains("\"created\": \"2023-11-14T22:13:20Z\""),
-            "{text}"
-        );
+        assert!(text.contains("\"created\": \"2023-11-14T22:13:20Z\""), "{text}");
     }
 
     #[test]
@@ -290,17 +272,11 @@ pub(crate) mod tests {
             ("version", |v| v["version"] = "a\nb".into()),
             ("expires", |v| v["expires"] = "2020-01-01T00:00:00Z".into()),
             ("expires", |v| v["expires"] = "tomorrow".into()),
-            ("image.path", |v| {
-                v["image"]["path"] = "../../etc/shadow".into()
-            }),
-            ("image.path", |v| {
-                v["image"]["path"] = "images/x.squashfs".into()
-            }),
+            ("image.path", |v| v["image"]["path"] = "../../etc/shadow".into()),
+            ("image.path", |v| v["image"]["path"] = "images/x.squashfs".into()),
             ("image.sha256", |v| v["image"]["sha256"] = "00".into()),
             ("image.format", |v| v["image"]["format"] = "erofs".into()),
-            ("image.compression", |v| {
-                v["image"]["compression"] = "xz".into()
-            }),
+            ("image.compression", |v| v["image"]["compression"] = "xz".into()),
             ("image.size", |v| v["image"]["size"] = 0.into()),
             ("missing", |v| {
                 v.as_object_mut().unwrap().remove("expires");
@@ -312,10 +288,7 @@ pub(crate) mod tests {
             let bytes = serde_json::to_vec(&v).unwrap();
             assert!(Manifest::parse(&bytes).is_err(), "{what}: accepted {v}");
         }
-        assert!(matches!(
-            Manifest::parse(br#"{"format": 9}"#),
-            Err(ManifestError::Format { found: 9 })
-        ));
+        assert!(matches!(Manifest::parse(br#"{"format": 9}"#), Err(ManifestError::Format { found: 9 })));
         assert!(Manifest::parse(b"").is_err());
         assert!(Manifest::parse(b"\xff\xfe").is_err());
     }

@@ -36,7 +36,9 @@ pub enum KeyError {
         path: PathBuf,
     },
     /// A signature file is not 64 bytes long.
-    #[error("the signature is {len} bytes long, an Ed25519 signature is 64; the .sig file is truncated or not a signature")]
+    #[error(
+        "the signature is {len} bytes long, an Ed25519 signature is 64; the .sig file is truncated or not a signature"
+    )]
     SignatureLength {
         /// The length found.
         len: usize,
@@ -78,43 +80,34 @@ impl PrivateKey {
     pub fn generate() -> Result<Self, getrandom_error::Error> {
         let mut seed = [0u8; 32];
         getrandom_error::fill(&mut seed)?;
-        Ok(Self {
-            key: SigningKey::from_bytes(&seed),
-        })
+        Ok(Self { key: SigningKey::from_bytes(&seed) })
     }
 
     /// Parses a PKCS#8 PEM private key; `origin` names it in errors.
     pub fn from_pem(pem: &str, origin: &Path) -> Result<Self, KeyError> {
         SigningKey::from_pkcs8_pem(pem)
             .map(|key| Self { key })
-            .map_err(|_| KeyError::BadPrivateKey {
-                path: origin.to_owned(),
-            })
+            .map_err(|_| KeyError::BadPrivateKey { path: origin.to_owned() })
     }
 
     /// Reads a PKCS#8 PEM private key file.
     pub fn read(path: &Path) -> Result<Self, KeyError> {
-        let pem = std::fs::read_to_string(path).map_err(|source| KeyError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let pem = std::fs::read_to_string(path).map_err(|source| KeyError::Read { path: path.to_owned(), source })?;
         Self::from_pem(&pem, path)
     }
 
-    /// The PKCS#8 PEM text of this key.
+    /// The PKCS#8 PEM text of this key, in the version 1 form (seed only,
+    /// as `openssl genpkey` writes): OpenSSL 3.0 cannot read the version 2
+    /// form that also embeds the public key.
     pub fn to_pem(&self) -> Result<String, KeyError> {
-        let pem = self
-            .key
-            .to_pkcs8_pem(Default::default())
-            .map_err(|_| KeyError::Encode)?;
+        let v1 = ed25519_dalek::pkcs8::KeypairBytes { secret_key: self.key.to_bytes(), public_key: None };
+        let pem = v1.to_pkcs8_pem(Default::default()).map_err(|_| KeyError::Encode)?;
         Ok(pem.to_string())
     }
 
     /// The matching public key.
     pub fn public(&self) -> PublicKey {
-        PublicKey {
-            key: self.key.verifying_key(),
-        }
+        PublicKey { key: self.key.verifying_key() }
     }
 
     /// Signs `message`, returning the raw 64-byte signature.
@@ -140,25 +133,18 @@ impl PublicKey {
     pub fn from_pem(pem: &str, origin: &Path) -> Result<Self, KeyError> {
         VerifyingKey::from_public_key_pem(pem)
             .map(|key| Self { key })
-            .map_err(|_| KeyError::BadPublicKey {
-                path: origin.to_owned(),
-            })
+            .map_err(|_| KeyError::BadPublicKey { path: origin.to_owned() })
     }
 
     /// Reads a public key PEM file.
     pub fn read(path: &Path) -> Result<Self, KeyError> {
-        let pem = std::fs::read_to_string(path).map_err(|source| KeyError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let pem = std::fs::read_to_string(path).map_err(|source| KeyError::Read { path: path.to_owned(), source })?;
         Self::from_pem(&pem, path)
     }
 
     /// The PEM text of this key.
     pub fn to_pem(&self) -> Result<String, KeyError> {
-        self.key
-            .to_public_key_pem(Default::default())
-            .map_err(|_| KeyError::Encode)
+        self.key.to_public_key_pem(Default::default()).map_err(|_| KeyError::Encode)
     }
 
     /// The key's short id (see [`key_id`]).
@@ -175,28 +161,16 @@ impl PublicKey {
 /// Checks a detached signature against every trusted key; returns the key
 /// that verified it. Uses strict verification so that malleated signatures
 /// (the same message, other signature bytes) are refused.
-pub fn verify_any<'k>(
-    trusted: &'k [PublicKey],
-    message: &[u8],
-    signature: &[u8],
-) -> Result<&'k PublicKey, KeyError> {
+pub fn verify_any<'k>(trusted: &'k [PublicKey], message: &[u8], signature: &[u8]) -> Result<&'k PublicKey, KeyError> {
     let bytes: [u8; SIGNATURE_BYTES] =
-        signature
-            .try_into()
-            .map_err(|_| KeyError::SignatureLength {
-                len: signature.len(),
-            })?;
+        signature.try_into().map_err(|_| KeyError::SignatureLength { len: signature.len() })?;
     let sig = Signature::from_bytes(&bytes);
     trusted
         .iter()
         .find(|k| k.key.verify_strict(message, &sig).is_ok() && k.key.verify(message, &sig).is_ok())
         .ok_or_else(|| KeyError::Untrusted {
             keys: trusted.len(),
-            ids: trusted
-                .iter()
-                .map(PublicKey::id)
-                .collect::<Vec<_>>()
-                .join(", "),
+            ids: trusted.iter().map(PublicKey::id).collect::<Vec<_>>().join(", "),
         })
 }
 
@@ -218,10 +192,7 @@ mod tests {
         let pk = PublicKey::from_pem(&sk2.public().to_pem().unwrap(), Path::new("p")).unwrap();
         let sig = sk.sign(b"hello");
         pk.verify(b"hello", &sig).unwrap();
-        assert!(matches!(
-            pk.verify(b"hellp", &sig),
-            Err(KeyError::Untrusted { keys: 1, .. })
-        ));
+        assert!(matches!(pk.verify(b"hellp", &sig), Err(KeyError::Untrusted { keys: 1, .. })));
     }
 
     #[test]
@@ -230,25 +201,15 @@ mod tests {
         let b = PrivateKey::generate().unwrap();
         let sig = a.sign(b"m");
         let keys = [b.public()];
-        assert!(matches!(
-            verify_any(&keys, b"m", &sig[..63]),
-            Err(KeyError::SignatureLength { len: 63 })
-        ));
-        assert!(matches!(
-            verify_any(&keys, b"m", &sig),
-            Err(KeyError::Untrusted { .. })
-        ));
+        assert!(matches!(verify_any(&keys, b"m", &sig[..63]), Err(KeyError::SignatureLength { len: 63 })));
+        assert!(matches!(verify_any(&keys, b"m", &sig), Err(KeyError::Untrusted { .. })));
         let rotated = [b.public(), a.public()];
         assert_eq!(verify_any(&rotated, b"m", &sig).unwrap(), &a.public());
     }
 
     #[test]
     fn rejects_garbage_pem() {
-        for bad in [
-            "",
-            "hello",
-            "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n",
-        ] {
+        for bad in ["", "hello", "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n"] {
             assert!(PublicKey::from_pem(bad, Path::new("x")).is_err());
             assert!(PrivateKey::from_pem(bad, Path::new("x")).is_err());
         }

@@ -98,10 +98,7 @@ impl Superblock {
     /// Checks that the image is at least as long as the superblock says.
     pub fn check_size(&self, actual: u64) -> Result<(), SuperblockError> {
         if self.bytes_used > actual {
-            return Err(SuperblockError::Truncated {
-                claimed: self.bytes_used,
-                actual,
-            });
+            return Err(SuperblockError::Truncated { claimed: self.bytes_used, actual });
         }
         Ok(())
     }
@@ -155,21 +152,10 @@ mod tests {
     #[test]
     fn parses_and_rejects() {
         let sb = Superblock::parse(&good()).unwrap();
-        assert_eq!(
-            (
-                sb.inode_count,
-                sb.block_size,
-                sb.compression(),
-                sb.bytes_used
-            ),
-            (5, 131072, "zstd", 4096)
-        );
+        assert_eq!((sb.inode_count, sb.block_size, sb.compression(), sb.bytes_used), (5, 131072, "zstd", 4096));
         assert!(sb.check_size(4096).is_ok());
         assert!(sb.check_size(4095).is_err());
-        assert_eq!(
-            Superblock::parse(&good()[..95]),
-            Err(SuperblockError::Short(95))
-        );
+        assert_eq!(Superblock::parse(&good()[..95]), Err(SuperblockError::Short(95)));
         let table: &[(usize, u8)] = &[(0, b'x'), (28, 3), (22, 16), (12, 1)];
         for &(at, v) in table {
             let mut b = good();

@@ -38,6 +38,15 @@ pub struct VerifiedManifest {
 }
 
 /// Verifies `signature` over `bytes` with one of `trusted`, then parses and
+/// validates the manifest. Does not look at the clock: for manifests already
+/// installed on a host, whose expiry only mattered when they were fetched.
+pub fn verify_signed(bytes: &[u8], signature: &[u8], trusted: &[PublicKey]) -> Result<VerifiedManifest, TrustError> {
+    let key = verify_any(trusted, bytes, signature)?;
+    let manifest = Manifest::parse(bytes)?;
+    Ok(VerifiedManifest { manifest, key_id: key.id() })
+}
+
+/// Verifies `signature` over `bytes` with one of `trusted`, then parses and
 /// validates the manifest, then checks it has not expired at `now`.
 pub fn verify_manifest(
     bytes: &[u8],
@@ -45,8 +54,7 @@ pub fn verify_manifest(
     trusted: &[PublicKey],
     now: Timestamp,
 ) -> Result<VerifiedManifest, TrustError> {
-    let key = verify_any(trusted, bytes, signature)?;
-    let manifest = Manifest::parse(bytes)?;
+    let VerifiedManifest { manifest, key_id } = verify_signed(bytes, signature, trusted)?;
     if manifest.expires <= now {
         return Err(TrustError::Expired {
             channel: manifest.channel,
@@ -54,10 +62,7 @@ pub fn verify_manifest(
             expires: manifest.expires,
         });
     }
-    Ok(VerifiedManifest {
-        manifest,
-        key_id: key.id(),
-    })
+    Ok(VerifiedManifest { manifest, key_id })
 }
 
 #[cfg(test)]
@@ -81,21 +86,12 @@ mod tests {
         for i in 0..bytes.len() {
             let mut b = bytes.clone();
             b[i] ^= 1;
-            assert!(
-                matches!(
-                    verify_manifest(&b, &sig, &trusted, now),
-                    Err(TrustError::Signature(_))
-                ),
-                "byte {i}"
-            );
+            assert!(matches!(verify_manifest(&b, &sig, &trusted, now), Err(TrustError::Signature(_))), "byte {i}");
         }
         for i in 0..sig.len() {
             let mut s = sig;
             s[i] ^= 0x80;
-            assert!(
-                verify_manifest(&bytes, &s, &trusted, now).is_err(),
-                "sig byte {i}"
-            );
+            assert!(verify_manifest(&bytes, &s, &trusted, now).is_err(), "sig byte {i}");
         }
         assert!(matches!(
             verify_manifest(&bytes, &sig, &trusted, m.expires),
@@ -105,9 +101,6 @@ mod tests {
         assert!(verify_manifest(&bytes, &sig, &[other.public()], now).is_err());
         // A correctly signed but invalid manifest is refused after the signature check.
         let junk = b"{\"format\":1}";
-        assert!(matches!(
-            verify_manifest(junk, &key.sign(junk), &trusted, now),
-            Err(TrustError::Manifest(_))
-        ));
+        assert!(matches!(verify_manifest(junk, &key.sign(junk), &trusted, now), Err(TrustError::Manifest(_))));
     }
 }

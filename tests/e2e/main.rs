@@ -1,1 +1,8 @@
-fn main() {}
+//! End-to-end tests: the real binaries against real kernel mounts and a real
+//! nginx. Privileged tests are named `privileged_*`; they skip without root on
+//! a laptop and fail under `CI=true` instead of skipping.
+//!
+//! - `builder`: imgbuild — faithful round trips through the kernel and
+//!   unsquashfs, reproducibility, signatures with openssl, bad input, gc.
+
+mod builder;

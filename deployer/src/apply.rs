@@ -1,0 +1,316 @@
+//! `imgdeploy apply`: one full update cycle, as a sequence of steps each of
+//! which can tell whether it is already done, so a rerun after a crash picks
+//! up where the last run stopped:
+//!
+//! 1. fetch and verify the manifest (signature, channel, expiry, serial);
+//! 2. pick the standby slot and make sure no process uses its old mount;
+//! 3. download the image into it (resuming), hashing while streaming;
+//! 4. verify size and sha256 again through the fd the loop device will use,
+//!    then mount it read-only;
+//! 5. run `health_check` against the new mount;
+//! 6. switch `link` with one `rename(2)`, record the state;
+//! 7. run `post_switch`, then drain and unmount the old slot.
+//!
+//! Until step 6 the active version is untouched; every failure before it
+//! unmounts what it mounted and leaves `link` where it was.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use imgdeploy_common::atomic::{fsync_dir, write_atomic};
+use imgdeploy_common::location::{http_agent, Location};
+use imgdeploy_common::manifest::Timestamp;
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::drain::{describe, device_of, holders, wait_for_holders, Holder};
+use crate::fetch::{download_image, fetch_manifest, DownloadStats};
+use crate::hooks::run_hook;
+use crate::lock::lock;
+use crate::mount::{mount_image, mounted_at, unmount};
+use crate::slot::{installed, open_verified, Installed};
+use crate::state::{ApplyRecord, Layout, SlotId, State};
+use crate::switch::{current_target, point_link};
+
+/// What an apply did.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "result", rename_all = "kebab-case")]
+pub enum Outcome {
+    /// Already at the published serial.
+    UpToDate {
+        /// The serial.
+        serial: u64,
+        /// Why nothing was done.
+        message: String,
+    },
+    /// Switched to a new image.
+    Switched {
+        /// The new serial.
+        serial: u64,
+        /// Its version label.
+        version: String,
+        /// The slot now active.
+        slot: SlotId,
+        /// Transfer figures.
+        download: DownloadStats,
+        /// Processes still holding the old mount after the drain timeout.
+        still_in_use: Vec<Holder>,
+    },
+}
+
+/// Options of one apply.
+#[derive(Debug, Default, Clone)]
+pub struct ApplyOptions {
+    /// Overrides the configured source.
+    pub source: Option<String>,
+}
+
+/// Opens the state directory and reads which slot `link` points at.
+pub fn active_slot(cfg: &Config, layout: &Layout) -> Result<Option<SlotId>> {
+    match current_target(&cfg.link)? {
+        None => Ok(None),
+        Some(t) => layout.slot_of_target(&t).map(Some).ok_or_else(|| {
+            anyhow!(
+                "{} points at {}, which imgdeploy does not manage; remove the link (imgdeploy recreates it) or choose another `link`",
+                cfg.link.display(),
+                t.display()
+            )
+        }),
+    }
+}
+
+/// Mounts `slot` (verifying its image first) unless it is already mounted.
+pub fn ensure_mounted(cfg: &Config, layout: &Layout, inst: &Installed) -> Result<()> {
+    let target = layout.mount_point(inst.slot);
+    if mounted_at(&target)?.is_some() {
+        return Ok(());
+    }
+    let file = open_verified(layout, inst.slot, &inst.manifest)?;
+    mount_image(
+        &file,
+        &layout.image(inst.slot),
+        &target,
+        cfg.mount_options,
+        &format!("imgdeploy:{}:{}", inst.slot, inst.manifest.serial),
+    )?;
+    tracing::info!("mounted slot {} (serial {}) at {}", inst.slot, inst.manifest.serial, target.display());
+    Ok(())
+}
+
+/// Unmounts a slot nobody uses; errors naming the holders otherwise.
+pub fn release_slot(layout: &Layout, slot: SlotId) -> Result<()> {
+    let target = layout.mount_point(slot);
+    if mounted_at(&target)?.is_none() {
+        return Ok(());
+    }
+    let users = holders(device_of(&target)?);
+    if !users.is_empty() {
+        bail!(
+            "slot {slot} ({}) is still in use by {}; wait for them to exit or run `imgdeploy drain --timeout 5m`",
+            target.display(),
+            describe(&users)
+        );
+    }
+    unmount(&target)?;
+    Ok(())
+}
+
+/// Waits up to `timeout` for users of `slot`'s mount to go, then unmounts it.
+/// Returns the processes still holding it (then it stays mounted).
+pub fn drain_slot(layout: &Layout, slot: SlotId, timeout: Duration) -> Result<Vec<Holder>> {
+    let target = layout.mount_point(slot);
+    if mounted_at(&target)?.is_none() {
+        return Ok(Vec::new());
+    }
+    let dev = device_of(&target)?;
+    loop {
+        let left = wait_for_holders(dev, timeout);
+        if !left.is_empty() {
+            tracing::warn!(
+                "slot {slot} stays mounted: still used by {}; `imgdeploy drain` or the next apply unmounts it",
+                describe(&left)
+            );
+            return Ok(left);
+        }
+        match unmount(&target) {
+            Ok(()) => {
+                tracing::info!("unmounted old slot {slot}");
+                return Ok(Vec::new());
+            }
+            // A process entered between the scan and umount: look again (bounded by the timeout).
+            Err(e) if timeout.is_zero() => return Err(e.into()),
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+/// Runs one apply cycle.
+pub fn apply(cfg: &Config, opts: &ApplyOptions) -> Result<Outcome> {
+    let started = Instant::now();
+    let layout =
+        Layout::create(&cfg.state_dir).with_context(|| format!("preparing state_dir {}", cfg.state_dir.display()))?;
+    let _lock = lock(&layout.root)?;
+    let mut state = State::load(&layout)?;
+    let result = apply_locked(cfg, opts, &layout, &mut state);
+    let record = match &result {
+        Ok(o) => {
+            let (result, serial, message, dl) = match o {
+                Outcome::UpToDate { serial, message } => ("up-to-date", *serial, message.clone(), 0),
+                Outcome::Switched { serial, version, slot, download, .. } => (
+                    "switched",
+                    *serial,
+                    format!("switched to serial {serial} ({version}) in slot {slot}"),
+                    download.downloaded,
+                ),
+            };
+            ApplyRecord {
+                time: Timestamp::now(),
+                result: result.into(),
+                serial: Some(serial),
+                message,
+                duration_ms: 0,
+                bytes_downloaded: dl,
+            }
+        }
+        Err(e) => ApplyRecord {
+            time: Timestamp::now(),
+            result: "failed".into(),
+            serial: None,
+            message: format!("{e:#}"),
+            duration_ms: 0,
+            bytes_downloaded: 0,
+        },
+    };
+    state.last_apply = Some(ApplyRecord { duration_ms: started.elapsed().as_millis() as u64, ..record });
+    // Recording the result must not mask the apply's own error.
+    if let Err(e) = state.save(&layout) {
+        tracing::warn!("{e}");
+    }
+    result
+}
+
+fn apply_locked(cfg: &Config, opts: &ApplyOptions, layout: &Layout, state: &mut State) -> Result<Outcome> {
+    let keys = cfg.trusted_keys()?;
+    let agent = http_agent(Duration::from_secs(60));
+    let source = opts.source.as_deref().map(Location::parse).unwrap_or_else(|| cfg.source.clone());
+
+    // 1. Manifest.
+    let fetched = fetch_manifest(&agent, &source, &keys, &cfg.channel)?;
+    let m = fetched.verified.manifest.clone();
+    tracing::info!(
+        "{source}: channel {} serial {} ({}), signed by {}",
+        m.channel,
+        m.serial,
+        m.version,
+        fetched.verified.key_id
+    );
+    let active = active_slot(cfg, layout)?;
+    let active_inst = match active {
+        Some(s) => installed(layout, s, &keys)?,
+        None => None,
+    };
+    if let Some(cur) = &active_inst {
+        let c = &cur.manifest;
+        if c.serial == m.serial {
+            if c.image.sha256 != m.image.sha256 {
+                bail!("the server publishes serial {} with a different image than the one active here; a serial must never be reused, republish with a new serial", m.serial);
+            }
+            // After a reboot the link may point at an unmounted slot: repair that.
+            ensure_mounted(cfg, layout, cur)?;
+            return Ok(Outcome::UpToDate {
+                serial: m.serial,
+                message: format!("already at serial {} ({}) in slot {}", m.serial, m.version, cur.slot),
+            });
+        }
+        if m.serial < c.serial && !cfg.allow_downgrade {
+            bail!(
+                "the server publishes serial {} but serial {} is active; refusing to go back (a replayed old manifest?). Set allow_downgrade = true to permit it",
+                m.serial,
+                c.serial
+            );
+        }
+        if state.rolled_back_serial == Some(m.serial) {
+            return Ok(Outcome::UpToDate {
+                serial: c.serial,
+                message: format!(
+                    "serial {} was rolled back on this host; staying at serial {} until a newer serial is published",
+                    m.serial, c.serial
+                ),
+            });
+        }
+    }
+
+    // 2. Standby slot.
+    let standby = active.map(SlotId::other).unwrap_or(SlotId::A);
+    release_slot(layout, standby)?;
+
+    // 3. Download unless the standby already holds exactly this image.
+    let standby_inst = installed(layout, standby, &keys).ok().flatten();
+    let mut download = DownloadStats::default();
+    let reuse = standby_inst.as_ref().is_some_and(|i| {
+        i.manifest.image.sha256 == m.image.sha256 && open_verified(layout, standby, &i.manifest).is_ok()
+    });
+    if !reuse {
+        // The slot stops being "installed" before its image is replaced.
+        for p in [layout.manifest(standby), layout.signature(standby)] {
+            match std::fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).with_context(|| format!("clearing {}", p.display())),
+            }
+        }
+        fsync_dir(&layout.slot_dir(standby))?;
+        let image_loc = fetched.location.sibling(&m.image.path);
+        download = download_image(&agent, &image_loc, &m, layout, standby)?;
+        std::fs::rename(layout.partial(standby), layout.image(standby))?;
+        // The partial's bookkeeping goes with it; a leftover would only cause a harmless re-hash.
+        let _ = std::fs::remove_file(layout.partial_meta(standby));
+        fsync_dir(&layout.slot_dir(standby))?;
+        write_atomic(&layout.signature(standby), &fetched.signature, 0o600)?;
+        write_atomic(&layout.manifest(standby), &fetched.bytes, 0o600)?;
+        tracing::info!(
+            "slot {standby}: installed serial {} ({} bytes downloaded, {} resumed)",
+            m.serial,
+            download.downloaded,
+            download.resumed_from
+        );
+    }
+    let inst = Installed { slot: standby, manifest: m.clone(), key_id: fetched.verified.key_id.clone() };
+
+    // 4. Verify again and mount.
+    ensure_mounted(cfg, layout, &inst)?;
+    let target = layout.mount_point(standby);
+
+    // 5. Health check.
+    if let Some(cmd) = &cfg.health_check {
+        if let Err(e) = run_hook("health_check", cmd, &target, &m, cfg.hook_timeout) {
+            if let Err(u) = unmount(&target) {
+                tracing::warn!("{u}");
+            }
+            return Err(
+                anyhow!(e).context(format!("serial {} not activated; the active version is unchanged", m.serial))
+            );
+        }
+    }
+
+    // 6. Switch.
+    point_link(&cfg.link, &target)?;
+    state.active = Some(standby);
+    if state.rolled_back_serial.is_some_and(|s| m.serial > s) {
+        state.rolled_back_serial = None;
+    }
+    state.save(layout)?;
+    tracing::info!("{} -> {} (serial {}, {})", cfg.link.display(), target.display(), m.serial, m.version);
+
+    // 7. Post-switch hook, then drain the old slot.
+    let hook_result = match &cfg.post_switch {
+        Some(cmd) => run_hook("post_switch", cmd, &target, &m, cfg.hook_timeout),
+        None => Ok(()),
+    };
+    let still_in_use = match active {
+        Some(old) => drain_slot(layout, old, cfg.drain_timeout)?,
+        None => Vec::new(),
+    };
+    hook_result.with_context(|| format!("switched to serial {}, but post_switch failed", m.serial))?;
+    Ok(Outcome::Switched { serial: m.serial, version: m.version, slot: standby, download, still_in_use })
+}

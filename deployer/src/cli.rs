@@ -1,0 +1,203 @@
+//! The `imgdeploy` command line. stdout carries data (`--json` where a
+//! script would parse it); logs and progress go to stderr.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use clap::{Args, Parser, Subcommand};
+
+use crate::apply::{apply, ApplyOptions, Outcome};
+use crate::config::{Config, DEFAULT_CONFIG};
+use crate::drain::describe;
+
+/// Keep a read-only tree identical on every server: fetch a signed image into
+/// the standby slot, verify it, mount it read-only and switch atomically.
+#[derive(Debug, Parser)]
+#[command(name = "imgdeploy", version, about)]
+pub struct Cli {
+    /// Options every command takes.
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every command takes.
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// Config file.
+    #[arg(long, short = 'c', global = true, env = "IMGDEPLOY_CONFIG", default_value = DEFAULT_CONFIG)]
+    pub config: PathBuf,
+    /// More log output (repeat for more).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Only errors on stderr.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Fetch, verify, mount and switch to the published image (idempotent).
+    Apply {
+        /// Use this manifest URL or path instead of the configured `source`.
+        #[arg(long)]
+        source: Option<String>,
+        /// Print the outcome as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show both slots, which is active, where `link` points, the last apply.
+    Status {
+        /// Print the status as JSON (stable schema, see README).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-hash both slot images against their signed manifests.
+    Verify {
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Switch back to the standby slot's image.
+    Rollback,
+    /// At boot: mount the active slot and restore `link` (idempotent).
+    Mount,
+    /// Wait for processes to leave the standby slot's mount, then unmount it.
+    Drain {
+        /// How long to wait (default: drain_timeout from the config).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        timeout: Option<Duration>,
+    },
+}
+
+fn print_json(v: &impl serde::Serialize) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+/// Runs the parsed command line.
+pub fn run(cli: Cli) -> Result<()> {
+    let cfg = Config::load(&cli.global.config)?;
+    match cli.command {
+        Command::Apply { source, json } => {
+            let outcome = apply(&cfg, &ApplyOptions { source })?;
+            if json {
+                print_json(&outcome)?;
+            } else {
+                match &outcome {
+                    Outcome::UpToDate { message, .. } => println!("up to date: {message}"),
+                    Outcome::Switched { serial, version, slot, download, still_in_use } => {
+                        println!(
+                            "switched to serial {serial} ({version}) in slot {slot}; {} bytes downloaded",
+                            download.downloaded
+                        );
+                        if !still_in_use.is_empty() {
+                            println!("old slot still mounted, in use by {}", describe(still_in_use));
+                        }
+                    }
+                }
+            }
+        }
+        Command::Status { json } => {
+            let s = crate::ops::status(&cfg)?;
+            if json {
+                print_json(&s)?;
+            } else {
+                println!(
+                    "link     {} -> {}",
+                    s.link.display(),
+                    s.link_target.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "(missing)".into())
+                );
+                for (role, slot) in [("active", &s.active), ("standby", &s.standby)] {
+                    match slot {
+                        Some(x) if x.installed => println!(
+                            "{role:<8} slot {}: serial {} ({}), sha256 {}, {}{}",
+                            x.slot,
+                            x.serial.unwrap_or(0),
+                            x.version.as_deref().unwrap_or("?"),
+                            x.sha256.map(|d| d.to_string()[..16].to_owned()).unwrap_or_default(),
+                            x.mounted
+                                .as_ref()
+                                .map(|m| format!("mounted at {}", m.display()))
+                                .unwrap_or_else(|| "not mounted".into()),
+                            if x.users.is_empty() {
+                                String::new()
+                            } else {
+                                format!(", in use by {}", describe(&x.users))
+                            }
+                        ),
+                        Some(x) => println!(
+                            "{role:<8} slot {}: empty{}",
+                            x.slot,
+                            x.error.as_ref().map(|e| format!(" ({e})")).unwrap_or_default()
+                        ),
+                        None => println!("{role:<8} none"),
+                    }
+                }
+                if let Some(p) = &s.pending {
+                    println!("pending  slot {}: {} bytes downloaded", p.slot, p.bytes);
+                }
+                if let Some(a) = &s.last_apply {
+                    println!("last     {} at {}: {}", a.result, a.time, a.message);
+                }
+                for e in &s.errors {
+                    println!("problem  {e}");
+                }
+            }
+        }
+        Command::Verify { json } => {
+            let checks = crate::ops::verify(&cfg)?;
+            if json {
+                print_json(&checks)?;
+            } else {
+                for c in &checks {
+                    println!("slot {}: {}: {}", c.slot, c.result, c.message);
+                }
+            }
+            let bad: Vec<String> = checks.iter().filter(|c| c.result == "bad").map(|c| c.slot.to_string()).collect();
+            if !bad.is_empty() {
+                bail!("slot {} failed verification; run `imgdeploy apply` to reinstall (or `imgdeploy rollback` if it is the active one)", bad.join(" and "));
+            }
+        }
+        Command::Rollback => {
+            let (slot, serial, left) = crate::ops::rollback(&cfg)?;
+            println!("rolled back to serial {serial} in slot {slot}");
+            if !left.is_empty() {
+                println!("old slot still mounted, in use by {}", describe(&left));
+            }
+        }
+        Command::Mount => match crate::ops::mount_active(&cfg)? {
+            Some((slot, serial)) => println!("slot {slot} (serial {serial}) mounted, {} restored", cfg.link.display()),
+            None => println!("nothing deployed yet"),
+        },
+        Command::Drain { timeout } => {
+            let left = crate::ops::drain(&cfg, timeout.unwrap_or(cfg.drain_timeout))?;
+            if !left.is_empty() {
+                bail!("standby slot is still in use by {}; it stays mounted", describe(&left));
+            }
+            println!("standby slot unmounted");
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_commands() {
+        let c = Cli::try_parse_from(["imgdeploy", "-c", "/x.toml", "apply", "--source", "http://h/s.json", "--json"])
+            .unwrap();
+        assert_eq!(c.global.config, PathBuf::from("/x.toml"));
+        assert!(matches!(c.command, Command::Apply { source: Some(_), json: true }));
+        let c = Cli::try_parse_from(["imgdeploy", "drain", "--timeout", "90s"]).unwrap();
+        assert!(matches!(c.command, Command::Drain { timeout: Some(d) } if d == Duration::from_secs(90)));
+        assert!(Cli::try_parse_from(["imgdeploy", "drain", "--timeout", "forever"]).is_err());
+        assert!(Cli::try_parse_from(["imgdeploy", "frobnicate"]).is_err());
+    }
+}

@@ -1,0 +1,294 @@
+//! `/etc/imgdeploy/imgdeploy.toml`: what to deploy, from where, trusting
+//! which keys, and where the active tree appears.
+//!
+//! Parsing is strict (unknown keys are errors, so a typo such as
+//! `alow_downgrade` cannot silently keep a default), and errors name the
+//! file, line and key.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use imgdeploy_common::location::Location;
+use imgdeploy_common::manifest::validate_channel;
+use imgdeploy_common::sign::PublicKey;
+use serde::Deserialize;
+
+/// The default config file.
+pub const DEFAULT_CONFIG: &str = "/etc/imgdeploy/imgdeploy.toml";
+
+/// Why a config file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}; pass --config or set IMGDEPLOY_CONFIG")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Syntax or type error.
+    #[error("{path}:{line}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line.
+        line: usize,
+        /// What is wrong, naming the key.
+        message: String,
+    },
+    /// A value is not acceptable.
+    #[error("{path}: `{key}` {message}")]
+    Value {
+        /// The file.
+        path: PathBuf,
+        /// The key.
+        key: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    source: String,
+    channel: Option<String>,
+    trusted_keys: Vec<PathBuf>,
+    #[serde(default = "default_state_dir")]
+    state_dir: PathBuf,
+    link: PathBuf,
+    #[serde(default = "default_mount_options")]
+    mount_options: String,
+    #[serde(default = "default_drain_timeout")]
+    drain_timeout: String,
+    health_check: Option<String>,
+    #[serde(default = "default_hook_timeout")]
+    hook_timeout: String,
+    post_switch: Option<String>,
+    #[serde(default)]
+    allow_downgrade: bool,
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/imgdeploy")
+}
+fn default_mount_options() -> String {
+    "nodev,nosuid".into()
+}
+fn default_drain_timeout() -> String {
+    "5m".into()
+}
+fn default_hook_timeout() -> String {
+    "2m".into()
+}
+
+/// Mount flags we understand (the mount is always read-only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MountOptions {
+    /// `nodev`.
+    pub nodev: bool,
+    /// `nosuid`.
+    pub nosuid: bool,
+    /// `noexec`.
+    pub noexec: bool,
+    /// `noatime` (squashfs is read-only anyway; accepted for familiarity).
+    pub noatime: bool,
+}
+
+impl MountOptions {
+    /// Parses `nodev,nosuid,...`; `dev`, `suid`, `exec` clear the flags.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let mut o = MountOptions::default();
+        for opt in s.split(',').map(str::trim).filter(|o| !o.is_empty()) {
+            match opt {
+                "ro" => {}
+                "nodev" => o.nodev = true,
+                "dev" => o.nodev = false,
+                "nosuid" => o.nosuid = true,
+                "suid" => o.nosuid = false,
+                "noexec" => o.noexec = true,
+                "exec" => o.noexec = false,
+                "noatime" | "relatime" => o.noatime = true,
+                "rw" => return Err("cannot contain `rw`: images are always mounted read-only".into()),
+                other => {
+                    return Err(format!(
+                        "has unknown option `{other}` (known: ro, nodev, dev, nosuid, suid, noexec, exec, noatime)"
+                    ))
+                }
+            }
+        }
+        Ok(o)
+    }
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it came from.
+    pub path: PathBuf,
+    /// Manifest location.
+    pub source: Location,
+    /// Channel the manifest must name.
+    pub channel: String,
+    /// Public key files.
+    pub trusted_key_files: Vec<PathBuf>,
+    /// Slots, state and mount points.
+    pub state_dir: PathBuf,
+    /// The active symlink.
+    pub link: PathBuf,
+    /// Mount flags.
+    pub mount_options: MountOptions,
+    /// How long to wait for processes to leave the old mount.
+    pub drain_timeout: Duration,
+    /// Command run with the new mount point before switching.
+    pub health_check: Option<String>,
+    /// Limit for each hook.
+    pub hook_timeout: Duration,
+    /// Command run after switching.
+    pub post_switch: Option<String>,
+    /// Accept lower serials.
+    pub allow_downgrade: bool,
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].bytes().filter(|&b| b == b'\n').count() + 1
+}
+
+impl Config {
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        // Relative paths inside the file are relative to the file, wherever we run from.
+        let path = std::path::absolute(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Self::parse(&text, &path)
+    }
+
+    /// Parses config text; `path` is used in messages and to resolve relative paths.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            line: e.span().map(|s| line_of(text, s.start)).unwrap_or(1),
+            message: e.message().trim().to_owned(),
+        })?;
+        let value = |key, message: String| ConfigError::Value { path: path.to_owned(), key, message };
+        let base = path.parent().unwrap_or(Path::new("/"));
+        let abs = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+        let source = Location::parse(&raw.source);
+        let channel = match raw.channel {
+            Some(c) => c,
+            None => {
+                // Default: the manifest's file name without `.json`.
+                let s = raw.source.split(['?', '#']).next().unwrap_or("");
+                let name = s.rsplit('/').next().unwrap_or("");
+                name.strip_suffix(".json").unwrap_or(name).to_owned()
+            }
+        };
+        validate_channel(&channel).map_err(|e| value("channel", format!("is invalid: {e}")))?;
+        if raw.trusted_keys.is_empty() {
+            return Err(value("trusted_keys", "must list at least one public key file".into()));
+        }
+        let link = abs(raw.link);
+        if link.file_name().is_none() || link.parent().is_none() {
+            return Err(value("link", "must be a path like /webroot/cgi".into()));
+        }
+        let dur = |key, s: &str| {
+            humantime::parse_duration(s).map_err(|e| value(key, format!("`{s}` is not a duration like 30s or 5m: {e}")))
+        };
+        Ok(Config {
+            path: path.to_owned(),
+            source: match source {
+                Location::Path(p) => Location::Path(abs(p)),
+                u => u,
+            },
+            channel,
+            trusted_key_files: raw.trusted_keys.into_iter().map(abs).collect(),
+            state_dir: abs(raw.state_dir),
+            link,
+            mount_options: MountOptions::parse(&raw.mount_options).map_err(|m| value("mount_options", m))?,
+            drain_timeout: dur("drain_timeout", &raw.drain_timeout)?,
+            health_check: raw.health_check.filter(|s| !s.trim().is_empty()),
+            hook_timeout: dur("hook_timeout", &raw.hook_timeout)?,
+            post_switch: raw.post_switch.filter(|s| !s.trim().is_empty()),
+            allow_downgrade: raw.allow_downgrade,
+        })
+    }
+
+    /// Reads the trusted public keys.
+    pub fn trusted_keys(&self) -> Result<Vec<PublicKey>, ConfigError> {
+        self.trusted_key_files
+            .iter()
+            .map(|p| {
+                PublicKey::read(p).map_err(|e| ConfigError::Value {
+                    path: self.path.clone(),
+                    key: "trusted_keys",
+                    message: format!("entry {}: {e}", p.display()),
+                })
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+source = "http://mirror.example/repo/stable.json"
+trusted_keys = ["keys/ci.pub", "/etc/imgdeploy/old.pub"]
+link = "/webroot/cgi"
+drain_timeout = "30s"
+health_check = "test -x"
+"#;
+
+    #[test]
+    fn parses_with_defaults() {
+        let c = Config::parse(GOOD, Path::new("/etc/imgdeploy/imgdeploy.toml")).unwrap();
+        assert_eq!(c.channel, "stable");
+        assert_eq!(c.state_dir, PathBuf::from("/var/lib/imgdeploy"));
+        assert_eq!(c.trusted_key_files[0], PathBuf::from("/etc/imgdeploy/keys/ci.pub"));
+        assert_eq!(c.mount_options, MountOptions { nodev: true, nosuid: true, ..Default::default() });
+        assert_eq!(c.drain_timeout, Duration::from_secs(30));
+        assert!(!c.allow_downgrade);
+        assert_eq!(c.health_check.as_deref(), Some("test -x"));
+    }
+
+    #[test]
+    fn errors_name_file_line_and_key() {
+        let p = Path::new("/etc/x.toml");
+        let cases: &[(&str, &str)] = &[
+            (
+                "source = \"a\"\ntrusted_keys = [\"k\"]\nlink = \"/l\"\nalow_downgrade = true\n",
+                "/etc/x.toml:4: unknown field `alow_downgrade`",
+            ),
+            ("source = \"a\"\ntrusted_keys = \"k\"\nlink = \"/l\"\n", "/etc/x.toml:2:"),
+            ("source = \"a\"\nlink = \"/l\"\n", "missing field `trusted_keys`"),
+            ("source = \"a\"\ntrusted_keys = []\nlink = \"/l\"\n", "`trusted_keys` must list"),
+            ("source = \"x/Bad.json\"\ntrusted_keys = [\"k\"]\nlink = \"/l\"\n", "`channel` is invalid"),
+            (
+                "source = \"a\"\ntrusted_keys = [\"k\"]\nlink = \"/l\"\nmount_options = \"rw\"\n",
+                "`mount_options` cannot contain `rw`",
+            ),
+            (
+                "source = \"a\"\ntrusted_keys = [\"k\"]\nlink = \"/l\"\ndrain_timeout = \"soon\"\n",
+                "`drain_timeout` `soon` is not a duration",
+            ),
+            ("source = \"a\"\ntrusted_keys = [\"k\"\nlink = \"/l\"\n", "/etc/x.toml:"),
+        ];
+        for (text, want) in cases {
+            let e = Config::parse(text, p).unwrap_err().to_string();
+            assert!(e.contains(want), "{e:?} lacks {want:?}");
+        }
+    }
+
+    #[test]
+    fn mount_options() {
+        assert_eq!(
+            MountOptions::parse("ro,noexec,nodev").unwrap(),
+            MountOptions { nodev: true, noexec: true, ..Default::default() }
+        );
+        assert!(MountOptions::parse("loop").is_err());
+    }
+}

@@ -1,0 +1,265 @@
+//! Getting a manifest and an image from the source.
+//!
+//! The manifest and its signature are read with hard size limits and
+//! verified before anything else looks at them. The image is streamed into
+//! the standby slot's `image.partial`, hashed as it arrives, never read past
+//! the signed size, and resumed with an HTTP Range request on the next run
+//! when a transfer broke (`partial.json` records which image the partial
+//! bytes belong to, so a partial download of another image is discarded).
+
+use std::fs::OpenOptions;
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::Path;
+
+use imgdeploy_common::atomic::{fsync_dir, write_atomic};
+use imgdeploy_common::digest::{Sha256Digest, StreamHasher};
+use imgdeploy_common::location::{FetchError, Location};
+use imgdeploy_common::manifest::{Manifest, Timestamp};
+use imgdeploy_common::sign::PublicKey;
+use imgdeploy_common::trust::{verify_manifest, TrustError, VerifiedManifest};
+use imgdeploy_common::{MAX_MANIFEST_BYTES, SIGNATURE_BYTES};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+
+use crate::state::{Layout, SlotId};
+
+/// Why fetching failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DownloadError {
+    /// Transport, status or local read error.
+    #[error(transparent)]
+    Fetch(#[from] FetchError),
+    /// The manifest was refused.
+    #[error("manifest {source_url}: {err}")]
+    Trust {
+        /// Where it came from.
+        source_url: String,
+        /// Why.
+        #[source]
+        err: TrustError,
+    },
+    /// The manifest is for another channel.
+    #[error("manifest {source_url} is for channel `{found}` but this host follows `{expected}`; check `source` and `channel` in the config")]
+    Channel {
+        /// Where it came from.
+        source_url: String,
+        /// Channel in the manifest.
+        found: String,
+        /// Configured channel.
+        expected: String,
+    },
+    /// The server sent more than the signed size.
+    #[error("image {url} is longer than the {size} bytes its manifest signs; the server or a proxy is serving the wrong file")]
+    TooLong {
+        /// URL.
+        url: String,
+        /// Signed size.
+        size: u64,
+    },
+    /// The transfer ended early.
+    #[error("image {url} ended after {got} of {size} bytes; rerun to resume the download")]
+    Short {
+        /// URL.
+        url: String,
+        /// Bytes received in total.
+        got: u64,
+        /// Signed size.
+        size: u64,
+    },
+    /// The bytes do not hash to the signed sha256.
+    #[error("image {url} has sha256 {found} but its manifest signs {expected}; the download was corrupted or tampered with and has been discarded")]
+    Digest {
+        /// URL.
+        url: String,
+        /// Signed.
+        expected: Sha256Digest,
+        /// Computed.
+        found: Sha256Digest,
+    },
+    /// Local disk error (full disk, permissions).
+    #[error("cannot write {path}: {source}; free space in state_dir and rerun (the download resumes)")]
+    Disk {
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A verified manifest with the exact bytes it was verified from.
+#[derive(Debug, Clone)]
+pub struct FetchedManifest {
+    /// The verified manifest.
+    pub verified: VerifiedManifest,
+    /// The raw signed bytes.
+    pub bytes: Vec<u8>,
+    /// The raw signature.
+    pub signature: Vec<u8>,
+    /// Where it came from.
+    pub location: Location,
+}
+
+/// Fetches `<source>` and `<source>.sig`, verifies them against `keys` and checks the channel.
+pub fn fetch_manifest(
+    agent: &ureq::Agent,
+    source: &Location,
+    keys: &[PublicKey],
+    channel: &str,
+) -> Result<FetchedManifest, DownloadError> {
+    let bytes = source.read_bounded(agent, MAX_MANIFEST_BYTES)?;
+    let signature = source.with_suffix(".sig").read_bounded(agent, SIGNATURE_BYTES as u64)?;
+    let verified = verify_manifest(&bytes, &signature, keys, Timestamp::now())
+        .map_err(|err| DownloadError::Trust { source_url: source.to_string(), err })?;
+    if verified.manifest.channel != channel {
+        return Err(DownloadError::Channel {
+            source_url: source.to_string(),
+            found: verified.manifest.channel,
+            expected: channel.to_owned(),
+        });
+    }
+    Ok(FetchedManifest { verified, bytes, signature, location: source.clone() })
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+struct PartialMeta {
+    sha256: Sha256Digest,
+    size: u64,
+}
+
+/// What a download did.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct DownloadStats {
+    /// Bytes received from the server in this run.
+    pub downloaded: u64,
+    /// Bytes reused from an earlier interrupted run.
+    pub resumed_from: u64,
+}
+
+fn disk(path: &Path) -> impl Fn(io::Error) -> DownloadError + '_ {
+    move |source| DownloadError::Disk { path: path.display().to_string(), source }
+}
+
+fn progress(total: u64, start: u64) -> ProgressBar {
+    // Hidden automatically when stderr is not a terminal (timers, CI, journald).
+    let pb = ProgressBar::new(total);
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{spinner} downloading [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    pb.set_position(start);
+    pb
+}
+
+/// Downloads the image of `manifest` (at `image`) into `slot`'s partial file,
+/// resuming an earlier partial of the same image. On success the verified
+/// bytes are in `layout.partial(slot)`, fsynced.
+pub fn download_image(
+    agent: &ureq::Agent,
+    image: &Location,
+    manifest: &Manifest,
+    layout: &Layout,
+    slot: SlotId,
+) -> Result<DownloadStats, DownloadError> {
+    let size = manifest.image.size;
+    let partial = layout.partial(slot);
+    let meta_path = layout.partial_meta(slot);
+    let want = PartialMeta { sha256: manifest.image.sha256, size };
+    let same_image =
+        std::fs::read(&meta_path).ok().and_then(|b| serde_json::from_slice::<PartialMeta>(&b).ok()).as_ref()
+            == Some(&want);
+    let mut have = if same_image { std::fs::metadata(&partial).map(|m| m.len()).unwrap_or(0) } else { 0 };
+    if have > size {
+        have = 0;
+    }
+    if !same_image || have == 0 {
+        let mut bytes = serde_json::to_vec(&want).expect("serialises");
+        bytes.push(b'\n');
+        write_atomic(&meta_path, &bytes, 0o600).map_err(disk(&meta_path))?;
+    }
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&partial)
+        .map_err(disk(&partial))?;
+    file.set_len(have).map_err(disk(&partial))?;
+    // Hash what an earlier run already fetched; it is only trusted if the whole file matches.
+    let mut hasher = StreamHasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    if have > 0 {
+        (&file).seek(SeekFrom::Start(0)).map_err(disk(&partial))?;
+        let mut prefix = (&file).take(have);
+        loop {
+            let n = prefix.read(&mut buf).map_err(disk(&partial))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+        }
+    }
+    let mut stats = DownloadStats { downloaded: 0, resumed_from: have };
+    if have < size {
+        let (reader, start) = image.open(agent, have)?;
+        if start == 0 && have > 0 {
+            tracing::warn!("{image} ignored the Range request; downloading the whole image again");
+            file.set_len(0).map_err(disk(&partial))?;
+            hasher = StreamHasher::new();
+            have = 0;
+            stats.resumed_from = 0;
+        }
+        if have > 0 {
+            tracing::info!("resuming download of {image} at byte {have} of {size}");
+        }
+        let pb = progress(size, have);
+        let mut limited = reader.take(size - have + 1);
+        let mut w = io::BufWriter::with_capacity(1 << 20, &file);
+        w.seek(SeekFrom::Start(have)).map_err(disk(&partial))?;
+        loop {
+            let n = match limited.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // Keep what arrived: the next run resumes from here.
+                    w.flush().map_err(disk(&partial))?;
+                    drop(w);
+                    file.sync_all().map_err(disk(&partial))?;
+                    return Err(image.read_error(e).into());
+                }
+            };
+            if have + n as u64 > size {
+                drop(w);
+                // The file is not trustworthy as a resume point either.
+                let _ = std::fs::remove_file(&partial);
+                return Err(DownloadError::TooLong { url: image.to_string(), size });
+            }
+            w.write_all(&buf[..n]).map_err(disk(&partial))?;
+            hasher.update(&buf[..n]);
+            have += n as u64;
+            stats.downloaded += n as u64;
+            pb.set_position(have);
+        }
+        w.flush().map_err(disk(&partial))?;
+        drop(w);
+        pb.finish_and_clear();
+        file.sync_all().map_err(disk(&partial))?;
+        if have < size {
+            return Err(DownloadError::Short { url: image.to_string(), got: have, size });
+        }
+    }
+    let (found, n) = hasher.finish();
+    debug_assert_eq!(n, size);
+    if found != manifest.image.sha256 {
+        // A corrupt partial must not be resumed: start over next time.
+        let _ = std::fs::remove_file(&partial);
+        let _ = std::fs::remove_file(&meta_path);
+        return Err(DownloadError::Digest { url: image.to_string(), expected: manifest.image.sha256, found });
+    }
+    fsync_dir(&layout.slot_dir(slot)).map_err(disk(&partial))?;
+    Ok(stats)
+}

@@ -1,0 +1,23 @@
+//! `imgdeploy`: runs on every frontend. It keeps two slots (A/B), downloads
+//! a signed image into the standby one, verifies it, loop-mounts it read-only
+//! and switches an `active` symlink with one `rename(2)`, then drains and
+//! unmounts the old version.
+//!
+//! Modules, in the order an apply uses them: [`config`], [`lock`],
+//! [`state`], [`fetch`], [`slot`], [`loopdev`] and [`mount`], [`hooks`],
+//! [`switch`], [`drain`]; [`apply`] strings them together, [`ops`] holds the
+//! other commands and [`cli`] the command line.
+
+pub mod apply;
+pub mod cli;
+pub mod config;
+pub mod drain;
+pub mod fetch;
+pub mod hooks;
+pub mod lock;
+pub mod loopdev;
+pub mod mount;
+pub mod ops;
+pub mod slot;
+pub mod state;
+pub mod switch;

@@ -1,0 +1,156 @@
+//! Read-only mounts of verified images, and what is mounted where.
+//!
+//! A mount point is identified by reading `/proc/self/mountinfo`, never by
+//! guessing from directory contents, and a mounted slot's device number is
+//! what [`crate::drain`] looks for in other processes.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::ffi::OsStringExt;
+use std::path::{Path, PathBuf};
+
+use nix::mount::{MntFlags, MsFlags};
+
+use crate::config::MountOptions;
+use crate::loopdev;
+
+/// Why mounting or unmounting failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    /// Setting up the loop device failed.
+    #[error("cannot set up a loop device for {image}: {source}; check that /dev/loop-control exists (modprobe loop)")]
+    Loop {
+        /// The image.
+        image: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// mount(2) failed.
+    #[error("the kernel refused to mount {image} at {target}: {source}; check that squashfs with zstd is available (modprobe squashfs)")]
+    Mount {
+        /// The image.
+        image: PathBuf,
+        /// The mount point.
+        target: PathBuf,
+        /// Why.
+        #[source]
+        source: nix::Error,
+    },
+    /// umount(2) failed.
+    #[error("cannot unmount {target}: {source}")]
+    Unmount {
+        /// The mount point.
+        target: PathBuf,
+        /// Why.
+        #[source]
+        source: nix::Error,
+    },
+    /// Reading the mount table failed.
+    #[error("cannot read /proc/self/mountinfo: {0}")]
+    Table(#[source] io::Error),
+}
+
+/// One line of `/proc/self/mountinfo`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountEntry {
+    /// Device number (major, minor).
+    pub dev: (u32, u32),
+    /// Where it is mounted.
+    pub mount_point: PathBuf,
+    /// Filesystem type.
+    pub fstype: String,
+    /// Mount source, e.g. `/dev/loop3`.
+    pub source: String,
+}
+
+/// Undoes mountinfo's octal escapes (`\040` for a space, etc).
+fn unescape(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
+/// Parses mountinfo text.
+pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
+    text.lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let f: Vec<&str> = left.split(' ').collect();
+            let r: Vec<&str> = right.split(' ').collect();
+            let (maj, min) = f.get(2)?.split_once(':')?;
+            Some(MountEntry {
+                dev: (maj.parse().ok()?, min.parse().ok()?),
+                mount_point: PathBuf::from(std::ffi::OsString::from_vec(unescape(f.get(4)?))),
+                fstype: r.first()?.to_string(),
+                source: r.get(1).map(|s| s.to_string()).unwrap_or_default(),
+            })
+        })
+        .collect()
+}
+
+/// The mount at exactly `path`, if any (the last one, when stacked).
+pub fn mounted_at(path: &Path) -> Result<Option<MountEntry>, MountError> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").map_err(MountError::Table)?;
+    Ok(parse_mountinfo(&text).into_iter().rev().find(|m| m.mount_point == path))
+}
+
+/// Loop-mounts the already-verified open image `file` read-only at `target`.
+pub fn mount_image(
+    file: &File,
+    image: &Path,
+    target: &Path,
+    opts: MountOptions,
+    label: &str,
+) -> Result<(), MountError> {
+    let dev = loopdev::attach(file, label).map_err(|source| MountError::Loop { image: image.to_owned(), source })?;
+    let mut flags = MsFlags::MS_RDONLY;
+    for (on, flag) in [
+        (opts.nodev, MsFlags::MS_NODEV),
+        (opts.nosuid, MsFlags::MS_NOSUID),
+        (opts.noexec, MsFlags::MS_NOEXEC),
+        (opts.noatime, MsFlags::MS_NOATIME),
+    ] {
+        if on {
+            flags |= flag;
+        }
+    }
+    nix::mount::mount(Some(&dev.path), target, Some("squashfs"), flags, None::<&str>)
+        .map_err(|source| MountError::Mount { image: image.to_owned(), target: target.to_owned(), source })?;
+    // `dev` drops here: the mount now holds the only reference, and with
+    // LO_FLAGS_AUTOCLEAR the device detaches when it is unmounted.
+    Ok(())
+}
+
+/// Unmounts `target` (not lazily: a busy mount stays and the caller is told).
+pub fn unmount(target: &Path) -> Result<(), MountError> {
+    nix::mount::umount2(target, MntFlags::empty())
+        .map_err(|source| MountError::Unmount { target: target.to_owned(), source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_mountinfo_lines() {
+        let text = "36 35 98:0 /mnt1 /mnt/parent rw,noatime master:1 - ext3 /dev/root rw,errors=continue\n\
+                    99 36 7:3 / /var/lib/imgdeploy\\040x/mnt/a ro,nosuid,nodev,relatime shared:50 - squashfs /dev/loop3 ro,errorsuseless\n\
+                    garbage\n";
+        let m = parse_mountinfo(text);
+        assert_eq!(m.len(), 2);
+        assert_eq!(m[1].dev, (7, 3));
+        assert_eq!(m[1].mount_point, PathBuf::from("/var/lib/imgdeploy x/mnt/a"));
+        assert_eq!((m[1].fstype.as_str(), m[1].source.as_str()), ("squashfs", "/dev/loop3"));
+    }
+}

@@ -1,0 +1,100 @@
+//! Installed slots: reading a slot's signed manifest back (re-verifying its
+//! signature every time), and opening its image only after its size, sha256
+//! and superblock check out, through the same file descriptor the loop
+//! device will read.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::PathBuf;
+
+use imgdeploy_common::digest::Sha256Digest;
+use imgdeploy_common::manifest::Manifest;
+use imgdeploy_common::sign::PublicKey;
+use imgdeploy_common::squashfs::{Superblock, SUPERBLOCK_BYTES};
+use imgdeploy_common::trust::{verify_signed, TrustError};
+
+use crate::state::{Layout, SlotId};
+
+/// Why a slot cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SlotError {
+    /// The stored manifest no longer verifies.
+    #[error("slot {slot}: its stored manifest does not verify ({source}); run `imgdeploy apply` to reinstall it")]
+    Manifest {
+        /// The slot.
+        slot: SlotId,
+        /// Why.
+        #[source]
+        source: TrustError,
+    },
+    /// The image does not match its manifest.
+    #[error("slot {slot}: image {path} {what}; the file was corrupted or modified on disk, run `imgdeploy apply` to reinstall it")]
+    Image {
+        /// The slot.
+        slot: SlotId,
+        /// The image.
+        path: PathBuf,
+        /// What is wrong.
+        what: String,
+    },
+    /// I/O error.
+    #[error("slot {slot}: cannot read {path}: {source}")]
+    Io {
+        /// The slot.
+        slot: SlotId,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A slot holding a verified manifest.
+#[derive(Debug, Clone)]
+pub struct Installed {
+    /// Which slot.
+    pub slot: SlotId,
+    /// Its manifest.
+    pub manifest: Manifest,
+    /// The key that signed it.
+    pub key_id: String,
+}
+
+/// The slot's installed manifest, re-verified; `None` if the slot is empty.
+pub fn installed(layout: &Layout, slot: SlotId, keys: &[PublicKey]) -> Result<Option<Installed>, SlotError> {
+    let io = |path: PathBuf| move |source| SlotError::Io { slot, path, source };
+    let mpath = layout.manifest(slot);
+    let bytes = match std::fs::read(&mpath) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io(mpath)(e)),
+    };
+    let spath = layout.signature(slot);
+    let sig = std::fs::read(&spath).map_err(io(spath))?;
+    let v = verify_signed(&bytes, &sig, keys).map_err(|source| SlotError::Manifest { slot, source })?;
+    Ok(Some(Installed { slot, manifest: v.manifest, key_id: v.key_id }))
+}
+
+/// Opens the slot's image and checks size, sha256 and superblock against
+/// `manifest`. The returned file is the one to hand to the loop device.
+pub fn open_verified(layout: &Layout, slot: SlotId, manifest: &Manifest) -> Result<File, SlotError> {
+    let path = layout.image(slot);
+    let io = |source| SlotError::Io { slot, path: path.clone(), source };
+    let bad = |what: String| SlotError::Image { slot, path: path.clone(), what };
+    let mut f = File::open(&path).map_err(io)?;
+    let len = f.metadata().map_err(io)?.len();
+    if len != manifest.image.size {
+        return Err(bad(format!("is {len} bytes, its manifest says {}", manifest.image.size)));
+    }
+    let (sha, n) = Sha256Digest::of_reader((&f).take(len + 1)).map_err(io)?;
+    if n != len || sha != manifest.image.sha256 {
+        return Err(bad(format!("has sha256 {sha}, its manifest says {}", manifest.image.sha256)));
+    }
+    f.seek(SeekFrom::Start(0)).map_err(io)?;
+    let mut head = [0u8; SUPERBLOCK_BYTES];
+    f.read_exact(&mut head).map_err(io)?;
+    let sb = Superblock::parse(&head).map_err(|e| bad(format!("is not a usable squashfs image: {e}")))?;
+    sb.check_size(len).map_err(|e| bad(e.to_string()))?;
+    Ok(f)
+}

@@ -1,0 +1,243 @@
+//! The state directory: two slots, their mount points, and a small state file.
+//!
+//! ```text
+//! STATE_DIR/
+//!   lock                      flock: one imgdeploy at a time
+//!   state.json                last apply result, active slot, rolled-back serial
+//!   slots/{a,b}/image.squashfs  a verified image (only after its sha256 matched)
+//!   slots/{a,b}/manifest.json   its signed manifest (+ .sig), written last
+//!   slots/{a,b}/image.partial   a download in progress (+ partial.json: which image)
+//!   mnt/{a,b}                 mount points; `link` points at one of them
+//! ```
+//!
+//! The truth about which slot is active is `link` itself: the state file only
+//! remembers it for boot (when the link may live on a tmpfs) and records
+//! history. A slot is installed exactly when its manifest file exists, and
+//! the manifest is written after the image it describes was verified.
+
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use imgdeploy_common::atomic::write_atomic;
+use imgdeploy_common::manifest::Timestamp;
+use serde::{Deserialize, Serialize};
+
+/// One of the two slots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum SlotId {
+    /// Slot a.
+    A,
+    /// Slot b.
+    B,
+}
+
+impl SlotId {
+    /// Both slots.
+    pub const ALL: [SlotId; 2] = [SlotId::A, SlotId::B];
+
+    /// The other slot.
+    pub fn other(self) -> SlotId {
+        match self {
+            SlotId::A => SlotId::B,
+            SlotId::B => SlotId::A,
+        }
+    }
+
+    /// "a" or "b".
+    pub fn name(self) -> &'static str {
+        match self {
+            SlotId::A => "a",
+            SlotId::B => "b",
+        }
+    }
+}
+
+impl fmt::Display for SlotId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Paths inside the state directory.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    /// The (canonical) state directory.
+    pub root: PathBuf,
+}
+
+impl Layout {
+    /// Creates the directory tree (mode 0700) and canonicalises `root`.
+    pub fn create(root: &Path) -> io::Result<Self> {
+        use std::os::unix::fs::DirBuilderExt;
+        let mut b = std::fs::DirBuilder::new();
+        b.recursive(true).mode(0o700);
+        b.create(root)?;
+        let root = std::fs::canonicalize(root)?;
+        for s in SlotId::ALL {
+            b.create(root.join("slots").join(s.name()))?;
+            b.create(root.join("mnt").join(s.name()))?;
+        }
+        Ok(Layout { root })
+    }
+
+    /// A slot's directory.
+    pub fn slot_dir(&self, s: SlotId) -> PathBuf {
+        self.root.join("slots").join(s.name())
+    }
+    /// A slot's verified image.
+    pub fn image(&self, s: SlotId) -> PathBuf {
+        self.slot_dir(s).join("image.squashfs")
+    }
+    /// A slot's manifest.
+    pub fn manifest(&self, s: SlotId) -> PathBuf {
+        self.slot_dir(s).join("manifest.json")
+    }
+    /// A slot's manifest signature.
+    pub fn signature(&self, s: SlotId) -> PathBuf {
+        self.slot_dir(s).join("manifest.json.sig")
+    }
+    /// A slot's download in progress.
+    pub fn partial(&self, s: SlotId) -> PathBuf {
+        self.slot_dir(s).join("image.partial")
+    }
+    /// Which image the partial download is of.
+    pub fn partial_meta(&self, s: SlotId) -> PathBuf {
+        self.slot_dir(s).join("partial.json")
+    }
+    /// A slot's mount point.
+    pub fn mount_point(&self, s: SlotId) -> PathBuf {
+        self.root.join("mnt").join(s.name())
+    }
+    /// The state file.
+    pub fn state_file(&self) -> PathBuf {
+        self.root.join("state.json")
+    }
+    /// Which slot's mount point `target` is, if any.
+    pub fn slot_of_target(&self, target: &Path) -> Option<SlotId> {
+        SlotId::ALL.into_iter().find(|s| self.mount_point(*s) == target)
+    }
+}
+
+/// What the last `apply` did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApplyRecord {
+    /// When it finished.
+    pub time: Timestamp,
+    /// `switched`, `up-to-date`, `failed`, `rolled-back`, `not-in-wave`.
+    pub result: String,
+    /// The serial it was about (if a manifest was verified).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<u64>,
+    /// One line for humans.
+    pub message: String,
+    /// How long it took.
+    pub duration_ms: u64,
+    /// Bytes fetched from the server.
+    #[serde(default)]
+    pub bytes_downloaded: u64,
+}
+
+/// The state file (format 1). Fields added later must have defaults, so old files keep parsing.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct State {
+    /// Always 1.
+    #[serde(default = "one")]
+    pub format: u32,
+    /// The slot `link` was last pointed at.
+    #[serde(default)]
+    pub active: Option<SlotId>,
+    /// A serial the operator rolled back from; apply skips it until a newer one is published.
+    #[serde(default)]
+    pub rolled_back_serial: Option<u64>,
+    /// The last apply.
+    #[serde(default)]
+    pub last_apply: Option<ApplyRecord>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// Why the state file is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// Not valid JSON of our shape.
+    #[error("state file {path} is corrupt ({why}); the slots and `link` are intact: remove the file and rerun to rebuild it")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// Parser message.
+        why: String,
+    },
+    /// I/O error.
+    #[error("cannot access state file {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl State {
+    /// Parses state JSON.
+    pub fn parse(bytes: &[u8]) -> Result<Self, String> {
+        let s: State = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        if s.format != 1 {
+            return Err(format!("format {} is not supported", s.format));
+        }
+        Ok(s)
+    }
+
+    /// Loads the state file (default state when absent).
+    pub fn load(layout: &Layout) -> Result<Self, StateError> {
+        let path = layout.state_file();
+        match std::fs::read(&path) {
+            Ok(b) => State::parse(&b).map_err(|why| StateError::Corrupt { path, why }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(State { format: 1, ..Default::default() }),
+            Err(source) => Err(StateError::Io { path, source }),
+        }
+    }
+
+    /// Writes the state file atomically.
+    pub fn save(&self, layout: &Layout) -> Result<(), StateError> {
+        let path = layout.state_file();
+        let mut bytes = serde_json::to_vec_pretty(self).expect("state serialises");
+        bytes.push(b'\n');
+        write_atomic(&path, &bytes, 0o600).map_err(|source| StateError::Io { path, source })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// State files written by earlier versions must keep parsing.
+    #[test]
+    fn old_state_files_still_parse() {
+        let fixtures: &[&str] = &[
+            r#"{"format":1}"#,
+            r#"{"format":1,"active":"b","last_apply":{"time":"2026-11-25T07:00:00Z","result":"switched","serial":3,"message":"m","duration_ms":5}}"#,
+            r#"{"format":1,"active":"a","rolled_back_serial":4,"last_apply":null}"#,
+        ];
+        for f in fixtures {
+            State::parse(f.as_bytes()).unwrap_or_else(|e| panic!("{f}: {e}"));
+        }
+        assert!(State::parse(b"{").is_err());
+        assert!(State::parse(br#"{"format":2}"#).is_err());
+        assert!(State::parse(br#"{"format":1,"active":"c"}"#).is_err());
+    }
+
+    #[test]
+    fn save_load_round_trip() {
+        let d = tempfile::tempdir().unwrap();
+        let l = Layout::create(&d.path().join("state")).unwrap();
+        let s = State { format: 1, active: Some(SlotId::B), rolled_back_serial: None, last_apply: None };
+        s.save(&l).unwrap();
+        assert_eq!(State::load(&l).unwrap(), s);
+        assert_eq!(l.slot_of_target(&l.mount_point(SlotId::A)), Some(SlotId::A));
+    }
+}

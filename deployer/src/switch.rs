@@ -1,0 +1,82 @@
+//! The atomic switch: `link` is repointed by creating a temporary symlink
+//! beside it and `rename(2)`-ing it over `link`, then fsyncing the directory.
+//! Readers resolving paths through `link` see the old target or the new one,
+//! never a missing link.
+
+use std::io;
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+
+use imgdeploy_common::atomic::{fsync_dir, parent_dir};
+
+/// Why the switch failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SwitchError {
+    /// `link` exists and is not a symlink.
+    #[error("{0} exists and is not a symlink; move it away so imgdeploy can manage it (e.g. `mv {0} {0}.orig`)")]
+    NotASymlink(PathBuf),
+    /// The filesystem refused.
+    #[error("cannot repoint {link}: {source}")]
+    Io {
+        /// The link.
+        link: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Where `link` points now, if it is a symlink.
+pub fn current_target(link: &Path) -> Result<Option<PathBuf>, SwitchError> {
+    match link.symlink_metadata() {
+        Ok(md) if md.file_type().is_symlink() => {
+            std::fs::read_link(link).map(Some).map_err(|source| SwitchError::Io { link: link.to_owned(), source })
+        }
+        Ok(_) => Err(SwitchError::NotASymlink(link.to_owned())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(SwitchError::Io { link: link.to_owned(), source }),
+    }
+}
+
+/// Atomically points `link` at `target`.
+pub fn point_link(link: &Path, target: &Path) -> Result<(), SwitchError> {
+    current_target(link)?;
+    let err = |source| SwitchError::Io { link: link.to_owned(), source };
+    let dir = parent_dir(link);
+    std::fs::create_dir_all(&dir).map_err(err)?;
+    let name = link.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    // A leftover from a killed run with the same pid: remove it.
+    match std::fs::remove_file(&tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e)),
+    }
+    symlink(target, &tmp).map_err(err)?;
+    if let Err(e) = std::fs::rename(&tmp, link) {
+        // Do not leave the temp link behind; the rename error is what matters.
+        let _ = std::fs::remove_file(&tmp);
+        return Err(err(e));
+    }
+    fsync_dir(&dir).map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repoints_and_refuses_real_directories() {
+        let d = tempfile::tempdir().unwrap();
+        let link = d.path().join("web/cgi");
+        point_link(&link, Path::new("/a")).unwrap();
+        assert_eq!(current_target(&link).unwrap(), Some(PathBuf::from("/a")));
+        point_link(&link, Path::new("/b")).unwrap();
+        assert_eq!(current_target(&link).unwrap(), Some(PathBuf::from("/b")));
+        assert_eq!(std::fs::read_dir(d.path().join("web")).unwrap().count(), 1, "temp link left behind");
+        let real = d.path().join("real");
+        std::fs::create_dir(&real).unwrap();
+        assert!(matches!(point_link(&real, Path::new("/a")), Err(SwitchError::NotASymlink(_))));
+        assert!(real.is_dir());
+    }
+}

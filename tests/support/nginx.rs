@@ -1,0 +1,86 @@
+//! A real nginx on 127.0.0.1 serving a directory, started by a test with a
+//! temp config and stopped when dropped. Its access log records every request
+//! with the Range header and bytes sent, so tests can assert what crossed the wire.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running nginx.
+pub struct Nginx {
+    child: Child,
+    /// The port it listens on.
+    pub port: u16,
+    /// Its access log.
+    pub access_log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl Nginx {
+    /// Serves `root` on a free port of 127.0.0.1.
+    pub fn serve(root: &Path) -> Self {
+        Self::serve_with(root, "")
+    }
+
+    /// Serves `root` with extra directives inside the `server` block.
+    pub fn serve_with(root: &Path, extra: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let access_log = dir.path().join("access.log");
+        let conf = dir.path().join("nginx.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+                 events {{ worker_connections 256; }}\n\
+                 http {{\n  log_format fmt '$request \"$http_range\" $status $body_bytes_sent';\n  access_log {log} fmt;\n\
+                 client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d};\n\
+                 types {{ application/json json; application/octet-stream squashfs; }}\n\
+                 server {{\n    listen 127.0.0.1:{port};\n    root {root};\n    {extra}\n  }}\n}}\n",
+                d = dir.path().display(),
+                log = access_log.display(),
+                root = root.display(),
+            ),
+        )
+        .unwrap();
+        let child = Command::new("nginx")
+            .arg("-c")
+            .arg(&conf)
+            .arg("-p")
+            .arg(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("nginx is installed (apt-get install nginx; the README's test command does)");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "nginx did not start; see {}/error.log", dir.path().display());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Nginx { child, port, access_log, _dir: dir }
+    }
+
+    /// `http://127.0.0.1:PORT/` + `path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}/{}", self.port, path.trim_start_matches('/'))
+    }
+
+    /// The access log's lines so far.
+    pub fn log(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.access_log).unwrap_or_default().lines().map(str::to_owned).collect()
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // Best effort: the process may already be gone.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
