@@ -4,5 +4,8 @@
 //!
 //! - `builder`: imgbuild — faithful round trips through the kernel and
 //!   unsquashfs, reproducibility, signatures with openssl, bad input, gc.
+//! - `deployer`: imgdeploy against nginx — full cycle, drain, switches under
+//!   load, SIGKILL at many points, resume, every bad input, disk full, boot.
 
 mod builder;
+mod deployer;

@@ -5,6 +5,8 @@
 //! Privileged tests call [`require_root`]: on a developer laptop without root
 //! they skip with a message; under `CI=true` a skip is a failure.
 
+pub mod deploy;
+pub mod faults;
 pub mod nginx;
 pub mod snapshot;
 pub mod trees;

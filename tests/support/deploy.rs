@@ -1,0 +1,169 @@
+//! A complete deployment under a temp directory for one test: keys, a
+//! repository served by a real nginx, a config, a state dir and a link.
+//! Dropping it unmounts whatever the test left mounted.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::nginx::Nginx;
+use crate::{bin, build_image, run, Keys, Run};
+
+/// One frontend and its repository.
+pub struct Deployment {
+    /// Everything lives here.
+    pub dir: tempfile::TempDir,
+    /// Signing keys.
+    pub keys: Keys,
+    /// Repository served by nginx.
+    pub repo: PathBuf,
+    /// The server.
+    pub nginx: Nginx,
+    /// imgdeploy.toml
+    pub config: PathBuf,
+    /// state_dir
+    pub state: PathBuf,
+    /// The active link.
+    pub link: PathBuf,
+}
+
+impl Deployment {
+    /// A deployment with `extra` appended to the config and `nginx_extra` in nginx's server block.
+    pub fn new(extra: &str, nginx_extra: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = Keys::generate();
+        let repo = dir.path().join("repo");
+        fs::create_dir_all(&repo).unwrap();
+        let nginx = Nginx::serve_with(&repo, nginx_extra);
+        let state = dir.path().join("state");
+        let link = dir.path().join("webroot/cgi");
+        let config = dir.path().join("imgdeploy.toml");
+        let d = Deployment { dir, keys, repo, nginx, config, state, link };
+        d.write_config(extra);
+        d
+    }
+
+    /// Rewrites the config with `extra` lines.
+    pub fn write_config(&self, extra: &str) {
+        fs::write(
+            &self.config,
+            format!(
+                "source = \"{}\"\ntrusted_keys = [\"{}\"]\nstate_dir = \"{}\"\nlink = \"{}\"\n{}{extra}\n",
+                self.nginx.url("stable.json"),
+                self.keys.public.display(),
+                self.state.display(),
+                self.link.display(),
+                if extra.contains("drain_timeout") { "" } else { "drain_timeout = \"1s\"\n" },
+            ),
+        )
+        .unwrap();
+    }
+
+    /// Builds a tree whose `version` file says `label` (plus `padding` bytes of
+    /// incompressible data) and publishes it to `channel`. Returns imgbuild's JSON.
+    pub fn publish_to(&self, channel: &str, label: &str, padding: usize, extra: &[&str]) -> serde_json::Value {
+        let tree = self.dir.path().join(format!("tree-{channel}-{label}"));
+        fs::create_dir_all(tree.join("bin")).unwrap();
+        fs::write(tree.join("version"), label).unwrap();
+        fs::write(tree.join("bin/app.cgi"), format!("#!/bin/sh\necho {label}\n")).unwrap();
+        let mut x: u64 = label.bytes().fold(0x9e3779b97f4a7c15, |a, b| a.rotate_left(5) ^ b as u64);
+        let noise: Vec<u8> = (0..padding)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        fs::write(tree.join("padding"), noise).unwrap();
+        let mut args = vec!["--version", label];
+        args.extend_from_slice(extra);
+        build_image(&tree, &self.keys, channel, &self.repo, &args)
+    }
+
+    /// Publishes `label` to the `stable` channel.
+    pub fn publish(&self, label: &str) -> serde_json::Value {
+        self.publish_to("stable", label, 0, &[])
+    }
+
+    /// Runs `imgdeploy -c CONFIG args...`.
+    pub fn imgdeploy(&self, args: &[&str]) -> Run {
+        run(Command::new(bin("imgdeploy")).arg("-c").arg(&self.config).args(args))
+    }
+
+    /// The `version` file as seen through the link (None if unreadable).
+    pub fn active_version(&self) -> Option<String> {
+        fs::read_to_string(self.link.join("version")).ok()
+    }
+
+    /// `status --json`.
+    pub fn status(&self) -> serde_json::Value {
+        self.imgdeploy(&["status", "--json"]).ok().json()
+    }
+
+    /// A slot's mount point.
+    pub fn mount_point(&self, slot: &str) -> PathBuf {
+        fs::canonicalize(&self.state).unwrap_or_else(|_| self.state.clone()).join("mnt").join(slot)
+    }
+
+    /// Whether something is mounted exactly at `p`.
+    pub fn is_mounted(p: &Path) -> bool {
+        let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let p = p.to_string_lossy().replace(' ', "\\040");
+        info.lines().any(|l| l.split(' ').nth(4) == Some(p.as_str()))
+    }
+
+    /// The invariant of the issue: `link` is missing (nothing deployed yet) or
+    /// points at a mounted slot whose files are readable.
+    #[track_caller]
+    pub fn assert_link_sound(&self) {
+        let Ok(target) = fs::read_link(&self.link) else { return };
+        let slot = ["a", "b"].into_iter().find(|s| self.mount_point(s) == target);
+        assert!(slot.is_some(), "link points at {}, not a slot", target.display());
+        assert!(Self::is_mounted(&target), "link points at {}, which is not mounted", target.display());
+        assert!(self.active_version().is_some(), "files under the link are unreadable");
+    }
+
+    /// Loop devices backed by files in this state dir that no mount uses.
+    pub fn leaked_loop_devices(&self) -> Vec<String> {
+        let out = run(Command::new("losetup").args(["-l", "-n", "-O", "NAME,BACK-FILE"])).ok().stdout;
+        let state = fs::canonicalize(&self.state).unwrap_or_else(|_| self.state.clone());
+        let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
+        out.lines()
+            .filter(|l| l.contains(&*state.to_string_lossy()))
+            .filter_map(|l| l.split_whitespace().next())
+            .filter(|dev| {
+                !mounts.lines().any(|m| m.split(" - ").nth(1).is_some_and(|r| r.split(' ').nth(1) == Some(*dev)))
+            })
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// No leaked loop device and no stray mount (only the slot `link` uses,
+    /// plus one still draining, may be mounted).
+    #[track_caller]
+    pub fn assert_no_leaks(&self) {
+        let leaked = self.leaked_loop_devices();
+        assert!(leaked.is_empty(), "leaked loop devices: {leaked:?}");
+    }
+}
+
+impl Drop for Deployment {
+    fn drop(&mut self) {
+        for s in ["a", "b"] {
+            let p = self.mount_point(s);
+            for _ in 0..30 {
+                if !Self::is_mounted(&p) {
+                    break;
+                }
+                if run(Command::new("umount").arg(&p)).code != 0 {
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+            }
+            if Self::is_mounted(&p) {
+                // Last resort so the temp dir can go; a lazy unmount never deletes through the mount.
+                run(Command::new("umount").arg("-l").arg(&p));
+            }
+        }
+    }
+}

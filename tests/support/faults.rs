@@ -1,0 +1,105 @@
+//! A tiny HTTP/1.1 server on 127.0.0.1 that misbehaves on purpose: it can cut
+//! a body short, send more than it announced, or answer with any status.
+//! Each request is answered on its own thread; the server stops when dropped.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// How to answer one path.
+#[derive(Clone, Debug)]
+pub enum Reply {
+    /// 200 with this body.
+    Body(Vec<u8>),
+    /// Announce the full length, send only the first `n` bytes, then close.
+    Truncated(Vec<u8>, usize),
+    /// Send the body plus `extra` more bytes, announcing the larger length.
+    TooLong(Vec<u8>, usize),
+    /// This status with an empty body.
+    Status(u16),
+}
+
+/// A running fault server.
+pub struct FaultServer {
+    /// Its port.
+    pub port: u16,
+    routes: Arc<Mutex<HashMap<String, Reply>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl FaultServer {
+    /// Starts a server with no routes (everything is 404).
+    pub fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let routes: Arc<Mutex<HashMap<String, Reply>>> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (r, s) = (routes.clone(), stop.clone());
+        listener.set_nonblocking(true).unwrap();
+        std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        let r = r.clone();
+                        std::thread::spawn(move || serve(stream, &r));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        FaultServer { port, routes, stop }
+    }
+
+    /// Sets the reply for `path` (e.g. `/stable.json`).
+    pub fn route(&self, path: &str, reply: Reply) {
+        self.routes.lock().unwrap().insert(path.to_owned(), reply);
+    }
+
+    /// `http://127.0.0.1:PORT` + path.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+}
+
+impl Drop for FaultServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn serve(stream: TcpStream, routes: &Mutex<HashMap<String, Reply>>) {
+    stream.set_nonblocking(false).ok();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut request = String::new();
+    if reader.read_line(&mut request).is_err() {
+        return;
+    }
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+            break;
+        }
+    }
+    let path = request.split_whitespace().nth(1).unwrap_or("/").to_owned();
+    let reply = routes.lock().unwrap().get(&path).cloned().unwrap_or(Reply::Status(404));
+    let mut out = stream;
+    // Errors writing to a client that hung up are expected in fault tests.
+    let _ = match reply {
+        Reply::Body(b) => write!(out, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", b.len())
+            .and_then(|_| out.write_all(&b)),
+        Reply::Truncated(b, n) => {
+            write!(out, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", b.len())
+                .and_then(|_| out.write_all(&b[..n]))
+        }
+        Reply::TooLong(b, extra) => {
+            write!(out, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", b.len() + extra)
+                .and_then(|_| out.write_all(&b))
+                .and_then(|_| out.write_all(&vec![b'x'; extra]))
+        }
+        Reply::Status(code) => write!(out, "HTTP/1.1 {code} Status\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"),
+    };
+    let _ = out.flush();
+}
