@@ -12,7 +12,7 @@ packages=(
   attr acl                      # setfattr/getfattr/setfacl for fixture trees
   util-linux                    # losetup, mount, setpriv, unshare
   time                          # /usr/bin/time -v: peak RSS in benchmarks
-  curl                          # the peer pipeline in the deploy benchmark
+  curl bc                       # the peer pipeline in the deploy benchmark
   psmisc                        # fuser, for debugging busy mounts
 )
 

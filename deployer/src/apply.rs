@@ -55,6 +55,8 @@ pub enum Outcome {
         download: DownloadStats,
         /// Processes still holding the old mount after the drain timeout.
         still_in_use: Vec<Holder>,
+        /// How long the switch itself (temp symlink, rename, directory fsync) took.
+        switch_micros: u64,
     },
 }
 
@@ -294,7 +296,9 @@ fn apply_locked(cfg: &Config, opts: &ApplyOptions, layout: &Layout, state: &mut 
     }
 
     // 6. Switch.
+    let switch_started = Instant::now();
     point_link(&cfg.link, &target)?;
+    let switch_micros = switch_started.elapsed().as_micros() as u64;
     state.active = Some(standby);
     if state.rolled_back_serial.is_some_and(|s| m.serial > s) {
         state.rolled_back_serial = None;
@@ -312,5 +316,5 @@ fn apply_locked(cfg: &Config, opts: &ApplyOptions, layout: &Layout, state: &mut 
         None => Vec::new(),
     };
     hook_result.with_context(|| format!("switched to serial {}, but post_switch failed", m.serial))?;
-    Ok(Outcome::Switched { serial: m.serial, version: m.version, slot: standby, download, still_in_use })
+    Ok(Outcome::Switched { serial: m.serial, version: m.version, slot: standby, download, still_in_use, switch_micros })
 }

@@ -90,7 +90,7 @@ pub fn run(cli: Cli) -> Result<()> {
             } else {
                 match &outcome {
                     Outcome::UpToDate { message, .. } => println!("up to date: {message}"),
-                    Outcome::Switched { serial, version, slot, download, still_in_use } => {
+                    Outcome::Switched { serial, version, slot, download, still_in_use, .. } => {
                         println!(
                             "switched to serial {serial} ({version}) in slot {slot}; {} bytes downloaded",
                             download.downloaded
