@@ -45,13 +45,16 @@ pub fn point_link(link: &Path, target: &Path) -> Result<(), SwitchError> {
     let dir = parent_dir(link);
     std::fs::create_dir_all(&dir).map_err(err)?;
     let name = link.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    // A leftover from a killed run with the same pid: remove it.
-    match std::fs::remove_file(&tmp) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(err(e)),
+    let prefix = format!(".{name}.tmp-");
+    // Temp links left by runs killed between symlink(2) and rename(2) are ours: remove them.
+    for entry in std::fs::read_dir(&dir).map_err(err)?.flatten() {
+        let stale =
+            entry.file_name().to_string_lossy().starts_with(&prefix) && entry.file_type().is_ok_and(|t| t.is_symlink());
+        if stale {
+            std::fs::remove_file(entry.path()).map_err(err)?;
+        }
     }
+    let tmp = dir.join(format!("{prefix}{}", std::process::id()));
     symlink(target, &tmp).map_err(err)?;
     if let Err(e) = std::fs::rename(&tmp, link) {
         // Do not leave the temp link behind; the rename error is what matters.
@@ -74,6 +77,10 @@ mod tests {
         point_link(&link, Path::new("/b")).unwrap();
         assert_eq!(current_target(&link).unwrap(), Some(PathBuf::from("/b")));
         assert_eq!(std::fs::read_dir(d.path().join("web")).unwrap().count(), 1, "temp link left behind");
+        // A temp link left by a killed run is cleaned up by the next switch.
+        symlink("/x", d.path().join("web/.cgi.tmp-999999")).unwrap();
+        point_link(&link, Path::new("/c")).unwrap();
+        assert_eq!(std::fs::read_dir(d.path().join("web")).unwrap().count(), 1, "stale temp link kept");
         let real = d.path().join("real");
         std::fs::create_dir(&real).unwrap();
         assert!(matches!(point_link(&real, Path::new("/a")), Err(SwitchError::NotASymlink(_))));
