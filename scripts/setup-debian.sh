@@ -14,6 +14,10 @@ packages=(
   time                          # /usr/bin/time -v: peak RSS in benchmarks
   curl bc                       # the peer pipeline in the deploy benchmark
   psmisc                        # fuser, for debugging busy mounts
+  cpio binutils                 # initramfs checks; objcopy strips /init for netboot
+  linux-image-amd64             # a real kernel and modules for the netboot qemu test
+  qemu-system-x86               # boots the netboot artifacts (TCG)
+  busybox-static                # /sbin/init of the image the netboot test boots
 )
 
 missing=()

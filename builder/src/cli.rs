@@ -65,6 +65,36 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Build PXE/iPXE artifacts that boot a machine from the image in RAM.
+    Netboot {
+        /// The channel manifest (path or http(s) URL); verified before use.
+        #[arg(long)]
+        manifest: String,
+        /// Trusted public key, checked now and embedded for boot-time checks (repeatable).
+        #[arg(long = "pub", value_name = "PREFIX.pub", required = true)]
+        public: Vec<PathBuf>,
+        /// Kernel image to boot (e.g. /boot/vmlinuz-6.1.0-28-amd64).
+        #[arg(long)]
+        kernel: PathBuf,
+        /// That kernel's module directory (e.g. /lib/modules/6.1.0-28-amd64).
+        #[arg(long)]
+        modules: PathBuf,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Binary to run as /init (default: imgdeploy beside imgbuild).
+        #[arg(long)]
+        init: Option<PathBuf>,
+        /// A static shell to include as /bin/sh for imgdeploy.onfail=shell (e.g. /bin/busybox).
+        #[arg(long)]
+        shell: Option<PathBuf>,
+        /// Extra kernel command line written into boot.ipxe.
+        #[arg(long, default_value = "")]
+        cmdline: String,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Remove images no channel references, keeping the newest N of those.
     Gc {
         /// Repository directory.
@@ -194,6 +224,32 @@ pub fn run(cli: Cli) -> Result<()> {
                 if let (Some(sb), Some(img)) = (&i.superblock, &i.image) {
                     println!("image {img}: {sb}");
                 }
+            }
+        }
+        Command::Netboot { manifest, public, kernel, modules, out, init, shell, cmdline, json } => {
+            let r = crate::netboot::netboot(&crate::netboot::NetbootRequest {
+                manifest,
+                keys: public,
+                kernel,
+                modules,
+                out,
+                init,
+                shell,
+                cmdline,
+            })?;
+            if json {
+                print_json(&r)?;
+            } else {
+                for (name, size) in &r.files {
+                    println!("{} ({size} bytes)", r.out.join(name).display());
+                }
+                tracing::info!(
+                    "serial {} ({}); modules: {}; boot with boot.ipxe, needs at least {} MiB of RAM",
+                    r.manifest.serial,
+                    r.manifest.version,
+                    r.modules.join(" "),
+                    r.min_memory_mib
+                );
             }
         }
         Command::Gc { repo, keep, dry_run, json } => {

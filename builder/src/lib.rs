@@ -9,10 +9,12 @@
 //! [`cli`] maps the command line onto these.
 
 pub mod cli;
+pub mod cpio;
 pub mod gc;
 pub mod image;
 pub mod inspect;
 pub mod keygen;
+pub mod netboot;
 pub mod pack;
 pub mod publish;
 pub mod sqfs;

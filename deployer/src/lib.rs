@@ -9,6 +9,7 @@
 //! other commands and [`cli`] the command line.
 
 pub mod apply;
+pub mod boot;
 pub mod cli;
 pub mod config;
 pub mod drain;

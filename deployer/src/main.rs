@@ -3,6 +3,10 @@ use clap::Parser;
 use imgdeploy_deployer::cli::{run, Cli};
 
 fn main() -> std::process::ExitCode {
+    // As PID 1 of a netboot initramfs (`imgbuild netboot`), there is no config: boot the image.
+    if std::process::id() == 1 {
+        imgdeploy_deployer::boot::boot_main();
+    }
     let cli = Cli::parse();
     let level = match (cli.global.quiet, cli.global.verbose) {
         (true, _) => "error",

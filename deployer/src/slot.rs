@@ -76,25 +76,46 @@ pub fn installed(layout: &Layout, slot: SlotId, keys: &[PublicKey]) -> Result<Op
     Ok(Some(Installed { slot, manifest: v.manifest, key_id: v.key_id }))
 }
 
+/// Why an image file does not match its manifest.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageCheck {
+    /// Reading failed.
+    #[error("cannot be read: {0}")]
+    Io(#[from] std::io::Error),
+    /// Contents differ from the manifest.
+    #[error("{0}")]
+    Mismatch(String),
+}
+
+/// Checks an open image against `manifest`: size, sha256, then the superblock.
+/// Leaves the file positioned anywhere; the loop device does not care.
+pub fn check_image(f: &mut File, manifest: &Manifest) -> Result<(), ImageCheck> {
+    let len = f.metadata()?.len();
+    if len != manifest.image.size {
+        return Err(ImageCheck::Mismatch(format!("is {len} bytes, its manifest says {}", manifest.image.size)));
+    }
+    f.seek(SeekFrom::Start(0))?;
+    let (sha, n) = Sha256Digest::of_reader((&*f).take(len + 1))?;
+    if n != len || sha != manifest.image.sha256 {
+        return Err(ImageCheck::Mismatch(format!("has sha256 {sha}, its manifest says {}", manifest.image.sha256)));
+    }
+    f.seek(SeekFrom::Start(0))?;
+    let mut head = [0u8; SUPERBLOCK_BYTES];
+    f.read_exact(&mut head)?;
+    let sb =
+        Superblock::parse(&head).map_err(|e| ImageCheck::Mismatch(format!("is not a usable squashfs image: {e}")))?;
+    sb.check_size(len).map_err(|e| ImageCheck::Mismatch(e.to_string()))?;
+    Ok(())
+}
+
 /// Opens the slot's image and checks size, sha256 and superblock against
 /// `manifest`. The returned file is the one to hand to the loop device.
 pub fn open_verified(layout: &Layout, slot: SlotId, manifest: &Manifest) -> Result<File, SlotError> {
     let path = layout.image(slot);
-    let io = |source| SlotError::Io { slot, path: path.clone(), source };
-    let bad = |what: String| SlotError::Image { slot, path: path.clone(), what };
-    let mut f = File::open(&path).map_err(io)?;
-    let len = f.metadata().map_err(io)?.len();
-    if len != manifest.image.size {
-        return Err(bad(format!("is {len} bytes, its manifest says {}", manifest.image.size)));
+    let mut f = File::open(&path).map_err(|source| SlotError::Io { slot, path: path.clone(), source })?;
+    match check_image(&mut f, manifest) {
+        Ok(()) => Ok(f),
+        Err(ImageCheck::Io(source)) => Err(SlotError::Io { slot, path, source }),
+        Err(ImageCheck::Mismatch(what)) => Err(SlotError::Image { slot, path, what }),
     }
-    let (sha, n) = Sha256Digest::of_reader((&f).take(len + 1)).map_err(io)?;
-    if n != len || sha != manifest.image.sha256 {
-        return Err(bad(format!("has sha256 {sha}, its manifest says {}", manifest.image.sha256)));
-    }
-    f.seek(SeekFrom::Start(0)).map_err(io)?;
-    let mut head = [0u8; SUPERBLOCK_BYTES];
-    f.read_exact(&mut head).map_err(io)?;
-    let sb = Superblock::parse(&head).map_err(|e| bad(format!("is not a usable squashfs image: {e}")))?;
-    sb.check_size(len).map_err(|e| bad(e.to_string()))?;
-    Ok(f)
 }

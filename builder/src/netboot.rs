@@ -1,0 +1,392 @@
+//! `imgbuild netboot`: artifacts that boot a diskless machine straight from a
+//! signed image held in RAM.
+//!
+//! - `initrd.img`: a zstd-compressed newc cpio with `/init` (the `imgdeploy`
+//!   binary, which runs its boot mode as PID 1), the shared libraries it
+//!   needs, the kernel modules for loop, squashfs and overlay (with their
+//!   dependencies, from `modules.dep`), the load order, the trusted keys and
+//!   a `/dev/console` node;
+//! - `image.cpio`: an uncompressed cpio with the signed manifest, its
+//!   signature and the image, so the image can be shipped separately and
+//!   concatenated by the boot loader (a concatenation of cpio archives is one
+//!   initramfs to the kernel; the uncompressed one goes first);
+//! - `initrd-combined.img`: `image.cpio` then `initrd.img`, for boot loaders that take one initrd;
+//! - `vmlinuz`, `boot.ipxe` and `netboot.json` (a summary).
+//!
+//! The manifest is verified (signature and expiry) and the image hashed while
+//! it is packed; nothing is left in OUTDIR if either check fails.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs::{self, File};
+use std::io::{self, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use imgdeploy_common::atomic::{commit_file, fsync_dir};
+use imgdeploy_common::digest::HashingReader;
+use imgdeploy_common::location::{http_agent, Location};
+use imgdeploy_common::manifest::{Manifest, Timestamp};
+use imgdeploy_common::sign::PublicKey;
+use imgdeploy_common::trust::verify_manifest;
+use imgdeploy_common::{MAX_MANIFEST_BYTES, SIGNATURE_BYTES};
+
+use crate::cpio::CpioWriter;
+
+/// Modules the boot mode needs (plus their dependencies).
+pub const BOOT_MODULES: [&str; 3] = ["loop", "squashfs", "overlay"];
+/// Where the boot mode finds things inside the initramfs.
+pub mod paths {
+    /// The module load order, one path per line.
+    pub const MODULE_ORDER: &str = "lib/modules/imgdeploy.order";
+    /// Trusted public keys.
+    pub const KEYS_DIR: &str = "etc/imgdeploy/keys";
+    /// The signed manifest.
+    pub const MANIFEST: &str = "imgdeploy/manifest.json";
+    /// Its signature.
+    pub const SIGNATURE: &str = "imgdeploy/manifest.json.sig";
+    /// The image.
+    pub const IMAGE: &str = "imgdeploy/image.squashfs";
+}
+
+/// What to build.
+#[derive(Debug, Clone)]
+pub struct NetbootRequest {
+    /// Manifest path or URL.
+    pub manifest: String,
+    /// Trusted public keys (also embedded).
+    pub keys: Vec<PathBuf>,
+    /// Kernel image.
+    pub kernel: PathBuf,
+    /// `/lib/modules/<version>` of that kernel.
+    pub modules: PathBuf,
+    /// Output directory.
+    pub out: PathBuf,
+    /// The binary to run as `/init` (default: `imgdeploy` beside `imgbuild`).
+    pub init: Option<PathBuf>,
+    /// A static shell (e.g. `/bin/busybox`) for `imgdeploy.onfail=shell`.
+    pub shell: Option<PathBuf>,
+    /// Extra kernel command line for `boot.ipxe`.
+    pub cmdline: String,
+}
+
+/// What was written.
+#[derive(Debug, serde::Serialize)]
+pub struct NetbootReport {
+    /// Output directory.
+    pub out: PathBuf,
+    /// Files written, with sizes.
+    pub files: Vec<(String, u64)>,
+    /// Kernel modules included, in load order.
+    pub modules: Vec<String>,
+    /// Shared libraries included for /init.
+    pub libraries: Vec<String>,
+    /// The image's manifest.
+    pub manifest: Manifest,
+    /// A floor for the machine's memory: the kernel unpacks the initramfs
+    /// while still holding it, so about twice the image plus room to run.
+    pub min_memory_mib: u64,
+}
+
+/// Resolves `wanted` modules and their dependencies from `modules.dep`,
+/// dependencies first. Built-in modules (in `modules.builtin`) are skipped.
+pub fn resolve_modules(modules_dir: &Path, wanted: &[&str]) -> Result<Vec<String>> {
+    let dep_path = modules_dir.join("modules.dep");
+    let deps_text = fs::read_to_string(&dep_path)
+        .with_context(|| format!("reading {}; --modules must be /lib/modules/<kernel version>", dep_path.display()))?;
+    let builtin = fs::read_to_string(modules_dir.join("modules.builtin")).unwrap_or_default();
+    let norm = |s: &str| s.replace('-', "_");
+    let stem = |p: &str| {
+        let base = p.rsplit('/').next().unwrap_or(p);
+        norm(base.split(".ko").next().unwrap_or(base))
+    };
+    let mut by_name: HashMap<String, (String, Vec<String>)> = HashMap::new();
+    for line in deps_text.lines() {
+        let Some((m, d)) = line.split_once(':') else { continue };
+        by_name.insert(stem(m), (m.to_owned(), d.split_whitespace().map(str::to_owned).collect()));
+    }
+    let builtin: BTreeSet<String> = builtin.lines().map(stem).collect();
+    let mut order = Vec::new();
+    let mut seen = BTreeSet::new();
+    fn visit(
+        name: &str,
+        by_name: &HashMap<String, (String, Vec<String>)>,
+        seen: &mut BTreeSet<String>,
+        order: &mut Vec<String>,
+        stem: &dyn Fn(&str) -> String,
+    ) {
+        if !seen.insert(name.to_owned()) {
+            return;
+        }
+        if let Some((path, deps)) = by_name.get(name) {
+            for d in deps {
+                visit(&stem(d), by_name, seen, order, stem);
+            }
+            order.push(path.clone());
+        }
+    }
+    for w in wanted {
+        let n = norm(w);
+        if !by_name.contains_key(&n) && !builtin.contains(&n) {
+            bail!(
+                "kernel module `{w}` is neither in {} nor built in; this kernel cannot loop-mount squashfs",
+                dep_path.display()
+            );
+        }
+        visit(&n, &by_name, &mut seen, &mut order, &stem);
+    }
+    Ok(order)
+}
+
+/// The shared libraries `binary` needs, as `ldd` lists them (absolute paths).
+pub fn shared_libraries(binary: &Path) -> Result<Vec<PathBuf>> {
+    let out = Command::new("ldd").arg(binary).output().context("running ldd (package libc-bin)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if text.contains("not a dynamic executable") || text.contains("statically linked") {
+        return Ok(Vec::new());
+    }
+    if !out.status.success() {
+        bail!("ldd {} failed: {}", binary.display(), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    let mut libs = Vec::new();
+    for line in text.lines() {
+        let line = line.trim();
+        let path = match line.split_once("=>") {
+            Some((_, rhs)) => rhs.split_whitespace().next().unwrap_or(""),
+            None => line.split_whitespace().next().unwrap_or(""),
+        };
+        if path.starts_with('/') {
+            libs.push(PathBuf::from(path));
+        } else if line.contains("not found") {
+            bail!("{} needs a library that is not installed: {line}", binary.display());
+        }
+    }
+    Ok(libs)
+}
+
+fn add_file(
+    w: &mut CpioWriter<impl Write>,
+    dirs: &mut BTreeSet<String>,
+    name: &str,
+    src: &Path,
+    perm: u32,
+) -> Result<()> {
+    // Parent directories first, each once.
+    let mut acc = String::new();
+    for comp in name.split('/').collect::<Vec<_>>().iter().rev().skip(1).rev() {
+        if !acc.is_empty() {
+            acc.push('/');
+        }
+        acc.push_str(comp);
+        if dirs.insert(acc.clone()) {
+            w.dir(&acc, 0o755)?;
+        }
+    }
+    let f = File::open(src).with_context(|| format!("reading {}", src.display()))?;
+    let len = f.metadata()?.len();
+    w.file(name, perm, len, f).with_context(|| format!("packing {}", src.display()))?;
+    Ok(())
+}
+
+/// Writes `data` to `dir/name` atomically, returning its size.
+fn write_out(dir: &Path, name: &str, f: impl FnOnce(&mut BufWriter<File>) -> Result<()>) -> Result<u64> {
+    let tmp = dir.join(format!(".tmp-{name}"));
+    let file = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let mut w = BufWriter::with_capacity(1 << 20, file);
+    let r = f(&mut w).and_then(|()| w.flush().map_err(Into::into));
+    drop(w);
+    if let Err(e) = r {
+        // The half-written temp file is useless; the error is what matters.
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    let len = fs::metadata(&tmp)?.len();
+    commit_file(&tmp, &dir.join(name))?;
+    Ok(len)
+}
+
+/// Strips debug sections of `binary` into a temp file when objcopy is available.
+fn stripped(binary: &Path, tmpdir: &Path) -> PathBuf {
+    let dst = tmpdir.join("init");
+    let ok = Command::new("objcopy")
+        .arg("--strip-debug")
+        .arg(binary)
+        .arg(&dst)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if ok {
+        dst
+    } else {
+        binary.to_owned()
+    }
+}
+
+/// Builds the netboot artifacts.
+pub fn netboot(req: &NetbootRequest) -> Result<NetbootReport> {
+    let keys: Vec<PublicKey> = req.keys.iter().map(|p| PublicKey::read(p)).collect::<Result<_, _>>()?;
+    let agent = http_agent(Duration::from_secs(60));
+    let loc = Location::parse(&req.manifest);
+    let manifest_bytes = loc.read_bounded(&agent, MAX_MANIFEST_BYTES)?;
+    let sig = loc.with_suffix(".sig").read_bounded(&agent, SIGNATURE_BYTES as u64)?;
+    let m = verify_manifest(&manifest_bytes, &sig, &keys, Timestamp::now())
+        .with_context(|| format!("manifest {loc}"))?
+        .manifest;
+    let init = match &req.init {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()?.with_file_name("imgdeploy"),
+    };
+    if !init.is_file() {
+        bail!("init binary {} does not exist; build imgdeploy or pass --init", init.display());
+    }
+    if !req.kernel.is_file() {
+        bail!("kernel {} does not exist", req.kernel.display());
+    }
+    let modules = resolve_modules(&req.modules, &BOOT_MODULES)?;
+    fs::create_dir_all(&req.out).with_context(|| format!("creating {}", req.out.display()))?;
+    let out = fs::canonicalize(&req.out)?;
+    let scratch = tempfile::tempdir_in(&out)?;
+    let init_bin = stripped(&init, scratch.path());
+    let libs = shared_libraries(&init_bin)?;
+
+    let mut files = Vec::new();
+    // 1. The base initrd.
+    let initrd_len = write_out(&out, "initrd.img", |w| {
+        let z = zstd::Encoder::new(w, 9)?;
+        let mut c = CpioWriter::new(z);
+        let mut dirs = BTreeSet::new();
+        for d in [
+            "dev",
+            "proc",
+            "sys",
+            "run",
+            "newroot",
+            "etc",
+            "etc/imgdeploy",
+            paths::KEYS_DIR,
+            "lib",
+            "lib/modules",
+            "imgdeploy",
+        ] {
+            dirs.insert(d.to_owned());
+            c.dir(d, 0o755)?;
+        }
+        // The kernel opens /dev/console for PID 1 before anything is mounted.
+        c.char_dev("dev/console", 0o600, 5, 1)?;
+        add_file(&mut c, &mut dirs, "init", &init_bin, 0o755)?;
+        for lib in &libs {
+            add_file(&mut c, &mut dirs, lib.to_str().unwrap_or_default().trim_start_matches('/'), lib, 0o755)?;
+        }
+        let mut order = String::new();
+        for m in &modules {
+            let name = format!("lib/modules/{m}");
+            add_file(&mut c, &mut dirs, &name, &req.modules.join(m), 0o644)?;
+            order.push_str(&format!("/{name}\n"));
+        }
+        c.file(paths::MODULE_ORDER, 0o644, order.len() as u64, order.as_bytes())?;
+        for (i, k) in keys.iter().enumerate() {
+            let pem = k.to_pem()?;
+            c.file(&format!("{}/trusted-{i}.pub", paths::KEYS_DIR), 0o644, pem.len() as u64, pem.as_bytes())?;
+        }
+        if let Some(sh) = &req.shell {
+            add_file(&mut c, &mut dirs, "bin/sh", sh, 0o755)?;
+        }
+        let w = c.finish()?.finish()?;
+        // Archives that follow must start 4-byte aligned; zeros between them are skipped.
+        let len = w.get_ref().metadata()?.len() + w.buffer().len() as u64;
+        w.write_all(&vec![0u8; ((512 - len % 512) % 512) as usize])?;
+        Ok(())
+    })?;
+    files.push(("initrd.img".to_owned(), initrd_len));
+
+    // 2. The image cpio, hashing the image as it is packed.
+    let img_loc = loc.sibling(&m.image.path);
+    let image_len = write_out(&out, "image.cpio", |w| {
+        let mut c = CpioWriter::new(w);
+        c.dir("imgdeploy", 0o755)?;
+        c.file(paths::MANIFEST, 0o644, manifest_bytes.len() as u64, &manifest_bytes[..])?;
+        c.file(paths::SIGNATURE, 0o644, sig.len() as u64, &sig[..])?;
+        let (reader, _) = img_loc.open(&agent, 0)?;
+        let mut h = HashingReader::new(reader.take(m.image.size + 1));
+        c.file(paths::IMAGE, 0o444, m.image.size, &mut h).with_context(|| format!("packing image {img_loc}"))?;
+        let mut extra = [0u8; 1];
+        if h.read(&mut extra)? != 0 {
+            bail!("image {img_loc} is longer than its manifest says");
+        }
+        let (sha, _) = h.finish();
+        if sha != m.image.sha256 {
+            bail!("image {img_loc} has sha256 {sha} but the manifest signs {}; refusing to package it", m.image.sha256);
+        }
+        c.finish()?;
+        Ok(())
+    })?;
+    files.push(("image.cpio".to_owned(), image_len));
+
+    // 3. Both in one file: the uncompressed archive first, as with early
+    //    microcode, so the kernel never has to find an archive after a compressed stream.
+    let combined_len = write_out(&out, "initrd-combined.img", |w| {
+        for part in ["image.cpio", "initrd.img"] {
+            io::copy(&mut File::open(out.join(part))?, w)?;
+        }
+        Ok(())
+    })?;
+    files.push(("initrd-combined.img".to_owned(), combined_len));
+
+    let kernel_len = write_out(&out, "vmlinuz", |w| {
+        io::copy(&mut File::open(&req.kernel)?, w)?;
+        Ok(())
+    })?;
+    files.push(("vmlinuz".to_owned(), kernel_len));
+
+    let cmdline = format!("console=tty0 console=ttyS0 {}", req.cmdline).trim().to_owned();
+    let ipxe = format!(
+        "#!ipxe\n# Boots channel {} serial {} ({}) from RAM. Files are fetched relative to this script's URL.\n\
+         kernel vmlinuz initrd=image.cpio initrd=initrd.img {cmdline}\ninitrd image.cpio\ninitrd initrd.img\nboot\n",
+        m.channel, m.serial, m.version
+    );
+    let ipxe_len = write_out(&out, "boot.ipxe", |w| Ok(w.write_all(ipxe.as_bytes())?))?;
+    files.push(("boot.ipxe".to_owned(), ipxe_len));
+
+    let report = NetbootReport {
+        out: out.clone(),
+        files,
+        modules: modules.clone(),
+        libraries: libs.iter().map(|p| p.display().to_string()).collect(),
+        min_memory_mib: (2 * m.image.size + initrd_len) / (1 << 20) + 256,
+        manifest: m,
+    };
+    let summary = serde_json::to_vec_pretty(&report)?;
+    write_out(&out, "netboot.json", |w| Ok(w.write_all(&summary)?))?;
+    drop(scratch);
+    fsync_dir(&out)?;
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolves_dependencies_first_and_skips_builtins() {
+        let d = tempfile::tempdir().unwrap();
+        fs::write(
+            d.path().join("modules.dep"),
+            "kernel/fs/overlayfs/overlay.ko:\nkernel/fs/squashfs/squashfs.ko.xz: kernel/lib/zstd/zstd_decompress.ko.xz\nkernel/lib/zstd/zstd_decompress.ko.xz:\n",
+        )
+        .unwrap();
+        fs::write(d.path().join("modules.builtin"), "kernel/drivers/block/loop.ko\n").unwrap();
+        let order = resolve_modules(d.path(), &BOOT_MODULES).unwrap();
+        assert_eq!(
+            order,
+            [
+                "kernel/lib/zstd/zstd_decompress.ko.xz",
+                "kernel/fs/squashfs/squashfs.ko.xz",
+                "kernel/fs/overlayfs/overlay.ko"
+            ]
+        );
+        fs::write(d.path().join("modules.builtin"), "").unwrap();
+        let e = resolve_modules(d.path(), &BOOT_MODULES).unwrap_err().to_string();
+        assert!(e.contains("`loop`"), "{e}");
+    }
+}

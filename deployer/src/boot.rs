@@ -1,0 +1,241 @@
+//! Boot mode: `imgdeploy` as `/init` (PID 1) of a netboot initramfs built by
+//! `imgbuild netboot`. It mounts /proc, /sys and /dev, loads the kernel
+//! modules in the recorded order, verifies the manifest's signature and the
+//! image's sha256 (refusing to boot anything else), loop-mounts the image
+//! read-only from RAM, puts a tmpfs overlay on top for runtime writes (unless
+//! `imgdeploy.overlay=0`), and switches root into it, running `/sbin/init`
+//! (or `imgdeploy.init=`).
+//!
+//! Kernel command line:
+//! - `imgdeploy.overlay=0|1` (default 1)
+//! - `imgdeploy.init=/path` (default /sbin/init)
+//! - `imgdeploy.onfail=poweroff|reboot|shell` (default poweroff; `shell`
+//!   needs `imgbuild netboot --shell`)
+//!
+//! Network mode (`imgdeploy.url=`) is not supported: it would need a DHCP
+//! client in the initramfs; ship the image as the second (concatenated)
+//! initrd instead, which every PXE/iPXE boot loader can fetch over HTTP.
+
+use std::ffi::CString;
+use std::fs::{self, File};
+use std::os::fd::AsFd;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use imgdeploy_common::manifest::Timestamp;
+use imgdeploy_common::sign::PublicKey;
+use imgdeploy_common::trust::verify_signed;
+use nix::kmod::{finit_module, ModuleInitFlags};
+use nix::mount::{mount, MsFlags};
+
+use crate::config::MountOptions;
+use crate::mount::mount_image;
+use crate::slot::check_image;
+
+const MODULE_ORDER: &str = "/lib/modules/imgdeploy.order";
+const KEYS_DIR: &str = "/etc/imgdeploy/keys";
+const MANIFEST: &str = "/imgdeploy/manifest.json";
+const SIGNATURE: &str = "/imgdeploy/manifest.json.sig";
+const IMAGE: &str = "/imgdeploy/image.squashfs";
+/// finit_module flag for .ko.xz/.ko.zst files (the kernel decompresses them).
+const MODULE_INIT_COMPRESSED_FILE: u32 = 4;
+
+/// What the kernel command line asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootParams {
+    /// tmpfs overlay for writes.
+    pub overlay: bool,
+    /// Program to exec in the new root.
+    pub init: String,
+    /// What to do when the image is refused.
+    pub onfail: String,
+}
+
+impl BootParams {
+    /// Parses `/proc/cmdline`.
+    pub fn parse(cmdline: &str) -> Self {
+        let mut p = BootParams { overlay: true, init: "/sbin/init".into(), onfail: "poweroff".into() };
+        for word in cmdline.split_whitespace() {
+            match word.split_once('=') {
+                Some(("imgdeploy.overlay", v)) => p.overlay = !matches!(v, "0" | "no" | "off" | "false"),
+                Some(("imgdeploy.init", v)) if v.starts_with('/') => p.init = v.to_owned(),
+                Some(("imgdeploy.onfail", v)) if matches!(v, "poweroff" | "reboot" | "shell") => {
+                    p.onfail = v.to_owned()
+                }
+                _ => {}
+            }
+        }
+        p
+    }
+}
+
+fn mkdir(p: &str) {
+    // Already there is fine; any real problem surfaces at the mount that follows.
+    let _ = fs::create_dir_all(p);
+}
+
+fn mount_fs(src: &str, target: &str, fstype: &str, flags: MsFlags, data: Option<&str>) -> Result<()> {
+    mkdir(target);
+    mount(Some(src), target, Some(fstype), flags, data).with_context(|| format!("mounting {fstype} at {target}"))
+}
+
+fn load_modules() -> Result<usize> {
+    let order = match fs::read_to_string(MODULE_ORDER) {
+        Ok(o) => o,
+        Err(_) => return Ok(0), // everything built in
+    };
+    let mut n = 0;
+    for path in order.lines().filter(|l| !l.is_empty()) {
+        let f = File::open(path).with_context(|| format!("opening module {path}"))?;
+        let flags = if path.ends_with(".ko") {
+            ModuleInitFlags::empty()
+        } else {
+            ModuleInitFlags::from_bits_retain(MODULE_INIT_COMPRESSED_FILE)
+        };
+        match finit_module(f.as_fd(), &CString::default(), flags) {
+            Ok(()) => n += 1,
+            Err(nix::Error::EEXIST) => {}
+            Err(e) => bail!("loading kernel module {path}: {e}"),
+        }
+    }
+    Ok(n)
+}
+
+fn trusted_keys() -> Result<Vec<PublicKey>> {
+    let mut keys = Vec::new();
+    for e in fs::read_dir(KEYS_DIR).with_context(|| format!("reading {KEYS_DIR}"))? {
+        let p = e?.path();
+        keys.push(PublicKey::read(&p)?);
+    }
+    if keys.is_empty() {
+        bail!("no trusted keys in {KEYS_DIR}");
+    }
+    Ok(keys)
+}
+
+/// Verifies and mounts the image at /newroot; returns the init to run.
+fn prepare(params: &BootParams) -> Result<String> {
+    mount_fs("proc", "/proc", "proc", MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC, None)?;
+    mount_fs("sysfs", "/sys", "sysfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC, None)?;
+    mount_fs("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, Some("mode=0755"))?;
+    // /run holds the image's lower mount and the overlay's writable layer; it
+    // moves into the new root whole, so the booted system can inspect them.
+    mount_fs("tmpfs", "/run", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755"))?;
+    let n = load_modules()?;
+    eprintln!("imgdeploy: loaded {n} kernel modules");
+
+    let keys = trusted_keys()?;
+    let bytes =
+        fs::read(MANIFEST).with_context(|| format!("reading {MANIFEST}; was image.cpio loaded as a second initrd?"))?;
+    let sig = fs::read(SIGNATURE).with_context(|| format!("reading {SIGNATURE}"))?;
+    let v = verify_signed(&bytes, &sig, &keys).context("the image's manifest does not verify")?;
+    let m = v.manifest;
+    if m.expires <= Timestamp::now() {
+        // Diskless hosts have no state to protect from replay; an old
+        // artifact still boots, but the console says so.
+        eprintln!("imgdeploy: warning: manifest serial {} expired at {}", m.serial, m.expires);
+    }
+    let mut img = File::open(IMAGE).with_context(|| format!("opening {IMAGE}"))?;
+    check_image(&mut img, &m).with_context(|| format!("image {IMAGE} of serial {}", m.serial))?;
+    eprintln!(
+        "imgdeploy: verified channel {} serial {} ({}) sha256 {} signed by {}",
+        m.channel, m.serial, m.version, m.image.sha256, v.key_id
+    );
+
+    let opts = MountOptions { nodev: false, nosuid: false, noexec: false, noatime: false };
+    let label = format!("imgdeploy:boot:{}", m.serial);
+    if params.overlay {
+        mkdir("/run/imgdeploy/lower");
+        mount_image(&img, Path::new(IMAGE), Path::new("/run/imgdeploy/lower"), opts, &label)?;
+        mkdir("/run/imgdeploy/rw/upper");
+        mkdir("/run/imgdeploy/rw/work");
+        mount_fs(
+            "overlay",
+            "/newroot",
+            "overlay",
+            MsFlags::empty(),
+            Some("lowerdir=/run/imgdeploy/lower,upperdir=/run/imgdeploy/rw/upper,workdir=/run/imgdeploy/rw/work"),
+        )?;
+    } else {
+        mkdir("/newroot");
+        mount_image(&img, Path::new(IMAGE), Path::new("/newroot"), opts, &label)?;
+    }
+    let init_in_root = format!("/newroot{}", params.init);
+    if fs::symlink_metadata(&init_in_root).is_err() {
+        bail!("the image has no {} to run (set imgdeploy.init=)", params.init);
+    }
+    Ok(params.init.clone())
+}
+
+/// Moves the new root over `/` and execs its init. Returns only on error.
+fn switch_root(init: &str) -> Result<std::convert::Infallible> {
+    for d in ["/dev", "/proc", "/sys", "/run"] {
+        let target = format!("/newroot{d}");
+        if Path::new(&target).is_dir() {
+            // Keep the mounts reachable in the new root; where the image has no
+            // such directory they stay behind, still alive, under the old root.
+            mount(Some(d), target.as_str(), None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+                .with_context(|| format!("moving {d} into the new root"))?;
+        }
+    }
+    nix::unistd::chdir("/newroot")?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>).context("moving the new root over /")?;
+    nix::unistd::chroot(".").context("chroot into the new root")?;
+    nix::unistd::chdir("/")?;
+    let prog = CString::new(init)?;
+    let err = nix::unistd::execv(&prog, std::slice::from_ref(&prog)).unwrap_err();
+    bail!("cannot run {init}: {err}")
+}
+
+fn fail(params: &BootParams) -> ! {
+    use nix::sys::reboot::{reboot, RebootMode};
+    nix::unistd::sync();
+    if params.onfail == "shell" && Path::new("/bin/sh").exists() {
+        eprintln!("imgdeploy: dropping to a shell");
+        let sh = CString::new("/bin/sh").expect("no NUL");
+        let _ = nix::unistd::execv(&sh, std::slice::from_ref(&sh));
+    }
+    let mode = if params.onfail == "reboot" { RebootMode::RB_AUTOBOOT } else { RebootMode::RB_POWER_OFF };
+    eprintln!("imgdeploy: {}", if params.onfail == "reboot" { "rebooting" } else { "powering off" });
+    let _ = reboot(mode);
+    // PID 1 must never exit; if even reboot failed, wait forever.
+    loop {
+        std::thread::park();
+    }
+}
+
+/// Runs boot mode. Never returns.
+pub fn boot_main() -> ! {
+    let cmdline = {
+        mkdir("/proc");
+        // /proc is not mounted yet; mount it just to read the command line.
+        let _ = mount(Some("proc"), "/proc", Some("proc"), MsFlags::empty(), None::<&str>);
+        let c = fs::read_to_string("/proc/cmdline").unwrap_or_default();
+        let _ = nix::mount::umount("/proc");
+        c
+    };
+    let params = BootParams::parse(&cmdline);
+    eprintln!("imgdeploy {}: netboot, overlay={}, init={}", env!("CARGO_PKG_VERSION"), params.overlay, params.init);
+    let result = prepare(&params).and_then(|init| switch_root(&init).map(|_| ()));
+    if let Err(e) = result {
+        eprintln!("imgdeploy: REFUSING TO BOOT: {e:#}");
+    }
+    fail(&params)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_line() {
+        assert_eq!(
+            BootParams::parse("quiet console=ttyS0"),
+            BootParams { overlay: true, init: "/sbin/init".into(), onfail: "poweroff".into() }
+        );
+        let p = BootParams::parse("imgdeploy.overlay=0 imgdeploy.init=/bin/sh imgdeploy.onfail=shell");
+        assert_eq!((p.overlay, p.init.as_str(), p.onfail.as_str()), (false, "/bin/sh", "shell"));
+        let p = BootParams::parse("imgdeploy.init=relative imgdeploy.onfail=explode");
+        assert_eq!((p.init.as_str(), p.onfail.as_str()), ("/sbin/init", "poweroff"));
+    }
+}
