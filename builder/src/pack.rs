@@ -129,8 +129,8 @@ pub fn build(req: &BuildRequest) -> Result<BuildReport> {
         write_image(&tree, &tmp.0, &opts, &|n| pb.inc(n)).with_context(|| format!("packing {}", req.src.display()))?;
     pb.finish_and_clear();
 
-    let (image, sha, size) = store_image(&repo, &tmp.0)?;
-    let published = publish_manifest(&repo, &key, &release, serial, (&image, sha, size))?;
+    let stored = store_image(&repo, &tmp.0)?;
+    let published = publish_manifest(&repo, &key, &release, serial, &stored)?;
     Ok(BuildReport { published, inodes: stats.inodes, data_bytes: stats.data_bytes })
 }
 

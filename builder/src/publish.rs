@@ -5,6 +5,7 @@
 //!   <channel>.json          signed manifest (the only mutable files)
 //!   <channel>.json.sig      raw 64-byte Ed25519 signature over <channel>.json
 //!   images/<sha256>.squashfs  immutable, content-addressed images
+//!   indexes/<sha256>.idx      their chunk indexes (delta updates), also immutable
 //! ```
 //!
 //! Order on disk: image (temp, fsync, rename) first, then signature, then
@@ -18,9 +19,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use imgdeploy_common::atomic::{commit_file, fsync_dir, write_atomic};
+use imgdeploy_common::chunk::{ChunkIndex, ChunkParams};
 use imgdeploy_common::digest::Sha256Digest;
 use imgdeploy_common::manifest::{
-    image_path, validate_channel, ImageRef, Manifest, ManifestError, Timestamp, FORMAT_VERSION, IMAGES_DIR,
+    image_path, index_path, validate_channel, ImageRef, IndexRef, Manifest, ManifestError, Timestamp, FORMAT_VERSION,
+    IMAGES_DIR, INDEXES_DIR,
 };
 use imgdeploy_common::sign::PrivateKey;
 use imgdeploy_common::MAX_MANIFEST_BYTES;
@@ -162,6 +165,10 @@ pub struct Published {
     pub image: PathBuf,
     /// Image sha256.
     pub sha256: Sha256Digest,
+    /// Chunk index file (absolute).
+    pub index: PathBuf,
+    /// Number of chunks in the index.
+    pub chunks: usize,
     /// Image size.
     pub size: u64,
     /// Channel.
@@ -190,11 +197,39 @@ pub fn next_serial(repo: &Repo, release: &Release<'_>) -> Result<u64, PublishErr
     }
 }
 
+/// An image stored in the repository, with its chunk index.
+#[derive(Debug, Clone)]
+pub struct StoredImage {
+    /// The image file (absolute).
+    pub path: PathBuf,
+    /// Its sha256.
+    pub sha256: Sha256Digest,
+    /// Its size.
+    pub size: u64,
+    /// Its published chunk index.
+    pub index: IndexRef,
+    /// The index file (absolute).
+    pub index_file: PathBuf,
+    /// Number of chunks.
+    pub chunks: usize,
+}
+
 /// Moves a finished image (a temp file inside the repo's images directory)
-/// to its content-addressed name and returns its digest and size.
-pub fn store_image(repo: &Repo, tmp: &Path) -> Result<(PathBuf, Sha256Digest, u64), PublishError> {
+/// to its content-addressed name, and publishes its chunk index, both
+/// computed in one read of the image.
+pub fn store_image(repo: &Repo, tmp: &Path) -> Result<StoredImage, PublishError> {
     let err = |source| PublishError::Repo { path: repo.images_dir(), source };
-    let (sha, size) = Sha256Digest::of_reader(fs::File::open(tmp).map_err(err)?).map_err(err)?;
+    let reader = std::io::BufReader::with_capacity(1 << 20, fs::File::open(tmp).map_err(err)?);
+    let (index, sha, size) = ChunkIndex::build(reader, ChunkParams::default()).map_err(err)?;
+    let encoded = index.encode();
+    let index_sha = Sha256Digest::of_bytes(&encoded);
+    let index_ref = IndexRef { path: index_path(&index_sha), sha256: index_sha, size: encoded.len() as u64 };
+    let index_file = repo.root.join(&index_ref.path);
+    let ierr = |source| PublishError::Repo { path: repo.root.join(INDEXES_DIR), source };
+    fs::create_dir_all(repo.root.join(INDEXES_DIR)).map_err(ierr)?;
+    if !index_file.exists() {
+        write_atomic(&index_file, &encoded, 0o644).map_err(ierr)?;
+    }
     let dest = repo.root.join(image_path(&sha));
     if dest.exists() {
         // Same bytes already published (content addressing): keep the old file,
@@ -204,7 +239,7 @@ pub fn store_image(repo: &Repo, tmp: &Path) -> Result<(PathBuf, Sha256Digest, u6
     } else {
         commit_file(tmp, &dest).map_err(err)?;
     }
-    Ok((dest, sha, size))
+    Ok(StoredImage { path: dest, sha256: sha, size, index: index_ref, index_file, chunks: index.chunks.len() })
 }
 
 /// Signs and writes the manifest for an image already stored in the repo.
@@ -213,11 +248,11 @@ pub fn publish_manifest(
     key: &PrivateKey,
     release: &Release<'_>,
     serial: u64,
-    image: (&Path, Sha256Digest, u64),
+    image: &StoredImage,
 ) -> Result<Published, PublishError> {
     validate_channel(release.channel)?;
     let version = release.version.map(str::to_owned).unwrap_or_else(|| format!("r{serial}"));
-    let (image_file, sha256, size) = image;
+    let (image_file, sha256, size) = (&image.path, image.sha256, image.size);
     let manifest = Manifest {
         format: FORMAT_VERSION,
         channel: release.channel.to_owned(),
@@ -232,6 +267,7 @@ pub fn publish_manifest(
             format: "squashfs".into(),
             compression: "zstd".into(),
         },
+        index: Some(image.index.clone()),
     };
     manifest.validate()?;
     let bytes = manifest.to_bytes();
@@ -246,6 +282,8 @@ pub fn publish_manifest(
         signature: sig_path,
         image: image_file.to_owned(),
         sha256,
+        index: image.index_file.clone(),
+        chunks: image.chunks,
         size,
         channel: manifest.channel,
         serial,
@@ -275,8 +313,9 @@ mod tests {
         assert_eq!(next_serial(&repo, &rel(None)).unwrap(), 1);
         let tmp = repo.images_dir().join(".tmp-x");
         fs::write(&tmp, b"image bytes").unwrap();
-        let (p, sha, size) = store_image(&repo, &tmp).unwrap();
-        let published = publish_manifest(&repo, &key, &rel(None), 5, (&p, sha, size)).unwrap();
+        let stored = store_image(&repo, &tmp).unwrap();
+        assert!(stored.index_file.exists());
+        let published = publish_manifest(&repo, &key, &rel(None), 5, &stored).unwrap();
         assert_eq!(published.version, "r5");
         assert_eq!(next_serial(&repo, &rel(None)).unwrap(), 6);
         assert!(matches!(next_serial(&repo, &rel(Some(5))), Err(PublishError::SerialBackwards { current: 5, .. })));

@@ -15,6 +15,7 @@
 #![deny(missing_docs)]
 
 pub mod atomic;
+pub mod chunk;
 pub mod digest;
 pub mod location;
 pub mod manifest;

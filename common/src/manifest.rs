@@ -104,6 +104,18 @@ pub struct ImageRef {
     pub compression: String,
 }
 
+/// Where the image's chunk index is (see [`crate::chunk`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IndexRef {
+    /// Path relative to the manifest's directory: `indexes/<sha256>.idx`.
+    pub path: String,
+    /// SHA-256 of the (compressed) index file.
+    pub sha256: Sha256Digest,
+    /// Size of the index file.
+    pub size: u64,
+}
+
 /// A channel manifest (format 1).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -122,11 +134,22 @@ pub struct Manifest {
     pub expires: Timestamp,
     /// The image.
     pub image: ImageRef,
+    /// The image's chunk index, for delta updates (absent: full downloads only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index: Option<IndexRef>,
 }
 
 /// The relative path an image with this digest is published under.
 pub fn image_path(sha256: &Sha256Digest) -> String {
     format!("{IMAGES_DIR}/{sha256}{IMAGE_SUFFIX}")
+}
+
+/// Directory of the chunk indexes.
+pub const INDEXES_DIR: &str = "indexes";
+
+/// The relative path an index with this digest is published under.
+pub fn index_path(sha256: &Sha256Digest) -> String {
+    format!("{INDEXES_DIR}/{sha256}.idx")
 }
 
 /// Checks a channel name: 1 to 64 of `a-z 0-9 . _ -`, starting with a letter or digit.
@@ -213,6 +236,18 @@ impl Manifest {
         if self.image.size == 0 {
             return Err(ManifestError::Field { field: "image.size", why: "must not be 0".into() });
         }
+        if let Some(idx) = &self.index {
+            let want = index_path(&idx.sha256);
+            if idx.path != want {
+                return Err(ManifestError::Field {
+                    field: "index.path",
+                    why: format!("`{}` must be `{want}`", idx.path),
+                });
+            }
+            if idx.size == 0 || idx.size > crate::chunk::MAX_INDEX_BYTES as u64 {
+                return Err(ManifestError::Field { field: "index.size", why: format!("{} is out of range", idx.size) });
+            }
+        }
         Ok(())
     }
 
@@ -245,6 +280,7 @@ pub(crate) mod tests {
                 format: "squashfs".into(),
                 compression: "zstd".into(),
             },
+            index: None,
         }
     }
 
@@ -278,6 +314,15 @@ pub(crate) mod tests {
             ("image.format", |v| v["image"]["format"] = "erofs".into()),
             ("image.compression", |v| v["image"]["compression"] = "xz".into()),
             ("image.size", |v| v["image"]["size"] = 0.into()),
+            ("index.path", |v| v["index"] = serde_json::json!({"path": "../x", "sha256": "0".repeat(64), "size": 5})),
+            (
+                "index.size",
+                |v| v["index"] = serde_json::json!({"path": format!("indexes/{}.idx", "0".repeat(64)), "sha256": "0".repeat(64), "size": 0}),
+            ),
+            (
+                "index field",
+                |v| v["index"] = serde_json::json!({"path": format!("indexes/{}.idx", "0".repeat(64)), "sha256": "0".repeat(64), "size": 5, "x": 1}),
+            ),
             ("missing", |v| {
                 v.as_object_mut().unwrap().remove("expires");
             }),

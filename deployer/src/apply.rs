@@ -23,6 +23,7 @@ use imgdeploy_common::manifest::Timestamp;
 use serde::Serialize;
 
 use crate::config::Config;
+use crate::delta::{self, fetch_index, local_seeds};
 use crate::drain::{describe, device_of, holders, wait_for_holders, Holder};
 use crate::fetch::{download_image, fetch_manifest, DownloadStats};
 use crate::hooks::run_hook;
@@ -58,6 +59,23 @@ pub enum Outcome {
         /// How long the switch itself (temp symlink, rename, directory fsync) took.
         switch_micros: u64,
     },
+    /// `--dry-run`: what an update would transfer; nothing was changed.
+    WouldUpdate {
+        /// The serial that would be installed.
+        serial: u64,
+        /// `delta` or `full`.
+        mode: &'static str,
+        /// Image bytes that would be downloaded.
+        download_bytes: u64,
+        /// HTTP requests for image data.
+        requests: u64,
+        /// Image bytes found on this host.
+        reused_bytes: u64,
+        /// The image's size.
+        image_size: u64,
+        /// The chunk index's size (fetched in both modes when published).
+        index_bytes: u64,
+    },
 }
 
 /// Options of one apply.
@@ -65,6 +83,8 @@ pub enum Outcome {
 pub struct ApplyOptions {
     /// Overrides the configured source.
     pub source: Option<String>,
+    /// Only report what would be downloaded.
+    pub dry_run: bool,
 }
 
 /// Opens the state directory and reads which slot `link` points at.
@@ -146,6 +166,43 @@ pub fn drain_slot(layout: &Layout, slot: SlotId, timeout: Duration) -> Result<Ve
     }
 }
 
+/// Computes what an update would transfer, changing nothing.
+fn dry_run(agent: &ureq::Agent, fetched: &crate::fetch::FetchedManifest, layout: &Layout) -> Result<Outcome> {
+    let m = &fetched.verified.manifest;
+    let full = |index_bytes| Outcome::WouldUpdate {
+        serial: m.serial,
+        mode: "full",
+        download_bytes: m.image.size,
+        requests: 1,
+        reused_bytes: 0,
+        image_size: m.image.size,
+        index_bytes,
+    };
+    let Some(r) = &m.index else { return Ok(full(0)) };
+    let idx = match fetch_index(agent, &fetched.location, r, m) {
+        Ok(i) => i,
+        Err(e) => {
+            tracing::warn!("{e}; an update would download the whole image");
+            return Ok(full(0));
+        }
+    };
+    let seeds = local_seeds(layout);
+    if seeds.is_empty() {
+        return Ok(full(r.size));
+    }
+    let image_loc = fetched.location.sibling(&m.image.path);
+    let st = delta::build(agent, &image_loc, m, &idx.index, &seeds, layout, SlotId::A, true)?;
+    Ok(Outcome::WouldUpdate {
+        serial: m.serial,
+        mode: "delta",
+        download_bytes: st.downloaded,
+        requests: st.requests,
+        reused_bytes: st.reused,
+        image_size: m.image.size,
+        index_bytes: r.size,
+    })
+}
+
 /// Runs one apply cycle.
 pub fn apply(cfg: &Config, opts: &ApplyOptions) -> Result<Outcome> {
     let started = Instant::now();
@@ -154,9 +211,14 @@ pub fn apply(cfg: &Config, opts: &ApplyOptions) -> Result<Outcome> {
     let _lock = lock(&layout.root)?;
     let mut state = State::load(&layout)?;
     let result = apply_locked(cfg, opts, &layout, &mut state);
+    if opts.dry_run {
+        // A dry run records nothing.
+        return result;
+    }
     let record = match &result {
         Ok(o) => {
             let (result, serial, message, dl) = match o {
+                Outcome::WouldUpdate { serial, .. } => ("dry-run", *serial, String::new(), 0),
                 Outcome::UpToDate { serial, message } => ("up-to-date", *serial, message.clone(), 0),
                 Outcome::Switched { serial, version, slot, download, .. } => (
                     "switched",
@@ -244,6 +306,9 @@ fn apply_locked(cfg: &Config, opts: &ApplyOptions, layout: &Layout, state: &mut 
 
     // 2. Standby slot.
     let standby = active.map(SlotId::other).unwrap_or(SlotId::A);
+    if opts.dry_run {
+        return dry_run(&agent, &fetched, layout);
+    }
     release_slot(layout, standby)?;
 
     // 3. Download unless the standby already holds exactly this image.
@@ -253,8 +318,23 @@ fn apply_locked(cfg: &Config, opts: &ApplyOptions, layout: &Layout, state: &mut 
         i.manifest.image.sha256 == m.image.sha256 && open_verified(layout, standby, &i.manifest).is_ok()
     });
     if !reuse {
+        let image_loc = fetched.location.sibling(&m.image.path);
+        // The chunk index is fetched whenever one is published: for this
+        // delta, and stored with the slot as the seed of the next one.
+        let index = match &m.index {
+            Some(r) => match fetch_index(&agent, &fetched.location, r, &m) {
+                Ok(i) => Some(i),
+                Err(e) => {
+                    tracing::warn!("{e}; falling back to a full download");
+                    None
+                }
+            },
+            None => None,
+        };
+        // Seeds are opened before the standby slot is cleared: its old image is one of them.
+        let seeds = if index.is_some() { local_seeds(layout) } else { Vec::new() };
         // The slot stops being "installed" before its image is replaced.
-        for p in [layout.manifest(standby), layout.signature(standby)] {
+        for p in [layout.manifest(standby), layout.signature(standby), layout.index(standby)] {
             match std::fs::remove_file(&p) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -262,20 +342,63 @@ fn apply_locked(cfg: &Config, opts: &ApplyOptions, layout: &Layout, state: &mut 
             }
         }
         fsync_dir(&layout.slot_dir(standby))?;
-        let image_loc = fetched.location.sibling(&m.image.path);
-        download = download_image(&agent, &image_loc, &m, layout, standby)?;
+        let mut delta_done = None;
+        if let Some(idx) = &index {
+            if seeds.is_empty() {
+                tracing::info!("no local image to reuse chunks from; downloading the whole image");
+            } else {
+                match delta::build(&agent, &image_loc, &m, &idx.index, &seeds, layout, standby, false) {
+                    Ok(st) => delta_done = Some(st),
+                    Err(e) => {
+                        tracing::warn!("delta update failed: {e}; falling back to a full download");
+                        for p in [layout.partial(standby), layout.partial_meta(standby)] {
+                            // Absent is fine; a real problem shows up in the full download.
+                            let _ = std::fs::remove_file(p);
+                        }
+                    }
+                }
+            }
+        }
+        drop(seeds);
+        download = match delta_done {
+            Some(st) => {
+                tracing::info!(
+                    "delta: reused {} bytes from local images, {} already in place, downloaded {} bytes in {} requests ({} of {} chunks)",
+                    st.reused,
+                    st.resumed,
+                    st.downloaded,
+                    st.requests,
+                    st.chunks_fetched,
+                    st.chunks
+                );
+                DownloadStats {
+                    mode: "delta",
+                    downloaded: st.downloaded,
+                    resumed_from: st.resumed,
+                    reused: st.reused,
+                    requests: st.requests,
+                }
+            }
+            None => download_image(&agent, &image_loc, &m, layout, standby)?,
+        };
         std::fs::rename(layout.partial(standby), layout.image(standby))?;
         // The partial's bookkeeping goes with it; a leftover would only cause a harmless re-hash.
         let _ = std::fs::remove_file(layout.partial_meta(standby));
         fsync_dir(&layout.slot_dir(standby))?;
+        if let Some(idx) = &index {
+            write_atomic(&layout.index(standby), &idx.bytes, 0o600)?;
+        }
         write_atomic(&layout.signature(standby), &fetched.signature, 0o600)?;
         write_atomic(&layout.manifest(standby), &fetched.bytes, 0o600)?;
         tracing::info!(
-            "slot {standby}: installed serial {} ({} bytes downloaded, {} resumed)",
+            "slot {standby}: installed serial {} ({} bytes downloaded, {} reused, {} resumed)",
             m.serial,
             download.downloaded,
+            download.reused,
             download.resumed_from
         );
+    } else {
+        download.mode = "none";
     }
     let inst = Installed { slot: standby, manifest: m.clone(), key_id: fetched.verified.key_id.clone() };
 

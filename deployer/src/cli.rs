@@ -46,6 +46,9 @@ pub enum Command {
         /// Use this manifest URL or path instead of the configured `source`.
         #[arg(long)]
         source: Option<String>,
+        /// Only report what an update would download (bytes, requests); change nothing.
+        #[arg(long)]
+        dry_run: bool,
         /// Print the outcome as JSON.
         #[arg(long)]
         json: bool,
@@ -83,17 +86,20 @@ fn print_json(v: &impl serde::Serialize) -> Result<()> {
 pub fn run(cli: Cli) -> Result<()> {
     let cfg = Config::load(&cli.global.config)?;
     match cli.command {
-        Command::Apply { source, json } => {
-            let outcome = apply(&cfg, &ApplyOptions { source })?;
+        Command::Apply { source, dry_run, json } => {
+            let outcome = apply(&cfg, &ApplyOptions { source, dry_run })?;
             if json {
                 print_json(&outcome)?;
             } else {
                 match &outcome {
                     Outcome::UpToDate { message, .. } => println!("up to date: {message}"),
+                    Outcome::WouldUpdate { serial, mode, download_bytes, requests, reused_bytes, image_size, index_bytes } => println!(
+                        "would update to serial {serial} ({mode}): download {download_bytes} of {image_size} image bytes in {requests} requests, reuse {reused_bytes} local bytes, plus a {index_bytes}-byte chunk index"
+                    ),
                     Outcome::Switched { serial, version, slot, download, still_in_use, .. } => {
                         println!(
-                            "switched to serial {serial} ({version}) in slot {slot}; {} bytes downloaded",
-                            download.downloaded
+                            "switched to serial {serial} ({version}) in slot {slot}; {} download: {} bytes fetched, {} reused",
+                            download.mode, download.downloaded, download.reused
                         );
                         if !still_in_use.is_empty() {
                             println!("old slot still mounted, in use by {}", describe(still_in_use));
@@ -194,7 +200,7 @@ mod tests {
         let c = Cli::try_parse_from(["imgdeploy", "-c", "/x.toml", "apply", "--source", "http://h/s.json", "--json"])
             .unwrap();
         assert_eq!(c.global.config, PathBuf::from("/x.toml"));
-        assert!(matches!(c.command, Command::Apply { source: Some(_), json: true }));
+        assert!(matches!(c.command, Command::Apply { source: Some(_), json: true, dry_run: false }));
         let c = Cli::try_parse_from(["imgdeploy", "drain", "--timeout", "90s"]).unwrap();
         assert!(matches!(c.command, Command::Drain { timeout: Some(d) } if d == Duration::from_secs(90)));
         assert!(Cli::try_parse_from(["imgdeploy", "drain", "--timeout", "forever"]).is_err());

@@ -121,19 +121,40 @@ pub fn fetch_manifest(
     Ok(FetchedManifest { verified, bytes, signature, location: source.clone() })
 }
 
+/// Which image `image.partial` belongs to, and how it is being filled.
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
-struct PartialMeta {
-    sha256: Sha256Digest,
-    size: u64,
+pub struct PartialMeta {
+    /// The image's sha256.
+    pub sha256: Sha256Digest,
+    /// Its size.
+    pub size: u64,
+    /// Filled chunk by chunk at random offsets (not a resumable prefix).
+    #[serde(default)]
+    pub delta: bool,
+}
+
+impl PartialMeta {
+    /// Records it atomically.
+    pub fn save(&self, layout: &Layout, slot: SlotId) -> io::Result<()> {
+        let mut bytes = serde_json::to_vec(self).expect("serialises");
+        bytes.push(b'\n');
+        write_atomic(&layout.partial_meta(slot), &bytes, 0o600)
+    }
 }
 
 /// What a download did.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct DownloadStats {
-    /// Bytes received from the server in this run.
+    /// `full`, `delta`, or `none` (the standby already held the image).
+    pub mode: &'static str,
+    /// Bytes received from the server in this run (image data; the manifest and index are extra).
     pub downloaded: u64,
     /// Bytes reused from an earlier interrupted run.
     pub resumed_from: u64,
+    /// Bytes copied from images already on this host (delta).
+    pub reused: u64,
+    /// HTTP requests for image data.
+    pub requests: u64,
 }
 
 fn disk(path: &Path) -> impl Fn(io::Error) -> DownloadError + '_ {
@@ -167,7 +188,7 @@ pub fn download_image(
     let size = manifest.image.size;
     let partial = layout.partial(slot);
     let meta_path = layout.partial_meta(slot);
-    let want = PartialMeta { sha256: manifest.image.sha256, size };
+    let want = PartialMeta { sha256: manifest.image.sha256, size, delta: false };
     let same_image =
         std::fs::read(&meta_path).ok().and_then(|b| serde_json::from_slice::<PartialMeta>(&b).ok()).as_ref()
             == Some(&want);
@@ -176,9 +197,7 @@ pub fn download_image(
         have = 0;
     }
     if !same_image || have == 0 {
-        let mut bytes = serde_json::to_vec(&want).expect("serialises");
-        bytes.push(b'\n');
-        write_atomic(&meta_path, &bytes, 0o600).map_err(disk(&meta_path))?;
+        want.save(layout, slot).map_err(disk(&meta_path))?;
     }
     let file = OpenOptions::new()
         .read(true)
@@ -202,9 +221,10 @@ pub fn download_image(
             hasher.update(&buf[..n]);
         }
     }
-    let mut stats = DownloadStats { downloaded: 0, resumed_from: have };
+    let mut stats = DownloadStats { mode: "full", downloaded: 0, resumed_from: have, reused: 0, requests: 0 };
     if have < size {
         let (reader, start) = image.open(agent, have)?;
+        stats.requests += 1;
         if start == 0 && have > 0 {
             tracing::warn!("{image} ignored the Range request; downloading the whole image again");
             file.set_len(0).map_err(disk(&partial))?;

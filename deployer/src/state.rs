@@ -5,6 +5,7 @@
 //!   lock                      flock: one imgdeploy at a time
 //!   state.json                last apply result, active slot, rolled-back serial
 //!   slots/{a,b}/image.squashfs  a verified image (only after its sha256 matched)
+//!   slots/{a,b}/index.idx       its chunk index (seed for later delta updates)
 //!   slots/{a,b}/manifest.json   its signed manifest (+ .sig), written last
 //!   slots/{a,b}/image.partial   a download in progress (+ partial.json: which image)
 //!   mnt/{a,b}                 mount points; `link` points at one of them
@@ -97,6 +98,10 @@ impl Layout {
     /// A slot's manifest signature.
     pub fn signature(&self, s: SlotId) -> PathBuf {
         self.slot_dir(s).join("manifest.json.sig")
+    }
+    /// A slot's chunk index (as published, compressed), for later deltas.
+    pub fn index(&self, s: SlotId) -> PathBuf {
+        self.slot_dir(s).join("index.idx")
     }
     /// A slot's download in progress.
     pub fn partial(&self, s: SlotId) -> PathBuf {

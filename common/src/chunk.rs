@@ -1,0 +1,238 @@
+//! The chunk index: the image cut into content-defined chunks (FastCDC 2020),
+//! each with its length and sha256. A deployer that already holds an older
+//! image finds which chunks of the new one it has locally and fetches only
+//! the rest with HTTP Range requests on the one published image file.
+//!
+//! Binary format (little endian), published zstd-compressed and
+//! content-addressed as `indexes/<sha256>.idx`, its sha256 and size signed in
+//! the manifest:
+//!
+//! ```text
+//! magic "IMGIDX\x01\0" | min u32 | avg u32 | max u32 | image_size u64 | count u64
+//! count x ( length u32 | sha256 [u8; 32] )          offsets are cumulative
+//! ```
+//!
+//! Parsing checks every bound (chunk sizes within the declared limits, the
+//! lengths summing to the image size) before anything is allocated from the
+//! input's numbers.
+
+use std::io::{self, Read};
+
+use crate::digest::{Sha256Digest, StreamHasher};
+
+const MAGIC: &[u8; 8] = b"IMGIDX\x01\0";
+const HEADER: usize = 8 + 4 * 3 + 8 + 8;
+const ENTRY: usize = 4 + 32;
+/// Largest decompressed index accepted (about 1.8 million chunks, a 120 GB image).
+pub const MAX_INDEX_BYTES: usize = 64 << 20;
+
+/// Chunk size limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct ChunkParams {
+    /// Smallest chunk (except the last).
+    pub min: u32,
+    /// Average chunk.
+    pub avg: u32,
+    /// Largest chunk.
+    pub max: u32,
+}
+
+impl Default for ChunkParams {
+    /// 16 / 64 / 256 KiB: about one chunk per compressed squashfs block.
+    fn default() -> Self {
+        ChunkParams { min: 16 << 10, avg: 64 << 10, max: 256 << 10 }
+    }
+}
+
+/// One chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Chunk {
+    /// Offset in the image.
+    pub offset: u64,
+    /// Length in bytes.
+    pub len: u32,
+    /// sha256 of the chunk's bytes.
+    pub sha256: Sha256Digest,
+}
+
+/// Why an index was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum IndexError {
+    /// Not our format.
+    #[error("chunk index has a bad magic number or version")]
+    Magic,
+    /// Cut short or with trailing bytes.
+    #[error("chunk index is {found} bytes, its header promises {expected}")]
+    Length {
+        /// Expected length.
+        expected: u64,
+        /// Actual length.
+        found: u64,
+    },
+    /// Inconsistent numbers.
+    #[error("chunk index is inconsistent: {0}")]
+    Invalid(String),
+    /// zstd failed or the result is too large.
+    #[error("chunk index does not decompress: {0}")]
+    Compression(String),
+}
+
+/// An image's chunk index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChunkIndex {
+    /// The limits it was cut with.
+    pub params: ChunkParams,
+    /// Size of the image.
+    pub image_size: u64,
+    /// The chunks, in order, tiling the image.
+    pub chunks: Vec<Chunk>,
+}
+
+impl ChunkIndex {
+    /// Reads `reader` once: returns its index, its whole sha256 and its size.
+    pub fn build(reader: impl Read, params: ChunkParams) -> io::Result<(ChunkIndex, Sha256Digest, u64)> {
+        let mut whole = StreamHasher::new();
+        let mut chunks = Vec::new();
+        let cdc = fastcdc::v2020::StreamCDC::new(reader, params.min as usize, params.avg as usize, params.max as usize);
+        for c in cdc {
+            let c = c.map_err(|e| match e {
+                fastcdc::v2020::Error::IoError(e) => e,
+                other => io::Error::other(other.to_string()),
+            })?;
+            whole.update(&c.data);
+            chunks.push(Chunk { offset: c.offset, len: c.length as u32, sha256: Sha256Digest::of_bytes(&c.data) });
+        }
+        let (sha, size) = whole.finish();
+        Ok((ChunkIndex { params, image_size: size, chunks }, sha, size))
+    }
+
+    /// The uncompressed binary form.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(HEADER + ENTRY * self.chunks.len());
+        out.extend_from_slice(MAGIC);
+        for v in [self.params.min, self.params.avg, self.params.max] {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        out.extend_from_slice(&self.image_size.to_le_bytes());
+        out.extend_from_slice(&(self.chunks.len() as u64).to_le_bytes());
+        for c in &self.chunks {
+            out.extend_from_slice(&c.len.to_le_bytes());
+            out.extend_from_slice(&c.sha256.0);
+        }
+        out
+    }
+
+    /// Parses the uncompressed binary form.
+    pub fn parse(b: &[u8]) -> Result<Self, IndexError> {
+        if b.len() < HEADER || &b[..8] != MAGIC {
+            return Err(IndexError::Magic);
+        }
+        let u32_at = |at: usize| u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"));
+        let u64_at = |at: usize| u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"));
+        let params = ChunkParams { min: u32_at(8), avg: u32_at(12), max: u32_at(16) };
+        let image_size = u64_at(20);
+        let count = u64_at(28);
+        let expected = (HEADER as u64)
+            .checked_add(count.checked_mul(ENTRY as u64).ok_or(IndexError::Invalid("chunk count overflows".into()))?);
+        if expected != Some(b.len() as u64) {
+            return Err(IndexError::Length { expected: expected.unwrap_or(u64::MAX), found: b.len() as u64 });
+        }
+        if params.min == 0 || params.min > params.avg || params.avg > params.max {
+            return Err(IndexError::Invalid(format!("chunk limits {}/{}/{}", params.min, params.avg, params.max)));
+        }
+        let mut chunks = Vec::with_capacity(count as usize);
+        let mut offset = 0u64;
+        for (i, e) in b[HEADER..].chunks_exact(ENTRY).enumerate() {
+            let len = u32::from_le_bytes(e[..4].try_into().expect("4 bytes"));
+            let last = i as u64 + 1 == count;
+            if len == 0 || len > params.max || (!last && len < params.min) {
+                return Err(IndexError::Invalid(format!(
+                    "chunk {i} is {len} bytes, outside {}..={}",
+                    params.min, params.max
+                )));
+            }
+            chunks.push(Chunk { offset, len, sha256: Sha256Digest(e[4..].try_into().expect("32 bytes")) });
+            offset += len as u64;
+        }
+        if offset != image_size {
+            return Err(IndexError::Invalid(format!("chunks cover {offset} bytes, the image has {image_size}")));
+        }
+        Ok(ChunkIndex { params, image_size, chunks })
+    }
+
+    /// The published (zstd-compressed) form.
+    pub fn encode(&self) -> Vec<u8> {
+        zstd::bulk::compress(&self.to_bytes(), 19).expect("compressing into memory cannot fail")
+    }
+
+    /// Decompresses (at most [`MAX_INDEX_BYTES`]) and parses the published form.
+    pub fn decode(compressed: &[u8]) -> Result<Self, IndexError> {
+        let raw =
+            zstd::bulk::decompress(compressed, MAX_INDEX_BYTES).map_err(|e| IndexError::Compression(e.to_string()))?;
+        Self::parse(&raw)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn data(n: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn build_round_trip_and_locality() {
+        let a = data(3 << 20, 7);
+        let (ia, sha, size) = ChunkIndex::build(&a[..], ChunkParams::default()).unwrap();
+        assert_eq!((sha, size), (Sha256Digest::of_bytes(&a), a.len() as u64));
+        assert_eq!(ChunkIndex::decode(&ia.encode()).unwrap(), ia);
+        // An insertion changes only the chunks around it.
+        let mut b = a.clone();
+        b.splice(1_000_000..1_000_000, data(5000, 9));
+        let (ib, _, _) = ChunkIndex::build(&b[..], ChunkParams::default()).unwrap();
+        let old: std::collections::HashSet<_> = ia.chunks.iter().map(|c| c.sha256).collect();
+        let new_bytes: u64 = ib.chunks.iter().filter(|c| !old.contains(&c.sha256)).map(|c| c.len as u64).sum();
+        assert!(new_bytes < 600_000, "{new_bytes} new bytes for a 5000-byte insertion");
+    }
+
+    #[test]
+    fn rejects_malformed_indexes() {
+        let (idx, _, _) = ChunkIndex::build(&data(1 << 20, 3)[..], ChunkParams::default()).unwrap();
+        let good = idx.to_bytes();
+        assert!(ChunkIndex::parse(&good).is_ok());
+        assert_eq!(
+            ChunkIndex::parse(&good[..good.len() - 1]).unwrap_err(),
+            IndexError::Length { expected: good.len() as u64, found: good.len() as u64 - 1 }
+        );
+        let mut bad = good.clone();
+        bad[0] = b'X';
+        assert_eq!(ChunkIndex::parse(&bad), Err(IndexError::Magic));
+        let mut bad = good.clone();
+        bad[20] ^= 1; // image size
+        assert!(matches!(ChunkIndex::parse(&bad), Err(IndexError::Invalid(_))));
+        let mut bad = good.clone();
+        bad[28..36].copy_from_slice(&u64::MAX.to_le_bytes()); // absurd count
+        assert!(ChunkIndex::parse(&bad).is_err());
+        let mut bad = good.clone();
+        bad[HEADER..HEADER + 4].copy_from_slice(&0u32.to_le_bytes());
+        assert!(ChunkIndex::parse(&bad).is_err());
+        assert!(ChunkIndex::decode(b"not zstd").is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn parse_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+            let _ = ChunkIndex::parse(&bytes);
+        }
+    }
+}

@@ -1,0 +1,466 @@
+//! Delta updates: build the new image in the standby slot from chunks this
+//! host already has, fetching only the missing ones with HTTP Range requests
+//! on the one published image file.
+//!
+//! The signed manifest names the new image's chunk index by sha256 and size;
+//! the index is fetched with that bound, verified and parsed. Every slot that
+//! holds an image and its index is a *seed*. Seeds are never trusted: a chunk
+//! is copied only after its bytes hash to the value the new index signs. A
+//! partial file of the same image left by an interrupted run is checked in
+//! place first, so a rerun resumes. Missing chunks are fetched in coalesced
+//! ranges, several ranges per request (`multipart/byteranges`); each chunk
+//! from the server is verified too, and the whole image is hashed at the end.
+//!
+//! Any failure here is reported to the caller, which falls back to a full
+//! download; a server that ignores Range is detected on the first request.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Read};
+use std::os::unix::fs::FileExt;
+
+use imgdeploy_common::chunk::{Chunk, ChunkIndex, IndexError};
+use imgdeploy_common::digest::{Sha256Digest, StreamHasher};
+use imgdeploy_common::location::{FetchError, Location};
+use imgdeploy_common::manifest::{IndexRef, Manifest};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+
+use crate::fetch::PartialMeta;
+use crate::state::{Layout, SlotId};
+
+/// Ranges per request; keeps the Range header well under 4 KiB.
+const RANGES_PER_REQUEST: usize = 32;
+/// Longest header line accepted inside a multipart body.
+const MAX_PART_HEADER: u64 = 4096;
+
+/// Why a delta could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum DeltaError {
+    /// Fetching failed.
+    #[error(transparent)]
+    Fetch(#[from] FetchError),
+    /// The index did not match its signed digest or size.
+    #[error("chunk index {url} {what}; it was truncated or tampered with")]
+    IndexDigest {
+        /// Where.
+        url: String,
+        /// What is wrong.
+        what: String,
+    },
+    /// The index does not parse or does not describe this image.
+    #[error("chunk index {url} is invalid: {err}")]
+    Index {
+        /// Where.
+        url: String,
+        /// Why.
+        #[source]
+        err: IndexError,
+    },
+    /// The server does not honour Range requests.
+    #[error("{0} ignores HTTP Range requests")]
+    NoRange(String),
+    /// The server's answer to a Range request is unusable.
+    #[error("{url} answered a Range request badly: {what}")]
+    BadRange {
+        /// Where.
+        url: String,
+        /// What.
+        what: String,
+    },
+    /// A chunk from the server does not match the signed index.
+    #[error(
+        "chunk at offset {offset} from {url} does not match the signed index; the published image was tampered with"
+    )]
+    Chunk {
+        /// Where.
+        url: String,
+        /// The chunk's offset.
+        offset: u64,
+    },
+    /// The assembled image does not hash to the signed value.
+    #[error("the image assembled from chunks has sha256 {found}, the manifest signs {expected}")]
+    Digest {
+        /// Signed.
+        expected: Sha256Digest,
+        /// Computed.
+        found: Sha256Digest,
+    },
+    /// Local I/O.
+    #[error("cannot write the delta image {path}: {source}; free space in state_dir and rerun")]
+    Disk {
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A verified chunk index and its published bytes.
+#[derive(Debug, Clone)]
+pub struct FetchedIndex {
+    /// The parsed index.
+    pub index: ChunkIndex,
+    /// The compressed bytes, as signed.
+    pub bytes: Vec<u8>,
+}
+
+/// Fetches the index `r` names (relative to the manifest at `base`) and checks
+/// it against its signed size and sha256 and against the manifest's image.
+pub fn fetch_index(
+    agent: &ureq::Agent,
+    base: &Location,
+    r: &IndexRef,
+    m: &Manifest,
+) -> Result<FetchedIndex, DeltaError> {
+    let loc = base.sibling(&r.path);
+    let url = loc.to_string();
+    let bytes = loc.read_bounded(agent, r.size)?;
+    if bytes.len() as u64 != r.size {
+        return Err(DeltaError::IndexDigest {
+            url,
+            what: format!("is {} bytes, the manifest signs {}", bytes.len(), r.size),
+        });
+    }
+    let sha = Sha256Digest::of_bytes(&bytes);
+    if sha != r.sha256 {
+        return Err(DeltaError::IndexDigest {
+            url,
+            what: format!("has sha256 {sha}, the manifest signs {}", r.sha256),
+        });
+    }
+    let index = ChunkIndex::decode(&bytes).map_err(|err| DeltaError::Index { url: url.clone(), err })?;
+    if index.image_size != m.image.size {
+        return Err(DeltaError::Index {
+            url,
+            err: IndexError::Invalid(format!("describes {} bytes, the image has {}", index.image_size, m.image.size)),
+        });
+    }
+    Ok(FetchedIndex { index, bytes })
+}
+
+/// A local file with an index describing (we hope) its contents.
+pub struct Seed {
+    /// For messages.
+    pub name: String,
+    file: File,
+    index: ChunkIndex,
+}
+
+/// Every slot image with a stored index. A seed whose index no longer parses is skipped.
+pub fn local_seeds(layout: &Layout) -> Vec<Seed> {
+    let mut seeds = Vec::new();
+    for slot in SlotId::ALL {
+        let (Ok(file), Ok(bytes)) = (File::open(layout.image(slot)), std::fs::read(layout.index(slot))) else {
+            continue;
+        };
+        match ChunkIndex::decode(&bytes) {
+            Ok(index) => seeds.push(Seed { name: format!("slot {slot}"), file, index }),
+            Err(e) => tracing::warn!("slot {slot}: stored chunk index unusable ({e}); not used for deltas"),
+        }
+    }
+    seeds
+}
+
+/// What a delta did (or, in a dry run, would do).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct DeltaStats {
+    /// Bytes copied from local images.
+    pub reused: u64,
+    /// Bytes already in place from an interrupted run.
+    pub resumed: u64,
+    /// Bytes fetched from the server.
+    pub downloaded: u64,
+    /// HTTP requests made (or needed) for chunks.
+    pub requests: u64,
+    /// Chunks in the image.
+    pub chunks: u64,
+    /// Chunks fetched.
+    pub chunks_fetched: u64,
+}
+
+fn read_chunk(f: &File, offset: u64, len: u32, buf: &mut Vec<u8>) -> io::Result<Sha256Digest> {
+    buf.resize(len as usize, 0);
+    f.read_exact_at(buf, offset)?;
+    Ok(Sha256Digest::of_bytes(buf))
+}
+
+/// Ranges of consecutive missing chunks, as (first chunk, last chunk) indexes.
+fn coalesce(missing: &[usize]) -> Vec<(usize, usize)> {
+    let mut out: Vec<(usize, usize)> = Vec::new();
+    for &i in missing {
+        match out.last_mut() {
+            Some((_, last)) if *last + 1 == i => *last = i,
+            _ => out.push((i, i)),
+        }
+    }
+    out
+}
+
+/// Plans (and unless `dry_run`, performs) the local part of a delta: which
+/// chunks are in place or can be copied from seeds. Returns the missing chunks.
+fn assemble_local(
+    new: &ChunkIndex,
+    seeds: &[Seed],
+    out: Option<&File>,
+    stats: &mut DeltaStats,
+    pb: &ProgressBar,
+    path: &str,
+) -> Result<Vec<usize>, DeltaError> {
+    let disk = |source| DeltaError::Disk { path: path.to_owned(), source };
+    let mut have: HashMap<Sha256Digest, Vec<(usize, u64, u32)>> = HashMap::new();
+    for (si, s) in seeds.iter().enumerate() {
+        for c in &s.index.chunks {
+            have.entry(c.sha256).or_default().push((si, c.offset, c.len));
+        }
+    }
+    let mut buf = Vec::new();
+    let mut missing = Vec::new();
+    for (i, c) in new.chunks.iter().enumerate() {
+        // Already in place (an interrupted run wrote it)?
+        if let Some(f) = out {
+            if read_chunk(f, c.offset, c.len, &mut buf).map_err(disk)? == c.sha256 {
+                stats.resumed += c.len as u64;
+                pb.inc(c.len as u64);
+                continue;
+            }
+        }
+        let mut found = false;
+        for &(si, off, len) in have.get(&c.sha256).map(Vec::as_slice).unwrap_or(&[]) {
+            // A seed whose bytes changed under its index is simply not used.
+            if len == c.len && read_chunk(&seeds[si].file, off, len, &mut buf).is_ok_and(|h| h == c.sha256) {
+                if let Some(f) = out {
+                    f.write_all_at(&buf, c.offset).map_err(disk)?;
+                }
+                found = true;
+                break;
+            }
+        }
+        if found {
+            stats.reused += c.len as u64;
+            pb.inc(c.len as u64);
+        } else {
+            missing.push(i);
+        }
+    }
+    Ok(missing)
+}
+
+fn header_value(resp: &ureq::http::Response<ureq::Body>, name: &str) -> Option<String> {
+    resp.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
+}
+
+/// Parses `bytes a-b/total`.
+fn parse_content_range(v: &str) -> Option<(u64, u64)> {
+    let r = v.trim().strip_prefix("bytes ")?;
+    let (range, _) = r.split_once('/')?;
+    let (a, b) = range.split_once('-')?;
+    let (a, b) = (a.trim().parse().ok()?, b.trim().parse().ok()?);
+    (a <= b).then_some((a, b))
+}
+
+/// Reads one line (bounded) from a multipart body.
+fn read_line(r: &mut impl BufRead) -> io::Result<String> {
+    let mut line = Vec::new();
+    r.take(MAX_PART_HEADER).read_until(b'\n', &mut line)?;
+    if line.last() != Some(&b'\n') {
+        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "multipart body ended inside a header"));
+    }
+    Ok(String::from_utf8_lossy(&line).trim_end().to_owned())
+}
+
+/// Fetches `ranges` (chunk index pairs) and writes their verified chunks.
+#[allow(clippy::too_many_arguments)]
+fn fetch_ranges(
+    agent: &ureq::Agent,
+    url: &str,
+    new: &ChunkIndex,
+    ranges: &[(usize, usize)],
+    out: &File,
+    path: &str,
+    stats: &mut DeltaStats,
+    pb: &ProgressBar,
+) -> Result<(), DeltaError> {
+    let disk = |source| DeltaError::Disk { path: path.to_owned(), source };
+    let bad = |what: String| DeltaError::BadRange { url: url.to_owned(), what };
+    let spec: Vec<String> = ranges
+        .iter()
+        .map(|&(a, b)| {
+            let (s, e) = (new.chunks[a].offset, new.chunks[b].offset + new.chunks[b].len as u64 - 1);
+            format!("{s}-{e}")
+        })
+        .collect();
+    let resp = agent
+        .get(url)
+        .header("Range", &format!("bytes={}", spec.join(",")))
+        .call()
+        .map_err(|e| FetchError::Transport { url: url.to_owned(), message: e.to_string() })?;
+    stats.requests += 1;
+    match resp.status().as_u16() {
+        206 => {}
+        200 => return Err(DeltaError::NoRange(url.to_owned())),
+        s => return Err(bad(format!("HTTP {s}"))),
+    }
+    let ctype = header_value(&resp, "content-type").unwrap_or_default();
+    let single = header_value(&resp, "content-range");
+    let mut body = BufReader::with_capacity(1 << 20, resp.into_body().into_reader());
+    let transport =
+        |e: io::Error| FetchError::Transport { url: url.to_owned(), message: format!("transfer broke: {e}") };
+    let mut buf = Vec::new();
+    let mut write_part =
+        |body: &mut dyn Read, start: u64, end: u64, stats: &mut DeltaStats| -> Result<(), DeltaError> {
+            let mut i = new.chunks.partition_point(|c: &Chunk| c.offset < start);
+            if new.chunks.get(i).map(|c| c.offset) != Some(start) {
+                return Err(bad(format!("a part starts at {start}, not at a chunk boundary")));
+            }
+            while i < new.chunks.len() && new.chunks[i].offset <= end {
+                let c = new.chunks[i];
+                if c.offset + c.len as u64 - 1 > end {
+                    return Err(bad(format!("a part ends at {end}, inside a chunk")));
+                }
+                buf.resize(c.len as usize, 0);
+                body.read_exact(&mut buf).map_err(transport)?;
+                if Sha256Digest::of_bytes(&buf) != c.sha256 {
+                    return Err(DeltaError::Chunk { url: url.to_owned(), offset: c.offset });
+                }
+                out.write_all_at(&buf, c.offset).map_err(disk)?;
+                stats.downloaded += c.len as u64;
+                stats.chunks_fetched += 1;
+                pb.inc(c.len as u64);
+                i += 1;
+            }
+            Ok(())
+        };
+    if let Some(boundary) =
+        ctype.split(';').find_map(|p| p.trim().strip_prefix("boundary=")).map(|b| b.trim_matches('"').to_owned())
+    {
+        let delim = format!("--{boundary}");
+        loop {
+            let line = read_line(&mut body).map_err(transport)?;
+            if line.is_empty() {
+                continue;
+            }
+            if line == format!("{delim}--") {
+                break;
+            }
+            if line != delim {
+                return Err(bad(format!("unexpected line in multipart body: {line:.80}")));
+            }
+            let mut range = None;
+            loop {
+                let h = read_line(&mut body).map_err(transport)?;
+                if h.is_empty() {
+                    break;
+                }
+                if let Some((k, v)) = h.split_once(':') {
+                    if k.trim().eq_ignore_ascii_case("content-range") {
+                        range = parse_content_range(v);
+                    }
+                }
+            }
+            let (a, b) = range.ok_or_else(|| bad("a part has no valid Content-Range".into()))?;
+            write_part(&mut body, a, b, stats)?;
+        }
+    } else {
+        let (a, b) = single
+            .as_deref()
+            .and_then(parse_content_range)
+            .ok_or_else(|| bad("206 without a valid Content-Range".into()))?;
+        write_part(&mut body, a, b, stats)?;
+    }
+    Ok(())
+}
+
+fn progress(total: u64) -> ProgressBar {
+    let pb = ProgressBar::new(total);
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{spinner} delta [{bar:30}] {bytes}/{total_bytes} (reused + downloaded) {bytes_per_sec}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    pb
+}
+
+/// Builds the image of `m` (described by `new`) in `slot`'s partial file from
+/// `seeds` and the server. With `dry_run`, only counts what it would fetch.
+#[allow(clippy::too_many_arguments)]
+pub fn build(
+    agent: &ureq::Agent,
+    image: &Location,
+    m: &Manifest,
+    new: &ChunkIndex,
+    seeds: &[Seed],
+    layout: &Layout,
+    slot: SlotId,
+    dry_run: bool,
+) -> Result<DeltaStats, DeltaError> {
+    let url = image.to_string();
+    let partial = layout.partial(slot);
+    let path = partial.display().to_string();
+    let disk = |source| DeltaError::Disk { path: path.clone(), source };
+    let mut stats = DeltaStats { chunks: new.chunks.len() as u64, ..Default::default() };
+    let pb = if dry_run { ProgressBar::hidden() } else { progress(m.image.size) };
+    let out = if dry_run {
+        None
+    } else {
+        // Marks the partial as filled out of order, so a full download never resumes it as a prefix.
+        PartialMeta { sha256: m.image.sha256, size: m.image.size, delta: true }.save(layout, slot).map_err(disk)?;
+        let f = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&partial).map_err(disk)?;
+        f.set_len(m.image.size).map_err(disk)?;
+        Some(f)
+    };
+    let missing = assemble_local(new, seeds, out.as_ref(), &mut stats, &pb, &path)?;
+    let ranges = coalesce(&missing);
+    if dry_run {
+        stats.requests = ranges.len().div_ceil(RANGES_PER_REQUEST) as u64;
+        stats.downloaded = missing.iter().map(|&i| new.chunks[i].len as u64).sum();
+        stats.chunks_fetched = missing.len() as u64;
+        return Ok(stats);
+    }
+    let out = out.expect("not a dry run");
+    for batch in ranges.chunks(RANGES_PER_REQUEST) {
+        fetch_ranges(agent, &url, new, batch, &out, &path, &mut stats, &pb)?;
+    }
+    out.sync_all().map_err(disk)?;
+    pb.finish_and_clear();
+    // Every chunk was verified; hash the whole as the manifest signs it anyway.
+    let mut h = StreamHasher::new();
+    let mut r = BufReader::with_capacity(1 << 20, &out);
+    io::Seek::seek(&mut r, io::SeekFrom::Start(0)).map_err(disk)?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = r.read(&mut buf).map_err(disk)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    let (found, _) = h.finish();
+    if found != m.image.sha256 {
+        return Err(DeltaError::Digest { expected: m.image.sha256, found });
+    }
+    Ok(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn coalesces_consecutive_chunks() {
+        assert_eq!(coalesce(&[1, 2, 3, 7, 9, 10]), vec![(1, 3), (7, 7), (9, 10)]);
+        assert_eq!(coalesce(&[]), Vec::<(usize, usize)>::new());
+    }
+
+    #[test]
+    fn content_range() {
+        assert_eq!(parse_content_range("bytes 0-99/1000"), Some((0, 99)));
+        assert_eq!(parse_content_range(" bytes 5-5/*"), Some((5, 5)));
+        for bad in ["bytes 9-1/10", "items 0-1/2", "bytes 0-/2", "bytes x-y/z", ""] {
+            assert_eq!(parse_content_range(bad), None, "{bad}");
+        }
+    }
+}
