@@ -6,9 +6,11 @@
 //!   unsquashfs, reproducibility, signatures with openssl, bad input, gc.
 //! - `deployer`: imgdeploy against nginx — full cycle, drain, switches under
 //!   load, SIGKILL at many points, resume, every bad input, disk full, boot.
+//! - `delta`: delta updates — byte-identical results, fallbacks, tampering, resume.
 //! - `netboot`: imgbuild netboot artifacts booted in qemu (TCG) to a marker;
 //!   a tampered image is refused at boot.
 
 mod builder;
+mod delta;
 mod deployer;
 mod netboot;

@@ -81,6 +81,13 @@ impl Deployment {
         build_image(&tree, &self.keys, channel, &self.repo, &args)
     }
 
+    /// Publishes the tree at `tree` to `stable` with version `label` (also
+    /// written to the tree's `version` file, which [`Self::active_version`] reads).
+    pub fn publish_tree(&self, tree: &Path, label: &str) -> serde_json::Value {
+        fs::write(tree.join("version"), label).unwrap();
+        build_image(tree, &self.keys, "stable", &self.repo, &["--version", label, "--level", "3"])
+    }
+
     /// Publishes `label` to the `stable` channel.
     pub fn publish(&self, label: &str) -> serde_json::Value {
         self.publish_to("stable", label, 0, &[])

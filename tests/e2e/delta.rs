@@ -1,0 +1,220 @@
+//! Delta updates (issue 4): the image is rebuilt from local chunks plus
+//! multi-range requests, byte-identical to the published one; every way the
+//! delta can go wrong falls back or fails safely.
+
+use std::fs;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use imgdeploy_tests::deploy::Deployment;
+use imgdeploy_tests::{bin, require_root};
+
+/// A tree of `n` incompressible files of 20..120 KiB, deterministic per `seed`.
+fn make_tree(dir: &Path, n: usize, seed: u64) {
+    fs::create_dir_all(dir).unwrap();
+    for i in 0..n {
+        write_noise(&dir.join(format!("d{}/f{i:04}", i % 7)), 20_000 + (i * 7919) % 100_000, seed ^ i as u64);
+    }
+}
+
+fn write_noise(path: &Path, len: usize, seed: u64) {
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let mut x = seed.wrapping_mul(0x9e3779b97f4a7c15) | 1;
+    let data: Vec<u8> = (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    fs::write(path, data).unwrap();
+}
+
+fn slot_image(d: &Deployment, slot: &str) -> Vec<u8> {
+    fs::read(d.state.join(format!("slots/{slot}/image.squashfs"))).unwrap()
+}
+
+fn published_image(d: &Deployment, build: &serde_json::Value) -> Vec<u8> {
+    let _ = d;
+    fs::read(build["image"].as_str().unwrap()).unwrap()
+}
+
+/// v1 applied in full, then v2 (a few files changed) published: the common start of every test.
+fn two_versions(nginx_extra: &str) -> (Deployment, serde_json::Value) {
+    let d = Deployment::new("", nginx_extra);
+    let tree = d.dir.path().join("tree");
+    make_tree(&tree, 150, 1);
+    d.publish_tree(&tree, "v1");
+    let r = d.imgdeploy(&["apply", "--json"]).ok().json();
+    assert_eq!(r["download"]["mode"], "full");
+    for i in [3usize, 77, 140] {
+        write_noise(&tree.join(format!("d{}/f{i:04}", i % 7)), 50_000, 999 + i as u64);
+    }
+    let b = d.publish_tree(&tree, "v2");
+    (d, b)
+}
+
+#[test]
+fn privileged_delta_is_byte_identical_and_small() {
+    if !require_root("privileged_delta_is_byte_identical_and_small") {
+        return;
+    }
+    let (d, v2) = two_versions("");
+    let size = v2["size"].as_u64().unwrap();
+    let status_before = d.status();
+    let plan = d.imgdeploy(&["apply", "--dry-run", "--json"]).ok().json();
+    assert_eq!(plan["result"], "would-update");
+    assert_eq!(plan["mode"], "delta");
+    assert_eq!(d.status()["active"], status_before["active"], "dry run changed something");
+    assert_eq!(d.status()["standby"], status_before["standby"], "dry run changed something");
+    let r = d.imgdeploy(&["apply", "--json"]).ok().json();
+    let dl = &r["download"];
+    assert_eq!(dl["mode"], "delta");
+    assert_eq!(dl["downloaded"], plan["download_bytes"], "dry run predicted {plan} but apply did {dl}");
+    assert_eq!(dl["requests"], plan["requests"]);
+    let downloaded = dl["downloaded"].as_u64().unwrap();
+    assert!(downloaded < size / 4, "delta downloaded {downloaded} of {size}");
+    assert_eq!(dl["downloaded"].as_u64().unwrap() + dl["reused"].as_u64().unwrap(), size);
+    assert_eq!(slot_image(&d, "b"), published_image(&d, &v2), "delta image differs from the published one");
+    assert_eq!(d.active_version().as_deref(), Some("v2"));
+    // The server saw multi-range requests answered with 206.
+    assert!(
+        d.nginx.log().iter().any(|l| l.contains("GET /images/") && l.contains(",") && l.contains(" 206 ")),
+        "{:#?}",
+        d.nginx.log()
+    );
+    d.imgdeploy(&["verify"]).ok();
+}
+
+#[test]
+fn privileged_server_ignoring_range_falls_back_to_full_download() {
+    if !require_root("privileged_server_ignoring_range_falls_back_to_full_download") {
+        return;
+    }
+    let (d, v2) = two_versions("max_ranges 0;");
+    let r = d.imgdeploy(&["apply", "--json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("ignores HTTP Range requests; falling back to a full download"), "{}", r.stderr);
+    assert_eq!(r.json()["download"]["mode"], "full");
+    assert_eq!(slot_image(&d, "b"), published_image(&d, &v2));
+}
+
+#[test]
+fn privileged_tampered_chunk_on_server_is_caught() {
+    if !require_root("privileged_tampered_chunk_on_server_is_caught") {
+        return;
+    }
+    let (d, v2) = two_versions("");
+    // Flip a byte in the part of the new image that differs from the old one (a chunk that will be fetched).
+    let path = Path::new(v2["image"].as_str().unwrap()).to_owned();
+    let new = fs::read(&path).unwrap();
+    let old = slot_image(&d, "a");
+    let at = (1000..new.len()).find(|&i| old.get(i) != Some(&new[i])).unwrap();
+    let mut bad = new.clone();
+    bad[at + 10] ^= 0xff;
+    fs::write(&path, bad).unwrap();
+    let r = d.imgdeploy(&["apply"]);
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("does not match the signed index"), "{}", r.stderr);
+    assert!(r.stderr.lines().any(|l| l.starts_with("error:") && l.contains("sha256")), "{}", r.stderr);
+    assert_eq!(d.active_version().as_deref(), Some("v1"));
+    d.assert_link_sound();
+    fs::write(&path, new).unwrap();
+    d.imgdeploy(&["apply"]).ok();
+    assert_eq!(d.status()["active"]["version"], "v2");
+}
+
+#[test]
+fn privileged_tampered_chunk_in_local_slot_is_not_reused() {
+    if !require_root("privileged_tampered_chunk_in_local_slot_is_not_reused") {
+        return;
+    }
+    let (d, v2) = two_versions("");
+    let clean = d.imgdeploy(&["apply", "--dry-run", "--json"]).ok().json();
+    // Corrupt the middle of the active slot's image (a region v2 shares with v1).
+    let img = d.state.join("slots/a/image.squashfs");
+    let mut b = fs::read(&img).unwrap();
+    let mid = b.len() / 2;
+    b[mid] ^= 0x55;
+    fs::write(&img, b).unwrap();
+    let r = d.imgdeploy(&["apply", "--json"]).ok().json();
+    assert_eq!(r["download"]["mode"], "delta");
+    assert!(
+        r["download"]["downloaded"].as_u64() > clean["download_bytes"].as_u64(),
+        "the corrupted chunk was reused: {r}"
+    );
+    assert_eq!(slot_image(&d, "b"), published_image(&d, &v2));
+}
+
+#[test]
+fn privileged_truncated_or_tampered_index_is_rejected() {
+    if !require_root("privileged_truncated_or_tampered_index_is_rejected") {
+        return;
+    }
+    let (d, v2) = two_versions("");
+    let m: serde_json::Value = serde_json::from_slice(&fs::read(d.repo.join("stable.json")).unwrap()).unwrap();
+    let idx = d.repo.join(m["index"]["path"].as_str().unwrap());
+    let good = fs::read(&idx).unwrap();
+    for (what, bad) in [
+        ("truncated", good[..good.len() / 2].to_vec()),
+        ("tampered", {
+            let mut b = good.clone();
+            b[good.len() / 2] ^= 1;
+            b
+        }),
+    ] {
+        fs::write(&idx, &bad).unwrap();
+        let plan = d.imgdeploy(&["apply", "--dry-run", "--json"]);
+        assert!(plan.stderr.contains("truncated or tampered with"), "{what}: {}", plan.stderr);
+        assert_eq!(plan.json()["mode"], "full", "{what}");
+    }
+    let r = d.imgdeploy(&["apply", "--json"]).ok();
+    assert!(r.stderr.contains("truncated or tampered with; falling back to a full download"), "{}", r.stderr);
+    assert_eq!(r.json()["download"]["mode"], "full");
+    assert_eq!(slot_image(&d, "b"), published_image(&d, &v2));
+    // No index was stored for that slot, since none verified.
+    assert!(!d.state.join("slots/b/index.idx").exists());
+}
+
+#[test]
+fn privileged_killed_delta_resumes() {
+    if !require_root("privileged_killed_delta_resumes") {
+        return;
+    }
+    let d = Deployment::new("", "limit_rate 1m;");
+    let tree = d.dir.path().join("tree");
+    make_tree(&tree, 150, 1);
+    d.publish_tree(&tree, "v1");
+    d.imgdeploy(&["apply"]).ok();
+    // Change a third of the files: a delta that takes a few seconds at 1 MB/s.
+    for i in (0..150).step_by(3) {
+        write_noise(&tree.join(format!("d{}/f{i:04}", i % 7)), 60_000, 5000 + i as u64);
+    }
+    let v2 = d.publish_tree(&tree, "v2");
+    let mut child = Command::new(bin("imgdeploy"))
+        .arg("-c")
+        .arg(&d.config)
+        .arg("apply")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let meta = d.state.join("slots/b/partial.json");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !fs::read_to_string(&meta).is_ok_and(|m| m.contains("\"delta\":true")) {
+        assert!(Instant::now() < deadline, "delta never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    d.assert_link_sound();
+    assert_eq!(d.status()["active"]["version"], "v1");
+    let r = d.imgdeploy(&["apply", "--json"]).ok().json();
+    assert_eq!(r["download"]["mode"], "delta");
+    assert!(r["download"]["resumed_from"].as_u64().unwrap() > 0, "nothing resumed: {r}");
+    assert_eq!(slot_image(&d, "b"), published_image(&d, &v2));
+    d.assert_no_leaks();
+}
