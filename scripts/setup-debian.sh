@@ -13,6 +13,7 @@ packages=(
   util-linux                    # losetup, mount, setpriv, unshare
   time                          # /usr/bin/time -v: peak RSS in benchmarks
   curl bc                       # the peer pipeline in the deploy benchmark
+  rsync casync zsync            # peers measured by bench/delta.sh
   psmisc                        # fuser, for debugging busy mounts
   cpio binutils                 # initramfs checks; objcopy strips /init for netboot
   linux-image-amd64             # a real kernel and modules for the netboot qemu test

@@ -144,6 +144,9 @@ pub struct BuildArgs {
     /// Compression threads (default: all cores).
     #[arg(long, default_value_t = 0)]
     pub jobs: u32,
+    /// Store each file's tail in its own block instead of shared fragment blocks.
+    #[arg(long)]
+    pub no_fragments: bool,
     /// Print the result as one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -178,6 +181,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 exclude: a.exclude,
                 expires_in: a.expires_in,
                 jobs: a.jobs,
+                fragments: !a.no_fragments,
             };
             let r = build(&req)?;
             if a.json {

@@ -1,26 +1,27 @@
-//! `imgbuild gc`: remove images no channel references, beyond the newest N.
+//! `imgbuild gc`: remove images and chunk indexes no channel references,
+//! beyond the newest N of each.
 //!
-//! Referenced images are never removed. Of the unreferenced ones, the N most
+//! Referenced files are never removed. Of the unreferenced ones, the N most
 //! recently published stay, so frontends still downloading (or rolling back
 //! to) a recent image are not cut off. Leftover temp files of crashed builds
 //! older than a day go too. If any manifest cannot be read, nothing is removed.
 
 use std::collections::BTreeSet;
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
-use imgdeploy_common::manifest::IMAGE_SUFFIX;
+use imgdeploy_common::manifest::{IMAGES_DIR, IMAGE_SUFFIX, INDEXES_DIR};
 
 use crate::publish::Repo;
 
 /// What gc did.
-#[derive(Debug, serde::Serialize)]
+#[derive(Debug, Default, serde::Serialize)]
 pub struct GcReport {
-    /// Images kept because a channel references them.
+    /// Files kept because a channel references them.
     pub referenced: Vec<PathBuf>,
-    /// Unreferenced images kept by --keep.
+    /// Unreferenced files kept by --keep.
     pub kept: Vec<PathBuf>,
     /// Files removed.
     pub removed: Vec<PathBuf>,
@@ -28,46 +29,50 @@ pub struct GcReport {
     pub freed_bytes: u64,
 }
 
-/// Runs gc on `repo`, keeping `keep` unreferenced images.
-pub fn gc(repo: &Repo, keep: usize, dry_run: bool) -> Result<GcReport> {
-    let referenced: BTreeSet<PathBuf> =
-        repo.manifests()?.into_iter().map(|(_, m)| repo.root().join(&m.image.path)).collect();
+/// Prunes one content-addressed directory.
+fn prune(
+    dir: &Path,
+    suffix: &str,
+    referenced: &BTreeSet<PathBuf>,
+    keep: usize,
+    dry_run: bool,
+    report: &mut GcReport,
+) -> Result<()> {
     let mut unreferenced = Vec::new();
     let mut stale_tmp = Vec::new();
-    let dir = repo.images_dir();
-    for entry in fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("listing {}", dir.display())),
+    };
+    for entry in entries {
         let entry = entry.with_context(|| format!("listing {}", dir.display()))?;
         let path = entry.path();
         let md = entry.metadata().with_context(|| format!("examining {}", path.display()))?;
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
+        let name = entry.file_name().to_string_lossy().into_owned();
         let mtime = md.modified().unwrap_or(SystemTime::UNIX_EPOCH);
         if name.starts_with(".tmp-") {
-            let age = SystemTime::now().duration_since(mtime).unwrap_or_default();
-            if age > Duration::from_secs(86400) {
+            if SystemTime::now().duration_since(mtime).unwrap_or_default() > Duration::from_secs(86400) {
                 stale_tmp.push((path, md.len()));
             }
-        } else if name.ends_with(IMAGE_SUFFIX) && !referenced.contains(&path) {
-            unreferenced.push((mtime, path, md.len()));
+        } else if name.ends_with(suffix) {
+            if referenced.contains(&path) {
+                report.referenced.push(path);
+            } else {
+                unreferenced.push((mtime, path, md.len()));
+            }
         }
     }
     // Newest first; ties broken by name so the choice is deterministic.
     unreferenced.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
-    let mut report = GcReport {
-        referenced: referenced.into_iter().collect(),
-        kept: Vec::new(),
-        removed: Vec::new(),
-        freed_bytes: 0,
-    };
-    let doomed = unreferenced.into_iter().enumerate().filter_map(|(i, (_, p, len))| {
+    let mut doomed = stale_tmp;
+    for (i, (_, p, len)) in unreferenced.into_iter().enumerate() {
         if i < keep {
             report.kept.push(p);
-            None
         } else {
-            Some((p, len))
+            doomed.push((p, len));
         }
-    });
-    let doomed: Vec<_> = doomed.chain(stale_tmp).collect();
+    }
     for (path, len) in doomed {
         if !dry_run {
             fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
@@ -76,7 +81,19 @@ pub fn gc(repo: &Repo, keep: usize, dry_run: bool) -> Result<GcReport> {
         report.removed.push(path);
     }
     if !dry_run {
-        imgdeploy_common::atomic::fsync_dir(&dir).with_context(|| format!("syncing {}", dir.display()))?;
+        imgdeploy_common::atomic::fsync_dir(dir).with_context(|| format!("syncing {}", dir.display()))?;
     }
+    Ok(())
+}
+
+/// Runs gc on `repo`, keeping `keep` unreferenced images and indexes.
+pub fn gc(repo: &Repo, keep: usize, dry_run: bool) -> Result<GcReport> {
+    let manifests = repo.manifests()?;
+    let images: BTreeSet<PathBuf> = manifests.iter().map(|(_, m)| repo.root().join(&m.image.path)).collect();
+    let indexes: BTreeSet<PathBuf> =
+        manifests.iter().filter_map(|(_, m)| m.index.as_ref()).map(|i| repo.root().join(&i.path)).collect();
+    let mut report = GcReport::default();
+    prune(&repo.root().join(IMAGES_DIR), IMAGE_SUFFIX, &images, keep, dry_run, &mut report)?;
+    prune(&repo.root().join(INDEXES_DIR), ".idx", &indexes, keep, dry_run, &mut report)?;
     Ok(report)
 }

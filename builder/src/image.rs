@@ -54,6 +54,9 @@ pub struct ImageOptions {
     pub workers: u32,
     /// Superblock time; `None` = newest mtime in the tree.
     pub mtime: Option<u32>,
+    /// Pack file tails into shared fragment blocks (smaller images; a file
+    /// that changes size then shifts every later fragment, see BENCHMARKS.md).
+    pub fragments: bool,
 }
 
 /// What was written.
@@ -155,7 +158,7 @@ pub fn write_image(
         match &node.kind {
             Kind::Dir(children) => stack.extend(children.iter().rev()),
             Kind::File(size) if node.link_of.is_none() => {
-                slots[idx] = Some(w.begin_file()?);
+                slots[idx] = Some(w.begin_file(!opts.fragments)?);
                 pack_file(&mut w, &node.path, *size, &mut buf, progress)?;
                 w.end_file()?;
             }
@@ -252,7 +255,7 @@ mod tests {
         std::fs::write(src.join("d/f"), vec![7u8; 300_000]).unwrap();
         std::fs::write(src.join("small"), b"x").unwrap();
         let tree = read_tree(&src, &compile_excludes(&[]).unwrap()).unwrap();
-        let opts = ImageOptions { level: 3, workers: 2, mtime: Some(1_000) };
+        let opts = ImageOptions { level: 3, workers: 2, mtime: Some(1_000), fragments: true };
         let (a, b) = (d.path().join("a.sqfs"), d.path().join("b.sqfs"));
         let st = write_image(&tree, &a, &opts, &|_| {}).unwrap();
         write_image(&tree, &b, &opts, &|_| {}).unwrap();
@@ -277,7 +280,7 @@ mod tests {
         std::fs::write(src.join("gone"), b"x").unwrap();
         std::fs::write(src.join("grows"), b"x").unwrap();
         let tree = read_tree(&src, &compile_excludes(&[]).unwrap()).unwrap();
-        let opts = ImageOptions { level: 1, workers: 1, mtime: None };
+        let opts = ImageOptions { level: 1, workers: 1, mtime: None, fragments: true };
         std::fs::remove_file(src.join("gone")).unwrap();
         let err = write_image(&tree, &d.path().join("a"), &opts, &|_| {}).unwrap_err();
         assert!(matches!(&err, ImageError::Walk(WalkError::Vanished(p)) if p.ends_with("gone")), "{err}");

@@ -38,6 +38,8 @@ pub struct BuildRequest {
     pub expires_in: Duration,
     /// Compression threads (0 = all cores).
     pub jobs: u32,
+    /// Pack file tails into shared fragment blocks.
+    pub fragments: bool,
 }
 
 /// The result of a build.
@@ -123,7 +125,12 @@ pub fn build(req: &BuildRequest) -> Result<BuildReport> {
     } else {
         req.jobs
     };
-    let opts = ImageOptions { level: req.level, workers: jobs, mtime: epoch.map(|e| e.min(u32::MAX as u64) as u32) };
+    let opts = ImageOptions {
+        level: req.level,
+        workers: jobs,
+        mtime: epoch.map(|e| e.min(u32::MAX as u64) as u32),
+        fragments: req.fragments,
+    };
     let pb = progress_bar(tree.data_bytes);
     let stats =
         write_image(&tree, &tmp.0, &opts, &|n| pb.inc(n)).with_context(|| format!("packing {}", req.src.display()))?;

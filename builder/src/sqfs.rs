@@ -159,6 +159,7 @@ mod ffi {
     pub const SQFS_FILE_OPEN_NO_CHARSET_XFRM: u32 = 0x04;
     pub const SQFS_META_WRITER_KEEP_IN_MEMORY: u32 = 0x01;
     pub const SQFS_FLAG_COMPRESSOR_OPTIONS: u16 = 0x0400;
+    pub const SQFS_BLK_DONT_FRAGMENT: u32 = 0x0004;
 
     pub const SQFS_INODE_DIR: u16 = 1;
     pub const SQFS_INODE_FILE: u16 = 2;
@@ -502,15 +503,24 @@ impl ImageWriter {
         Ok(w)
     }
 
-    /// Starts a regular file's data.
-    pub fn begin_file(&mut self) -> Result<FileSlot, SqfsError> {
+    /// Starts a regular file's data. With `own_tail`, the file's last partial
+    /// block is stored as a block of its own instead of being packed into a
+    /// shared fragment block.
+    pub fn begin_file(&mut self, own_tail: bool) -> Result<FileSlot, SqfsError> {
         self.file_slots.push(Box::new(ptr::null_mut()));
         let idx = self.file_slots.len() - 1;
         let slot: *mut *mut ffi::InodeGeneric = &mut *self.file_slots[idx];
         // SAFETY: the boxed slot outlives the processor's use of it (until
         // `finish_data`), as the Vec only moves the Box, not its contents.
         check(
-            unsafe { ffi::sqfs_block_processor_begin_file(self.proc_, slot, ptr::null_mut(), 0) },
+            unsafe {
+                ffi::sqfs_block_processor_begin_file(
+                    self.proc_,
+                    slot,
+                    ptr::null_mut(),
+                    if own_tail { ffi::SQFS_BLK_DONT_FRAGMENT } else { 0 },
+                )
+            },
             "starting a file",
         )?;
         Ok(FileSlot(idx))

@@ -14,12 +14,15 @@
 //! Until step 6 the active version is untouched; every failure before it
 //! unmounts what it mounted and leaves `link` where it was.
 
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use imgdeploy_common::atomic::{fsync_dir, write_atomic};
 use imgdeploy_common::location::{http_agent, Location};
 use imgdeploy_common::manifest::Timestamp;
+use imgdeploy_common::squashfs::{Superblock, SUPERBLOCK_BYTES};
 use serde::Serialize;
 
 use crate::config::Config;
@@ -101,13 +104,26 @@ pub fn active_slot(cfg: &Config, layout: &Layout) -> Result<Option<SlotId>> {
     }
 }
 
-/// Mounts `slot` (verifying its image first) unless it is already mounted.
-pub fn ensure_mounted(cfg: &Config, layout: &Layout, inst: &Installed) -> Result<()> {
+/// Mounts `slot` unless it is already mounted. Its image is verified first,
+/// unless `verified` is the open image file whose sha256 was just computed
+/// over exactly the bytes written to it (a download in this run); then only
+/// its superblock is checked.
+pub fn ensure_mounted(cfg: &Config, layout: &Layout, inst: &Installed, verified: Option<File>) -> Result<()> {
     let target = layout.mount_point(inst.slot);
     if mounted_at(&target)?.is_some() {
         return Ok(());
     }
-    let file = open_verified(layout, inst.slot, &inst.manifest)?;
+    let file = match verified {
+        Some(f) => {
+            let mut head = [0u8; SUPERBLOCK_BYTES];
+            f.read_exact_at(&mut head, 0)?;
+            Superblock::parse(&head)
+                .and_then(|sb| sb.check_size(inst.manifest.image.size))
+                .with_context(|| format!("slot {}: image is not a usable squashfs image", inst.slot))?;
+            f
+        }
+        None => open_verified(layout, inst.slot, &inst.manifest)?,
+    };
     mount_image(
         &file,
         &layout.image(inst.slot),
@@ -191,7 +207,7 @@ fn dry_run(agent: &ureq::Agent, fetched: &crate::fetch::FetchedManifest, layout:
         return Ok(full(r.size));
     }
     let image_loc = fetched.location.sibling(&m.image.path);
-    let st = delta::build(agent, &image_loc, m, &idx.index, &seeds, layout, SlotId::A, true)?;
+    let (st, _) = delta::build(agent, &image_loc, m, &idx.index, &seeds, layout, SlotId::A, true)?;
     Ok(Outcome::WouldUpdate {
         serial: m.serial,
         mode: "delta",
@@ -280,7 +296,7 @@ fn apply_locked(cfg: &Config, opts: &ApplyOptions, layout: &Layout, state: &mut 
                 bail!("the server publishes serial {} with a different image than the one active here; a serial must never be reused, republish with a new serial", m.serial);
             }
             // After a reboot the link may point at an unmounted slot: repair that.
-            ensure_mounted(cfg, layout, cur)?;
+            ensure_mounted(cfg, layout, cur, None)?;
             return Ok(Outcome::UpToDate {
                 serial: m.serial,
                 message: format!("already at serial {} ({}) in slot {}", m.serial, m.version, cur.slot),
@@ -314,6 +330,7 @@ fn apply_locked(cfg: &Config, opts: &ApplyOptions, layout: &Layout, state: &mut 
     // 3. Download unless the standby already holds exactly this image.
     let standby_inst = installed(layout, standby, &keys).ok().flatten();
     let mut download = DownloadStats::default();
+    let mut verified_file = None;
     let reuse = standby_inst.as_ref().is_some_and(|i| {
         i.manifest.image.sha256 == m.image.sha256 && open_verified(layout, standby, &i.manifest).is_ok()
     });
@@ -348,7 +365,8 @@ fn apply_locked(cfg: &Config, opts: &ApplyOptions, layout: &Layout, state: &mut 
                 tracing::info!("no local image to reuse chunks from; downloading the whole image");
             } else {
                 match delta::build(&agent, &image_loc, &m, &idx.index, &seeds, layout, standby, false) {
-                    Ok(st) => delta_done = Some(st),
+                    Ok((st, Some(f))) => delta_done = Some((st, f)),
+                    Ok((_, None)) => unreachable!("only dry runs return no file"),
                     Err(e) => {
                         tracing::warn!("delta update failed: {e}; falling back to a full download");
                         for p in [layout.partial(standby), layout.partial_meta(standby)] {
@@ -360,8 +378,9 @@ fn apply_locked(cfg: &Config, opts: &ApplyOptions, layout: &Layout, state: &mut 
             }
         }
         drop(seeds);
-        download = match delta_done {
-            Some(st) => {
+        let file;
+        (download, file) = match delta_done {
+            Some((st, f)) => {
                 tracing::info!(
                     "delta: reused {} bytes from local images, {} already in place, downloaded {} bytes in {} requests ({} of {} chunks)",
                     st.reused,
@@ -371,16 +390,20 @@ fn apply_locked(cfg: &Config, opts: &ApplyOptions, layout: &Layout, state: &mut 
                     st.chunks_fetched,
                     st.chunks
                 );
-                DownloadStats {
-                    mode: "delta",
-                    downloaded: st.downloaded,
-                    resumed_from: st.resumed,
-                    reused: st.reused,
-                    requests: st.requests,
-                }
+                (
+                    DownloadStats {
+                        mode: "delta",
+                        downloaded: st.downloaded,
+                        resumed_from: st.resumed,
+                        reused: st.reused,
+                        requests: st.requests,
+                    },
+                    f,
+                )
             }
             None => download_image(&agent, &image_loc, &m, layout, standby)?,
         };
+        verified_file = Some(file);
         std::fs::rename(layout.partial(standby), layout.image(standby))?;
         // The partial's bookkeeping goes with it; a leftover would only cause a harmless re-hash.
         let _ = std::fs::remove_file(layout.partial_meta(standby));
@@ -402,8 +425,8 @@ fn apply_locked(cfg: &Config, opts: &ApplyOptions, layout: &Layout, state: &mut 
     }
     let inst = Installed { slot: standby, manifest: m.clone(), key_id: fetched.verified.key_id.clone() };
 
-    // 4. Verify again and mount.
-    ensure_mounted(cfg, layout, &inst)?;
+    // 4. Mount: the image was verified as it was written (or is verified now).
+    ensure_mounted(cfg, layout, &inst, verified_file)?;
     let target = layout.mount_point(standby);
 
     // 5. Health check.

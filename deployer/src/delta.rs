@@ -198,53 +198,54 @@ fn coalesce(missing: &[usize]) -> Vec<(usize, usize)> {
     out
 }
 
-/// Plans (and unless `dry_run`, performs) the local part of a delta: which
-/// chunks are in place or can be copied from seeds. Returns the missing chunks.
-fn assemble_local(
-    new: &ChunkIndex,
-    seeds: &[Seed],
-    out: Option<&File>,
-    stats: &mut DeltaStats,
-    pb: &ProgressBar,
-    path: &str,
-) -> Result<Vec<usize>, DeltaError> {
-    let disk = |source| DeltaError::Disk { path: path.to_owned(), source };
-    let mut have: HashMap<Sha256Digest, Vec<(usize, u64, u32)>> = HashMap::new();
+/// Where a chunk of the new image comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// Already in the partial file from an interrupted run (verified).
+    InPlace,
+    /// Probably in a local image (verified when copied).
+    Local,
+    /// From the server.
+    Fetch,
+}
+
+/// Chunk hash -> where local images (claim to) hold it.
+type Lookup = HashMap<Sha256Digest, Vec<(usize, u64, u32)>>;
+
+fn lookup(seeds: &[Seed]) -> Lookup {
+    let mut have: Lookup = HashMap::new();
     for (si, s) in seeds.iter().enumerate() {
         for c in &s.index.chunks {
             have.entry(c.sha256).or_default().push((si, c.offset, c.len));
         }
     }
+    have
+}
+
+/// Decides each chunk's source. Only a resumed partial is read here; seeds
+/// are read (and verified) when their chunks are copied.
+fn plan(
+    new: &ChunkIndex,
+    have: &Lookup,
+    resume: Option<&File>,
+    disk: &dyn Fn(io::Error) -> DeltaError,
+) -> Result<Vec<Source>, DeltaError> {
     let mut buf = Vec::new();
-    let mut missing = Vec::new();
-    for (i, c) in new.chunks.iter().enumerate() {
-        // Already in place (an interrupted run wrote it)?
-        if let Some(f) = out {
-            if read_chunk(f, c.offset, c.len, &mut buf).map_err(disk)? == c.sha256 {
-                stats.resumed += c.len as u64;
-                pb.inc(c.len as u64);
-                continue;
-            }
-        }
-        let mut found = false;
-        for &(si, off, len) in have.get(&c.sha256).map(Vec::as_slice).unwrap_or(&[]) {
-            // A seed whose bytes changed under its index is simply not used.
-            if len == c.len && read_chunk(&seeds[si].file, off, len, &mut buf).is_ok_and(|h| h == c.sha256) {
-                if let Some(f) = out {
-                    f.write_all_at(&buf, c.offset).map_err(disk)?;
+    new.chunks
+        .iter()
+        .map(|c| {
+            if let Some(f) = resume {
+                if read_chunk(f, c.offset, c.len, &mut buf).map_err(disk)? == c.sha256 {
+                    return Ok(Source::InPlace);
                 }
-                found = true;
-                break;
             }
-        }
-        if found {
-            stats.reused += c.len as u64;
-            pb.inc(c.len as u64);
-        } else {
-            missing.push(i);
-        }
-    }
-    Ok(missing)
+            Ok(if have.get(&c.sha256).is_some_and(|v| v.iter().any(|&(_, _, len)| len == c.len)) {
+                Source::Local
+            } else {
+                Source::Fetch
+            })
+        })
+        .collect()
 }
 
 fn header_value(resp: &ureq::http::Response<ureq::Body>, name: &str) -> Option<String> {
@@ -385,7 +386,10 @@ fn progress(total: u64) -> ProgressBar {
 }
 
 /// Builds the image of `m` (described by `new`) in `slot`'s partial file from
-/// `seeds` and the server. With `dry_run`, only counts what it would fetch.
+/// `seeds` and the server, and returns it open: its sha256 was computed over
+/// exactly the bytes written, so it can be mounted without being read again.
+/// With `dry_run`, only counts what it would fetch (assuming the local images
+/// are intact) and returns no file.
 #[allow(clippy::too_many_arguments)]
 pub fn build(
     agent: &ureq::Agent,
@@ -396,53 +400,80 @@ pub fn build(
     layout: &Layout,
     slot: SlotId,
     dry_run: bool,
-) -> Result<DeltaStats, DeltaError> {
+) -> Result<(DeltaStats, Option<File>), DeltaError> {
     let url = image.to_string();
     let partial = layout.partial(slot);
     let path = partial.display().to_string();
     let disk = |source| DeltaError::Disk { path: path.clone(), source };
     let mut stats = DeltaStats { chunks: new.chunks.len() as u64, ..Default::default() };
-    let pb = if dry_run { ProgressBar::hidden() } else { progress(m.image.size) };
-    let out = if dry_run {
-        None
-    } else {
-        // Marks the partial as filled out of order, so a full download never resumes it as a prefix.
-        PartialMeta { sha256: m.image.sha256, size: m.image.size, delta: true }.save(layout, slot).map_err(disk)?;
-        let f = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&partial).map_err(disk)?;
-        f.set_len(m.image.size).map_err(disk)?;
-        Some(f)
-    };
-    let missing = assemble_local(new, seeds, out.as_ref(), &mut stats, &pb, &path)?;
-    let ranges = coalesce(&missing);
+    let have = lookup(seeds);
     if dry_run {
-        stats.requests = ranges.len().div_ceil(RANGES_PER_REQUEST) as u64;
+        let sources = plan(new, &have, None, &disk)?;
+        let missing: Vec<usize> = (0..sources.len()).filter(|&i| sources[i] == Source::Fetch).collect();
+        stats.requests = coalesce(&missing).len().div_ceil(RANGES_PER_REQUEST) as u64;
         stats.downloaded = missing.iter().map(|&i| new.chunks[i].len as u64).sum();
         stats.chunks_fetched = missing.len() as u64;
-        return Ok(stats);
+        stats.reused = m.image.size - stats.downloaded;
+        return Ok((stats, None));
     }
-    let out = out.expect("not a dry run");
-    for batch in ranges.chunks(RANGES_PER_REQUEST) {
+    // A partial of this very image from an interrupted delta is checked in place.
+    let want = PartialMeta { sha256: m.image.sha256, size: m.image.size, delta: true };
+    let resuming = std::fs::read(layout.partial_meta(slot))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<PartialMeta>(&b).ok())
+        .as_ref()
+        == Some(&want)
+        && std::fs::metadata(&partial).is_ok_and(|md| md.len() == m.image.size);
+    // Marks the partial as filled out of order, so a full download never resumes it as a prefix.
+    want.save(layout, slot).map_err(disk)?;
+    let out = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&partial).map_err(disk)?;
+    out.set_len(m.image.size).map_err(disk)?;
+    let pb = progress(m.image.size);
+    let sources = plan(new, &have, resuming.then_some(&out), &disk)?;
+
+    // 1. Fetch what no local image has, in coalesced multi-range requests.
+    let missing: Vec<usize> = (0..sources.len()).filter(|&i| sources[i] == Source::Fetch).collect();
+    for batch in coalesce(&missing).chunks(RANGES_PER_REQUEST) {
         fetch_ranges(agent, &url, new, batch, &out, &path, &mut stats, &pb)?;
+    }
+    // 2. One pass in image order: copy local chunks (verifying each), and
+    //    hash the whole image exactly as it is written.
+    let mut whole = StreamHasher::new();
+    let mut buf = Vec::new();
+    for (i, c) in new.chunks.iter().enumerate() {
+        match sources[i] {
+            Source::InPlace | Source::Fetch => {
+                if sources[i] == Source::InPlace {
+                    stats.resumed += c.len as u64;
+                    pb.inc(c.len as u64);
+                }
+                read_chunk(&out, c.offset, c.len, &mut buf).map_err(disk)?;
+            }
+            Source::Local => {
+                // A seed whose bytes changed under its index is simply not used for this chunk.
+                let copied = have[&c.sha256].iter().filter(|&&(_, _, len)| len == c.len).any(|&(si, off, len)| {
+                    read_chunk(&seeds[si].file, off, len, &mut buf).is_ok_and(|h| h == c.sha256)
+                });
+                if copied {
+                    out.write_all_at(&buf, c.offset).map_err(disk)?;
+                    stats.reused += c.len as u64;
+                    pb.inc(c.len as u64);
+                } else {
+                    tracing::warn!("local copy of the chunk at offset {} is corrupt; fetching it", c.offset);
+                    fetch_ranges(agent, &url, new, &[(i, i)], &out, &path, &mut stats, &pb)?;
+                    read_chunk(&out, c.offset, c.len, &mut buf).map_err(disk)?;
+                }
+            }
+        }
+        whole.update(&buf);
     }
     out.sync_all().map_err(disk)?;
     pb.finish_and_clear();
-    // Every chunk was verified; hash the whole as the manifest signs it anyway.
-    let mut h = StreamHasher::new();
-    let mut r = BufReader::with_capacity(1 << 20, &out);
-    io::Seek::seek(&mut r, io::SeekFrom::Start(0)).map_err(disk)?;
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = r.read(&mut buf).map_err(disk)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    let (found, _) = h.finish();
+    let (found, _) = whole.finish();
     if found != m.image.sha256 {
         return Err(DeltaError::Digest { expected: m.image.sha256, found });
     }
-    Ok(stats)
+    Ok((stats, Some(out)))
 }
 
 #[cfg(test)]

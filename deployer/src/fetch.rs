@@ -177,14 +177,15 @@ fn progress(total: u64, start: u64) -> ProgressBar {
 
 /// Downloads the image of `manifest` (at `image`) into `slot`'s partial file,
 /// resuming an earlier partial of the same image. On success the verified
-/// bytes are in `layout.partial(slot)`, fsynced.
+/// bytes are in `layout.partial(slot)`, fsynced, and that file is returned
+/// open: its sha256 covered exactly the bytes in it.
 pub fn download_image(
     agent: &ureq::Agent,
     image: &Location,
     manifest: &Manifest,
     layout: &Layout,
     slot: SlotId,
-) -> Result<DownloadStats, DownloadError> {
+) -> Result<(DownloadStats, std::fs::File), DownloadError> {
     let size = manifest.image.size;
     let partial = layout.partial(slot);
     let meta_path = layout.partial_meta(slot);
@@ -281,5 +282,5 @@ pub fn download_image(
         return Err(DownloadError::Digest { url: image.to_string(), expected: manifest.image.sha256, found });
     }
     fsync_dir(&layout.slot_dir(slot)).map_err(disk(&partial))?;
-    Ok(stats)
+    Ok((stats, file))
 }

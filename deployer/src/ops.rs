@@ -208,7 +208,7 @@ pub fn rollback(cfg: &Config) -> Result<(SlotId, u64, Vec<Holder>)> {
         bail!("slot {standby} holds no image to roll back to; only one version has been deployed here");
     };
     let from = installed(&layout, active, &keys).ok().flatten().map(|i| i.manifest.serial);
-    ensure_mounted(cfg, &layout, &inst)?;
+    ensure_mounted(cfg, &layout, &inst, None)?;
     point_link(&cfg.link, &layout.mount_point(standby))?;
     state.active = Some(standby);
     state.rolled_back_serial = from;
@@ -234,7 +234,7 @@ pub fn mount_active(cfg: &Config) -> Result<Option<(SlotId, u64)>> {
     let Some(inst) = installed(&layout, slot, &keys)? else {
         bail!("slot {slot} is recorded as active but holds no verified image; run `imgdeploy apply`");
     };
-    ensure_mounted(cfg, &layout, &inst)?;
+    ensure_mounted(cfg, &layout, &inst, None)?;
     let target = layout.mount_point(slot);
     if current_target(&cfg.link)?.as_deref() != Some(target.as_path()) {
         point_link(&cfg.link, &target)?;

@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# Delta updates against the peers, in one run: for three changes of a >= 1 GB
+# tree, the bytes each tool moves over loopback and its wall time.
+#
+#   (a) one file of a few KB edited
+#   (b) one package's worth of files replaced (~1% of the bytes)
+#   (c) ~10% of the files changed
+#
+# Tools: `imgdeploy apply` (delta, nginx), rsync -a --delete over an rsync
+# daemon (--stats), casync (make of the image into a chunk store served by
+# nginx, extract --seed=OLD), zsync (zsyncmake + zsync -i OLD), and a full
+# image download. HTTP bytes come from nginx's access log.
+#
+#   bash bench/delta.sh [SRC...]   default: /usr/share /usr/lib/x86_64-linux-gnu
+set -euo pipefail
+cd "$(dirname "$0")/.."
+srcs=("$@"); ((${#srcs[@]})) || srcs=(/usr/share /usr/lib/x86_64-linux-gnu)
+bash scripts/setup-debian.sh
+cargo build --release --locked -q -p imgdeploy-builder -p imgdeploy-deployer
+bin=$PWD/target/release
+work=$(mktemp -d /var/tmp/imgdelta.XXXXXX)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for m in "$work"/state/mnt/*; do umount "$m" 2>/dev/null || true; done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+now() { date +%s.%N; }
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+mkdir -p "$work/master" "$work/srv"
+for s in "${srcs[@]}"; do cp -a "$s" "$work/master/"; done
+echo "tree: ${srcs[*]}: $(du -sh --apparent-size "$work/master" | cut -f1), $(find "$work/master" -type f | wc -l) files; $(nproc) cores" >&2
+"$bin/imgbuild" -q keygen --out "$work/k" >/dev/null
+
+# nginx serving the image repository, the casync store and the zsync files.
+port=$(free_port)
+cat > "$work/nginx.conf" <<NGINX
+daemon off; master_process off; worker_processes 1; pid $work/nginx.pid; error_log $work/nginx-error.log;
+events { worker_connections 256; }
+http { log_format f '\$request_uri \$status \$body_bytes_sent'; access_log $work/access.log f; sendfile on;
+  client_body_temp_path $work; proxy_temp_path $work; fastcgi_temp_path $work; uwsgi_temp_path $work; scgi_temp_path $work;
+  server { listen 127.0.0.1:$port; root $work/srv; } }
+NGINX
+nginx -c "$work/nginx.conf" -p "$work" & pids+=($!)
+# rsync daemon serving the master tree.
+rport=$(free_port)
+printf 'use chroot = no\nnumeric ids = yes\n[tree]\npath = %s/master\nread only = yes\nuid = root\ngid = root\n' "$work" > "$work/rsyncd.conf"
+rsync --daemon --no-detach --port="$rport" --address=127.0.0.1 --config="$work/rsyncd.conf" & pids+=($!)
+sleep 1
+http_bytes() { awk '{s+=$3} END {print s+0}' "$work/access.log"; }
+reset_log() { : > "$work/access.log"; }
+
+build() { "$bin/imgbuild" -q build "$work/master" --key "$work/k.key" --channel bench --repo "$work/srv/repo" --json; }
+field() { python3 -c "import json,sys; print(json.load(sys.stdin)$1)"; }
+cat > "$work/imgdeploy.toml" <<TOML
+source = "http://127.0.0.1:$port/repo/bench.json"
+trusted_keys = ["$work/k.pub"]
+state_dir = "$work/state"
+link = "$work/link"
+drain_timeout = "1s"
+TOML
+
+# Version 1 everywhere.
+v1=$(build); img1=$(echo "$v1" | field '["image"]')
+"$bin/imgdeploy" -q -c "$work/imgdeploy.toml" apply >/dev/null
+cp -a "$work/master" "$work/rsync-copy"
+cp "$img1" "$work/old.img"
+
+change() {
+  case $1 in
+    a) f=$(find "$work/master" -type f -size -8k -size +2k | sort | sed -n '500p'); printf '# edited\n' >> "$f" ;;
+    b) total=$(du -s --apparent-size -B1 "$work/master" | cut -f1)
+       d=$(cd "$work/master" && find . -mindepth 2 -maxdepth 3 -type d | sort | while read -r x; do echo "$(du -s --apparent-size -B1 "$x" | cut -f1) $x"; done \
+           | awk -v t="$total" '$1 > t/130 && $1 < t/70 {print $2; exit}')
+       find "$work/master/$d" -type f -exec sh -c 'for f; do head -c "$(stat -c %s "$f")" /dev/urandom > "$f.new" && mv "$f.new" "$f"; done' sh {} + ;;
+    c) find "$work/master" -type f | sort | awk 'NR % 10 == 0' | while read -r f; do
+         s=$(stat -c %s "$f"); [ "$s" -gt 0 ] || continue
+         head -c $((s < 4096 ? s : 4096)) /dev/urandom | dd of="$f" bs=1 seek=$((s / 3)) conv=notrunc status=none; done ;;
+  esac
+}
+
+printf '\n%-4s %-22s %14s %9s %9s\n' chg tool "bytes" "vs rsync" "wall s"
+for s in a b c; do
+  change "$s"
+  v=$(build); img=$(echo "$v" | field '["image"]'); size=$(echo "$v" | field '["size"]')
+  # casync store and zsync control file for the new image (server-side preparation, not timed).
+  rm -rf "$work/srv/store.castr"; casync make --store="$work/srv/store.castr" "$work/srv/image.caibx" "$img" >/dev/null
+  cp "$img" "$work/srv/new.img"; (cd "$work/srv" && zsyncmake -u new.img -o new.img.zsync new.img >/dev/null 2>&1)
+
+  # rsync, the status quo.
+  t0=$(now); out=$(rsync -a --delete --stats "rsync://127.0.0.1:$rport/tree/" "$work/rsync-copy/"); t1=$(now)
+  rb=$(echo "$out" | awk -F': ' '/Total bytes sent/ {gsub(",","",$2); s=$2} /Total bytes received/ {gsub(",","",$2); r=$2} END {print s+r}')
+  rt=$(echo "$t1 - $t0" | bc -l)
+  # imgdeploy delta.
+  reset_log; t0=$(now); "$bin/imgdeploy" -q -c "$work/imgdeploy.toml" apply >/dev/null; t1=$(now)
+  ib=$(http_bytes); it=$(echo "$t1 - $t0" | bc -l)
+  # casync.
+  reset_log; rm -f "$work/casync.img"; t0=$(now)
+  casync extract --seed="$work/old.img" --store="http://127.0.0.1:$port/store.castr" "http://127.0.0.1:$port/image.caibx" "$work/casync.img" >/dev/null 2>&1; t1=$(now)
+  cb=$(http_bytes); ct=$(echo "$t1 - $t0" | bc -l); cmp -s "$work/casync.img" "$img" || echo "warning: casync result differs" >&2
+  # zsync.
+  reset_log; rm -f "$work/zsync.img"; t0=$(now)
+  (cd "$work" && zsync -q -i "$work/old.img" -o "$work/zsync.img" "http://127.0.0.1:$port/new.img.zsync" >/dev/null 2>&1); t1=$(now)
+  zb=$(http_bytes); zt=$(echo "$t1 - $t0" | bc -l); cmp -s "$work/zsync.img" "$img" || echo "warning: zsync result differs" >&2
+  # full download.
+  reset_log; t0=$(now); curl -sS -o /dev/null "http://127.0.0.1:$port/repo/${img#"$work/srv/repo/"}"; t1=$(now)
+  fb=$(http_bytes); ft=$(echo "$t1 - $t0" | bc -l)
+  for row in "imgdeploy-delta $ib $it" "rsync-daemon $rb $rt" "casync $cb $ct" "zsync $zb $zt" "full-download $fb $ft"; do
+    set -- $row
+    printf '%-4s %-22s %14d %8.2fx %9.2f\n' "$s" "$1" "$2" "$(echo "$2 / $rb" | bc -l)" "$3"
+  done
+  cp "$img" "$work/old.img"
+done

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Measures how squashfs layout choices affect delta size: for each layout,
+# build v1 of a tree, deploy it, change the tree, build v2, and ask
+# `imgdeploy apply --dry-run` how many image bytes a delta would fetch.
+#
+#   bash bench/layout.sh [SRC]     default SRC: /usr/share (many small files)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+src=${1:-/usr/share}
+bash scripts/setup-debian.sh
+cargo build --release --locked -q -p imgdeploy-builder -p imgdeploy-deployer
+bin=$PWD/target/release
+work=$(mktemp -d /var/tmp/imglayout.XXXXXX)
+cleanup() { for m in "$work"/*/state/mnt/*; do umount "$m" 2>/dev/null || true; done; rm -rf "$work"; }
+trap cleanup EXIT
+"$bin/imgbuild" -q keygen --out "$work/k" >/dev/null
+cp -a "$src" "$work/base"
+echo "tree: $src, $(du -sh --apparent-size "$work/base" | cut -f1), $(find "$work/base" -type f | wc -l) files" >&2
+
+# Scenarios, each applied to a fresh copy of the base tree.
+small_file=$(find "$work/base" -type f -size -8k -size +1k | sort | sed -n '1000p')
+pkg_dir=$(cd "$work/base" && du -s --apparent-size -B1 */ 2>/dev/null | sort -n | awk -v total="$(du -s --apparent-size -B1 . | cut -f1)" '$1 > total/150 && $1 < total/50 {print $2; exit}')
+scenario() { # name dir
+  case $1 in
+    a) printf '# local edit\n' >> "$2/${small_file#"$work/base/"}" ;;
+    b) find "$2/$pkg_dir" -type f -exec sh -c 'for f; do head -c 64 /dev/urandom >> "$f"; done' sh {} + ;;
+  esac
+}
+printf '%-14s %-3s %14s %14s %8s\n' layout chg "image bytes" "delta bytes" "share"
+for layout in fragments no-fragments; do
+  flag=(); [[ $layout == no-fragments ]] && flag=(--no-fragments)
+  for s in a b; do
+    d=$work/$layout-$s; mkdir -p "$d"
+    cp -a "$work/base" "$d/tree"
+    "$bin/imgbuild" -q build "$d/tree" --key "$work/k.key" --channel c --repo "$d/repo" --level 15 "${flag[@]}" >/dev/null
+    printf 'source = "%s/repo/c.json"\ntrusted_keys = ["%s/k.pub"]\nstate_dir = "%s/state"\nlink = "%s/link"\n' "$d" "$work" "$d" "$d" > "$d/cfg.toml"
+    "$bin/imgdeploy" -q -c "$d/cfg.toml" apply >/dev/null
+    scenario "$s" "$d/tree"
+    out=$("$bin/imgbuild" -q build "$d/tree" --key "$work/k.key" --channel c --repo "$d/repo" --level 15 "${flag[@]}" --json)
+    size=$(echo "$out" | python3 -c 'import json,sys; print(json.load(sys.stdin)["size"])')
+    plan=$("$bin/imgdeploy" -q -c "$d/cfg.toml" apply --dry-run --json)
+    dl=$(echo "$plan" | python3 -c 'import json,sys; print(json.load(sys.stdin)["download_bytes"])')
+    printf '%-14s %-3s %14d %14d %7.2f%%\n' "$layout" "$s" "$size" "$dl" "$(echo "100*$dl/$size" | bc -l)"
+    for m in "$d"/state/mnt/*; do umount "$m" 2>/dev/null || true; done
+    rm -rf "$d"
+  done
+done
