@@ -71,11 +71,15 @@ cp "$img1" "$work/old.img"
 change() {
   case $1 in
     a) f=$(find "$work/master" -type f -size -8k -size +2k | sort | sed -n '500p'); printf '# edited\n' >> "$f" ;;
-    b) total=$(du -s --apparent-size -B1 "$work/master" | cut -f1)
-       d=$(cd "$work/master" && find . -mindepth 2 -maxdepth 3 -type d | sort | while read -r x; do echo "$(du -s --apparent-size -B1 "$x" | cut -f1) $x"; done \
-           | awk -v t="$total" '$1 > t/130 && $1 < t/70 {print $2; exit}')
-       find "$work/master/$d" -type f -exec sh -c 'for f; do head -c "$(stat -c %s "$f")" /dev/urandom > "$f.new" && mv "$f.new" "$f"; done' sh {} + ;;
-    c) find "$work/master" -type f | sort | awk 'NR % 10 == 0' | while read -r f; do
+    b) # The first directory (sorted) holding 0.8-1.4% of the bytes: "one package".
+       du -B1 --apparent-size --max-depth=4 "$work/master" | sort -k2 > "$work/du.txt"
+       total=$(du -s -B1 --apparent-size "$work/master" | cut -f1)
+       d=$(awk -v t="$total" '$1 > t*0.008 && $1 < t*0.014 {print $2}' "$work/du.txt" | head -n 1 || true)
+       [[ -n $d ]] || { echo "no package-sized directory found" >&2; exit 1; }
+       echo "(b) replacing $(find "$d" -type f | wc -l) files in ${d#"$work/master/"}" >&2
+       find "$d" -type f -print0 | while IFS= read -r -d '' f; do head -c "$(stat -c %s "$f")" /dev/urandom > "$f.new"; mv "$f.new" "$f"; done ;;
+    c) echo "(c) changing every 10th file" >&2
+       find "$work/master" -type f | sort | awk 'NR % 10 == 0' | while read -r f; do
          s=$(stat -c %s "$f"); [ "$s" -gt 0 ] || continue
          head -c $((s < 4096 ? s : 4096)) /dev/urandom | dd of="$f" bs=1 seek=$((s / 3)) conv=notrunc status=none; done ;;
   esac

@@ -19,7 +19,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read};
 use std::os::unix::fs::FileExt;
 
-use imgdeploy_common::chunk::{Chunk, ChunkIndex, IndexError};
+use imgdeploy_common::chunk::{Chunk, ChunkHash, ChunkIndex, IndexError};
 use imgdeploy_common::digest::{Sha256Digest, StreamHasher};
 use imgdeploy_common::location::{FetchError, Location};
 use imgdeploy_common::manifest::{IndexRef, Manifest};
@@ -180,10 +180,10 @@ pub struct DeltaStats {
     pub chunks_fetched: u64,
 }
 
-fn read_chunk(f: &File, offset: u64, len: u32, buf: &mut Vec<u8>) -> io::Result<Sha256Digest> {
+fn read_chunk(f: &File, offset: u64, len: u32, buf: &mut Vec<u8>) -> io::Result<ChunkHash> {
     buf.resize(len as usize, 0);
     f.read_exact_at(buf, offset)?;
-    Ok(Sha256Digest::of_bytes(buf))
+    Ok(ChunkHash::of(buf))
 }
 
 /// Ranges of consecutive missing chunks, as (first chunk, last chunk) indexes.
@@ -210,13 +210,13 @@ enum Source {
 }
 
 /// Chunk hash -> where local images (claim to) hold it.
-type Lookup = HashMap<Sha256Digest, Vec<(usize, u64, u32)>>;
+type Lookup = HashMap<ChunkHash, Vec<(usize, u64, u32)>>;
 
 fn lookup(seeds: &[Seed]) -> Lookup {
     let mut have: Lookup = HashMap::new();
     for (si, s) in seeds.iter().enumerate() {
         for c in &s.index.chunks {
-            have.entry(c.sha256).or_default().push((si, c.offset, c.len));
+            have.entry(c.hash).or_default().push((si, c.offset, c.len));
         }
     }
     have
@@ -235,11 +235,11 @@ fn plan(
         .iter()
         .map(|c| {
             if let Some(f) = resume {
-                if read_chunk(f, c.offset, c.len, &mut buf).map_err(disk)? == c.sha256 {
+                if read_chunk(f, c.offset, c.len, &mut buf).map_err(disk)? == c.hash {
                     return Ok(Source::InPlace);
                 }
             }
-            Ok(if have.get(&c.sha256).is_some_and(|v| v.iter().any(|&(_, _, len)| len == c.len)) {
+            Ok(if have.get(&c.hash).is_some_and(|v| v.iter().any(|&(_, _, len)| len == c.len)) {
                 Source::Local
             } else {
                 Source::Fetch
@@ -322,7 +322,7 @@ fn fetch_ranges(
                 }
                 buf.resize(c.len as usize, 0);
                 body.read_exact(&mut buf).map_err(transport)?;
-                if Sha256Digest::of_bytes(&buf) != c.sha256 {
+                if ChunkHash::of(&buf) != c.hash {
                     return Err(DeltaError::Chunk { url: url.to_owned(), offset: c.offset });
                 }
                 out.write_all_at(&buf, c.offset).map_err(disk)?;
@@ -451,8 +451,8 @@ pub fn build(
             }
             Source::Local => {
                 // A seed whose bytes changed under its index is simply not used for this chunk.
-                let copied = have[&c.sha256].iter().filter(|&&(_, _, len)| len == c.len).any(|&(si, off, len)| {
-                    read_chunk(&seeds[si].file, off, len, &mut buf).is_ok_and(|h| h == c.sha256)
+                let copied = have[&c.hash].iter().filter(|&&(_, _, len)| len == c.len).any(|&(si, off, len)| {
+                    read_chunk(&seeds[si].file, off, len, &mut buf).is_ok_and(|h| h == c.hash)
                 });
                 if copied {
                     out.write_all_at(&buf, c.offset).map_err(disk)?;
