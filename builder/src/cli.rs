@@ -95,6 +95,51 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Re-sign a channel's manifest with a staged-rollout percentage (same image, new serial; 0 pauses).
+    Rollout {
+        /// Repository directory.
+        #[arg(long, env = "IMGBUILD_REPO")]
+        repo: PathBuf,
+        /// The channel.
+        #[arg(long)]
+        channel: String,
+        /// Share of hosts that should take the image (0-100).
+        #[arg(long, value_parser = clap::value_parser!(u8).range(0..=100))]
+        percent: u8,
+        /// Private signing key.
+        #[arg(long, env = "IMGBUILD_KEY", value_name = "PREFIX.key")]
+        key: PathBuf,
+        /// How long the new manifest stays valid.
+        #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
+        expires_in: Duration,
+        /// Print the new manifest as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Sign a manifest for channel TO serving exactly the image channel FROM serves.
+    Promote {
+        /// Repository directory.
+        #[arg(long, env = "IMGBUILD_REPO")]
+        repo: PathBuf,
+        /// Source channel (e.g. beta).
+        #[arg(long)]
+        from: String,
+        /// Target channel (e.g. stable).
+        #[arg(long)]
+        to: String,
+        /// Start the target channel as a staged rollout (0-100).
+        #[arg(long, value_parser = clap::value_parser!(u8).range(0..=100))]
+        percent: Option<u8>,
+        /// Private signing key.
+        #[arg(long, env = "IMGBUILD_KEY", value_name = "PREFIX.key")]
+        key: PathBuf,
+        /// How long the new manifest stays valid.
+        #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
+        expires_in: Duration,
+        /// Print the new manifest as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Remove images no channel references, keeping the newest N of those.
     Gc {
         /// Repository directory.
@@ -147,6 +192,9 @@ pub struct BuildArgs {
     /// Store each file's tail in its own block instead of shared fragment blocks.
     #[arg(long)]
     pub no_fragments: bool,
+    /// Publish as a staged rollout to this share of hosts (0-100; default: all).
+    #[arg(long, value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub rollout: Option<u8>,
     /// Print the result as one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -159,6 +207,22 @@ fn print_json(v: &impl serde::Serialize) -> Result<()> {
 
 fn read_keys(paths: &[PathBuf]) -> Result<Vec<PublicKey>> {
     paths.iter().map(|p| PublicKey::read(p).map_err(Into::into)).collect()
+}
+
+fn report_resigned(r: &crate::channel::Resigned, json: bool) -> Result<()> {
+    if json {
+        return print_json(&r.manifest);
+    }
+    let m = &r.manifest;
+    println!(
+        "{} serial {} now serves {} ({}) to {} of hosts",
+        m.channel,
+        m.serial,
+        m.version,
+        m.image.sha256,
+        m.rollout.map(|p| format!("{p}%")).unwrap_or_else(|| "100%".into())
+    );
+    Ok(())
 }
 
 /// Runs the parsed command line.
@@ -182,6 +246,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 expires_in: a.expires_in,
                 jobs: a.jobs,
                 fragments: !a.no_fragments,
+                rollout: a.rollout.filter(|&p| p < 100),
             };
             let r = build(&req)?;
             if a.json {
@@ -255,6 +320,16 @@ pub fn run(cli: Cli) -> Result<()> {
                     r.min_memory_mib
                 );
             }
+        }
+        Command::Rollout { repo, channel, percent, key, expires_in, json } => {
+            let repo = Repo::open(&repo)?;
+            let r = crate::channel::rollout(&repo, &key, &channel, percent, expires_in)?;
+            report_resigned(&r, json)?;
+        }
+        Command::Promote { repo, from, to, percent, key, expires_in, json } => {
+            let repo = Repo::open(&repo)?;
+            let r = crate::channel::promote(&repo, &key, &from, &to, percent, expires_in)?;
+            report_resigned(&r, json)?;
         }
         Command::Gc { repo, keep, dry_run, json } => {
             let repo = Repo::open(&repo).context("opening the repository")?;

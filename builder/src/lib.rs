@@ -8,6 +8,7 @@
 //! it, [`keygen`] makes keys, [`inspect`] and [`verify`] look at the result.
 //! [`cli`] maps the command line onto these.
 
+pub mod channel;
 pub mod cli;
 pub mod cpio;
 pub mod gc;

@@ -40,6 +40,8 @@ pub struct BuildRequest {
     pub jobs: u32,
     /// Pack file tails into shared fragment blocks.
     pub fragments: bool,
+    /// Staged rollout percentage.
+    pub rollout: Option<u8>,
 }
 
 /// The result of a build.
@@ -101,6 +103,7 @@ pub fn build(req: &BuildRequest) -> Result<BuildReport> {
         serial: req.serial,
         created,
         expires_in: req.expires_in,
+        rollout: req.rollout,
     };
     let serial = next_serial(&repo, &release)?;
     if created.plus(req.expires_in) <= Timestamp::now() {

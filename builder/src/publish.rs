@@ -152,6 +152,8 @@ pub struct Release<'a> {
     pub created: Timestamp,
     /// How long the manifest is valid.
     pub expires_in: Duration,
+    /// Staged rollout percentage (None: everyone).
+    pub rollout: Option<u8>,
 }
 
 /// What was published.
@@ -242,6 +244,30 @@ pub fn store_image(repo: &Repo, tmp: &Path) -> Result<StoredImage, PublishError>
     Ok(StoredImage { path: dest, sha256: sha, size, index: index_ref, index_file, chunks: index.chunks.len() })
 }
 
+/// Validates, signs and writes `manifest` as its channel's manifest:
+/// signature first, then the manifest, each atomically.
+pub fn sign_and_write(repo: &Repo, key: &PrivateKey, manifest: &Manifest) -> Result<(PathBuf, PathBuf), PublishError> {
+    manifest.validate()?;
+    let bytes = manifest.to_bytes();
+    let sig = key.sign(&bytes);
+    let manifest_path = repo.manifest_path(&manifest.channel);
+    let sig_path = repo.root.join(format!("{}.json.sig", manifest.channel));
+    let err = |source| PublishError::Repo { path: repo.root.clone(), source };
+    write_atomic(&sig_path, &sig, 0o644).map_err(err)?;
+    write_atomic(&manifest_path, &bytes, 0o644).map_err(err)?;
+    Ok((manifest_path, sig_path))
+}
+
+/// The channel's current manifest, parsed (None if the channel has none).
+pub fn current_manifest(repo: &Repo, channel: &str) -> Result<Option<Manifest>, PublishError> {
+    let path = repo.manifest_path(channel);
+    match fs::read(&path) {
+        Ok(bytes) => parse_own_manifest(&bytes).map(Some).map_err(|why| PublishError::Existing { path, why }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(PublishError::Existing { path, why: e.to_string() }),
+    }
+}
+
 /// Signs and writes the manifest for an image already stored in the repo.
 pub fn publish_manifest(
     repo: &Repo,
@@ -268,15 +294,9 @@ pub fn publish_manifest(
             compression: "zstd".into(),
         },
         index: Some(image.index.clone()),
+        rollout: release.rollout,
     };
-    manifest.validate()?;
-    let bytes = manifest.to_bytes();
-    let sig = key.sign(&bytes);
-    let manifest_path = repo.manifest_path(release.channel);
-    let sig_path = repo.root.join(format!("{}.json.sig", release.channel));
-    let err = |source| PublishError::Repo { path: repo.root.clone(), source };
-    write_atomic(&sig_path, &sig, 0o644).map_err(err)?;
-    write_atomic(&manifest_path, &bytes, 0o644).map_err(err)?;
+    let (manifest_path, sig_path) = sign_and_write(repo, key, &manifest)?;
     Ok(Published {
         manifest: manifest_path,
         signature: sig_path,
@@ -309,6 +329,7 @@ mod tests {
             serial,
             created: Timestamp(1000),
             expires_in: Duration::from_secs(60),
+            rollout: None,
         };
         assert_eq!(next_serial(&repo, &rel(None)).unwrap(), 1);
         let tmp = repo.images_dir().join(".tmp-x");

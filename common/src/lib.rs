@@ -19,6 +19,7 @@ pub mod chunk;
 pub mod digest;
 pub mod location;
 pub mod manifest;
+pub mod rollout;
 pub mod sign;
 pub mod squashfs;
 pub mod trust;

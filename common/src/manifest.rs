@@ -137,6 +137,10 @@ pub struct Manifest {
     /// The image's chunk index, for delta updates (absent: full downloads only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub index: Option<IndexRef>,
+    /// Staged rollout: the percentage of hosts (0-100) that should take this
+    /// image (absent: all). See [`crate::rollout`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<u8>,
 }
 
 /// The relative path an image with this digest is published under.
@@ -236,6 +240,9 @@ impl Manifest {
         if self.image.size == 0 {
             return Err(ManifestError::Field { field: "image.size", why: "must not be 0".into() });
         }
+        if self.rollout.is_some_and(|p| p > 100) {
+            return Err(ManifestError::Field { field: "rollout", why: "must be a percentage from 0 to 100".into() });
+        }
         if let Some(idx) = &self.index {
             let want = index_path(&idx.sha256);
             if idx.path != want {
@@ -281,6 +288,7 @@ pub(crate) mod tests {
                 compression: "zstd".into(),
             },
             index: None,
+            rollout: None,
         }
     }
 
@@ -300,7 +308,9 @@ pub(crate) mod tests {
         type Edit = fn(&mut serde_json::Value);
         let cases: &[(&str, Edit)] = &[
             ("format", |v| v["format"] = 2.into()),
-            ("unknown field", |v| v["rollout"] = 5.into()),
+            ("unknown field", |v| v["rollin"] = 5.into()),
+            ("rollout", |v| v["rollout"] = 101.into()),
+            ("rollout", |v| v["rollout"] = (-1).into()),
             ("channel", |v| v["channel"] = "../etc".into()),
             ("channel", |v| v["channel"] = "Stable".into()),
             ("serial", |v| v["serial"] = 0.into()),

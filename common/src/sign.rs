@@ -63,6 +63,13 @@ pub fn key_id(key: &VerifyingKey) -> String {
     d.to_string()[..16].to_owned()
 }
 
+/// Surrounding whitespace and CRLF line ends removed, one final newline.
+fn normalise(pem: &str) -> String {
+    let mut s = pem.trim().replace("\r\n", "\n");
+    s.push('\n');
+    s
+}
+
 /// The private signing key a CI pipeline holds.
 pub struct PrivateKey {
     key: SigningKey,
@@ -85,7 +92,8 @@ impl PrivateKey {
 
     /// Parses a PKCS#8 PEM private key; `origin` names it in errors.
     pub fn from_pem(pem: &str, origin: &Path) -> Result<Self, KeyError> {
-        SigningKey::from_pkcs8_pem(pem)
+        // CI secrets often gain or lose trailing newlines; the PEM decoder is strict about them.
+        SigningKey::from_pkcs8_pem(&normalise(pem))
             .map(|key| Self { key })
             .map_err(|_| KeyError::BadPrivateKey { path: origin.to_owned() })
     }
@@ -131,7 +139,7 @@ impl fmt::Debug for PublicKey {
 impl PublicKey {
     /// Parses a SubjectPublicKeyInfo PEM public key; `origin` names it in errors.
     pub fn from_pem(pem: &str, origin: &Path) -> Result<Self, KeyError> {
-        VerifyingKey::from_public_key_pem(pem)
+        VerifyingKey::from_public_key_pem(&normalise(pem))
             .map(|key| Self { key })
             .map_err(|_| KeyError::BadPublicKey { path: origin.to_owned() })
     }
@@ -189,6 +197,8 @@ mod tests {
         let pem = sk.to_pem().unwrap();
         assert!(pem.starts_with("-----BEGIN PRIVATE KEY-----"));
         let sk2 = PrivateKey::from_pem(&pem, Path::new("k")).unwrap();
+        // Extra blank lines and CRLF (as CI secrets deliver them) are accepted.
+        PrivateKey::from_pem(&format!("\n{}\n\n", pem.replace('\n', "\r\n")), Path::new("k")).unwrap();
         let pk = PublicKey::from_pem(&sk2.public().to_pem().unwrap(), Path::new("p")).unwrap();
         let sig = sk.sign(b"hello");
         pk.verify(b"hello", &sig).unwrap();

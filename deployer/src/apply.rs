@@ -62,6 +62,15 @@ pub enum Outcome {
         /// How long the switch itself (temp symlink, rename, directory fsync) took.
         switch_micros: u64,
     },
+    /// A staged rollout that does not include this host yet.
+    NotInWave {
+        /// The serial rolling out.
+        serial: u64,
+        /// Its rollout percentage.
+        percent: u8,
+        /// Why nothing was done.
+        message: String,
+    },
     /// `--dry-run`: what an update would transfer; nothing was changed.
     WouldUpdate {
         /// The serial that would be installed.
@@ -235,6 +244,7 @@ pub fn apply(cfg: &Config, opts: &ApplyOptions) -> Result<Outcome> {
         Ok(o) => {
             let (result, serial, message, dl) = match o {
                 Outcome::WouldUpdate { serial, .. } => ("dry-run", *serial, String::new(), 0),
+                Outcome::NotInWave { serial, message, .. } => ("not-in-wave", *serial, message.clone(), 0),
                 Outcome::UpToDate { serial, message } => ("up-to-date", *serial, message.clone(), 0),
                 Outcome::Switched { serial, version, slot, download, .. } => (
                     "switched",
@@ -250,6 +260,7 @@ pub fn apply(cfg: &Config, opts: &ApplyOptions) -> Result<Outcome> {
                 message,
                 duration_ms: 0,
                 bytes_downloaded: dl,
+                bytes_reused: 0,
             }
         }
         Err(e) => ApplyRecord {
@@ -259,12 +270,23 @@ pub fn apply(cfg: &Config, opts: &ApplyOptions) -> Result<Outcome> {
             message: format!("{e:#}"),
             duration_ms: 0,
             bytes_downloaded: 0,
+            bytes_reused: 0,
         },
     };
-    state.last_apply = Some(ApplyRecord { duration_ms: started.elapsed().as_millis() as u64, ..record });
+    let reused = match &result {
+        Ok(Outcome::Switched { download, .. }) => download.reused,
+        _ => 0,
+    };
+    state.last_apply =
+        Some(ApplyRecord { duration_ms: started.elapsed().as_millis() as u64, bytes_reused: reused, ..record });
     // Recording the result must not mask the apply's own error.
     if let Err(e) = state.save(&layout) {
         tracing::warn!("{e}");
+    }
+    if let Some(path) = &cfg.metrics_file {
+        if let Err(e) = crate::metrics::write(cfg, &layout, &state, path) {
+            tracing::warn!("cannot write metrics to {}: {e:#}", path.display());
+        }
     }
     result
 }
@@ -291,6 +313,17 @@ fn apply_locked(cfg: &Config, opts: &ApplyOptions, layout: &Layout, state: &mut 
     };
     if let Some(cur) = &active_inst {
         let c = &cur.manifest;
+        if c.image.sha256 == m.image.sha256 && c.serial <= m.serial {
+            // A re-signed manifest (new serial: rollout change, promotion) of the image already active.
+            ensure_mounted(cfg, layout, cur, None)?;
+            return Ok(Outcome::UpToDate {
+                serial: m.serial,
+                message: format!(
+                    "already running the image of serial {} ({}) in slot {}",
+                    m.serial, m.version, cur.slot
+                ),
+            });
+        }
         if c.serial == m.serial {
             if c.image.sha256 != m.image.sha256 {
                 bail!("the server publishes serial {} with a different image than the one active here; a serial must never be reused, republish with a new serial", m.serial);
@@ -315,6 +348,20 @@ fn apply_locked(cfg: &Config, opts: &ApplyOptions, layout: &Layout, state: &mut 
                 message: format!(
                     "serial {} was rolled back on this host; staying at serial {} until a newer serial is published",
                     m.serial, c.serial
+                ),
+            });
+        }
+    }
+
+    // Staged rollout: is this host in the wave?
+    if let Some(percent) = m.rollout {
+        if !imgdeploy_common::rollout::in_wave(&cfg.machine_id()?, &m.image.sha256, percent) {
+            return Ok(Outcome::NotInWave {
+                serial: m.serial,
+                percent,
+                message: format!(
+                    "serial {} ({}) is rolling out to {percent}% of hosts; this host is not in the wave yet",
+                    m.serial, m.version
                 ),
             });
         }

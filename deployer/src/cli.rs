@@ -93,6 +93,7 @@ pub fn run(cli: Cli) -> Result<()> {
             } else {
                 match &outcome {
                     Outcome::UpToDate { message, .. } => println!("up to date: {message}"),
+                    Outcome::NotInWave { message, .. } => println!("not in the wave: {message}"),
                     Outcome::WouldUpdate { serial, mode, download_bytes, requests, reused_bytes, image_size, index_bytes } => println!(
                         "would update to serial {serial} ({mode}): download {download_bytes} of {image_size} image bytes in {requests} requests, reuse {reused_bytes} local bytes, plus a {index_bytes}-byte chunk index"
                     ),

@@ -69,6 +69,8 @@ struct RawConfig {
     post_switch: Option<String>,
     #[serde(default)]
     allow_downgrade: bool,
+    machine_id: Option<String>,
+    metrics_file: Option<PathBuf>,
 }
 
 fn default_state_dir() -> PathBuf {
@@ -150,6 +152,10 @@ pub struct Config {
     pub post_switch: Option<String>,
     /// Accept lower serials.
     pub allow_downgrade: bool,
+    /// This host's identity for staged rollouts (default: /etc/machine-id).
+    pub machine_id: Option<String>,
+    /// Where to write Prometheus text-format metrics after every apply.
+    pub metrics_file: Option<PathBuf>,
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -213,6 +219,22 @@ impl Config {
             hook_timeout: dur("hook_timeout", &raw.hook_timeout)?,
             post_switch: raw.post_switch.filter(|s| !s.trim().is_empty()),
             allow_downgrade: raw.allow_downgrade,
+            machine_id: raw.machine_id.filter(|s| !s.trim().is_empty()),
+            metrics_file: raw.metrics_file.map(abs),
+        })
+    }
+
+    /// This host's identity for staged rollouts.
+    pub fn machine_id(&self) -> Result<String, ConfigError> {
+        if let Some(id) = &self.machine_id {
+            return Ok(id.trim().to_owned());
+        }
+        std::fs::read_to_string("/etc/machine-id").map(|s| s.trim().to_owned()).map_err(|e| ConfigError::Value {
+            path: self.path.clone(),
+            key: "machine_id",
+            message: format!(
+                "is not set and /etc/machine-id cannot be read ({e}); set machine_id to a stable, unique string"
+            ),
         })
     }
 

@@ -18,6 +18,7 @@ pub mod fetch;
 pub mod hooks;
 pub mod lock;
 pub mod loopdev;
+pub mod metrics;
 pub mod mount;
 pub mod ops;
 pub mod slot;

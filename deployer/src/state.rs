@@ -142,6 +142,9 @@ pub struct ApplyRecord {
     /// Bytes fetched from the server.
     #[serde(default)]
     pub bytes_downloaded: u64,
+    /// Bytes reused from images already on this host (delta updates).
+    #[serde(default)]
+    pub bytes_reused: u64,
 }
 
 /// The state file (format 1). Fields added later must have defaults, so old files keep parsing.

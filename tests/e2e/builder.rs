@@ -519,7 +519,8 @@ fn gc_removes_only_unreferenced_images_beyond_keep() {
     )
     .ok()
     .json();
-    let removed_images = r["removed"].as_array().unwrap().iter().filter(|p| p.as_str().unwrap().contains("/images/")).count();
+    let removed_images =
+        r["removed"].as_array().unwrap().iter().filter(|p| p.as_str().unwrap().contains("/images/")).count();
     assert_eq!(removed_images, 1, "{r}");
     assert_eq!(r["removed"].as_array().unwrap().len(), 2, "one image and its index: {r}");
     assert!(images[0].exists() && images[3].exists(), "referenced images must stay");

@@ -286,6 +286,7 @@ fn sign_manifest(keys: &Keys, repo: &Path, channel: &str, serial: u64, payload: 
             compression: "zstd".into(),
         },
         index: None,
+        rollout: None,
     };
     let bytes = m.to_bytes();
     fs::write(repo.join(format!("{channel}.json")), &bytes).unwrap();

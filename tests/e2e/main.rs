@@ -7,10 +7,14 @@
 //! - `deployer`: imgdeploy against nginx — full cycle, drain, switches under
 //!   load, SIGKILL at many points, resume, every bad input, disk full, boot.
 //! - `delta`: delta updates — byte-identical results, fallbacks, tampering, resume.
+//! - `fleet`: staged rollout, promotion, 50 frontends through a caching edge,
+//!   metrics, CI scripts.
 //! - `netboot`: imgbuild netboot artifacts booted in qemu (TCG) to a marker;
 //!   a tampered image is refused at boot.
 
 mod builder;
 mod delta;
 mod deployer;
+mod docs;
+mod fleet;
 mod netboot;

@@ -6,6 +6,7 @@
 //! they skip with a message; under `CI=true` a skip is a failure.
 
 pub mod deploy;
+pub mod docs;
 pub mod faults;
 pub mod nginx;
 pub mod snapshot;

@@ -29,6 +29,11 @@ impl Nginx {
 
     /// Serves `root` with extra directives inside the `server` block.
     pub fn serve_with(root: &Path, extra: &str) -> Self {
+        Self::start(root, "", extra)
+    }
+
+    /// Starts nginx with extra directives in the `http` block and in the `server` block.
+    pub fn start(root: &Path, http_extra: &str, extra: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let access_log = dir.path().join("access.log");
@@ -40,7 +45,7 @@ impl Nginx {
                  events {{ worker_connections 256; }}\n\
                  http {{\n  log_format fmt '$request \"$http_range\" $status $body_bytes_sent';\n  access_log {log} fmt;\n\
                  client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d};\n\
-                 types {{ application/json json; application/octet-stream squashfs; }}\n\
+                 types {{ application/json json; application/octet-stream squashfs; }}\n{http_extra}\n\
                  server {{\n    listen 127.0.0.1:{port};\n    root {root};\n    {extra}\n  }}\n}}\n",
                 d = dir.path().display(),
                 log = access_log.display(),
@@ -69,6 +74,11 @@ impl Nginx {
     /// `http://127.0.0.1:PORT/` + `path`.
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}/{}", self.port, path.trim_start_matches('/'))
+    }
+
+    /// A directory private to this nginx (for caches).
+    pub fn dir(&self) -> &Path {
+        self._dir.path()
     }
 
     /// The access log's lines so far.

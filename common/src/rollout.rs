@@ -1,0 +1,60 @@
+//! Staged rollouts: a manifest may ask that only a percentage of hosts take
+//! its image. Each host decides alone, from a stable hash of its machine
+//! identity and the image's sha256, so the same hosts stay in the wave as the
+//! percentage grows (the threshold only rises), each image picks a fresh,
+//! evenly spread set of canaries, and no coordination service is needed.
+
+use crate::digest::Sha256Digest;
+
+/// The host's bucket for this image, 0..10000 (hundredths of a percent).
+pub fn bucket(machine_id: &str, image: &Sha256Digest) -> u32 {
+    let mut input = Vec::with_capacity(machine_id.len() + 1 + 32);
+    input.extend_from_slice(machine_id.trim().as_bytes());
+    input.push(0);
+    input.extend_from_slice(&image.0);
+    let d = Sha256Digest::of_bytes(&input);
+    (u64::from_le_bytes(d.0[..8].try_into().expect("8 bytes")) % 10_000) as u32
+}
+
+/// Whether the host is in a wave of `percent` (0..=100) for this image.
+pub fn in_wave(machine_id: &str, image: &Sha256Digest, percent: u8) -> bool {
+    bucket(machine_id, image) < u32::from(percent.min(100)) * 100
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids() -> Vec<String> {
+        (0..10_000u32)
+            .map(|i| format!("{:032x}", u128::from(i).wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835)))
+            .collect()
+    }
+
+    #[test]
+    fn shares_are_within_one_point_and_waves_only_grow() {
+        let ids = ids();
+        let image = Sha256Digest::of_bytes(b"image v7");
+        let mut previous: Vec<bool> = vec![false; ids.len()];
+        for percent in [0u8, 1, 5, 10, 25, 50, 75, 99, 100] {
+            let now: Vec<bool> = ids.iter().map(|id| in_wave(id, &image, percent)).collect();
+            let share = now.iter().filter(|&&b| b).count() as f64 / ids.len() as f64 * 100.0;
+            assert!((share - percent as f64).abs() <= 1.0, "{percent}%: {share:.2}% of hosts in the wave");
+            for (i, (&was, &is)) in previous.iter().zip(&now).enumerate() {
+                assert!(!was || is, "host {i} left the wave when it grew to {percent}%");
+            }
+            previous = now;
+        }
+        assert!(previous.iter().all(|&b| b), "100% must include everyone");
+    }
+
+    #[test]
+    fn each_image_picks_other_canaries() {
+        let ids = ids();
+        let (a, b) = (Sha256Digest::of_bytes(b"a"), Sha256Digest::of_bytes(b"b"));
+        let both = ids.iter().filter(|id| in_wave(id, &a, 10) && in_wave(id, &b, 10)).count();
+        // Independent 10% waves overlap in about 1% of hosts.
+        assert!((50..=200).contains(&both), "{both} hosts in both waves");
+        assert_eq!(bucket(" abc\n", &a), bucket("abc", &a), "machine-id whitespace is ignored");
+    }
+}

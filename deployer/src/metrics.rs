@@ -1,0 +1,90 @@
+//! Prometheus text-format metrics for node_exporter's textfile collector,
+//! written atomically (temp file + rename) after every apply, so the
+//! collector never reads half a file.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::Result;
+use imgdeploy_common::atomic::write_atomic;
+use imgdeploy_common::sign::PublicKey;
+
+use crate::config::Config;
+use crate::slot::installed;
+use crate::state::{Layout, State};
+
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// Renders the metrics text.
+pub fn render(cfg: &Config, state: &State, active: Option<(u64, String)>) -> String {
+    let mut out = String::new();
+    let mut gauge = |name: &str, help: &str, labels: &str, value: String| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name}{labels} {value}");
+    };
+    let ch = format!("{{channel=\"{}\"}}", escape(&cfg.channel));
+    match &active {
+        Some((serial, version)) => {
+            gauge("imgdeploy_active_serial", "Serial of the image the active link points at.", &ch, serial.to_string());
+            gauge(
+                "imgdeploy_active_info",
+                "The active image's version label (value is always 1).",
+                &format!("{{channel=\"{}\",version=\"{}\"}}", escape(&cfg.channel), escape(version)),
+                "1".into(),
+            );
+        }
+        None => gauge("imgdeploy_active_serial", "Serial of the image the active link points at.", &ch, "0".into()),
+    }
+    if let Some(a) = &state.last_apply {
+        let ok = if a.result == "failed" { 0 } else { 1 };
+        gauge(
+            "imgdeploy_last_apply_success",
+            "1 if the last apply succeeded (switched, up to date, not in the wave).",
+            &ch,
+            ok.to_string(),
+        );
+        gauge(
+            "imgdeploy_last_apply_result",
+            "The last apply's result (value is always 1).",
+            &format!("{{channel=\"{}\",result=\"{}\"}}", escape(&cfg.channel), escape(&a.result)),
+            "1".into(),
+        );
+        gauge(
+            "imgdeploy_last_apply_timestamp_seconds",
+            "When the last apply finished, in seconds since the epoch.",
+            &ch,
+            a.time.0.to_string(),
+        );
+        gauge(
+            "imgdeploy_last_apply_duration_seconds",
+            "How long the last apply took.",
+            &ch,
+            format!("{:.3}", a.duration_ms as f64 / 1000.0),
+        );
+        gauge(
+            "imgdeploy_last_apply_downloaded_bytes",
+            "Image bytes the last apply fetched from the server.",
+            &ch,
+            a.bytes_downloaded.to_string(),
+        );
+        gauge(
+            "imgdeploy_last_apply_reused_bytes",
+            "Image bytes the last apply reused from images on this host.",
+            &ch,
+            a.bytes_reused.to_string(),
+        );
+    }
+    out
+}
+
+/// Writes the metrics file for the current state.
+pub fn write(cfg: &Config, layout: &Layout, state: &State, path: &Path) -> Result<()> {
+    let keys: Vec<PublicKey> = cfg.trusted_keys()?;
+    let active = match crate::apply::active_slot(cfg, layout)? {
+        Some(slot) => installed(layout, slot, &keys)?.map(|i| (i.manifest.serial, i.manifest.version)),
+        None => None,
+    };
+    write_atomic(path, render(cfg, state, active).as_bytes(), 0o644)?;
+    Ok(())
+}

@@ -1,0 +1,114 @@
+# Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
+function __fish_imgbuild_global_optspecs
+    string join \n v/verbose q/quiet h/help V/version
+end
+
+function __fish_imgbuild_needs_command
+    # Figure out if the current invocation already has a command.
+    set -l cmd (commandline -opc)
+    set -e cmd[1]
+    argparse -s (__fish_imgbuild_global_optspecs) -- $cmd 2>/dev/null
+    or return
+    if set -q argv[1]
+        # Also print the command, so this can be used to figure out what it is.
+        echo $argv[1]
+        return 1
+    end
+    return 0
+end
+
+function __fish_imgbuild_using_subcommand
+    set -l cmd (__fish_imgbuild_needs_command)
+    test -z "$cmd"
+    and return 1
+    contains -- $cmd[1] $argv
+end
+
+complete -c imgbuild -n "__fish_imgbuild_needs_command" -s v -l verbose -d 'More log output (repeat for more)'
+complete -c imgbuild -n "__fish_imgbuild_needs_command" -s q -l quiet -d 'Only errors on stderr'
+complete -c imgbuild -n "__fish_imgbuild_needs_command" -s h -l help -d 'Print help'
+complete -c imgbuild -n "__fish_imgbuild_needs_command" -s V -l version -d 'Print version'
+complete -c imgbuild -n "__fish_imgbuild_needs_command" -f -a "keygen" -d 'Create an Ed25519 key pair: PREFIX.key (PKCS#8 PEM, 0600) and PREFIX.pub'
+complete -c imgbuild -n "__fish_imgbuild_needs_command" -f -a "build" -d 'Pack SRC into an image and publish it to a channel in the repository'
+complete -c imgbuild -n "__fish_imgbuild_needs_command" -f -a "verify" -d 'Check a published manifest: signature, expiry, image size and sha256'
+complete -c imgbuild -n "__fish_imgbuild_needs_command" -f -a "inspect" -d 'Show what a manifest or an image file says (does not check signatures)'
+complete -c imgbuild -n "__fish_imgbuild_needs_command" -f -a "netboot" -d 'Build PXE/iPXE artifacts that boot a machine from the image in RAM'
+complete -c imgbuild -n "__fish_imgbuild_needs_command" -f -a "rollout" -d 'Re-sign a channel\'s manifest with a staged-rollout percentage (same image, new serial; 0 pauses)'
+complete -c imgbuild -n "__fish_imgbuild_needs_command" -f -a "promote" -d 'Sign a manifest for channel TO serving exactly the image channel FROM serves'
+complete -c imgbuild -n "__fish_imgbuild_needs_command" -f -a "gc" -d 'Remove images no channel references, keeping the newest N of those'
+complete -c imgbuild -n "__fish_imgbuild_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand keygen" -l out -d 'Path prefix of the two files' -r -F
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand keygen" -s v -l verbose -d 'More log output (repeat for more)'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand keygen" -s q -l quiet -d 'Only errors on stderr'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand keygen" -s h -l help -d 'Print help'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand build" -l key -d 'Private signing key (PKCS#8 PEM)' -r -F
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand build" -l channel -d 'Channel to publish to (a-z, 0-9, \'.\', \'_\', \'-\')' -r
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand build" -l repo -d 'Repository directory (created if missing)' -r -F
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand build" -l version -d 'Human version label (default: r<serial>)' -r
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand build" -l serial -d 'Serial number (default: the channel\'s current serial + 1; must increase)' -r
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand build" -l level -d 'zstd compression level' -r
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand build" -l exclude -d 'Leave out paths matching this glob, relative to SRC (repeatable; `*` stays within a component, `**` crosses)' -r
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand build" -l expires-in -d 'How long the manifest stays valid (e.g. 30d, 12h)' -r
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand build" -l jobs -d 'Compression threads (default: all cores)' -r
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand build" -l rollout -d 'Publish as a staged rollout to this share of hosts (0-100; default: all)' -r
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand build" -l no-fragments -d 'Store each file\'s tail in its own block instead of shared fragment blocks'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand build" -l json -d 'Print the result as one JSON object'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand build" -s v -l verbose -d 'More log output (repeat for more)'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand build" -s q -l quiet -d 'Only errors on stderr'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand build" -s h -l help -d 'Print help'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand verify" -l pub -d 'Trusted public key (repeat for several)' -r -F
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand verify" -l json -d 'Print the result as JSON'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand verify" -s v -l verbose -d 'More log output (repeat for more)'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand verify" -s q -l quiet -d 'Only errors on stderr'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand verify" -s h -l help -d 'Print help'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand inspect" -l json -d 'Print the result as JSON'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand inspect" -s v -l verbose -d 'More log output (repeat for more)'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand inspect" -s q -l quiet -d 'Only errors on stderr'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand inspect" -s h -l help -d 'Print help'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand netboot" -l manifest -d 'The channel manifest (path or http(s) URL); verified before use' -r
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand netboot" -l pub -d 'Trusted public key, checked now and embedded for boot-time checks (repeatable)' -r -F
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand netboot" -l kernel -d 'Kernel image to boot (e.g. /boot/vmlinuz-6.1.0-28-amd64)' -r -F
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand netboot" -l modules -d 'That kernel\'s module directory (e.g. /lib/modules/6.1.0-28-amd64)' -r -F
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand netboot" -l out -d 'Output directory' -r -F
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand netboot" -l init -d 'Binary to run as /init (default: imgdeploy beside imgbuild)' -r -F
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand netboot" -l shell -d 'A static shell to include as /bin/sh for imgdeploy.onfail=shell (e.g. /bin/busybox)' -r -F
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand netboot" -l cmdline -d 'Extra kernel command line written into boot.ipxe' -r
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand netboot" -l json -d 'Print the summary as JSON'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand netboot" -s v -l verbose -d 'More log output (repeat for more)'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand netboot" -s q -l quiet -d 'Only errors on stderr'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand netboot" -s h -l help -d 'Print help'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand rollout" -l repo -d 'Repository directory' -r -F
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand rollout" -l channel -d 'The channel' -r
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand rollout" -l percent -d 'Share of hosts that should take the image (0-100)' -r
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand rollout" -l key -d 'Private signing key' -r -F
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand rollout" -l expires-in -d 'How long the new manifest stays valid' -r
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand rollout" -l json -d 'Print the new manifest as JSON'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand rollout" -s v -l verbose -d 'More log output (repeat for more)'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand rollout" -s q -l quiet -d 'Only errors on stderr'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand rollout" -s h -l help -d 'Print help'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand promote" -l repo -d 'Repository directory' -r -F
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand promote" -l from -d 'Source channel (e.g. beta)' -r
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand promote" -l to -d 'Target channel (e.g. stable)' -r
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand promote" -l percent -d 'Start the target channel as a staged rollout (0-100)' -r
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand promote" -l key -d 'Private signing key' -r -F
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand promote" -l expires-in -d 'How long the new manifest stays valid' -r
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand promote" -l json -d 'Print the new manifest as JSON'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand promote" -s v -l verbose -d 'More log output (repeat for more)'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand promote" -s q -l quiet -d 'Only errors on stderr'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand promote" -s h -l help -d 'Print help'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand gc" -l repo -d 'Repository directory' -r -F
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand gc" -l keep -d 'Unreferenced images to keep (newest first)' -r
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand gc" -l dry-run -d 'Only say what would be removed'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand gc" -l json -d 'Print the result as JSON'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand gc" -s v -l verbose -d 'More log output (repeat for more)'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand gc" -s q -l quiet -d 'Only errors on stderr'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand gc" -s h -l help -d 'Print help'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from keygen build verify inspect netboot rollout promote gc help" -f -a "keygen" -d 'Create an Ed25519 key pair: PREFIX.key (PKCS#8 PEM, 0600) and PREFIX.pub'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from keygen build verify inspect netboot rollout promote gc help" -f -a "build" -d 'Pack SRC into an image and publish it to a channel in the repository'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from keygen build verify inspect netboot rollout promote gc help" -f -a "verify" -d 'Check a published manifest: signature, expiry, image size and sha256'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from keygen build verify inspect netboot rollout promote gc help" -f -a "inspect" -d 'Show what a manifest or an image file says (does not check signatures)'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from keygen build verify inspect netboot rollout promote gc help" -f -a "netboot" -d 'Build PXE/iPXE artifacts that boot a machine from the image in RAM'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from keygen build verify inspect netboot rollout promote gc help" -f -a "rollout" -d 'Re-sign a channel\'s manifest with a staged-rollout percentage (same image, new serial; 0 pauses)'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from keygen build verify inspect netboot rollout promote gc help" -f -a "promote" -d 'Sign a manifest for channel TO serving exactly the image channel FROM serves'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from keygen build verify inspect netboot rollout promote gc help" -f -a "gc" -d 'Remove images no channel references, keeping the newest N of those'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from keygen build verify inspect netboot rollout promote gc help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
