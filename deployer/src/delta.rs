@@ -437,40 +437,56 @@ pub fn build(
         fetch_ranges(agent, &url, new, batch, &out, &path, &mut stats, &pb)?;
     }
     // 2. One pass in image order: copy local chunks (verifying each), and
-    //    hash the whole image exactly as it is written.
-    let mut whole = StreamHasher::new();
-    let mut buf = Vec::new();
-    for (i, c) in new.chunks.iter().enumerate() {
-        match sources[i] {
-            Source::InPlace | Source::Fetch => {
-                if sources[i] == Source::InPlace {
-                    stats.resumed += c.len as u64;
-                    pb.inc(c.len as u64);
-                }
-                read_chunk(&out, c.offset, c.len, &mut buf).map_err(disk)?;
-            }
-            Source::Local => {
-                // A seed whose bytes changed under its index is simply not used for this chunk.
-                let copied = have[&c.hash]
-                    .iter()
-                    .filter(|&&(_, _, len)| len == c.len)
-                    .any(|&(si, off, len)| read_chunk(&seeds[si].file, off, len, &mut buf).is_ok_and(|h| h == c.hash));
-                if copied {
-                    out.write_all_at(&buf, c.offset).map_err(disk)?;
-                    stats.reused += c.len as u64;
-                    pb.inc(c.len as u64);
-                } else {
-                    tracing::warn!("local copy of the chunk at offset {} is corrupt; fetching it", c.offset);
-                    fetch_ranges(agent, &url, new, &[(i, i)], &out, &path, &mut stats, &pb)?;
-                    read_chunk(&out, c.offset, c.len, &mut buf).map_err(disk)?;
-                }
-            }
+    //    hash the whole image exactly as it is written. The whole-image hash
+    //    runs on a second thread so the two hashes share the cores.
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(8);
+    let hasher = std::thread::spawn(move || {
+        let mut whole = StreamHasher::new();
+        for buf in rx {
+            whole.update(&buf);
         }
-        whole.update(&buf);
-    }
+        whole.finish()
+    });
+    let mut buf = Vec::new();
+    let copy_result = (|| -> Result<(), DeltaError> {
+        for (i, c) in new.chunks.iter().enumerate() {
+            match sources[i] {
+                Source::InPlace | Source::Fetch => {
+                    if sources[i] == Source::InPlace {
+                        stats.resumed += c.len as u64;
+                        pb.inc(c.len as u64);
+                    }
+                    buf.resize(c.len as usize, 0);
+                    out.read_exact_at(&mut buf, c.offset).map_err(disk)?;
+                }
+                Source::Local => {
+                    // A seed whose bytes changed under its index is simply not used for this chunk.
+                    let copied = have[&c.hash]
+                        .iter()
+                        .filter(|&&(_, _, len)| len == c.len)
+                        .any(|&(si, off, len)| read_chunk(&seeds[si].file, off, len, &mut buf).is_ok_and(|h| h == c.hash));
+                    if copied {
+                        out.write_all_at(&buf, c.offset).map_err(disk)?;
+                        stats.reused += c.len as u64;
+                        pb.inc(c.len as u64);
+                    } else {
+                        tracing::warn!("local copy of the chunk at offset {} is corrupt; fetching it", c.offset);
+                        fetch_ranges(agent, &url, new, &[(i, i)], &out, &path, &mut stats, &pb)?;
+                        buf.resize(c.len as usize, 0);
+                        out.read_exact_at(&mut buf, c.offset).map_err(disk)?;
+                    }
+                }
+            }
+            // The hasher thread only ends when we drop the sender, so this cannot fail.
+            let _ = tx.send(std::mem::take(&mut buf));
+        }
+        Ok(())
+    })();
+    drop(tx);
+    let (found, _) = hasher.join().expect("the hashing thread does not panic");
+    copy_result?;
     out.sync_all().map_err(disk)?;
     pb.finish_and_clear();
-    let (found, _) = whole.finish();
     if found != m.image.sha256 {
         return Err(DeltaError::Digest { expected: m.image.sha256, found });
     }
