@@ -226,7 +226,7 @@ fn stripped(binary: &Path, tmpdir: &Path) -> PathBuf {
 /// Builds the netboot artifacts.
 pub fn netboot(req: &NetbootRequest) -> Result<NetbootReport> {
     let keys: Vec<PublicKey> = req.keys.iter().map(|p| PublicKey::read(p)).collect::<Result<_, _>>()?;
-    let agent = http_agent(Duration::from_secs(60));
+    let agent = http_agent(Duration::from_secs(60), Duration::from_secs(4 * 3600));
     let loc = Location::parse(&req.manifest);
     let manifest_bytes = loc.read_bounded(&agent, MAX_MANIFEST_BYTES)?;
     let sig = loc.with_suffix(".sig").read_bounded(&agent, SIGNATURE_BYTES as u64)?;

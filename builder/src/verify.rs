@@ -29,7 +29,7 @@ pub struct Verified {
 
 /// Verifies the manifest at `source` with `keys`.
 pub fn verify(source: &str, keys: &[PublicKey]) -> Result<Verified> {
-    let agent = http_agent(Duration::from_secs(60));
+    let agent = http_agent(Duration::from_secs(60), Duration::from_secs(4 * 3600));
     let loc = Location::parse(source);
     let bytes = loc.read_bounded(&agent, MAX_MANIFEST_BYTES)?;
     let sig = loc.with_suffix(".sig").read_bounded(&agent, SIGNATURE_BYTES as u64)?;

@@ -149,7 +149,9 @@ impl Location {
     pub fn read_error(&self, e: io::Error) -> FetchError {
         match self {
             Location::Path(p) => FetchError::Local { path: p.clone(), source: e },
-            Location::Url(u) => FetchError::Transport { url: u.clone(), message: format!("transfer broke: {e}") },
+            Location::Url(u) => {
+                FetchError::Transport { url: u.clone(), message: format!("transfer broke ({e}); rerun to resume") }
+            }
         }
     }
 }
@@ -164,13 +166,15 @@ fn status_error(url: &str, status: u16) -> FetchError {
     FetchError::Status { url: url.to_owned(), status, hint }
 }
 
-/// An HTTP agent with sane limits: connect timeout, a bound on each read,
-/// statuses handled by the caller, and at most 5 redirects.
-pub fn http_agent(read_timeout: Duration) -> ureq::Agent {
+/// An HTTP agent with sane limits: 15 s to connect, `response_timeout` for
+/// the response headers, `body_timeout` for a whole body (so a server that
+/// stalls mid-body cannot hang a run forever), statuses handled by the
+/// caller, and at most 5 redirects.
+pub fn http_agent(response_timeout: Duration, body_timeout: Duration) -> ureq::Agent {
     ureq::Agent::config_builder()
         .timeout_connect(Some(Duration::from_secs(15)))
-        .timeout_recv_response(Some(read_timeout))
-        .timeout_recv_body(None)
+        .timeout_recv_response(Some(response_timeout))
+        .timeout_recv_body(Some(body_timeout))
         .timeout_per_call(None)
         .http_status_as_error(false)
         .max_redirects(5)
@@ -205,7 +209,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("m");
         std::fs::write(&p, vec![b'x'; 100]).unwrap();
-        let agent = http_agent(Duration::from_secs(1));
+        let agent = http_agent(Duration::from_secs(1), Duration::from_secs(1));
         let loc = Location::Path(p);
         assert_eq!(loc.read_bounded(&agent, 100).unwrap().len(), 100);
         assert!(matches!(loc.read_bounded(&agent, 99), Err(FetchError::TooLarge { limit: 99, .. })));

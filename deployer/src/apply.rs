@@ -292,8 +292,12 @@ pub fn apply(cfg: &Config, opts: &ApplyOptions) -> Result<Outcome> {
 }
 
 fn apply_locked(cfg: &Config, opts: &ApplyOptions, layout: &Layout, state: &mut State) -> Result<Outcome> {
+    // Before any work: the switch will happen in this directory.
+    crate::safety::check_dir(&imgdeploy_common::atomic::parent_dir(&cfg.link), "the directory of link")?;
     let keys = cfg.trusted_keys()?;
-    let agent = http_agent(Duration::from_secs(60));
+    // Manifests and indexes are small: a minute each. Images get download_timeout.
+    let agent = http_agent(Duration::from_secs(60), Duration::from_secs(60));
+    let image_agent = http_agent(Duration::from_secs(60), cfg.download_timeout);
     let source = opts.source.as_deref().map(Location::parse).unwrap_or_else(|| cfg.source.clone());
 
     // 1. Manifest.
@@ -411,7 +415,7 @@ fn apply_locked(cfg: &Config, opts: &ApplyOptions, layout: &Layout, state: &mut 
             if seeds.is_empty() {
                 tracing::info!("no local image to reuse chunks from; downloading the whole image");
             } else {
-                match delta::build(&agent, &image_loc, &m, &idx.index, &seeds, layout, standby, false) {
+                match delta::build(&image_agent, &image_loc, &m, &idx.index, &seeds, layout, standby, false) {
                     Ok((st, Some(f))) => delta_done = Some((st, f)),
                     Ok((_, None)) => unreachable!("only dry runs return no file"),
                     Err(e) => {
@@ -448,7 +452,7 @@ fn apply_locked(cfg: &Config, opts: &ApplyOptions, layout: &Layout, state: &mut 
                     f,
                 )
             }
-            None => download_image(&agent, &image_loc, &m, layout, standby)?,
+            None => download_image(&image_agent, &image_loc, &m, layout, standby)?,
         };
         verified_file = Some(file);
         std::fs::rename(layout.partial(standby), layout.image(standby))?;
@@ -490,7 +494,13 @@ fn apply_locked(cfg: &Config, opts: &ApplyOptions, layout: &Layout, state: &mut 
 
     // 6. Switch.
     let switch_started = Instant::now();
-    point_link(&cfg.link, &target)?;
+    if let Err(e) = point_link(&cfg.link, &target) {
+        // Not switched: the new mount must not linger.
+        if let Err(u) = unmount(&target) {
+            tracing::warn!("{u}");
+        }
+        return Err(e.into());
+    }
     let switch_micros = switch_started.elapsed().as_micros() as u64;
     state.active = Some(standby);
     if state.rolled_back_serial.is_some_and(|s| m.serial > s) {

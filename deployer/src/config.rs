@@ -71,6 +71,8 @@ struct RawConfig {
     allow_downgrade: bool,
     machine_id: Option<String>,
     metrics_file: Option<PathBuf>,
+    #[serde(default = "default_download_timeout")]
+    download_timeout: String,
 }
 
 fn default_state_dir() -> PathBuf {
@@ -81,6 +83,9 @@ fn default_mount_options() -> String {
 }
 fn default_drain_timeout() -> String {
     "5m".into()
+}
+fn default_download_timeout() -> String {
+    "2h".into()
 }
 fn default_hook_timeout() -> String {
     "2m".into()
@@ -156,6 +161,9 @@ pub struct Config {
     pub machine_id: Option<String>,
     /// Where to write Prometheus text-format metrics after every apply.
     pub metrics_file: Option<PathBuf>,
+    /// Longest an image download may take; a server that stalls fails the
+    /// apply after this (the partial download is kept and resumed).
+    pub download_timeout: Duration,
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -221,6 +229,7 @@ impl Config {
             allow_downgrade: raw.allow_downgrade,
             machine_id: raw.machine_id.filter(|s| !s.trim().is_empty()),
             metrics_file: raw.metrics_file.map(abs),
+            download_timeout: dur("download_timeout", &raw.download_timeout)?,
         })
     }
 

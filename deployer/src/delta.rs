@@ -461,10 +461,9 @@ pub fn build(
                 }
                 Source::Local => {
                     // A seed whose bytes changed under its index is simply not used for this chunk.
-                    let copied = have[&c.hash]
-                        .iter()
-                        .filter(|&&(_, _, len)| len == c.len)
-                        .any(|&(si, off, len)| read_chunk(&seeds[si].file, off, len, &mut buf).is_ok_and(|h| h == c.hash));
+                    let copied = have[&c.hash].iter().filter(|&&(_, _, len)| len == c.len).any(|&(si, off, len)| {
+                        read_chunk(&seeds[si].file, off, len, &mut buf).is_ok_and(|h| h == c.hash)
+                    });
                     if copied {
                         out.write_all_at(&buf, c.offset).map_err(disk)?;
                         stats.reused += c.len as u64;

@@ -21,6 +21,7 @@ pub mod loopdev;
 pub mod metrics;
 pub mod mount;
 pub mod ops;
+pub mod safety;
 pub mod slot;
 pub mod state;
 pub mod switch;

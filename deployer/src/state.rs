@@ -72,9 +72,13 @@ impl Layout {
     /// Creates the directory tree (mode 0700) and canonicalises `root`.
     pub fn create(root: &Path) -> io::Result<Self> {
         use std::os::unix::fs::DirBuilderExt;
+        // Checked before and after creation: a symlink or a directory other
+        // users can write must never hold images the kernel mounts.
+        crate::safety::check_dir(root, "state_dir").map_err(io::Error::other)?;
         let mut b = std::fs::DirBuilder::new();
         b.recursive(true).mode(0o700);
         b.create(root)?;
+        crate::safety::check_dir(root, "state_dir").map_err(io::Error::other)?;
         let root = std::fs::canonicalize(root)?;
         for s in SlotId::ALL {
             b.create(root.join("slots").join(s.name()))?;

@@ -15,7 +15,7 @@ pub enum SwitchError {
     /// `link` exists and is not a symlink.
     #[error("{0} exists and is not a symlink; move it away so imgdeploy can manage it (e.g. `mv {0} {0}.orig`)")]
     NotASymlink(PathBuf),
-    /// The filesystem refused.
+    /// The filesystem refused, or the link's directory is unsafe.
     #[error("cannot repoint {link}: {source}")]
     Io {
         /// The link.
@@ -44,6 +44,7 @@ pub fn point_link(link: &Path, target: &Path) -> Result<(), SwitchError> {
     let err = |source| SwitchError::Io { link: link.to_owned(), source };
     let dir = parent_dir(link);
     std::fs::create_dir_all(&dir).map_err(err)?;
+    crate::safety::check_dir(&dir, "the directory of link").map_err(|e| err(io::Error::other(e)))?;
     let name = link.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let prefix = format!(".{name}.tmp-");
     // Temp links left by runs killed between symlink(2) and rename(2) are ours: remove them.

@@ -354,6 +354,15 @@ fn privileged_bad_inputs_leave_the_active_version_serving() {
     bad[image.len() / 3] ^= 1;
     faults.route(&img_route, Reply::Body(bad));
     check("tampered image in transit", &["apply", "--source", &faults.url("/stable.json")], "sha256");
+    faults.route(&img_route, Reply::Stall(image.clone(), image.len() / 3));
+    let cfg_before = fs::read_to_string(&d.config).unwrap();
+    fs::write(&d.config, format!("{cfg_before}download_timeout = \"2s\"\n")).unwrap();
+    let t = Instant::now();
+    check("stalled mid-body", &["apply", "--source", &faults.url("/stable.json")], "rerun to resume");
+    assert!(t.elapsed() < Duration::from_secs(20), "a stalled server held apply for {:?}", t.elapsed());
+    fs::write(&d.config, &cfg_before).unwrap();
+    faults.route("/loop.json", Reply::RedirectLoop);
+    check("redirect loop", &["apply", "--source", &faults.url("/loop.json")], "cannot fetch");
     faults.route(&img_route, Reply::Status(503));
     check("503 for the image", &["apply", "--source", &faults.url("/stable.json")], "HTTP 503");
     let mut badm = manifest.clone();
@@ -424,6 +433,18 @@ fn privileged_bad_inputs_leave_the_active_version_serving() {
     assert_ne!(r.code, 0);
     assert!(r.stderr.contains("imgdeploy.toml:") && r.stderr.contains("alow_downgrade"), "{}", r.stderr);
     fs::write(&d.config, &cfg).unwrap();
+
+    // A state_dir or link directory other users can write is refused (a local
+    // attacker must not be able to redirect what gets mounted or served).
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&d.state, fs::Permissions::from_mode(0o777)).unwrap();
+    check("world-writable state_dir", &["apply"], "is writable by other users");
+    fs::set_permissions(&d.state, fs::Permissions::from_mode(0o700)).unwrap();
+    let webroot = d.link.parent().unwrap().to_owned();
+    fs::set_permissions(&webroot, fs::Permissions::from_mode(0o777)).unwrap();
+    d.publish("v3b");
+    check("world-writable link directory", &["apply"], "is writable by other users");
+    fs::set_permissions(&webroot, fs::Permissions::from_mode(0o755)).unwrap();
 
     // After all that, a good publish applies cleanly.
     let _ = (v1, v2_image);

@@ -20,6 +20,10 @@ pub enum Reply {
     TooLong(Vec<u8>, usize),
     /// This status with an empty body.
     Status(u16),
+    /// Announce the full length, send the first `n` bytes, then stall for a minute.
+    Stall(Vec<u8>, usize),
+    /// A redirect to the same path, forever.
+    RedirectLoop,
 }
 
 /// A running fault server.
@@ -100,6 +104,15 @@ fn serve(stream: TcpStream, routes: &Mutex<HashMap<String, Reply>>) {
                 .and_then(|_| out.write_all(&vec![b'x'; extra]))
         }
         Reply::Status(code) => write!(out, "HTTP/1.1 {code} Status\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"),
+        Reply::Stall(b, n) => {
+            write!(out, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", b.len())
+                .and_then(|_| out.write_all(&b[..n]))
+                .and_then(|_| out.flush())
+                .map(|_| std::thread::sleep(std::time::Duration::from_secs(60)))
+        }
+        Reply::RedirectLoop => {
+            write!(out, "HTTP/1.1 302 Found\r\nLocation: {path}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        }
     };
     let _ = out.flush();
 }

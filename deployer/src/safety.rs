@@ -1,0 +1,81 @@
+//! Refusing directories a local attacker could tamper with. The state
+//! directory holds the images the kernel mounts and `link`'s directory holds
+//! the switch; if another user could write to either, or swap one for a
+//! symlink, they could redirect what gets mounted or served.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+
+/// Why a directory is unsafe.
+#[derive(Debug, thiserror::Error)]
+pub enum UnsafeDir {
+    /// A symlink where a directory belongs.
+    #[error("{what} {path} is a symlink; imgdeploy only works in real directories (a local user could redirect it): point the config at the real path")]
+    Symlink {
+        /// state_dir or link directory.
+        what: &'static str,
+        /// The path.
+        path: String,
+    },
+    /// Owned by another user.
+    #[error("{what} {path} is owned by uid {uid}, not by the user imgdeploy runs as ({me}); `chown {me} {path}`")]
+    Owner {
+        /// state_dir or link directory.
+        what: &'static str,
+        /// The path.
+        path: String,
+        /// Its owner.
+        uid: u32,
+        /// Our uid.
+        me: u32,
+    },
+    /// Writable by others.
+    #[error("{what} {path} is writable by other users (mode {mode:o}); run `chmod go-w {path}`")]
+    Writable {
+        /// state_dir or link directory.
+        what: &'static str,
+        /// The path.
+        path: String,
+        /// Its mode.
+        mode: u32,
+    },
+}
+
+/// Checks that `dir` (if it exists) is a real directory owned by us and not
+/// writable by group or others.
+pub fn check_dir(dir: &Path, what: &'static str) -> Result<(), UnsafeDir> {
+    let Ok(md) = std::fs::symlink_metadata(dir) else { return Ok(()) };
+    let path = dir.display().to_string();
+    if md.file_type().is_symlink() {
+        return Err(UnsafeDir::Symlink { what, path });
+    }
+    let me = nix::unistd::geteuid().as_raw();
+    if md.uid() != me {
+        return Err(UnsafeDir::Owner { what, path, uid: md.uid(), me });
+    }
+    let mode = md.permissions().mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return Err(UnsafeDir::Writable { what, path, mode });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_writable_and_symlinked_dirs() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("state");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+        check_dir(&dir, "state_dir").unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(matches!(check_dir(&dir, "state_dir"), Err(UnsafeDir::Writable { mode: 0o777, .. })));
+        let link = d.path().join("link");
+        std::os::unix::fs::symlink(&dir, &link).unwrap();
+        assert!(matches!(check_dir(&link, "state_dir"), Err(UnsafeDir::Symlink { .. })));
+        check_dir(&d.path().join("missing"), "state_dir").unwrap();
+    }
+}
