@@ -109,19 +109,38 @@ pub struct ChunkIndex {
 
 impl ChunkIndex {
     /// Reads `reader` once: returns its index, its whole sha256 and its size.
+    /// The whole-file hash runs on a second thread, beside chunking and chunk hashing.
     pub fn build(reader: impl Read, params: ChunkParams) -> io::Result<(ChunkIndex, Sha256Digest, u64)> {
-        let mut whole = StreamHasher::new();
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(16);
+        let whole = std::thread::spawn(move || {
+            let mut h = StreamHasher::new();
+            for data in rx {
+                h.update(&data);
+            }
+            h.finish()
+        });
         let mut chunks = Vec::new();
         let cdc = fastcdc::v2020::StreamCDC::new(reader, params.min as usize, params.avg as usize, params.max as usize);
+        let mut result = Ok(());
         for c in cdc {
-            let c = c.map_err(|e| match e {
-                fastcdc::v2020::Error::IoError(e) => e,
-                other => io::Error::other(other.to_string()),
-            })?;
-            whole.update(&c.data);
-            chunks.push(Chunk { offset: c.offset, len: c.length as u32, hash: ChunkHash::of(&c.data) });
+            match c {
+                Ok(c) => {
+                    chunks.push(Chunk { offset: c.offset, len: c.length as u32, hash: ChunkHash::of(&c.data) });
+                    // The hasher only stops when the sender is dropped below.
+                    let _ = tx.send(c.data);
+                }
+                Err(e) => {
+                    result = Err(match e {
+                        fastcdc::v2020::Error::IoError(e) => e,
+                        other => io::Error::other(other.to_string()),
+                    });
+                    break;
+                }
+            }
         }
-        let (sha, size) = whole.finish();
+        drop(tx);
+        let (sha, size) = whole.join().expect("the hashing thread does not panic");
+        result?;
         Ok((ChunkIndex { params, image_size: size, chunks }, sha, size))
     }
 

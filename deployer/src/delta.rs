@@ -23,7 +23,7 @@ use imgdeploy_common::chunk::{Chunk, ChunkHash, ChunkIndex, IndexError};
 use imgdeploy_common::digest::{Sha256Digest, StreamHasher};
 use imgdeploy_common::location::{FetchError, Location};
 use imgdeploy_common::manifest::{IndexRef, Manifest};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 use crate::fetch::PartialMeta;
@@ -468,6 +468,13 @@ pub fn build(
                         out.write_all_at(&buf, c.offset).map_err(disk)?;
                         stats.reused += c.len as u64;
                         pb.inc(c.len as u64);
+                        if i % 64 == 0 {
+                            pb.set_message(format!(
+                                "downloaded {}, reused {}",
+                                HumanBytes(stats.downloaded),
+                                HumanBytes(stats.reused)
+                            ));
+                        }
                     } else {
                         tracing::warn!("local copy of the chunk at offset {} is corrupt; fetching it", c.offset);
                         fetch_ranges(agent, &url, new, &[(i, i)], &out, &path, &mut stats, &pb)?;
