@@ -29,7 +29,7 @@ pub enum FetchError {
         message: String,
     },
     /// The server answered with a non-success status.
-    #[error("{url} answered HTTP {status}{hint}")]
+    #[error("{url} answered HTTP {status}{hint}{}", retry_after.as_ref().map(|r| format!(" (it asks to retry after {r})")).unwrap_or_default())]
     Status {
         /// The URL.
         url: String,
@@ -37,6 +37,8 @@ pub enum FetchError {
         status: u16,
         /// What to do.
         hint: &'static str,
+        /// The server's Retry-After header, if any.
+        retry_after: Option<String>,
     },
     /// More bytes than allowed.
     #[error("{what} is larger than the allowed {limit} bytes; refusing to read it")]
@@ -137,8 +139,26 @@ impl Location {
                 let status = resp.status().as_u16();
                 let start = match status {
                     200 => 0,
-                    206 if offset > 0 => offset,
-                    _ => return Err(status_error(u, status)),
+                    206 if offset > 0 => {
+                        // A 206 for some other range would splice foreign bytes into the file.
+                        let range = resp.headers().get("content-range").and_then(|v| v.to_str().ok()).unwrap_or("");
+                        match parse_content_range(range) {
+                            Some((a, _)) if a == offset => offset,
+                            _ => {
+                                return Err(FetchError::Transport {
+                                    url: u.clone(),
+                                    message: format!("asked for bytes {offset}- but the server answered with range `{range}`"),
+                                })
+                            }
+                        }
+                    }
+                    _ => {
+                        let retry = resp.headers().get("retry-after").and_then(|v| v.to_str().ok()).map(|v| {
+                            // Seconds or an HTTP date; say which.
+                            if v.trim().bytes().all(|b| b.is_ascii_digit()) { format!("{} s", v.trim()) } else { v.trim().chars().take(64).collect() }
+                        });
+                        return Err(status_error(u, status, retry));
+                    }
                 };
                 Ok((Box::new(resp.into_body().into_reader()), start))
             }
@@ -156,14 +176,25 @@ impl Location {
     }
 }
 
-fn status_error(url: &str, status: u16) -> FetchError {
+/// Parses a `Content-Range: bytes a-b/total` value into (a, b).
+pub fn parse_content_range(v: &str) -> Option<(u64, u64)> {
+    let r = v.trim().strip_prefix("bytes ")?;
+    let (range, _) = r.split_once('/')?;
+    let (a, b) = range.split_once('-')?;
+    let (a, b) = (a.trim().parse().ok()?, b.trim().parse().ok()?);
+    (a <= b).then_some((a, b))
+}
+
+fn status_error(url: &str, status: u16, retry_after: Option<String>) -> FetchError {
     let hint = match status {
         404 => "; nothing is published there: check `source` and that the repository was uploaded",
         401 | 403 => "; the server refuses access: check its permissions",
+        429 => "; the server is rate limiting: try again later",
+        300..=399 => "; too many redirects or a redirect without a target: check `source`",
         500..=599 => "; the server failed: try again later or use another mirror",
         _ => "",
     };
-    FetchError::Status { url: url.to_owned(), status, hint }
+    FetchError::Status { url: url.to_owned(), status, hint, retry_after }
 }
 
 /// An HTTP agent with sane limits: 15 s to connect, `response_timeout` for

@@ -317,7 +317,7 @@ fn apply_locked(cfg: &Config, opts: &ApplyOptions, layout: &Layout, state: &mut 
     };
     if let Some(cur) = &active_inst {
         let c = &cur.manifest;
-        if c.image.sha256 == m.image.sha256 && c.serial <= m.serial {
+        if c.image.sha256 == m.image.sha256 && c.serial < m.serial {
             // A re-signed manifest (new serial: rollout change, promotion) of the image already active.
             ensure_mounted(cfg, layout, cur, None)?;
             return Ok(Outcome::UpToDate {

@@ -21,7 +21,7 @@ use std::os::unix::fs::FileExt;
 
 use imgdeploy_common::chunk::{Chunk, ChunkHash, ChunkIndex, IndexError};
 use imgdeploy_common::digest::{Sha256Digest, StreamHasher};
-use imgdeploy_common::location::{FetchError, Location};
+use imgdeploy_common::location::{parse_content_range, FetchError, Location};
 use imgdeploy_common::manifest::{IndexRef, Manifest};
 use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 use serde::Serialize;
@@ -250,15 +250,6 @@ fn plan(
 
 fn header_value(resp: &ureq::http::Response<ureq::Body>, name: &str) -> Option<String> {
     resp.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
-}
-
-/// Parses `bytes a-b/total`.
-fn parse_content_range(v: &str) -> Option<(u64, u64)> {
-    let r = v.trim().strip_prefix("bytes ")?;
-    let (range, _) = r.split_once('/')?;
-    let (a, b) = range.split_once('-')?;
-    let (a, b) = (a.trim().parse().ok()?, b.trim().parse().ok()?);
-    (a <= b).then_some((a, b))
 }
 
 /// Reads one line (bounded) from a multipart body.

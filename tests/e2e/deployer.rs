@@ -152,7 +152,7 @@ fn privileged_readers_see_no_errors_during_switches() {
             })
         })
         .collect();
-    let switches = 300;
+    let switches = 1000;
     for _ in 0..switches {
         d.imgdeploy(&["rollback"]).ok();
     }
@@ -461,7 +461,7 @@ fn privileged_disk_full_fails_cleanly_then_recovers() {
     }
     let d = Deployment::new("", "");
     fs::create_dir_all(&d.state).unwrap();
-    sh(&format!("mount -t tmpfs -o size=3m tmpfs '{}'", d.state.display()));
+    sh(&format!("mount -t tmpfs -o size=3m,mode=0700 tmpfs '{}'", d.state.display()));
     struct Unmount(std::path::PathBuf);
     impl Drop for Unmount {
         fn drop(&mut self) {

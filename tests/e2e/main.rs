@@ -9,6 +9,7 @@
 //! - `delta`: delta updates — byte-identical results, fallbacks, tampering, resume.
 //! - `fleet`: staged rollout, promotion, 50 frontends through a caching edge,
 //!   metrics, CI scripts.
+//! - `reliability`: more server faults, a crash loop of SIGKILLs, key rotation.
 //! - `netboot`: imgbuild netboot artifacts booted in qemu (TCG) to a marker;
 //!   a tampered image is refused at boot.
 
@@ -18,3 +19,4 @@ mod deployer;
 mod docs;
 mod fleet;
 mod netboot;
+mod reliability;

@@ -24,6 +24,12 @@ pub enum Reply {
     Stall(Vec<u8>, usize),
     /// A redirect to the same path, forever.
     RedirectLoop,
+    /// This status with a Retry-After header.
+    RetryAfter(u16, u32),
+    /// 206 for any request, but with the wrong range (the first bytes).
+    WrongRange(Vec<u8>),
+    /// 200 with no length and a body that never ends.
+    Endless,
 }
 
 /// A running fault server.
@@ -110,6 +116,19 @@ fn serve(stream: TcpStream, routes: &Mutex<HashMap<String, Reply>>) {
                 .and_then(|_| out.flush())
                 .map(|_| std::thread::sleep(std::time::Duration::from_secs(60)))
         }
+        Reply::RetryAfter(code, secs) => write!(out, "HTTP/1.1 {code} Busy\r\nRetry-After: {secs}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"),
+        Reply::WrongRange(b) => {
+            let n = b.len().min(1000);
+            write!(out, "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-{}/{}\r\nContent-Length: {n}\r\nConnection: close\r\n\r\n", n - 1, b.len())
+                .and_then(|_| out.write_all(&b[..n]))
+        }
+        Reply::Endless => write!(out, "HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n").and_then(|_| {
+            let block = vec![b'z'; 64 * 1024];
+            // Until the client hangs up.
+            loop {
+                out.write_all(&block)?;
+            }
+        }),
         Reply::RedirectLoop => {
             write!(out, "HTTP/1.1 302 Found\r\nLocation: {path}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
         }
