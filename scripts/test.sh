@@ -17,4 +17,14 @@ ns=()
 if [[ $(id -u) -eq 0 ]] && unshare --mount --propagation private true 2>/dev/null; then
   ns=(unshare --mount --propagation private)
 fi
-"${ns[@]}" cargo test --workspace --locked -- --test-threads="${TEST_THREADS:-2}"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+"${ns[@]}" cargo test --workspace --locked -- --test-threads="${TEST_THREADS:-2}" 2>&1 | tee "$log"
+
+# Fuzz the parsers of untrusted input (manifest, keys and signatures, config
+# and state, chunk index) for FUZZ_SECONDS each (60 by default).
+bash scripts/fuzz.sh
+
+# One closing line for every test run above (cargo prints one per test binary).
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) s += $i } }
+     END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, s }' "$log"

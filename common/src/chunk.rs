@@ -267,6 +267,16 @@ mod tests {
         assert!(ChunkIndex::decode(b"not zstd").is_err());
     }
 
+    /// Regression (fuzzing): a tiny input that expands beyond the limit is
+    /// refused without holding more than the limit.
+    #[test]
+    fn decompression_bomb_is_refused() {
+        let bomb = zstd::bulk::compress(&vec![0u8; MAX_INDEX_BYTES + 1024], 3).unwrap();
+        assert!(bomb.len() < 10_000);
+        let r = ChunkIndex::decode(&bomb);
+        assert!(matches!(&r, Err(IndexError::Compression(_))), "{r:?}");
+    }
+
     proptest! {
         #[test]
         fn parse_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {

@@ -147,7 +147,9 @@ impl Location {
                             _ => {
                                 return Err(FetchError::Transport {
                                     url: u.clone(),
-                                    message: format!("asked for bytes {offset}- but the server answered with range `{range}`"),
+                                    message: format!(
+                                        "asked for bytes {offset}- but the server answered with range `{range}`"
+                                    ),
                                 })
                             }
                         }
@@ -155,7 +157,11 @@ impl Location {
                     _ => {
                         let retry = resp.headers().get("retry-after").and_then(|v| v.to_str().ok()).map(|v| {
                             // Seconds or an HTTP date; say which.
-                            if v.trim().bytes().all(|b| b.is_ascii_digit()) { format!("{} s", v.trim()) } else { v.trim().chars().take(64).collect() }
+                            if v.trim().bytes().all(|b| b.is_ascii_digit()) {
+                                format!("{} s", v.trim())
+                            } else {
+                                v.trim().chars().take(64).collect()
+                            }
                         });
                         return Err(status_error(u, status, retry));
                     }

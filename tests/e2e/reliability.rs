@@ -76,7 +76,10 @@ fn privileged_crash_loop() {
     if !require_root("privileged_crash_loop") {
         return;
     }
-    let kills: usize = std::env::var("IMGDEPLOY_CRASH_KILLS").ok().and_then(|v| v.parse().ok()).unwrap_or(if std::env::var("CI").as_deref() == Ok("true") { 100 } else { 20 });
+    let kills: usize = std::env::var("IMGDEPLOY_CRASH_KILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if std::env::var("CI").as_deref() == Ok("true") { 100 } else { 20 });
     let d = Deployment::new("", "limit_rate 8m;");
     d.publish("v0");
     d.imgdeploy(&["apply"]).ok();
@@ -95,7 +98,14 @@ fn privileged_crash_loop() {
             label = format!("c{i}");
             d.publish_to("stable", &label, 800_000, &["--level", "1"]);
         }
-        let mut child = Command::new(bin("imgdeploy")).arg("-c").arg(&d.config).arg("apply").stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        let mut child = Command::new(bin("imgdeploy"))
+            .arg("-c")
+            .arg(&d.config)
+            .arg("apply")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
         std::thread::sleep(Duration::from_millis(rnd(400)));
         let _ = child.kill();
         child.wait().unwrap();
@@ -122,7 +132,8 @@ fn privileged_key_rotation_and_bad_keys() {
     let d = Deployment::new("", "");
     d.publish("v1");
     d.imgdeploy(&["apply"]).ok();
-    let old_manifest = (fs::read(d.repo.join("stable.json")).unwrap(), fs::read(d.repo.join("stable.json.sig")).unwrap());
+    let old_manifest =
+        (fs::read(d.repo.join("stable.json")).unwrap(), fs::read(d.repo.join("stable.json.sig")).unwrap());
     // Rotation: the new key is trusted beside the old one, then publishing switches to it.
     let new = Keys::generate();
     let cfg = fs::read_to_string(&d.config).unwrap();
@@ -134,7 +145,14 @@ fn privileged_key_rotation_and_bad_keys() {
     let tree = d.dir.path().join("tree-rot");
     fs::create_dir_all(&tree).unwrap();
     fs::write(tree.join("version"), "v2").unwrap();
-    let r = run(Command::new(bin("imgbuild")).arg("build").arg(&tree).arg("--key").arg(&new.key).args(["--channel", "stable", "--version", "v2"]).arg("--repo").arg(&d.repo));
+    let r = run(Command::new(bin("imgbuild"))
+        .arg("build")
+        .arg(&tree)
+        .arg("--key")
+        .arg(&new.key)
+        .args(["--channel", "stable", "--version", "v2"])
+        .arg("--repo")
+        .arg(&d.repo));
     assert_eq!(r.code, 0, "{}", r.stderr);
     d.imgdeploy(&["apply"]).ok();
     assert_eq!(d.active_version().as_deref(), Some("v2"));
@@ -159,7 +177,14 @@ fn privileged_key_rotation_and_bad_keys() {
     assert_eq!(d.active_version().as_deref(), Some("v2"));
     // A private key readable by others: imgbuild warns and names the fix.
     fs::set_permissions(&new.key, fs::Permissions::from_mode(0o644)).unwrap();
-    let r = run(Command::new(bin("imgbuild")).arg("build").arg(&tree).arg("--key").arg(&new.key).args(["--channel", "stable"]).arg("--repo").arg(&d.repo));
+    let r = run(Command::new(bin("imgbuild"))
+        .arg("build")
+        .arg(&tree)
+        .arg("--key")
+        .arg(&new.key)
+        .args(["--channel", "stable"])
+        .arg("--repo")
+        .arg(&d.repo));
     assert_eq!(r.code, 0);
     assert!(r.stderr.contains("is readable by other users") && r.stderr.contains("chmod 600"), "{}", r.stderr);
     eprintln!("RELIABILITY keys cases=5 failures=0");

@@ -116,7 +116,9 @@ fn serve(stream: TcpStream, routes: &Mutex<HashMap<String, Reply>>) {
                 .and_then(|_| out.flush())
                 .map(|_| std::thread::sleep(std::time::Duration::from_secs(60)))
         }
-        Reply::RetryAfter(code, secs) => write!(out, "HTTP/1.1 {code} Busy\r\nRetry-After: {secs}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"),
+        Reply::RetryAfter(code, secs) => {
+            write!(out, "HTTP/1.1 {code} Busy\r\nRetry-After: {secs}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        }
         Reply::WrongRange(b) => {
             let n = b.len().min(1000);
             write!(out, "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-{}/{}\r\nContent-Length: {n}\r\nConnection: close\r\n\r\n", n - 1, b.len())
