@@ -497,13 +497,18 @@ fn gc_removes_only_unreferenced_images_beyond_keep() {
     let keys = Keys::generate();
     let repo = work.path().join("repo");
     let mut images = Vec::new();
-    for i in 0..4 {
+    // Fixed mtimes: the image records them, and rewriting a file may cross a second.
+    let write_version = |i: u32| {
         fs::write(src.join("v"), format!("version {i}")).unwrap();
+        sh(&format!("touch -d @1000000 '{0}/v' '{0}'", src.display()));
+    };
+    for i in 0..4 {
+        write_version(i);
         images.push(image_of(&build_image(&src, &keys, "stable", &repo, &[])));
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     // beta pins the first image.
-    fs::write(src.join("v"), "version 0").unwrap();
+    write_version(0);
     let beta = image_of(&build_image(&src, &keys, "beta", &repo, &[]));
     assert_eq!(beta, images[0], "same tree, same content address");
     let r = run_bin(
