@@ -170,8 +170,9 @@ pub fn drain_slot(layout: &Layout, slot: SlotId, timeout: Duration) -> Result<Ve
         return Ok(Vec::new());
     }
     let dev = device_of(&target)?;
+    let deadline = Instant::now() + timeout;
     loop {
-        let left = wait_for_holders(dev, timeout);
+        let left = wait_for_holders(dev, deadline.saturating_duration_since(Instant::now()));
         if !left.is_empty() {
             tracing::warn!(
                 "slot {slot} stays mounted: still used by {}; `imgdeploy drain` or the next apply unmounts it",
@@ -184,8 +185,14 @@ pub fn drain_slot(layout: &Layout, slot: SlotId, timeout: Duration) -> Result<Ve
                 tracing::info!("unmounted old slot {slot}");
                 return Ok(Vec::new());
             }
-            // A process entered between the scan and umount: look again (bounded by the timeout).
-            Err(e) if timeout.is_zero() => return Err(e.into()),
+            // A process entered between the scan and umount(2). The switch is
+            // done, so this is not a failure: the slot stays mounted for a
+            // later drain or apply (regression: a 0 s drain failed rollback).
+            Err(e) if Instant::now() >= deadline => {
+                let left = holders(dev);
+                tracing::warn!("slot {slot} stays mounted ({e}); `imgdeploy drain` or the next apply unmounts it");
+                return Ok(left);
+            }
             Err(_) => std::thread::sleep(Duration::from_millis(50)),
         }
     }

@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use imgdeploy_tests::deploy::Deployment;
-use imgdeploy_tests::{bin, require_root};
+use imgdeploy_tests::{bin, noise, require_root};
 
 /// A tree of `n` incompressible files of 20..120 KiB, deterministic per `seed`.
 fn make_tree(dir: &Path, n: usize, seed: u64) {
@@ -20,16 +20,7 @@ fn make_tree(dir: &Path, n: usize, seed: u64) {
 
 fn write_noise(path: &Path, len: usize, seed: u64) {
     fs::create_dir_all(path.parent().unwrap()).unwrap();
-    let mut x = seed.wrapping_mul(0x9e3779b97f4a7c15) | 1;
-    let data: Vec<u8> = (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
-    fs::write(path, data).unwrap();
+    fs::write(path, noise(len, seed)).unwrap();
 }
 
 fn slot_image(d: &Deployment, slot: &str) -> Vec<u8> {

@@ -309,19 +309,7 @@ fn privileged_bad_inputs_leave_the_active_version_serving() {
     d.publish("v2");
     d.imgdeploy(&["apply"]).ok();
     let v2_image = repo.join(d.status()["active"]["sha256"].as_str().map(|s| format!("images/{s}.squashfs")).unwrap());
-    let check = |what: &str, args: &[&str], needle: &str| {
-        let r = d.imgdeploy(args);
-        assert_ne!(r.code, 0, "{what}: exit 0\n{}", r.stderr);
-        let line = r
-            .stderr
-            .lines()
-            .find(|l| l.starts_with("error:"))
-            .unwrap_or_else(|| panic!("{what}: no error line: {}", r.stderr));
-        assert!(line.contains(needle), "{what}: {line:?} lacks {needle:?}");
-        assert_eq!(d.active_version().as_deref(), Some("v2"), "{what}: the active version changed");
-        d.assert_link_sound();
-        d.assert_no_leaks();
-    };
+    let check = |what: &str, args: &[&str], needle: &str| d.assert_refused(what, args, needle, "v2");
     let serving = |what: &str, want: &str| {
         assert_eq!(d.active_version().as_deref(), Some(want), "{what}: active version changed")
     };

@@ -186,16 +186,7 @@ fn privileged_fifty_deployers_through_a_caching_edge() {
     let tree = work.path().join("tree");
     fs::create_dir_all(&tree).unwrap();
     fs::write(tree.join("version"), "fleet-1").unwrap();
-    let mut x = 88172645463325252u64;
-    let noise: Vec<u8> = (0..3_000_000)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
-    fs::write(tree.join("data"), noise).unwrap();
+    fs::write(tree.join("data"), imgdeploy_tests::noise(3_000_000, 7)).unwrap();
     let b = imgdeploy_tests::build_image(&tree, &keys, "stable", &repo, &["--level", "1"]);
     let size = b["size"].as_u64().unwrap();
     let origin = Nginx::serve(&repo);

@@ -66,16 +66,8 @@ impl Deployment {
         fs::create_dir_all(tree.join("bin")).unwrap();
         fs::write(tree.join("version"), label).unwrap();
         fs::write(tree.join("bin/app.cgi"), format!("#!/bin/sh\necho {label}\n")).unwrap();
-        let mut x: u64 = label.bytes().fold(0x9e3779b97f4a7c15, |a, b| a.rotate_left(5) ^ b as u64);
-        let noise: Vec<u8> = (0..padding)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
-        fs::write(tree.join("padding"), noise).unwrap();
+        let seed = label.bytes().fold(0, |a: u64, b| a.rotate_left(5) ^ b as u64);
+        fs::write(tree.join("padding"), crate::noise(padding, seed)).unwrap();
         let mut args = vec!["--version", label];
         args.extend_from_slice(extra);
         build_image(&tree, &self.keys, channel, &self.repo, &args)
@@ -144,6 +136,24 @@ impl Deployment {
             })
             .map(str::to_owned)
             .collect()
+    }
+
+    /// Runs `imgdeploy args` expecting a refusal: a non-zero exit, an
+    /// `error:` line containing `needle`, the active version still `active`,
+    /// `link` sound and nothing leaked.
+    #[track_caller]
+    pub fn assert_refused(&self, what: &str, args: &[&str], needle: &str, active: &str) {
+        let r = self.imgdeploy(args);
+        assert_ne!(r.code, 0, "{what}: exit 0\n{}", r.stderr);
+        let line = r
+            .stderr
+            .lines()
+            .find(|l| l.starts_with("error:"))
+            .unwrap_or_else(|| panic!("{what}: no error line: {}", r.stderr));
+        assert!(line.contains(needle), "{what}: {line:?} lacks {needle:?}");
+        assert_eq!(self.active_version().as_deref(), Some(active), "{what}: the active version changed");
+        self.assert_link_sound();
+        self.assert_no_leaks();
     }
 
     /// No leaked loop device and no stray mount (only the slot `link` uses,

@@ -125,6 +125,19 @@ pub fn sh(script: &str) -> String {
     r.stdout
 }
 
+/// `len` incompressible, deterministic bytes for `seed` (xorshift64).
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
 /// A read-only loop mount that is unmounted when dropped.
 pub struct LoopMount {
     /// The mount point.
