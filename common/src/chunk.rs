@@ -109,25 +109,26 @@ pub struct ChunkIndex {
 
 impl ChunkIndex {
     /// Reads `reader` once: returns its index, its whole sha256 and its size.
-    /// The whole-file hash runs on a second thread, beside chunking and chunk hashing.
+    /// Cutting runs on this thread; hashing (each chunk and the whole) on a
+    /// second one, so the pass costs about as much as the slower of the two.
     pub fn build(reader: impl Read, params: ChunkParams) -> io::Result<(ChunkIndex, Sha256Digest, u64)> {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(16);
-        let whole = std::thread::spawn(move || {
-            let mut h = StreamHasher::new();
-            for data in rx {
-                h.update(&data);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(u64, Vec<u8>)>(32);
+        let hasher = std::thread::spawn(move || {
+            let mut whole = StreamHasher::new();
+            let mut chunks = Vec::new();
+            for (offset, data) in rx {
+                chunks.push(Chunk { offset, len: data.len() as u32, hash: ChunkHash::of(&data) });
+                whole.update(&data);
             }
-            h.finish()
+            (chunks, whole.finish())
         });
-        let mut chunks = Vec::new();
         let cdc = fastcdc::v2020::StreamCDC::new(reader, params.min as usize, params.avg as usize, params.max as usize);
         let mut result = Ok(());
         for c in cdc {
             match c {
+                // The hasher only stops when the sender is dropped below.
                 Ok(c) => {
-                    chunks.push(Chunk { offset: c.offset, len: c.length as u32, hash: ChunkHash::of(&c.data) });
-                    // The hasher only stops when the sender is dropped below.
-                    let _ = tx.send(c.data);
+                    let _ = tx.send((c.offset, c.data));
                 }
                 Err(e) => {
                     result = Err(match e {
@@ -139,7 +140,7 @@ impl ChunkIndex {
             }
         }
         drop(tx);
-        let (sha, size) = whole.join().expect("the hashing thread does not panic");
+        let (chunks, (sha, size)) = hasher.join().expect("the hashing thread does not panic");
         result?;
         Ok((ChunkIndex { params, image_size: size, chunks }, sha, size))
     }
