@@ -388,11 +388,13 @@ fn apply_locked(cfg: &Config, opts: &ApplyOptions, layout: &Layout, state: &mut 
     // 3. Download unless the standby already holds exactly this image.
     let standby_inst = installed(layout, standby, &keys).ok().flatten();
     let mut download = DownloadStats::default();
-    let mut verified_file = None;
-    let reuse = standby_inst.as_ref().is_some_and(|i| {
-        i.manifest.image.sha256 == m.image.sha256 && open_verified(layout, standby, &i.manifest).is_ok()
-    });
-    if !reuse {
+    // If the standby already holds exactly this image, the file verified here
+    // is the one mounted below (no second full read of the image).
+    let mut verified_file = standby_inst
+        .as_ref()
+        .filter(|i| i.manifest.image.sha256 == m.image.sha256)
+        .and_then(|i| open_verified(layout, standby, &i.manifest).ok());
+    if verified_file.is_none() {
         let image_loc = fetched.location.sibling(&m.image.path);
         // The chunk index is fetched whenever one is published: for this
         // delta, and stored with the slot as the seed of the next one.
