@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the reliability tests (faults, bad content, crashes, disk, load, keys)
-# with their figures printed, and prints the lines RELIABILITY.md quotes.
+# and power loss, with their figures printed, and prints the lines RELIABILITY.md quotes.
 #
 #   sudo bash scripts/reliability.sh            (IMGDEPLOY_CRASH_KILLS=1000 for a longer crash loop)
 set -euo pipefail
@@ -9,5 +9,5 @@ bash scripts/setup-debian.sh
 cargo build --workspace --locked -q
 export CI=${CI:-true}
 unshare --mount --propagation private cargo test --locked -q -p imgdeploy-tests --test e2e -- \
-  reliability:: deployer:: delta:: fleet::privileged_fifty --nocapture --test-threads=1 2>&1 \
+  reliability:: powerloss:: deployer:: delta:: fleet::privileged_fifty --nocapture --test-threads=1 2>&1 \
   | grep -E '^(RELIABILITY|[0-9]+ (kills|switches|deployers)|test result)'

@@ -10,6 +10,8 @@
 //! - `fleet`: staged rollout, promotion, 50 frontends through a caching edge,
 //!   metrics, CI scripts.
 //! - `reliability`: more server faults, a crash loop of SIGKILLs, key rotation.
+//! - `powerloss`: a qemu guest applies two updates while qemu logs its disk
+//!   writes; every power cut rebuilt from the log leaves one consistent version.
 //! - `netboot`: imgbuild netboot artifacts booted in qemu (TCG) to a marker;
 //!   a tampered image is refused at boot.
 
@@ -19,4 +21,5 @@ mod deployer;
 mod docs;
 mod fleet;
 mod netboot;
+mod powerloss;
 mod reliability;

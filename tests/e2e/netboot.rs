@@ -6,54 +6,11 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use imgdeploy_tests::{build_image, require_root, run, run_bin, Keys};
-
-/// The Debian kernel and its modules (package linux-image-amd64), if installed.
-fn debian_kernel() -> Option<(PathBuf, PathBuf)> {
-    let mut kernels: Vec<PathBuf> = fs::read_dir("/boot")
-        .ok()?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-")))
-        .collect();
-    kernels.sort();
-    kernels.into_iter().rev().find_map(|k| {
-        let ver = k.file_name()?.to_string_lossy().trim_start_matches("vmlinuz-").to_owned();
-        let m = PathBuf::from("/lib/modules").join(&ver);
-        m.join("modules.dep").exists().then_some((k, m))
-    })
-}
-
-/// Needs root (CI) and the Debian kernel, qemu and busybox-static that the test script installs.
-fn prerequisites(test: &str) -> Option<(PathBuf, PathBuf)> {
-    if !require_root(test) {
-        return None;
-    }
-    let found = debian_kernel().filter(|_| {
-        Path::new("/bin/busybox").exists()
-            && run(Command::new("sh").arg("-c").arg("command -v qemu-system-x86_64")).code == 0
-    });
-    if found.is_none() {
-        assert_ne!(
-            std::env::var("CI").as_deref(),
-            Ok("true"),
-            "{test}: linux-image-amd64, qemu-system-x86 and busybox-static must be installed in CI"
-        );
-        eprintln!("SKIP {test}: needs linux-image-amd64, qemu-system-x86 and busybox-static");
-    }
-    found
-}
+use imgdeploy_tests::qemu::{self, prerequisites};
+use imgdeploy_tests::{build_image, run, run_bin, Keys};
 
 fn boot(kernel: &Path, initrd: &Path, append: &str) -> String {
-    let out = run(Command::new("timeout")
-        .args(["90", "qemu-system-x86_64", "-accel", "tcg", "-m", "512", "-nographic", "-no-reboot", "-kernel"])
-        .arg(kernel)
-        .arg("-initrd")
-        .arg(initrd)
-        .arg("-append")
-        .arg(format!("console=ttyS0 panic=-1 quiet {append}")));
-    assert_ne!(out.code, 124, "qemu did not power off within 90 s:\n{}", out.stdout);
-    out.stdout
+    qemu::boot(kernel, initrd, append, &[], 90)
 }
 
 #[test]

@@ -9,8 +9,10 @@ pub mod deploy;
 pub mod docs;
 pub mod faults;
 pub mod nginx;
+pub mod qemu;
 pub mod snapshot;
 pub mod trees;
+pub mod writelog;
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
