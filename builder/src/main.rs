@@ -1,27 +1,10 @@
 //! `imgbuild` entry point: parse, set up logging, run, report.
 use clap::Parser;
 use imgdeploy_builder::cli::{run, Cli};
+use imgdeploy_common::cli::{exit_code, init_logging};
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let level = match (cli.global.quiet, cli.global.verbose) {
-        (true, _) => "error",
-        (false, 0) => "info",
-        (false, 1) => "debug",
-        (false, _) => "trace",
-    };
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("IMGBUILD_LOG").unwrap_or_else(|_| level.into()))
-        .without_time()
-        .with_target(false)
-        .with_ansi(std::env::var_os("NO_COLOR").is_none() && std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    match run(cli) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    init_logging("IMGBUILD_LOG", cli.global.quiet, cli.global.verbose);
+    exit_code(run(cli))
 }

@@ -16,6 +16,8 @@
 
 pub mod atomic;
 pub mod chunk;
+#[cfg(feature = "cli")]
+pub mod cli;
 pub mod digest;
 pub mod location;
 pub mod manifest;
