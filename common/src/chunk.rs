@@ -205,9 +205,27 @@ impl ChunkIndex {
     }
 
     /// Decompresses (at most [`MAX_INDEX_BYTES`]) and parses the published form.
+    ///
+    /// The input is untrusted until the manifest's sha256 of it has been
+    /// checked (and fuzzed regardless): anything that is not a zstd frame is
+    /// refused before a decoder exists, the decoder's window is bounded (a
+    /// frame header may ask for 2 GiB), and the output is streamed into a
+    /// buffer that grows with what was really decoded, up to the limit.
     pub fn decode(compressed: &[u8]) -> Result<Self, IndexError> {
-        let raw =
-            zstd::bulk::decompress(compressed, MAX_INDEX_BYTES).map_err(|e| IndexError::Compression(e.to_string()))?;
+        const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+        /// 32 MiB: level 19 uses at most 8 MiB.
+        const WINDOW_LOG_MAX: u32 = 25;
+        if !compressed.starts_with(&ZSTD_MAGIC) {
+            return Err(IndexError::Compression("not a zstd frame".into()));
+        }
+        let err = |e: io::Error| IndexError::Compression(e.to_string());
+        let mut decoder = zstd::stream::read::Decoder::with_buffer(compressed).map_err(err)?;
+        decoder.window_log_max(WINDOW_LOG_MAX).map_err(err)?;
+        let mut raw = Vec::new();
+        decoder.take(MAX_INDEX_BYTES as u64 + 1).read_to_end(&mut raw).map_err(err)?;
+        if raw.len() > MAX_INDEX_BYTES {
+            return Err(IndexError::Compression(format!("it expands beyond the {MAX_INDEX_BYTES}-byte limit")));
+        }
         Self::parse(&raw)
     }
 }
@@ -275,7 +293,16 @@ mod tests {
         let bomb = zstd::bulk::compress(&vec![0u8; MAX_INDEX_BYTES + 1024], 3).unwrap();
         assert!(bomb.len() < 10_000);
         let r = ChunkIndex::decode(&bomb);
+        assert!(matches!(&r, Err(IndexError::Compression(m)) if m.contains("beyond")), "{r:?}");
+        // A frame that asks for a window over the bound is refused, not allocated.
+        // (Streamed without a pledged size, so the header keeps the 128 MiB window.)
+        let mut wide = zstd::stream::write::Encoder::new(Vec::new(), 3).unwrap();
+        wide.window_log(27).unwrap();
+        std::io::Write::write_all(&mut wide, &vec![7u8; 1 << 20]).unwrap();
+        let frame = wide.finish().unwrap();
+        let r = ChunkIndex::decode(&frame);
         assert!(matches!(&r, Err(IndexError::Compression(_))), "{r:?}");
+        assert!(matches!(ChunkIndex::decode(b"not zstd"), Err(IndexError::Compression(m)) if m == "not a zstd frame"));
     }
 
     proptest! {
