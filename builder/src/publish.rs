@@ -18,7 +18,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use imgdeploy_common::atomic::{commit_file, fsync_dir, write_atomic};
+use imgdeploy_common::atomic::{commit_file, create_dir_all_durable, fsync_dir, write_atomic};
 use imgdeploy_common::chunk::{ChunkIndex, ChunkParams};
 use imgdeploy_common::digest::Sha256Digest;
 use imgdeploy_common::manifest::{
@@ -75,7 +75,7 @@ impl Repo {
     /// Opens (creating if needed) the repository at `root` and checks it is writable.
     pub fn open(root: &Path) -> Result<Self, PublishError> {
         let err = |source| PublishError::Repo { path: root.to_owned(), source };
-        fs::create_dir_all(root.join(IMAGES_DIR)).map_err(err)?;
+        create_dir_all_durable(&root.join(IMAGES_DIR), 0o755).map_err(err)?;
         let root = fs::canonicalize(root).map_err(err)?;
         // Prove we can create files where we will need to, before hours of compression.
         tempfile::Builder::new().prefix(".tmp-probe").tempfile_in(root.join(IMAGES_DIR)).map_err(err)?;
@@ -228,7 +228,7 @@ pub fn store_image(repo: &Repo, tmp: &Path) -> Result<StoredImage, PublishError>
     let index_ref = IndexRef { path: index_path(&index_sha), sha256: index_sha, size: encoded.len() as u64 };
     let index_file = repo.root.join(&index_ref.path);
     let ierr = |source| PublishError::Repo { path: repo.root.join(INDEXES_DIR), source };
-    fs::create_dir_all(repo.root.join(INDEXES_DIR)).map_err(ierr)?;
+    create_dir_all_durable(&repo.root.join(INDEXES_DIR), 0o755).map_err(ierr)?;
     if !index_file.exists() {
         write_atomic(&index_file, &encoded, 0o644).map_err(ierr)?;
     }

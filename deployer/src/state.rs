@@ -20,7 +20,7 @@ use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use imgdeploy_common::atomic::write_atomic;
+use imgdeploy_common::atomic::{create_dir_all_durable, write_atomic};
 use imgdeploy_common::manifest::Timestamp;
 use serde::{Deserialize, Serialize};
 
@@ -71,18 +71,15 @@ pub struct Layout {
 impl Layout {
     /// Creates the directory tree (mode 0700) and canonicalises `root`.
     pub fn create(root: &Path) -> io::Result<Self> {
-        use std::os::unix::fs::DirBuilderExt;
         // Checked before and after creation: a symlink or a directory other
         // users can write must never hold images the kernel mounts.
         crate::safety::check_dir(root, "state_dir").map_err(io::Error::other)?;
-        let mut b = std::fs::DirBuilder::new();
-        b.recursive(true).mode(0o700);
-        b.create(root)?;
+        create_dir_all_durable(root, 0o700)?;
         crate::safety::check_dir(root, "state_dir").map_err(io::Error::other)?;
         let root = std::fs::canonicalize(root)?;
         for s in SlotId::ALL {
-            b.create(root.join("slots").join(s.name()))?;
-            b.create(root.join("mnt").join(s.name()))?;
+            create_dir_all_durable(&root.join("slots").join(s.name()), 0o700)?;
+            create_dir_all_durable(&root.join("mnt").join(s.name()), 0o700)?;
         }
         Ok(Layout { root })
     }

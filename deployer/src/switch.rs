@@ -7,7 +7,7 @@ use std::io;
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 
-use imgdeploy_common::atomic::{fsync_dir, parent_dir};
+use imgdeploy_common::atomic::{create_dir_all_durable, fsync_dir, parent_dir};
 
 /// Why the switch failed.
 #[derive(Debug, thiserror::Error)]
@@ -43,7 +43,7 @@ pub fn point_link(link: &Path, target: &Path) -> Result<(), SwitchError> {
     current_target(link)?;
     let err = |source| SwitchError::Io { link: link.to_owned(), source };
     let dir = parent_dir(link);
-    std::fs::create_dir_all(&dir).map_err(err)?;
+    create_dir_all_durable(&dir, 0o755).map_err(err)?;
     crate::safety::check_dir(&dir, "the directory of link").map_err(|e| err(io::Error::other(e)))?;
     let name = link.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let prefix = format!(".{name}.tmp-");
