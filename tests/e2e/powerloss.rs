@@ -1,5 +1,6 @@
-//! Power loss (issue 5): a qemu guest (Debian kernel, TCG) runs two real
-//! updates and a rollback with `state_dir` and `link` on an ext4 disk
+//! Power loss (issue 5): a qemu guest (Debian kernel, TCG) installs a first
+//! version on an empty disk, applies two updates and rolls back, with
+//! `state_dir` and `link` on an ext4 disk
 //! (mounted `data=writeback,noauto_da_alloc`, so the filesystem adds no
 //! ordering of its own beyond what fsync asks for), while qemu's
 //! `blklogwrites` driver logs every write and flush the guest sends to that
@@ -11,7 +12,8 @@
 //!
 //! "Consistent" means: the ext4 filesystem mounts; `imgdeploy mount` (the
 //! boot unit) brings `link` up on a verified image whose files are the ones
-//! of the serial its signed manifest names; `status` agrees and reports no
+//! of the serial its signed manifest names (or, before the first install
+//! completed, finds nothing deployed and no `link`); `status` agrees and reports no
 //! problem; `verify` finds no bad slot; no step that had returned success
 //! is undone (a rollback included: it stays sticky); and a plain `apply`
 //! then completes.
@@ -36,8 +38,10 @@ const DISK_BYTES: u64 = 64 << 20;
 const FS_SIZE: &str = "60M";
 /// Sector (512 bytes) of the mark written after guest step K: MARK_SECTOR + 8 * K.
 const MARK_SECTOR: u64 = 62 * 2048;
-/// The serials: 1 is installed before the guest boots, 2 and 3 are applied in the guest.
+/// The serials the guest applies in turn; the host's repository ends up publishing the last.
 const SERIALS: [u64; 3] = [1, 2, 3];
+/// What a cut "serves" when nothing is deployed (no `link`).
+const NOTHING: u64 = 0;
 
 /// What the guest does, in order, after mounting its disk and the active slot.
 #[derive(Debug, Clone, Copy)]
@@ -48,7 +52,7 @@ enum Step {
     Rollback,
 }
 
-const STEPS: [Step; 3] = [Step::Apply(2), Step::Apply(3), Step::Rollback];
+const STEPS: [Step; 4] = [Step::Apply(1), Step::Apply(2), Step::Apply(3), Step::Rollback];
 
 impl Step {
     fn mark(self) -> Vec<u8> {
@@ -65,12 +69,14 @@ impl Step {
 /// on the host (whose repository publishes serial 3).
 fn allowed(done: usize) -> (&'static [u64], &'static [u64]) {
     match done {
+        // The first install, on an empty disk.
+        0 => (&[NOTHING, 1], &[3]),
         // Applying 2.
-        0 => (&[1, 2], &[3]),
+        1 => (&[1, 2], &[3]),
         // Applying 3.
-        1 => (&[2, 3], &[3]),
+        2 => (&[2, 3], &[3]),
         // Rolling back to 2: if the rollback was recorded, apply keeps 2.
-        2 => (&[2, 3], &[2, 3]),
+        3 => (&[2, 3], &[2, 3]),
         // Rolled back: 2, and it stays there.
         _ => (&[2], &[2]),
     }
@@ -113,9 +119,9 @@ fn tree(dir: &Path, serial: u64) {
     }
 }
 
-/// Keys, a repository with serials 1..3 (the manifests of 2 and 3 kept as
+/// Keys, a repository with serials 1..3 (each manifest also kept as
 /// `stable-N.json` for the guest to publish in turn), a config, and the
-/// pristine disk with serial 1 installed.
+/// pristine disk: an empty ext4 filesystem.
 fn setup(disk0: &Path) -> Rig {
     let work = tempfile::tempdir().unwrap();
     let keys = Keys::generate();
@@ -147,11 +153,6 @@ fn setup(disk0: &Path) -> Rig {
         build_image(&t, &rig.keys, "stable", &rig.repo, &["--version", &format!("v{s}")]);
         for ext in ["json", "json.sig"] {
             fs::copy(rig.repo.join(format!("stable.{ext}")), rig.repo.join(format!("stable-{s}.{ext}"))).unwrap();
-        }
-        if s == 1 {
-            sh(&format!("mount -o loop {} {}", disk0.display(), rig.mnt.display()));
-            rig.imgdeploy(&["apply"]).ok();
-            rig.unmount();
         }
     }
     rig
@@ -211,15 +212,20 @@ fn check_cut(rig: &Rig, disk: &Path) -> Result<(u64, u64), String> {
         if boot.code != 0 {
             return Err(format!("`imgdeploy mount` at boot failed: {}", boot.stderr.trim()));
         }
-        let served = fs::read_to_string(rig.mnt.join("current/serial"))
-            .map_err(|e| format!("link does not serve a tree after boot: {e}"))?;
-        let serial: u64 = served.trim().parse().map_err(|_| format!("link serves serial file {served:?}"))?;
+        let link = rig.mnt.join("current");
+        let serial = if link.symlink_metadata().is_err() && boot.stdout.contains("nothing deployed yet") {
+            NOTHING
+        } else {
+            let served = fs::read_to_string(link.join("serial"))
+                .map_err(|e| format!("link does not serve a tree after boot: {e}"))?;
+            served.trim().parse().map_err(|_| format!("link serves serial file {served:?}"))?
+        };
         let st = rig.imgdeploy(&["status", "--json"]);
         if st.code != 0 {
             return Err(format!("status failed: {}", st.stderr.trim()));
         }
         let st = st.json();
-        if st["active"]["serial"].as_u64() != Some(serial) {
+        if st["active"]["serial"].as_u64().unwrap_or(NOTHING) != serial {
             return Err(format!("link serves serial {serial} but status says {}", st["active"]));
         }
         if !st["errors"].as_array().is_some_and(Vec::is_empty) {
@@ -290,7 +296,9 @@ fn privileged_power_loss_leaves_one_consistent_version() {
     // (and older qemu's blklogwrites can misplace a logged write-zeroes).
     extra.extend(["-device", "virtio-blk-pci,drive=logged,write-zeroes=off,discard=off"]);
     let console = boot(&kernel, &initrd, "", &extra, 300);
-    for step in ["mount-fs rc=0", "boot-mount rc=0", "apply-2 rc=0", "apply-3 rc=0", "rollback rc=0", "done"] {
+    for step in
+        ["mount-fs rc=0", "boot-mount rc=0", "apply-1 rc=0", "apply-2 rc=0", "apply-3 rc=0", "rollback rc=0", "done"]
+    {
         assert!(console.contains(&format!("GUEST {step}")), "guest step `{step}` missing:\n{console}");
     }
     let guest_s = started.elapsed().as_secs_f64();
@@ -386,8 +394,8 @@ fn privileged_power_loss_leaves_one_consistent_version() {
         broken.join("\n")
     );
     // The cuts must span every switch and must really have lost writes, or this test proves nothing.
-    for s in SERIALS {
-        assert!(served.contains_key(&s), "no cut left serial {s} active: {served:?}");
+    for s in [NOTHING, 1, 2, 3] {
+        assert!(served.contains_key(&s), "no cut left serial {s} active (0: nothing): {served:?}");
     }
     assert!(damaged_writes > 0, "no cut lost or tore a write");
 }
