@@ -1,9 +1,11 @@
 //! Operator hooks: `health_check` (before the switch; failure aborts) and
 //! `post_switch` (after it, e.g. a graceful web server reload). Each runs as
 //! `sh -c '<command> "$@"' imgdeploy <mount point>`, with the image's serial
-//! and version in the environment, and is killed after `hook_timeout`.
+//! and version in the environment, in a process group of its own, which is
+//! killed whole after `hook_timeout` (so a hook's children die with it).
 
 use std::os::fd::AsFd;
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -73,6 +75,7 @@ pub fn run_hook(
         .env("IMGDEPLOY_CHANNEL", &manifest.channel)
         .stdin(Stdio::null())
         .stdout(Stdio::from(stderr))
+        .process_group(0)
         .spawn()
         .map_err(spawn_err)?;
     let deadline = Instant::now() + timeout;
@@ -88,8 +91,10 @@ pub fn run_hook(
                 })
             }
             Ok(None) if Instant::now() >= deadline => {
-                // Best effort: it may exit on its own between the check and the kill.
-                let _ = child.kill();
+                // The whole group: `sh` and whatever it started. Best effort:
+                // it may exit on its own between the check and the kill.
+                let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
+                let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
                 let _ = child.wait();
                 return Err(HookError::Timeout { name, command: command.to_owned(), timeout });
             }

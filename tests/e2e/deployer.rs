@@ -493,3 +493,88 @@ fn privileged_mount_at_boot_restores_link() {
     d.imgdeploy(&["mount"]).fails_with("sha256");
     d.assert_no_leaks();
 }
+
+/// Hooks: `health_check` sees the new mount before the switch and can veto
+/// it; `post_switch` runs after the switch and its failure is reported
+/// without undoing it; a hook that hangs is killed together with its
+/// children; a hook's stdout never reaches imgdeploy's (data) stdout.
+#[test]
+fn privileged_hooks_gate_and_follow_the_switch() {
+    if !require_root("privileged_hooks_gate_and_follow_the_switch") {
+        return;
+    }
+    let d = Deployment::new("", "");
+    d.publish("v1");
+    d.imgdeploy(&["apply"]).ok();
+    let dir = d.dir.path();
+    let log = dir.join("hooks.log");
+    let hook = |name: &str| {
+        let path = dir.join(format!("{name}.sh"));
+        fs::write(
+            &path,
+            format!(
+                "#!/bin/sh\necho \"{name} $1 serial=$IMGDEPLOY_SERIAL version=$IMGDEPLOY_VERSION new=$(cat \"$1/version\") link=$(cat {link}/version)\" >> {log}\necho stdout noise from {name}\nexit $(cat {dir}/{name}.rc)\n",
+                link = d.link.display(),
+                log = log.display(),
+                dir = dir.display(),
+            ),
+        )
+        .unwrap();
+        sh(&format!("chmod 755 {}", path.display()));
+        path
+    };
+    let (check, post) = (hook("check"), hook("post"));
+    let rc = |name: &str, code: u8| fs::write(dir.join(format!("{name}.rc")), code.to_string()).unwrap();
+    let hooks = format!("health_check = \"{}\"\npost_switch = \"{}\"\n", check.display(), post.display());
+    d.write_config(&hooks);
+    let logged = || fs::read_to_string(&log).unwrap_or_default();
+
+    // A failing health check vetoes serial 2: v1 keeps serving, slot b is not left mounted.
+    d.publish("v2");
+    rc("check", 1);
+    rc("post", 0);
+    d.assert_refused("failing health_check", &["apply"], "health_check", "v1");
+    let standby = d.mount_point("b");
+    assert!(
+        logged().contains(&format!("check {} serial=2 version=v2 new=v2 link=v1", standby.display())),
+        "the health check did not see the new mount before the switch:\n{}",
+        logged()
+    );
+    assert!(!logged().contains("post "), "post_switch ran without a switch:\n{}", logged());
+
+    // Passing: the switch happens, then post_switch sees it; stdout stays JSON.
+    rc("check", 0);
+    let r = d.imgdeploy(&["apply", "--json"]).ok();
+    assert_eq!(r.json()["result"], "switched", "{}", r.stdout);
+    assert!(r.stderr.contains("stdout noise from check"), "hook output belongs on stderr: {}", r.stderr);
+    assert_eq!(d.active_version().as_deref(), Some("v2"));
+    assert!(
+        logged().ends_with(&format!("post {} serial=2 version=v2 new=v2 link=v2\n", standby.display())),
+        "{}",
+        logged()
+    );
+
+    // A failing post_switch is reported, but the switch stands.
+    d.publish("v3");
+    rc("post", 3);
+    let r = d.imgdeploy(&["apply"]);
+    assert_ne!(r.code, 0, "a failed post_switch must not exit 0");
+    assert!(r.stderr.contains("switched to serial 3, but post_switch"), "{}", r.stderr);
+    assert_eq!(d.active_version().as_deref(), Some("v3"));
+
+    // A hung health check is killed with its children after hook_timeout.
+    d.publish("v4");
+    d.write_config("health_check = \"sleep 31.717 & sleep 31.718; true\"\nhook_timeout = \"1s\"\n");
+    let started = Instant::now();
+    d.assert_refused("hung health_check", &["apply"], "did not finish within 1s", "v3");
+    assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+    std::thread::sleep(Duration::from_millis(200));
+    let survivors: Vec<String> = fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains("31.71"))
+        .collect();
+    assert!(survivors.is_empty(), "the hook's processes outlived its timeout: {survivors:?}");
+}

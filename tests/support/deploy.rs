@@ -143,6 +143,7 @@ impl Deployment {
     /// `link` sound and nothing leaked.
     #[track_caller]
     pub fn assert_refused(&self, what: &str, args: &[&str], needle: &str, active: &str) {
+        let mounted_before = self.mounts_in_state();
         let r = self.imgdeploy(args);
         assert_ne!(r.code, 0, "{what}: exit 0\n{}", r.stderr);
         let line = r
@@ -154,14 +155,28 @@ impl Deployment {
         assert_eq!(self.active_version().as_deref(), Some(active), "{what}: the active version changed");
         self.assert_link_sound();
         self.assert_no_leaks();
+        let stray: Vec<_> = self.mounts_in_state().difference(&mounted_before).cloned().collect();
+        assert!(stray.is_empty(), "{what}: a refused command left new mounts behind: {stray:?}");
     }
 
-    /// No leaked loop device and no stray mount (only the slot `link` uses,
-    /// plus one still draining, may be mounted).
+    /// No loop device backed by a file in this state dir without a mount.
     #[track_caller]
     pub fn assert_no_leaks(&self) {
         let leaked = self.leaked_loop_devices();
         assert!(leaked.is_empty(), "leaked loop devices: {leaked:?}");
+    }
+
+    /// Mount points inside the state dir (the slots' `mnt/a`, `mnt/b`).
+    pub fn mounts_in_state(&self) -> std::collections::BTreeSet<String> {
+        let state = fs::canonicalize(&self.state).unwrap_or_else(|_| self.state.clone());
+        let state = state.to_string_lossy().replace(' ', "\\040");
+        fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .filter(|p| p.starts_with(&state))
+            .map(str::to_owned)
+            .collect()
     }
 }
 
