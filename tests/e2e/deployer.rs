@@ -119,10 +119,69 @@ fn privileged_drain_waits_for_holders_and_busy_standby_stops_apply() {
         holder.id()
     ));
     assert_eq!(d.active_version().as_deref(), Some("v3"));
+    // `drain` by hand: names the holder while it stays, unmounts once it left.
+    d.imgdeploy(&["drain", "--timeout", "1s"])
+        .fails_with(&format!("standby slot is still in use by pid {} (sleep, cwd)", holder.id()));
+    assert!(Deployment::is_mounted(&d.mount_point("b")), "drain unmounted a slot in use");
     holder.kill().unwrap();
     holder.wait().unwrap();
+    let out = d.imgdeploy(&["drain"]).ok();
+    assert!(out.stdout.contains("standby slot unmounted"), "{}", out.stdout);
+    assert!(!Deployment::is_mounted(&d.mount_point("b")), "drain left the idle standby mounted");
+    assert_eq!(d.active_version().as_deref(), Some("v3"));
     d.imgdeploy(&["apply"]).ok();
     assert_eq!(d.active_version().as_deref(), Some("v4"));
+    d.assert_no_leaks();
+}
+
+/// The options of the slot's mount in /proc/self/mountinfo (per-mount field).
+fn mount_flags(mount_point: &Path) -> Vec<String> {
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let p = mount_point.to_string_lossy().replace(' ', "\\040");
+    let line = info.lines().find(|l| l.split(' ').nth(4) == Some(p.as_str())).expect("slot is mounted");
+    line.split(' ').nth(5).unwrap().split(',').map(str::to_owned).collect()
+}
+
+/// Slots are mounted read-only with `nodev,nosuid` by default, and with
+/// exactly the configured `mount_options` otherwise; an older serial is
+/// refused unless `allow_downgrade` is set.
+#[test]
+fn privileged_mount_options_and_allow_downgrade() {
+    if !require_root("privileged_mount_options_and_allow_downgrade") {
+        return;
+    }
+    let d = Deployment::new("", "");
+    d.publish("v1");
+    let old: Vec<(String, Vec<u8>)> =
+        ["stable.json", "stable.json.sig"].iter().map(|f| (f.to_string(), fs::read(d.repo.join(f)).unwrap())).collect();
+    d.imgdeploy(&["apply"]).ok();
+    let flags = mount_flags(&d.mount_point("a"));
+    for f in ["ro", "nodev", "nosuid"] {
+        assert!(flags.contains(&f.to_owned()), "default mount lacks {f}: {flags:?}");
+    }
+    assert!(!flags.contains(&"noexec".to_owned()), "{flags:?}");
+
+    d.write_config("mount_options = \"noexec,noatime\"\n");
+    d.publish("v2");
+    d.imgdeploy(&["apply"]).ok();
+    let flags = mount_flags(&d.mount_point("b"));
+    for f in ["ro", "noexec", "noatime"] {
+        assert!(flags.contains(&f.to_owned()), "configured mount lacks {f}: {flags:?}");
+    }
+    for f in ["nodev", "nosuid"] {
+        assert!(!flags.contains(&f.to_owned()), "{f} was not asked for: {flags:?}");
+    }
+
+    // The server goes back to serial 1 (a correctly signed, older manifest).
+    for (name, bytes) in &old {
+        fs::write(d.repo.join(name), bytes).unwrap();
+    }
+    d.imgdeploy(&["apply"]).fails_with("refusing to go back");
+    assert_eq!(d.active_version().as_deref(), Some("v2"));
+    d.write_config("allow_downgrade = true\n");
+    d.imgdeploy(&["apply"]).ok();
+    assert_eq!(d.active_version().as_deref(), Some("v1"));
+    assert_eq!(d.status()["active"]["serial"], 1);
     d.assert_no_leaks();
 }
 
