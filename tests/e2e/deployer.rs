@@ -134,14 +134,6 @@ fn privileged_drain_waits_for_holders_and_busy_standby_stops_apply() {
     d.assert_no_leaks();
 }
 
-/// The options of the slot's mount in /proc/self/mountinfo (per-mount field).
-fn mount_flags(mount_point: &Path) -> Vec<String> {
-    let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let p = mount_point.to_string_lossy().replace(' ', "\\040");
-    let line = info.lines().find(|l| l.split(' ').nth(4) == Some(p.as_str())).expect("slot is mounted");
-    line.split(' ').nth(5).unwrap().split(',').map(str::to_owned).collect()
-}
-
 /// Slots are mounted read-only with `nodev,nosuid` by default, and with
 /// exactly the configured `mount_options` otherwise; an older serial is
 /// refused unless `allow_downgrade` is set.
@@ -155,7 +147,7 @@ fn privileged_mount_options_and_allow_downgrade() {
     let old: Vec<(String, Vec<u8>)> =
         ["stable.json", "stable.json.sig"].iter().map(|f| (f.to_string(), fs::read(d.repo.join(f)).unwrap())).collect();
     d.imgdeploy(&["apply"]).ok();
-    let flags = mount_flags(&d.mount_point("a"));
+    let flags = Deployment::mount_options(&d.mount_point("a")).expect("slot a is mounted");
     for f in ["ro", "nodev", "nosuid"] {
         assert!(flags.contains(&f.to_owned()), "default mount lacks {f}: {flags:?}");
     }
@@ -164,7 +156,7 @@ fn privileged_mount_options_and_allow_downgrade() {
     d.write_config("mount_options = \"noexec,noatime\"\n");
     d.publish("v2");
     d.imgdeploy(&["apply"]).ok();
-    let flags = mount_flags(&d.mount_point("b"));
+    let flags = Deployment::mount_options(&d.mount_point("b")).expect("slot b is mounted");
     for f in ["ro", "noexec", "noatime"] {
         assert!(flags.contains(&f.to_owned()), "configured mount lacks {f}: {flags:?}");
     }

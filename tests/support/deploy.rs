@@ -105,11 +105,35 @@ impl Deployment {
         fs::canonicalize(&self.state).unwrap_or_else(|_| self.state.clone()).join("mnt").join(slot)
     }
 
+    /// Each mount point (escaped as mountinfo writes it: a space is `\040`)
+    /// with its per-mount options, from /proc/self/mountinfo.
+    fn mount_table() -> Vec<(String, String)> {
+        fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .filter_map(|l| {
+                let mut f = l.split(' ').skip(4);
+                Some((f.next()?.to_owned(), f.next()?.to_owned()))
+            })
+            .collect()
+    }
+
+    fn escaped(p: &Path) -> String {
+        p.to_string_lossy().replace(' ', "\\040")
+    }
+
+    /// The per-mount options (`ro`, `nodev`, ...) of what is mounted exactly at `p`, if anything.
+    pub fn mount_options(p: &Path) -> Option<Vec<String>> {
+        let p = Self::escaped(p);
+        Self::mount_table()
+            .into_iter()
+            .find(|(point, _)| *point == p)
+            .map(|(_, o)| o.split(',').map(str::to_owned).collect())
+    }
+
     /// Whether something is mounted exactly at `p`.
     pub fn is_mounted(p: &Path) -> bool {
-        let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
-        let p = p.to_string_lossy().replace(' ', "\\040");
-        info.lines().any(|l| l.split(' ').nth(4) == Some(p.as_str()))
+        Self::mount_options(p).is_some()
     }
 
     /// The invariant of the issue: `link` is missing (nothing deployed yet) or
@@ -168,15 +192,8 @@ impl Deployment {
 
     /// Mount points inside the state dir (the slots' `mnt/a`, `mnt/b`).
     pub fn mounts_in_state(&self) -> std::collections::BTreeSet<String> {
-        let state = fs::canonicalize(&self.state).unwrap_or_else(|_| self.state.clone());
-        let state = state.to_string_lossy().replace(' ', "\\040");
-        fs::read_to_string("/proc/self/mountinfo")
-            .unwrap()
-            .lines()
-            .filter_map(|l| l.split(' ').nth(4))
-            .filter(|p| p.starts_with(&state))
-            .map(str::to_owned)
-            .collect()
+        let state = Self::escaped(&fs::canonicalize(&self.state).unwrap_or_else(|_| self.state.clone()));
+        Self::mount_table().into_iter().map(|(point, _)| point).filter(|p| p.starts_with(&state)).collect()
     }
 }
 
