@@ -3,8 +3,10 @@
 //! Each entry is a 110-byte ASCII header, the NUL-terminated name, padding to
 //! 4 bytes, the data, padding to 4 bytes; the archive ends with `TRAILER!!!`.
 //! Timestamps are fixed (0) and inode numbers sequential, so the same inputs
-//! give the same archive.
+//! give the same archive. Each directory is written once, and
+//! [`CpioWriter::parent_dirs`] writes the missing parents of a path.
 
+use std::collections::BTreeSet;
 use std::io::{self, Read, Write};
 
 const S_IFDIR: u32 = 0o040000;
@@ -17,12 +19,13 @@ pub struct CpioWriter<W: Write> {
     out: W,
     written: u64,
     next_ino: u32,
+    dirs: BTreeSet<String>,
 }
 
 impl<W: Write> CpioWriter<W> {
     /// Starts an archive.
     pub fn new(out: W) -> Self {
-        Self { out, written: 0, next_ino: 1 }
+        Self { out, written: 0, next_ino: 1, dirs: BTreeSet::new() }
     }
 
     fn put(&mut self, b: &[u8]) -> io::Result<()> {
@@ -61,9 +64,31 @@ impl<W: Write> CpioWriter<W> {
         self.pad()
     }
 
-    /// A directory (`name` without a leading slash).
+    /// A directory (`name` without a leading slash); one already written is skipped.
     pub fn dir(&mut self, name: &str, perm: u32) -> io::Result<()> {
+        if !self.dirs.insert(name.to_owned()) {
+            return Ok(());
+        }
         self.header(name, S_IFDIR | perm, 0, (0, 0))
+    }
+
+    /// `path` and every directory above it (mode 0755), each written once.
+    pub fn dir_all(&mut self, path: &str) -> io::Result<()> {
+        let path = path.trim_matches('/');
+        for (i, _) in path.match_indices('/').chain([(path.len(), "")]) {
+            if i > 0 {
+                self.dir(&path[..i], 0o755)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The directories above `name` (mode 0755) that are not written yet.
+    pub fn parent_dirs(&mut self, name: &str) -> io::Result<()> {
+        match name.trim_start_matches('/').rsplit_once('/') {
+            Some((parent, _)) => self.dir_all(parent),
+            None => Ok(()),
+        }
     }
 
     /// A character device node.
@@ -127,6 +152,21 @@ mod tests {
         assert!(child.wait().unwrap().success());
         assert_eq!(std::fs::read(d.path().join("etc/hello")).unwrap(), b"hello");
         assert_eq!(std::fs::read_link(d.path().join("etc/link")).unwrap(), std::path::PathBuf::from("hello"));
+    }
+
+    #[test]
+    fn writes_each_directory_once() {
+        let mut w = CpioWriter::new(Vec::new());
+        w.dir("a", 0o700).unwrap();
+        w.parent_dirs("a/b/c/file").unwrap();
+        w.dir_all("/a/b/d/").unwrap();
+        w.parent_dirs("top-level").unwrap();
+        let bytes = w.finish().unwrap();
+        let text = String::from_utf8_lossy(&bytes);
+        for d in ["a\0", "a/b\0", "a/b/c\0", "a/b/d\0"] {
+            assert_eq!(text.matches(d).count(), 1, "{d:?} written {} times", text.matches(d).count());
+        }
+        assert!(!text.contains("a/b/c/file"), "parent_dirs wrote the file itself");
     }
 
     #[test]

@@ -165,24 +165,8 @@ pub fn shared_libraries(binary: &Path) -> Result<Vec<PathBuf>> {
     Ok(libs)
 }
 
-fn add_file(
-    w: &mut CpioWriter<impl Write>,
-    dirs: &mut BTreeSet<String>,
-    name: &str,
-    src: &Path,
-    perm: u32,
-) -> Result<()> {
-    // Parent directories first, each once.
-    let mut acc = String::new();
-    for comp in name.split('/').collect::<Vec<_>>().iter().rev().skip(1).rev() {
-        if !acc.is_empty() {
-            acc.push('/');
-        }
-        acc.push_str(comp);
-        if dirs.insert(acc.clone()) {
-            w.dir(&acc, 0o755)?;
-        }
-    }
+fn add_file(w: &mut CpioWriter<impl Write>, name: &str, src: &Path, perm: u32) -> Result<()> {
+    w.parent_dirs(name)?;
     let f = File::open(src).with_context(|| format!("reading {}", src.display()))?;
     let len = f.metadata()?.len();
     w.file(name, perm, len, f).with_context(|| format!("packing {}", src.display()))?;
@@ -206,8 +190,9 @@ fn write_out(dir: &Path, name: &str, f: impl FnOnce(&mut BufWriter<File>) -> Res
     Ok(len)
 }
 
-/// Strips debug sections of `binary` into a temp file when objcopy is available.
-fn stripped(binary: &Path, tmpdir: &Path) -> PathBuf {
+/// `binary` without its debug sections (as `tmpdir/init`), when objcopy is
+/// available; otherwise `binary` itself.
+pub fn stripped(binary: &Path, tmpdir: &Path) -> PathBuf {
     let dst = tmpdir.join("init");
     let ok = Command::new("objcopy")
         .arg("--strip-debug")
@@ -255,7 +240,6 @@ pub fn netboot(req: &NetbootRequest) -> Result<NetbootReport> {
     let initrd_len = write_out(&out, "initrd.img", |w| {
         let z = zstd::Encoder::new(w, 9)?;
         let mut c = CpioWriter::new(z);
-        let mut dirs = BTreeSet::new();
         for d in [
             "dev",
             "proc",
@@ -269,19 +253,18 @@ pub fn netboot(req: &NetbootRequest) -> Result<NetbootReport> {
             "lib/modules",
             "imgdeploy",
         ] {
-            dirs.insert(d.to_owned());
             c.dir(d, 0o755)?;
         }
         // The kernel opens /dev/console for PID 1 before anything is mounted.
         c.char_dev("dev/console", 0o600, 5, 1)?;
-        add_file(&mut c, &mut dirs, "init", &init_bin, 0o755)?;
+        add_file(&mut c, "init", &init_bin, 0o755)?;
         for lib in &libs {
-            add_file(&mut c, &mut dirs, lib.to_str().unwrap_or_default().trim_start_matches('/'), lib, 0o755)?;
+            add_file(&mut c, lib.to_str().unwrap_or_default().trim_start_matches('/'), lib, 0o755)?;
         }
         let mut order = String::new();
         for m in &modules {
             let name = format!("lib/modules/{m}");
-            add_file(&mut c, &mut dirs, &name, &req.modules.join(m), 0o644)?;
+            add_file(&mut c, &name, &req.modules.join(m), 0o644)?;
             order.push_str(&format!("/{name}\n"));
         }
         c.file(paths::MODULE_ORDER, 0o644, order.len() as u64, order.as_bytes())?;
@@ -290,7 +273,7 @@ pub fn netboot(req: &NetbootRequest) -> Result<NetbootReport> {
             c.file(&format!("{}/trusted-{i}.pub", paths::KEYS_DIR), 0o644, pem.len() as u64, pem.as_bytes())?;
         }
         if let Some(sh) = &req.shell {
-            add_file(&mut c, &mut dirs, "bin/sh", sh, 0o755)?;
+            add_file(&mut c, "bin/sh", sh, 0o755)?;
         }
         let w = c.finish()?.finish()?;
         // Archives that follow must start 4-byte aligned; zeros between them are skipped.

@@ -29,6 +29,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
+use imgdeploy_builder::netboot::stripped;
 use imgdeploy_tests::qemu::{boot, prerequisites, Initramfs};
 use imgdeploy_tests::writelog::{PowerCut, Rng, WriteLog};
 use imgdeploy_tests::{bin, build_image, noise, run, sh, Keys, Run};
@@ -269,9 +270,7 @@ fn privileged_power_loss_leaves_one_consistent_version() {
     let mut root = Initramfs::create(&initrd);
     root.bytes("init", 0o755, init_script(&rig).as_bytes());
     root.file("bin/busybox", Path::new("/bin/busybox"));
-    let stripped = scratch.path().join("imgdeploy");
-    sh(&format!("objcopy --strip-debug {} {}", bin("imgdeploy").display(), stripped.display()));
-    root.binary("bin/imgdeploy", &stripped);
+    root.binary("bin/imgdeploy", &stripped(&bin("imgdeploy"), scratch.path()));
     root.modules(&modules, &["virtio_pci", "virtio_blk", "crc32c_generic", "ext4", "loop", "squashfs"]);
     root.mirror(&rig.repo);
     root.mirror(&rig.config);

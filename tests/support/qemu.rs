@@ -75,7 +75,6 @@ pub fn boot(kernel: &Path, initrd: &Path, append: &str, extra: &[&str], timeout_
 /// A guest root filesystem being packed into a newc cpio.
 pub struct Initramfs {
     w: CpioWriter<BufWriter<File>>,
-    dirs: BTreeSet<String>,
     files: BTreeSet<String>,
 }
 
@@ -87,7 +86,7 @@ impl Initramfs {
     /// Starts `path`, with `/dev/console` (the kernel opens it for `/init`).
     pub fn create(path: &Path) -> Self {
         let w = CpioWriter::new(BufWriter::new(File::create(path).unwrap()));
-        let mut me = Initramfs { w, dirs: BTreeSet::new(), files: BTreeSet::new() };
+        let mut me = Initramfs { w, files: BTreeSet::new() };
         me.dir("dev");
         me.w.char_dev("dev/console", 0o600, 5, 1).unwrap();
         me
@@ -95,28 +94,13 @@ impl Initramfs {
 
     /// A directory and its parents (relative or absolute guest path).
     pub fn dir(&mut self, path: &str) {
-        let mut acc = String::new();
-        for comp in path.trim_start_matches('/').split('/').filter(|c| !c.is_empty()) {
-            if !acc.is_empty() {
-                acc.push('/');
-            }
-            acc.push_str(comp);
-            if self.dirs.insert(acc.clone()) {
-                self.w.dir(&acc, 0o755).unwrap();
-            }
-        }
-    }
-
-    fn parent(&mut self, name: &str) {
-        if let Some((p, _)) = name.rsplit_once('/') {
-            self.dir(p);
-        }
+        self.w.dir_all(path).unwrap();
     }
 
     /// `bytes` at guest path `name`.
     pub fn bytes(&mut self, name: &str, perm: u32, bytes: &[u8]) {
         let name = name.trim_start_matches('/').to_owned();
-        self.parent(&name);
+        self.w.parent_dirs(&name).unwrap();
         if self.files.insert(name.clone()) {
             self.w.file(&name, perm, bytes.len() as u64, bytes).unwrap();
         }
@@ -126,7 +110,7 @@ impl Initramfs {
     pub fn file(&mut self, name: &str, src: &Path) {
         let md = fs::metadata(src).unwrap_or_else(|e| panic!("{}: {e}", src.display()));
         let name = name.trim_start_matches('/').to_owned();
-        self.parent(&name);
+        self.w.parent_dirs(&name).unwrap();
         if self.files.insert(name.clone()) {
             use std::os::unix::fs::PermissionsExt;
             let f = File::open(src).unwrap();
