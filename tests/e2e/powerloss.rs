@@ -304,7 +304,7 @@ fn privileged_power_loss_leaves_one_consistent_version() {
 
     let log = WriteLog::open(&log_path).unwrap();
     let n = log.entries.len();
-    let flushes: Vec<usize> = (0..n).filter(|&i| log.entries[i].is_flush()).collect();
+    let flushes = log.entries.iter().filter(|e| e.is_flush()).count();
     let written: u64 = log.entries.iter().filter(|e| e.touches_disk()).map(|e| e.nr_sectors * log.sector_size).sum();
 
     // The log is faithful: replaying all of it onto the pristine disk gives the guest's disk.
@@ -380,7 +380,7 @@ fn privileged_power_loss_leaves_one_consistent_version() {
         cuts.len(),
         cuts.iter().filter(|c| c.fates.is_empty()).count(),
         cuts.iter().filter(|c| !c.fates.is_empty()).count(),
-        flushes.len(),
+        flushes,
         written as f64 / (1 << 20) as f64,
         broken.len(),
         started.elapsed().as_secs_f64(),
