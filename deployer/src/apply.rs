@@ -27,11 +27,12 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::delta::{self, fetch_index, local_seeds};
-use crate::drain::{describe, device_of, holders, wait_for_holders, Holder};
+use crate::drain::{drain_slot, release_slot, Holder, Retired};
 use crate::fetch::{download_image, fetch_manifest, DownloadStats};
 use crate::hooks::run_hook;
 use crate::lock::lock;
 use crate::mount::{mount_image, mounted_at, unmount};
+use crate::safety::warn_if_closed_to_readers;
 use crate::slot::{installed, open_verified, Installed};
 use crate::state::{ApplyRecord, Layout, SlotId, State};
 use crate::switch::{current_target, point_link};
@@ -59,6 +60,8 @@ pub enum Outcome {
         download: DownloadStats,
         /// Processes still holding the old mount after the drain timeout.
         still_in_use: Vec<Holder>,
+        /// The old mount was detached with those processes inside.
+        detached: bool,
         /// How long the switch itself (temp symlink, rename, directory fsync) took.
         switch_micros: u64,
     },
@@ -142,60 +145,6 @@ pub fn ensure_mounted(cfg: &Config, layout: &Layout, inst: &Installed, verified:
     )?;
     tracing::info!("mounted slot {} (serial {}) at {}", inst.slot, inst.manifest.serial, target.display());
     Ok(())
-}
-
-/// Unmounts a slot nobody uses; errors naming the holders otherwise.
-pub fn release_slot(layout: &Layout, slot: SlotId) -> Result<()> {
-    let target = layout.mount_point(slot);
-    if mounted_at(&target)?.is_none() {
-        return Ok(());
-    }
-    let users = holders(device_of(&target)?);
-    if !users.is_empty() {
-        bail!(
-            "slot {slot} ({}) is still in use by {}; wait for them to exit or run `imgdeploy drain --timeout 5m`",
-            target.display(),
-            describe(&users)
-        );
-    }
-    unmount(&target)?;
-    Ok(())
-}
-
-/// Waits up to `timeout` for users of `slot`'s mount to go, then unmounts it.
-/// Returns the processes still holding it (then it stays mounted).
-pub fn drain_slot(layout: &Layout, slot: SlotId, timeout: Duration) -> Result<Vec<Holder>> {
-    let target = layout.mount_point(slot);
-    if mounted_at(&target)?.is_none() {
-        return Ok(Vec::new());
-    }
-    let dev = device_of(&target)?;
-    let deadline = Instant::now() + timeout;
-    loop {
-        let left = wait_for_holders(dev, deadline.saturating_duration_since(Instant::now()));
-        if !left.is_empty() {
-            tracing::warn!(
-                "slot {slot} stays mounted: still used by {}; `imgdeploy drain` or the next apply unmounts it",
-                describe(&left)
-            );
-            return Ok(left);
-        }
-        match unmount(&target) {
-            Ok(()) => {
-                tracing::info!("unmounted old slot {slot}");
-                return Ok(Vec::new());
-            }
-            // A process entered between the scan and umount(2). The switch is
-            // done, so this is not a failure: the slot stays mounted for a
-            // later drain or apply (regression: a 0 s drain failed rollback).
-            Err(e) if Instant::now() >= deadline => {
-                let left = holders(dev);
-                tracing::warn!("slot {slot} stays mounted ({e}); `imgdeploy drain` or the next apply unmounts it");
-                return Ok(left);
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(50)),
-        }
-    }
 }
 
 /// Computes what an update would transfer, changing nothing.
@@ -300,7 +249,10 @@ pub fn apply(cfg: &Config, opts: &ApplyOptions) -> Result<Outcome> {
 
 fn apply_locked(cfg: &Config, opts: &ApplyOptions, layout: &Layout, state: &mut State) -> Result<Outcome> {
     // Before any work: the switch will happen in this directory.
-    crate::safety::check_dir(&imgdeploy_common::atomic::parent_dir(&cfg.link), "the directory of link")?;
+    let link_dir = imgdeploy_common::atomic::parent_dir(&cfg.link);
+    crate::safety::check_dir(&link_dir, "the directory of link")?;
+    warn_if_closed_to_readers(&link_dir, "the directory of link");
+    warn_if_closed_to_readers(&layout.root.join("mnt"), "the mount points in");
     let keys = cfg.trusted_keys()?;
     // Manifests and indexes are small: a minute each. Images get download_timeout.
     let agent = http_agent(Duration::from_secs(60), Duration::from_secs(60));
@@ -383,7 +335,7 @@ fn apply_locked(cfg: &Config, opts: &ApplyOptions, layout: &Layout, state: &mut 
     if opts.dry_run {
         return dry_run(&agent, &fetched, layout);
     }
-    release_slot(layout, standby)?;
+    release_slot(layout, standby, cfg.on_drain_timeout)?;
 
     // 3. Download unless the standby already holds exactly this image.
     let standby_inst = installed(layout, standby, &keys).ok().flatten();
@@ -408,17 +360,10 @@ fn apply_locked(cfg: &Config, opts: &ApplyOptions, layout: &Layout, state: &mut 
             },
             None => None,
         };
-        // Seeds are opened before the standby slot is cleared: its old image is one of them.
+        // The standby's old image stays installed (a rollback target, and a
+        // seed of this delta) until the new image has been verified; only
+        // then does one replace the other (`install_verified`).
         let seeds = if index.is_some() { local_seeds(layout) } else { Vec::new() };
-        // The slot stops being "installed" before its image is replaced.
-        for p in [layout.manifest(standby), layout.signature(standby), layout.index(standby)] {
-            match std::fs::remove_file(&p) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e).with_context(|| format!("clearing {}", p.display())),
-            }
-        }
-        fsync_dir(&layout.slot_dir(standby))?;
         let mut delta_done = None;
         if let Some(idx) = &index {
             if seeds.is_empty() {
@@ -464,15 +409,7 @@ fn apply_locked(cfg: &Config, opts: &ApplyOptions, layout: &Layout, state: &mut 
             None => download_image(&image_agent, &image_loc, &m, layout, standby)?,
         };
         verified_file = Some(file);
-        std::fs::rename(layout.partial(standby), layout.image(standby))?;
-        // The partial's bookkeeping goes with it; a leftover would only cause a harmless re-hash.
-        let _ = std::fs::remove_file(layout.partial_meta(standby));
-        fsync_dir(&layout.slot_dir(standby))?;
-        if let Some(idx) = &index {
-            write_atomic(&layout.index(standby), &idx.bytes, 0o600)?;
-        }
-        write_atomic(&layout.signature(standby), &fetched.signature, 0o600)?;
-        write_atomic(&layout.manifest(standby), &fetched.bytes, 0o600)?;
+        install_verified(layout, standby, &fetched, index.as_ref().map(|i| i.bytes.as_slice()))?;
         tracing::info!(
             "slot {standby}: installed serial {} ({} bytes downloaded, {} reused, {} resumed)",
             m.serial,
@@ -523,10 +460,51 @@ fn apply_locked(cfg: &Config, opts: &ApplyOptions, layout: &Layout, state: &mut 
         Some(cmd) => run_hook("post_switch", cmd, &target, &m, cfg.hook_timeout),
         None => Ok(()),
     };
-    let still_in_use = match active {
-        Some(old) => drain_slot(layout, old, cfg.drain_timeout)?,
-        None => Vec::new(),
+    let retired = match active {
+        Some(old) => drain_slot(layout, old, cfg.drain_timeout, cfg.on_drain_timeout)?,
+        None => Retired::default(),
     };
     hook_result.with_context(|| format!("switched to serial {}, but post_switch failed", m.serial))?;
-    Ok(Outcome::Switched { serial: m.serial, version: m.version, slot: standby, download, still_in_use, switch_micros })
+    Ok(Outcome::Switched {
+        serial: m.serial,
+        version: m.version,
+        slot: standby,
+        download,
+        still_in_use: retired.still_in_use,
+        detached: retired.detached,
+        switch_micros,
+    })
+}
+
+/// Makes the verified download in `slot`'s partial file the slot's image.
+/// The slot's previous image stays installed until this moment: its
+/// manifest goes (the slot stops being installed) right before the new
+/// image is renamed over it, and the new manifest is written last, so a
+/// crash in between leaves an empty slot, never a manifest describing the
+/// wrong image. The rename gives the new image a new inode: a loop device
+/// still reading the old one (a detached old version) keeps its bytes.
+fn install_verified(
+    layout: &Layout,
+    slot: SlotId,
+    fetched: &crate::fetch::FetchedManifest,
+    index: Option<&[u8]>,
+) -> Result<()> {
+    for p in [layout.manifest(slot), layout.signature(slot), layout.index(slot)] {
+        match std::fs::remove_file(&p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("clearing {}", p.display())),
+        }
+    }
+    fsync_dir(&layout.slot_dir(slot))?;
+    std::fs::rename(layout.partial(slot), layout.image(slot))?;
+    // The partial's bookkeeping goes with it; a leftover would only cause a harmless re-hash.
+    let _ = std::fs::remove_file(layout.partial_meta(slot));
+    fsync_dir(&layout.slot_dir(slot))?;
+    if let Some(bytes) = index {
+        write_atomic(&layout.index(slot), bytes, 0o600)?;
+    }
+    write_atomic(&layout.signature(slot), &fetched.signature, 0o600)?;
+    write_atomic(&layout.manifest(slot), &fetched.bytes, 0o600)?;
+    Ok(())
 }

@@ -1,5 +1,7 @@
 //! Boot mode: `imgdeploy` as `/init` (PID 1) of a netboot initramfs built by
-//! `imgbuild netboot`. It mounts /proc, /sys and /dev, loads the kernel
+//! `imgbuild netboot`. It is chosen only by being started as `/init` (or by
+//! the hidden `imgdeploy boot`), never by being PID 1 alone: a container's
+//! entrypoint must not mount /proc and power off. It mounts /proc, /sys and /dev, loads the kernel
 //! modules in the recorded order, verifies the manifest's signature and the
 //! image's sha256 (refusing to boot anything else), loop-mounts the image
 //! read-only from RAM, puts a tmpfs overlay on top for runtime writes (unless
@@ -142,7 +144,7 @@ fn prepare(params: &BootParams) -> Result<String> {
         m.channel, m.serial, m.version, m.image.sha256, v.key_id
     );
 
-    let opts = MountOptions { nodev: false, nosuid: false, noexec: false, noatime: false };
+    let opts = MountOptions::PERMISSIVE;
     let label = format!("imgdeploy:boot:{}", m.serial);
     if params.overlay {
         mkdir("/run/imgdeploy/lower");

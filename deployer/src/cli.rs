@@ -69,12 +69,24 @@ pub enum Command {
     Rollback,
     /// At boot: mount the active slot and restore `link` (idempotent).
     Mount,
-    /// Wait for processes to leave the standby slot's mount, then unmount it.
+    /// Wait for processes to leave the standby slot's mount, then unmount it
+    /// (or detach it, as `on_drain_timeout` says, when they stay).
     Drain {
         /// How long to wait (default: drain_timeout from the config).
         #[arg(long, value_parser = humantime::parse_duration)]
         timeout: Option<Duration>,
     },
+    /// Netboot: run as PID 1 of an `imgbuild netboot` initramfs (also chosen
+    /// when the binary is started as `/init`). Never run it on a live system.
+    #[command(hide = true)]
+    Boot,
+}
+
+/// Whether this process was started as a netboot initramfs's `/init`: boot
+/// mode is chosen by the name the kernel runs us under, never by being PID 1
+/// alone (a container's entrypoint or `unshare -pf` is PID 1 too).
+pub fn started_as_init(argv0: Option<&std::ffi::OsStr>) -> bool {
+    argv0 == Some(std::ffi::OsStr::new("/init"))
 }
 
 fn print_json(v: &impl serde::Serialize) -> Result<()> {
@@ -82,8 +94,18 @@ fn print_json(v: &impl serde::Serialize) -> Result<()> {
     Ok(())
 }
 
+fn print_retired(r: &crate::drain::Retired) {
+    if !r.still_in_use.is_empty() {
+        let what = if r.detached { "old version detached" } else { "old slot still mounted" };
+        println!("{what}, in use by {}", describe(&r.still_in_use));
+    }
+}
+
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
+    if matches!(cli.command, Command::Boot) {
+        crate::boot::boot_main();
+    }
     let cfg = Config::load(&cli.global.config)?;
     match cli.command {
         Command::Apply { source, dry_run, json } => {
@@ -97,14 +119,15 @@ pub fn run(cli: Cli) -> Result<()> {
                     Outcome::WouldUpdate { serial, mode, download_bytes, requests, reused_bytes, image_size, index_bytes } => println!(
                         "would update to serial {serial} ({mode}): download {download_bytes} of {image_size} image bytes in {requests} requests, reuse {reused_bytes} local bytes, plus a {index_bytes}-byte chunk index"
                     ),
-                    Outcome::Switched { serial, version, slot, download, still_in_use, .. } => {
+                    Outcome::Switched { serial, version, slot, download, still_in_use, detached, .. } => {
                         println!(
                             "switched to serial {serial} ({version}) in slot {slot}; {} download: {} bytes fetched, {} reused",
                             download.mode, download.downloaded, download.reused
                         );
-                        if !still_in_use.is_empty() {
-                            println!("old slot still mounted, in use by {}", describe(still_in_use));
-                        }
+                        print_retired(&crate::drain::Retired {
+                            still_in_use: still_in_use.clone(),
+                            detached: *detached,
+                        });
                     }
                 }
             }
@@ -148,8 +171,20 @@ pub fn run(cli: Cli) -> Result<()> {
                 if let Some(p) = &s.pending {
                     println!("pending  slot {}: {} bytes downloaded", p.slot, p.bytes);
                 }
+                for d in &s.detached {
+                    println!(
+                        "detached {} (slot {}, serial {}): in use by {}",
+                        d.device,
+                        d.slot.map(|s| s.to_string()).unwrap_or_else(|| "?".into()),
+                        d.serial.map(|s| s.to_string()).unwrap_or_else(|| "?".into()),
+                        describe(&d.users)
+                    );
+                }
                 if let Some(a) = &s.last_apply {
                     println!("last     {} at {}: {}", a.result, a.time, a.message);
+                }
+                if let Some(b) = s.last_boot.as_ref().filter(|b| b.fallback_from.is_some() || b.serial.is_none()) {
+                    println!("boot     at {}: {}", b.time, b.message);
                 }
                 for e in &s.errors {
                     println!("problem  {e}");
@@ -171,23 +206,27 @@ pub fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Rollback => {
-            let (slot, serial, left) = crate::ops::rollback(&cfg)?;
+            let (slot, serial, retired) = crate::ops::rollback(&cfg)?;
             println!("rolled back to serial {serial} in slot {slot}");
-            if !left.is_empty() {
-                println!("old slot still mounted, in use by {}", describe(&left));
-            }
+            print_retired(&retired);
         }
         Command::Mount => match crate::ops::mount_active(&cfg)? {
-            Some((slot, serial)) => println!("slot {slot} (serial {serial}) mounted, {} restored", cfg.link.display()),
-            None => println!("nothing deployed yet"),
+            crate::ops::BootMount::Mounted { slot, serial } => {
+                println!("slot {slot} (serial {serial}) mounted, {} restored", cfg.link.display())
+            }
+            crate::ops::BootMount::NothingDeployed => println!("nothing deployed yet"),
         },
         Command::Drain { timeout } => {
-            let left = crate::ops::drain(&cfg, timeout.unwrap_or(cfg.drain_timeout))?;
-            if !left.is_empty() {
-                bail!("standby slot is still in use by {}; it stays mounted", describe(&left));
+            let r = crate::ops::drain(&cfg, timeout.unwrap_or(cfg.drain_timeout))?;
+            match (r.still_in_use.is_empty(), r.detached) {
+                (true, _) => println!("standby slot unmounted"),
+                (false, true) => println!("standby slot detached; still in use by {}", describe(&r.still_in_use)),
+                (false, false) => {
+                    bail!("standby slot is still in use by {}; it stays mounted", describe(&r.still_in_use))
+                }
             }
-            println!("standby slot unmounted");
         }
+        Command::Boot => unreachable!("handled before the config is read"),
     }
     Ok(())
 }
@@ -206,5 +245,16 @@ mod tests {
         assert!(matches!(c.command, Command::Drain { timeout: Some(d) } if d == Duration::from_secs(90)));
         assert!(Cli::try_parse_from(["imgdeploy", "drain", "--timeout", "forever"]).is_err());
         assert!(Cli::try_parse_from(["imgdeploy", "frobnicate"]).is_err());
+        assert!(matches!(Cli::try_parse_from(["imgdeploy", "boot"]).unwrap().command, Command::Boot));
+    }
+
+    #[test]
+    fn boot_mode_only_as_init() {
+        use std::ffi::OsStr;
+        assert!(started_as_init(Some(OsStr::new("/init"))));
+        for other in ["imgdeploy", "/usr/bin/imgdeploy", "init", "/sbin/init", ""] {
+            assert!(!started_as_init(Some(OsStr::new(other))), "{other}");
+        }
+        assert!(!started_as_init(None));
     }
 }

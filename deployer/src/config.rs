@@ -59,8 +59,12 @@ struct RawConfig {
     #[serde(default = "default_state_dir")]
     state_dir: PathBuf,
     link: PathBuf,
-    #[serde(default = "default_mount_options")]
+    #[serde(default)]
     mount_options: String,
+    #[serde(default)]
+    allow_devices_and_setuid: bool,
+    #[serde(default)]
+    on_drain_timeout: DrainTimeoutAction,
     #[serde(default = "default_drain_timeout")]
     drain_timeout: String,
     health_check: Option<String>,
@@ -78,9 +82,6 @@ struct RawConfig {
 fn default_state_dir() -> PathBuf {
     PathBuf::from("/var/lib/imgdeploy")
 }
-fn default_mount_options() -> String {
-    "nodev,nosuid".into()
-}
 fn default_drain_timeout() -> String {
     "5m".into()
 }
@@ -91,8 +92,20 @@ fn default_hook_timeout() -> String {
     "2m".into()
 }
 
-/// Mount flags we understand (the mount is always read-only).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// What to do with an old slot that processes still use when `drain_timeout` runs out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DrainTimeoutAction {
+    /// Lazily unmount it (`umount -l`): the update goes on, and the processes
+    /// still inside keep a consistent view of the old version until they exit.
+    #[default]
+    Detach,
+    /// Leave it mounted; the next apply that needs the slot fails and names them.
+    Fail,
+}
+
+/// Mount flags (the mount is always read-only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MountOptions {
     /// `nodev`.
     pub nodev: bool,
@@ -104,24 +117,39 @@ pub struct MountOptions {
     pub noatime: bool,
 }
 
+impl Default for MountOptions {
+    /// `ro,nodev,nosuid`: what every slot gets unless the config explicitly
+    /// allows devices and setuid programs.
+    fn default() -> Self {
+        MountOptions { nodev: true, nosuid: true, noexec: false, noatime: false }
+    }
+}
+
 impl MountOptions {
-    /// Parses `nodev,nosuid,...`; `dev`, `suid`, `exec` clear the flags.
-    pub fn parse(s: &str) -> Result<Self, String> {
-        let mut o = MountOptions::default();
+    /// No flags at all besides read-only (netboot's root filesystem needs its devices and setuid programs).
+    pub const PERMISSIVE: MountOptions = MountOptions { nodev: false, nosuid: false, noexec: false, noatime: false };
+
+    /// Adds the options of `mount_options` to `ro,nodev,nosuid`. Options only
+    /// ever add restrictions: `dev` and `suid` are refused here, and
+    /// `allow_devices_and_setuid` is the one way to drop `nodev,nosuid`.
+    pub fn parse(s: &str, allow_devices_and_setuid: bool) -> Result<Self, String> {
+        let mut o = if allow_devices_and_setuid { MountOptions::PERMISSIVE } else { MountOptions::default() };
         for opt in s.split(',').map(str::trim).filter(|o| !o.is_empty()) {
             match opt {
                 "ro" => {}
                 "nodev" => o.nodev = true,
-                "dev" => o.nodev = false,
                 "nosuid" => o.nosuid = true,
-                "suid" => o.nosuid = false,
                 "noexec" => o.noexec = true,
-                "exec" => o.noexec = false,
                 "noatime" | "relatime" => o.noatime = true,
+                "dev" | "suid" | "exec" => {
+                    return Err(format!(
+                        "cannot contain `{opt}`: mount_options only add to ro,nodev,nosuid; to allow device files and setuid programs set `allow_devices_and_setuid = true`"
+                    ))
+                }
                 "rw" => return Err("cannot contain `rw`: images are always mounted read-only".into()),
                 other => {
                     return Err(format!(
-                        "has unknown option `{other}` (known: ro, nodev, dev, nosuid, suid, noexec, exec, noatime)"
+                        "has unknown option `{other}` (known: ro, nodev, nosuid, noexec, noatime)"
                     ))
                 }
             }
@@ -149,6 +177,8 @@ pub struct Config {
     pub mount_options: MountOptions,
     /// How long to wait for processes to leave the old mount.
     pub drain_timeout: Duration,
+    /// What happens to an old mount still in use after `drain_timeout`.
+    pub on_drain_timeout: DrainTimeoutAction,
     /// Command run with the new mount point before switching.
     pub health_check: Option<String>,
     /// Limit for each hook.
@@ -221,8 +251,10 @@ impl Config {
             trusted_key_files: raw.trusted_keys.into_iter().map(abs).collect(),
             state_dir: abs(raw.state_dir),
             link,
-            mount_options: MountOptions::parse(&raw.mount_options).map_err(|m| value("mount_options", m))?,
+            mount_options: MountOptions::parse(&raw.mount_options, raw.allow_devices_and_setuid)
+                .map_err(|m| value("mount_options", m))?,
             drain_timeout: dur("drain_timeout", &raw.drain_timeout)?,
+            on_drain_timeout: raw.on_drain_timeout,
             health_check: raw.health_check.filter(|s| !s.trim().is_empty()),
             hook_timeout: dur("hook_timeout", &raw.hook_timeout)?,
             post_switch: raw.post_switch.filter(|s| !s.trim().is_empty()),
@@ -282,6 +314,7 @@ health_check = "test -x"
         assert_eq!(c.trusted_key_files[0], PathBuf::from("/etc/imgdeploy/keys/ci.pub"));
         assert_eq!(c.mount_options, MountOptions { nodev: true, nosuid: true, ..Default::default() });
         assert_eq!(c.drain_timeout, Duration::from_secs(30));
+        assert_eq!(c.on_drain_timeout, DrainTimeoutAction::Detach);
         assert!(!c.allow_downgrade);
         assert_eq!(c.health_check.as_deref(), Some("test -x"));
     }
@@ -315,11 +348,37 @@ health_check = "test -x"
     }
 
     #[test]
-    fn mount_options() {
+    fn mount_options_only_add_restrictions() {
+        let base = MountOptions::default();
+        assert_eq!((base.nodev, base.nosuid, base.noexec), (true, true, false));
+        // Regression: `noexec` alone used to replace the defaults and drop nodev,nosuid.
         assert_eq!(
-            MountOptions::parse("ro,noexec,nodev").unwrap(),
-            MountOptions { nodev: true, noexec: true, ..Default::default() }
+            MountOptions::parse("noexec", false).unwrap(),
+            MountOptions { nodev: true, nosuid: true, noexec: true, noatime: false }
         );
-        assert!(MountOptions::parse("loop").is_err());
+        assert_eq!(MountOptions::parse("", false).unwrap(), base);
+        for opt in ["dev", "suid", "exec", "nodev,suid"] {
+            let e = MountOptions::parse(opt, false).unwrap_err();
+            assert!(e.contains("allow_devices_and_setuid = true"), "{opt}: {e}");
+        }
+        assert_eq!(MountOptions::parse("", true).unwrap(), MountOptions::PERMISSIVE);
+        assert_eq!(
+            MountOptions::parse("nodev", true).unwrap(),
+            MountOptions { nodev: true, ..MountOptions::PERMISSIVE }
+        );
+        assert!(MountOptions::parse("loop", false).is_err());
+        assert!(MountOptions::parse("rw", true).is_err());
+    }
+
+    #[test]
+    fn drain_timeout_action() {
+        let base = "source = \"a\"\ntrusted_keys = [\"k\"]\nlink = \"/l\"\n";
+        let p = Path::new("/etc/x.toml");
+        let c = Config::parse(&format!("{base}on_drain_timeout = \"fail\"\n"), p).unwrap();
+        assert_eq!(c.on_drain_timeout, DrainTimeoutAction::Fail);
+        let e = Config::parse(&format!("{base}on_drain_timeout = \"kill\"\n"), p).unwrap_err().to_string();
+        assert!(e.contains("unknown variant `kill`"), "{e}");
+        let c = Config::parse(&format!("{base}allow_devices_and_setuid = true\n"), p).unwrap();
+        assert_eq!(c.mount_options, MountOptions::PERMISSIVE);
     }
 }

@@ -1,14 +1,32 @@
-//! Finding the processes that still use a mount, and waiting for them to go.
+//! Retiring an old slot: finding the processes that still use its mount,
+//! waiting for them to go, then unmounting it, or, when they outlast
+//! `drain_timeout`, detaching it (`umount -l`) so that they can never block
+//! an update.
 //!
 //! A process uses a mount when its working directory, root, executable, any
 //! open file or any memory-mapped file lives on that filesystem. We compare
 //! device numbers (the mount's `st_dev`) rather than path prefixes, so paths
 //! reached through the `active` symlink, bind mounts or chroots are all seen.
+//!
+//! A detached mount lives on for the processes inside it and shows the old
+//! version consistently: its loop device holds the old image's inode, and a
+//! new image is always written as a new file and renamed over the slot's
+//! path, never written into bytes a live loop device reads. When the last
+//! of those processes exits, the kernel releases the filesystem and the
+//! loop device (`LO_FLAGS_AUTOCLEAR`). [`detached`] finds such versions
+//! from the loop devices backed by slot images that no mount point shows.
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+
+use nix::mount::MntFlags;
+use serde::Serialize;
+
+use crate::config::DrainTimeoutAction;
+use crate::mount::{mounted_at, unmount, MountError};
+use crate::state::{Layout, SlotId};
 
 /// A process holding a mount.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -89,6 +107,191 @@ pub fn wait_for_holders(dev: u64, timeout: Duration) -> Vec<Holder> {
     }
 }
 
+/// How an old slot was retired.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Retired {
+    /// Processes still inside it when the drain ended.
+    pub still_in_use: Vec<Holder>,
+    /// It was detached (lazily unmounted) with those processes inside.
+    pub detached: bool,
+}
+
+/// Why a slot could not be retired.
+#[derive(Debug, thiserror::Error)]
+pub enum DrainError {
+    /// Processes use the slot and the config says to fail rather than detach.
+    #[error("slot {slot} ({}) is still in use by {}; wait for them to exit, run `imgdeploy drain --timeout 5m`, or set on_drain_timeout = \"detach\"", mount_point.display(), describe(holders))]
+    Busy {
+        /// The slot.
+        slot: SlotId,
+        /// Its mount point.
+        mount_point: PathBuf,
+        /// Who uses it.
+        holders: Vec<Holder>,
+    },
+    /// Reading the mount table, stat(2) or umount(2) failed.
+    #[error(transparent)]
+    Mount(#[from] MountError),
+    /// The mount point could not be examined.
+    #[error("cannot examine {path}: {source}")]
+    Stat {
+        /// The mount point.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn device_at(target: &Path) -> Result<u64, DrainError> {
+    device_of(target).map_err(|source| DrainError::Stat { path: target.to_owned(), source })
+}
+
+/// Lazily unmounts `target`: it vanishes from the mount table at once, and
+/// lives on for the processes inside it until the last one leaves.
+fn detach(slot: SlotId, target: &Path, users: &[Holder]) -> Result<(), DrainError> {
+    nix::mount::umount2(target, MntFlags::MNT_DETACH)
+        .map_err(|source| MountError::Unmount { target: target.to_owned(), source })?;
+    tracing::warn!(
+        "slot {slot}: detached the old version while still in use by {}; they keep seeing it until they exit (`imgdeploy status` lists them)",
+        describe(users)
+    );
+    Ok(())
+}
+
+/// Frees `slot`'s mount point before a new image goes into the slot. A slot
+/// nobody uses is unmounted; one still in use is detached, or, with
+/// `on_drain_timeout = "fail"`, refused naming the processes.
+pub fn release_slot(layout: &Layout, slot: SlotId, on_busy: DrainTimeoutAction) -> Result<(), DrainError> {
+    let target = layout.mount_point(slot);
+    if mounted_at(&target)?.is_none() {
+        return Ok(());
+    }
+    let users = holders(device_at(&target)?);
+    match (users.is_empty(), on_busy) {
+        (true, _) => Ok(unmount(&target)?),
+        (false, DrainTimeoutAction::Detach) => detach(slot, &target, &users),
+        (false, DrainTimeoutAction::Fail) => Err(DrainError::Busy { slot, mount_point: target, holders: users }),
+    }
+}
+
+/// Waits up to `timeout` for the users of `slot`'s mount to go, then
+/// unmounts it. Users that stay are detached from, or, with
+/// `on_drain_timeout = "fail"`, left mounted for `imgdeploy drain` or the
+/// next apply.
+pub fn drain_slot(
+    layout: &Layout,
+    slot: SlotId,
+    timeout: Duration,
+    on_timeout: DrainTimeoutAction,
+) -> Result<Retired, DrainError> {
+    let target = layout.mount_point(slot);
+    if mounted_at(&target)?.is_none() {
+        return Ok(Retired::default());
+    }
+    let dev = device_at(&target)?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = wait_for_holders(dev, deadline.saturating_duration_since(Instant::now()));
+        if !left.is_empty() {
+            if on_timeout == DrainTimeoutAction::Detach {
+                detach(slot, &target, &left)?;
+                return Ok(Retired { still_in_use: left, detached: true });
+            }
+            tracing::warn!(
+                "slot {slot} stays mounted: still used by {}; `imgdeploy drain` or the next apply unmounts it",
+                describe(&left)
+            );
+            return Ok(Retired { still_in_use: left, detached: false });
+        }
+        match unmount(&target) {
+            Ok(()) => {
+                tracing::info!("unmounted old slot {slot}");
+                return Ok(Retired::default());
+            }
+            // A process entered between the scan and umount(2). The switch is
+            // done, so this is not a failure: the slot is detached or stays
+            // mounted for a later drain or apply (regression: a 0 s drain
+            // failed rollback).
+            Err(e) if Instant::now() >= deadline => {
+                let left = holders(dev);
+                if on_timeout == DrainTimeoutAction::Detach {
+                    detach(slot, &target, &left)?;
+                    return Ok(Retired { still_in_use: left, detached: true });
+                }
+                tracing::warn!("slot {slot} stays mounted ({e}); `imgdeploy drain` or the next apply unmounts it");
+                return Ok(Retired { still_in_use: left, detached: false });
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+/// An old version detached while processes were still inside it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Detached {
+    /// The loop device that still holds its image.
+    pub device: String,
+    /// The slot it was mounted from.
+    pub slot: Option<SlotId>,
+    /// Its serial (from the loop device's label).
+    pub serial: Option<u64>,
+    /// The processes still using it.
+    pub users: Vec<Holder>,
+}
+
+/// Old versions still alive after being detached: loop devices backed by an
+/// image in this state directory's slots whose filesystem no mount point
+/// shows. They go away by themselves when their last user exits.
+pub fn detached(layout: &Layout) -> Vec<Detached> {
+    let slots = layout.root.join("slots");
+    let Ok(text) = fs::read_to_string("/proc/self/mountinfo") else { return Vec::new() };
+    let mounted: Vec<(u32, u32)> = crate::mount::parse_mountinfo(&text).iter().map(|m| m.dev).collect();
+    let Ok(entries) = fs::read_dir("/sys/block") else { return Vec::new() };
+    let mut out = Vec::new();
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("loop") {
+            continue;
+        }
+        // Devices come and go while we look; one that vanished is simply not listed.
+        let Ok(backing) = fs::read_to_string(e.path().join("loop/backing_file")) else { continue };
+        if !Path::new(backing.trim()).starts_with(&slots) {
+            continue;
+        }
+        let Some((maj, min)) = fs::read_to_string(e.path().join("dev"))
+            .ok()
+            .and_then(|d| d.trim().split_once(':').and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?))))
+        else {
+            continue;
+        };
+        if mounted.contains(&(maj, min)) {
+            continue;
+        }
+        let device = format!("/dev/{name}");
+        let label = crate::loopdev::label(Path::new(&device)).unwrap_or_default();
+        let (slot, serial) = parse_label(&label);
+        let users = holders(libc::makedev(maj, min));
+        out.push(Detached { device, slot, serial, users });
+    }
+    out.sort_by(|a, b| a.device.cmp(&b.device));
+    out
+}
+
+/// Reads `imgdeploy:SLOT:SERIAL`, the label [`crate::mount`] gives loop devices.
+fn parse_label(label: &str) -> (Option<SlotId>, Option<u64>) {
+    let mut parts = label.split(':');
+    if parts.next() != Some("imgdeploy") {
+        return (None, None);
+    }
+    let slot = match parts.next() {
+        Some("a") => Some(SlotId::A),
+        Some("b") => Some(SlotId::B),
+        _ => None,
+    };
+    (slot, parts.next().and_then(|s| s.parse().ok()))
+}
+
 /// "pid 4121 (apache2, cwd), pid 4122 (sh, fd)".
 pub fn describe(holders: &[Holder]) -> String {
     holders.iter().map(|h| format!("pid {} ({}, {})", h.pid, h.command, h.how)).collect::<Vec<_>>().join(", ")
@@ -106,6 +309,14 @@ mod tests {
         assert!(maps_use_device(maps, dev));
         assert!(!maps_use_device(maps, libc::makedev(7, 4)));
         assert!(!maps_use_device("", dev));
+    }
+
+    #[test]
+    fn loop_labels() {
+        assert_eq!(parse_label("imgdeploy:b:17"), (Some(SlotId::B), Some(17)));
+        assert_eq!(parse_label("imgdeploy:boot:3"), (None, Some(3)));
+        assert_eq!(parse_label("/var/lib/x.img"), (None, None));
+        assert_eq!(parse_label(""), (None, None));
     }
 
     #[test]

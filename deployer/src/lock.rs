@@ -4,6 +4,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use nix::fcntl::{Flock, FlockArg};
@@ -44,7 +45,14 @@ pub fn lock(state_dir: &Path) -> Result<StateLock, LockError> {
         .write(true)
         .create(true)
         .truncate(false)
+        // Root's alone: with the state directory readable by all (so that
+        // readers reach the mount points), a world-readable lock file would
+        // let any local user flock(2) it and stall every apply.
+        .mode(0o600)
         .open(&path)
+        .map_err(|source| LockError::Io { dir: dir.clone(), source })?;
+    // A lock file made by an older release may be 0644.
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))
         .map_err(|source| LockError::Io { dir: dir.clone(), source })?;
     let mut holder = String::new();
     // Only for the message; an unreadable pid is shown as "?".

@@ -15,6 +15,7 @@ use std::path::PathBuf;
 
 const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
 const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
+const LOOP_GET_STATUS64: libc::c_ulong = 0x4C05;
 const LO_FLAGS_READ_ONLY: u32 = 1;
 const LO_FLAGS_AUTOCLEAR: u32 = 4;
 const LO_NAME_SIZE: usize = 64;
@@ -65,7 +66,13 @@ impl LoopDevice {
 /// Binds `backing` read-only to a free loop device. `label` shows up in
 /// `losetup -l` as the backing file name.
 pub fn attach(backing: &File, label: &str) -> io::Result<LoopDevice> {
-    let ctl = OpenOptions::new().read(true).write(true).open("/dev/loop-control")?;
+    let ctl = OpenOptions::new().read(true).write(true).open("/dev/loop-control").map_err(|e| {
+        if e.kind() == io::ErrorKind::NotFound {
+            io::Error::new(e.kind(), "/dev/loop-control does not exist: the loop driver is not loaded")
+        } else {
+            e
+        }
+    })?;
     // Another process may take the free device between GET_FREE and CONFIGURE: retry.
     for _ in 0..20 {
         // SAFETY: LOOP_CTL_GET_FREE takes no argument and returns a device number or -1.
@@ -114,6 +121,20 @@ pub fn attach(backing: &File, label: &str) -> io::Result<LoopDevice> {
         }
     }
     Err(io::Error::other("no free loop device after 20 attempts"))
+}
+
+/// The label a loop device was given by [`attach`] (`lo_file_name`).
+pub fn label(device: &std::path::Path) -> io::Result<String> {
+    let dev = File::open(device)?;
+    // SAFETY: all-zero bytes are a valid `struct loop_info64` (integers and byte arrays).
+    let mut info: LoopInfo64 = unsafe { std::mem::zeroed() };
+    // SAFETY: LOOP_GET_STATUS64 writes one `struct loop_info64` into `info`, which lives across the call.
+    let rc = unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_GET_STATUS64, &mut info as *mut LoopInfo64) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let end = info.lo_file_name.iter().position(|&b| b == 0).unwrap_or(LO_NAME_SIZE);
+    Ok(String::from_utf8_lossy(&info.lo_file_name[..end]).into_owned())
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ use imgdeploy_common::atomic::write_atomic;
 use imgdeploy_common::sign::PublicKey;
 
 use crate::config::Config;
+use crate::drain::{detached, Detached};
 use crate::slot::installed;
 use crate::state::{Layout, State};
 
@@ -18,7 +19,7 @@ fn escape(v: &str) -> String {
 }
 
 /// Renders the metrics text.
-pub fn render(cfg: &Config, state: &State, active: Option<(u64, String)>) -> String {
+pub fn render(cfg: &Config, state: &State, active: Option<(u64, String)>, detached: &[Detached]) -> String {
     let mut out = String::new();
     let mut gauge = |name: &str, help: &str, labels: &str, value: String| {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name}{labels} {value}");
@@ -35,6 +36,26 @@ pub fn render(cfg: &Config, state: &State, active: Option<(u64, String)>) -> Str
             );
         }
         None => gauge("imgdeploy_active_serial", "Serial of the image the active link points at.", &ch, "0".into()),
+    }
+    gauge(
+        "imgdeploy_detached_versions",
+        "Old versions detached while processes were still inside them (gone when those exit).",
+        &ch,
+        detached.len().to_string(),
+    );
+    gauge(
+        "imgdeploy_detached_users",
+        "Processes still using a detached old version.",
+        &ch,
+        detached.iter().map(|d| d.users.len()).sum::<usize>().to_string(),
+    );
+    if let Some(b) = &state.last_boot {
+        gauge(
+            "imgdeploy_last_boot_fallback",
+            "1 if the last boot-time mount could not serve the active slot and fell back (or failed).",
+            &ch,
+            u8::from(b.fallback_from.is_some() || b.serial.is_none()).to_string(),
+        );
     }
     if let Some(a) = &state.last_apply {
         let ok = if a.result == "failed" { 0 } else { 1 };
@@ -85,6 +106,6 @@ pub fn write(cfg: &Config, layout: &Layout, state: &State, path: &Path) -> Resul
         Some(slot) => installed(layout, slot, &keys)?.map(|i| (i.manifest.serial, i.manifest.version)),
         None => None,
     };
-    write_atomic(path, render(cfg, state, active).as_bytes(), 0o644)?;
+    write_atomic(path, render(cfg, state, active, &detached(layout)).as_bytes(), 0o644)?;
     Ok(())
 }

@@ -18,7 +18,7 @@ use crate::loopdev;
 #[derive(Debug, thiserror::Error)]
 pub enum MountError {
     /// Setting up the loop device failed.
-    #[error("cannot set up a loop device for {image}: {source}; check that /dev/loop-control exists (modprobe loop)")]
+    #[error("cannot set up a loop device for {image}: {source}; run `modprobe loop` (the imgdeploy package loads it at boot through /usr/lib/modules-load.d/imgdeploy.conf)")]
     Loop {
         /// The image.
         image: PathBuf,
@@ -27,7 +27,7 @@ pub enum MountError {
         source: io::Error,
     },
     /// mount(2) failed.
-    #[error("the kernel refused to mount {image} at {target}: {source}; check that squashfs with zstd is available (modprobe squashfs)")]
+    #[error("the kernel refused to mount {image} at {target}: {source}; check that squashfs with zstd is available (`modprobe squashfs`)")]
     Mount {
         /// The image.
         image: PathBuf,

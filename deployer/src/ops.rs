@@ -7,16 +7,17 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use imgdeploy_common::digest::Sha256Digest;
+use imgdeploy_common::manifest::Timestamp;
 use imgdeploy_common::sign::PublicKey;
 use serde::Serialize;
 
-use crate::apply::{active_slot, drain_slot, ensure_mounted};
-use crate::config::Config;
-use crate::drain::{device_of, holders, Holder};
+use crate::apply::{active_slot, ensure_mounted};
+use crate::config::{Config, DrainTimeoutAction};
+use crate::drain::{detached, device_of, drain_slot, holders, Detached, Holder, Retired};
 use crate::lock::lock;
 use crate::mount::mounted_at;
 use crate::slot::{installed, open_verified};
-use crate::state::{ApplyRecord, Layout, SlotId, State};
+use crate::state::{ApplyRecord, BootRecord, Layout, SlotId, State};
 use crate::switch::{current_target, point_link};
 
 /// One slot in `status`.
@@ -76,6 +77,11 @@ pub struct Status {
     pub rolled_back_serial: Option<u64>,
     /// The last apply.
     pub last_apply: Option<ApplyRecord>,
+    /// What the last `imgdeploy mount` (at boot) did, including a fallback to the other slot.
+    pub last_boot: Option<BootRecord>,
+    /// Old versions detached while processes were still inside them (they
+    /// go away when those processes exit).
+    pub detached: Vec<Detached>,
     /// Problems found (corrupt state file, link outside our control).
     pub errors: Vec<String>,
 }
@@ -152,6 +158,8 @@ pub fn status(cfg: &Config) -> Result<Status> {
         pending,
         rolled_back_serial: state.rolled_back_serial,
         last_apply: state.last_apply,
+        last_boot: state.last_boot,
+        detached: detached(&layout),
         errors,
     })
 }
@@ -195,7 +203,7 @@ pub fn verify(cfg: &Config) -> Result<Vec<SlotCheck>> {
 }
 
 /// Switches `link` back to the standby slot.
-pub fn rollback(cfg: &Config) -> Result<(SlotId, u64, Vec<Holder>)> {
+pub fn rollback(cfg: &Config) -> Result<(SlotId, u64, Retired)> {
     let layout = Layout::create(&cfg.state_dir)?;
     let _lock = lock(&layout.root)?;
     let mut state = State::load(&layout)?;
@@ -205,54 +213,133 @@ pub fn rollback(cfg: &Config) -> Result<(SlotId, u64, Vec<Holder>)> {
     };
     let standby = active.other();
     let Some(inst) = installed(&layout, standby, &keys)? else {
-        bail!("slot {standby} holds no image to roll back to; only one version has been deployed here");
+        let why = if layout.partial(standby).exists() {
+            "an install into it was interrupted or refused before it completed; run `imgdeploy apply` to install the published version into it"
+        } else if layout.image(standby).exists() {
+            "its last install did not complete; run `imgdeploy apply` to install the published version into it"
+        } else {
+            "only one version has been deployed here"
+        };
+        bail!("slot {standby} holds no image to roll back to: {why}");
     };
     let from = installed(&layout, active, &keys).ok().flatten().map(|i| i.manifest.serial);
     ensure_mounted(cfg, &layout, &inst, None)?;
-    point_link(&cfg.link, &layout.mount_point(standby))?;
-    state.active = Some(standby);
+    // Durable before the switch: a power cut after the switch must not let
+    // the next timer run reinstall what the operator just rolled back.
     state.rolled_back_serial = from;
     state.save(&layout)?;
+    point_link(&cfg.link, &layout.mount_point(standby))?;
+    state.active = Some(standby);
+    state.save(&layout)?;
     tracing::info!("rolled back to slot {standby} (serial {})", inst.manifest.serial);
-    let left = drain_slot(&layout, active, cfg.drain_timeout)?;
-    Ok((standby, inst.manifest.serial, left))
+    let retired = drain_slot(&layout, active, cfg.drain_timeout, cfg.on_drain_timeout)?;
+    Ok((standby, inst.manifest.serial, retired))
 }
 
-/// At boot: mount the active slot and restore `link`. Idempotent.
-pub fn mount_active(cfg: &Config) -> Result<Option<(SlotId, u64)>> {
+/// What `imgdeploy mount` did at boot.
+#[derive(Debug)]
+pub enum BootMount {
+    /// Nothing has been deployed on this host yet.
+    NothingDeployed,
+    /// The active slot verified and is mounted.
+    Mounted {
+        /// The slot.
+        slot: SlotId,
+        /// Its serial.
+        serial: u64,
+    },
+}
+
+/// Verifies and mounts `slot`'s installed image; the error says why it cannot serve.
+fn mount_installed(cfg: &Config, layout: &Layout, slot: SlotId, keys: &[PublicKey]) -> Result<u64> {
+    let Some(inst) = installed(layout, slot, keys)? else {
+        bail!("slot {slot} holds no installed image");
+    };
+    ensure_mounted(cfg, layout, &inst, None)?;
+    Ok(inst.manifest.serial)
+}
+
+/// At boot: verify and mount the active slot and restore `link`
+/// (idempotent). When the active slot's image no longer verifies, the other
+/// slot's verified image is mounted and `link` repointed to it, the reason is
+/// recorded, and the error names both slots: a host always boots serving a
+/// verified version when it has one.
+pub fn mount_active(cfg: &Config) -> Result<BootMount> {
     let layout = Layout::create(&cfg.state_dir)?;
     let _lock = lock(&layout.root)?;
-    let state = State::load(&layout)?;
+    let mut state = State::load(&layout)?;
     let keys = cfg.trusted_keys()?;
+    crate::safety::warn_if_closed_to_readers(&layout.root.join("mnt"), "the mount points in");
     let slot = match active_slot(cfg, &layout)? {
         Some(s) => s,
         None => match state.active {
             Some(s) => s,
-            None => return Ok(None),
+            None => return Ok(BootMount::NothingDeployed),
         },
     };
-    let Some(inst) = installed(&layout, slot, &keys)? else {
-        bail!("slot {slot} is recorded as active but holds no verified image; run `imgdeploy apply`");
+    let record =
+        |state: &mut State, slot: SlotId, serial: Option<u64>, fallback_from: Option<SlotId>, message: String| {
+            state.last_boot = Some(BootRecord { time: Timestamp::now(), slot, serial, fallback_from, message });
+            state.active = Some(slot);
+            state.save(&layout)?;
+            if let Some(path) = &cfg.metrics_file {
+                // The boot's outcome is already recorded in the state file; a metrics failure must not mask it.
+                if let Err(e) = crate::metrics::write(cfg, &layout, state, path) {
+                    tracing::warn!("cannot write metrics to {}: {e:#}", path.display());
+                }
+            }
+            anyhow::Ok(())
+        };
+    let serve = |slot: SlotId| -> Result<u64> {
+        let serial = mount_installed(cfg, &layout, slot, &keys)?;
+        let target = layout.mount_point(slot);
+        if current_target(&cfg.link)?.as_deref() != Some(target.as_path()) {
+            point_link(&cfg.link, &target)?;
+        }
+        Ok(serial)
     };
-    ensure_mounted(cfg, &layout, &inst, None)?;
-    let target = layout.mount_point(slot);
-    if current_target(&cfg.link)?.as_deref() != Some(target.as_path()) {
-        point_link(&cfg.link, &target)?;
+    let why = match serve(slot) {
+        Ok(serial) => {
+            record(&mut state, slot, Some(serial), None, format!("mounted slot {slot} (serial {serial})"))?;
+            return Ok(BootMount::Mounted { slot, serial });
+        }
+        Err(e) => e,
+    };
+    let other = slot.other();
+    tracing::warn!("active slot {slot} cannot be served: {why:#}; trying slot {other}");
+    match serve(other) {
+        Ok(serial) => {
+            let message = format!(
+                "active slot {slot} failed at boot ({why:#}); serving slot {other} (serial {serial}) instead; run `imgdeploy apply` to reinstall slot {slot}"
+            );
+            record(&mut state, other, Some(serial), Some(slot), message.clone())?;
+            bail!("{message}")
+        }
+        Err(e2) => {
+            let message = format!(
+                "neither slot can be served: active slot {slot}: {why:#}; slot {other}: {e2:#}; run `imgdeploy apply` to install the published version"
+            );
+            record(&mut state, slot, None, None, message.clone())?;
+            bail!("{message}")
+        }
     }
-    Ok(Some((slot, inst.manifest.serial)))
 }
 
-/// Waits for users of the standby slot's mount, then unmounts it.
-pub fn drain(cfg: &Config, timeout: Duration) -> Result<Vec<Holder>> {
+/// Waits for users of the standby slot's mount, then unmounts it (or
+/// detaches it, as `on_drain_timeout` says, when they outlast `timeout`).
+pub fn drain(cfg: &Config, timeout: Duration) -> Result<Retired> {
     let layout = Layout::create(&cfg.state_dir)?;
     let _lock = lock(&layout.root)?;
     let standby = active_slot(cfg, &layout)?.map(SlotId::other);
-    let mut left = Vec::new();
+    let mut all = Retired::default();
     for slot in SlotId::ALL {
         // With nothing active, both slots are standby.
         if standby.is_none() || standby == Some(slot) {
-            left.extend(drain_slot(&layout, slot, timeout)?);
+            let r = drain_slot(&layout, slot, timeout, cfg.on_drain_timeout)?;
+            all.still_in_use.extend(r.still_in_use);
+            all.detached |= r.detached;
         }
     }
-    Ok(left)
+    debug_assert!(all.still_in_use.is_empty() || all.detached || cfg.on_drain_timeout == DrainTimeoutAction::Fail);
+    Ok(all)
 }

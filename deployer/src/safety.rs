@@ -60,6 +60,31 @@ pub fn check_dir(dir: &Path, what: &'static str) -> Result<(), UnsafeDir> {
     Ok(())
 }
 
+/// The first directory on the way to `path` (itself included) that users
+/// other than its owner cannot traverse (no `o+x`), with its mode. A web
+/// server reading through `link` as `www-data` fails there with EACCES.
+pub fn closed_to_readers(path: &Path) -> Option<(std::path::PathBuf, u32)> {
+    path.ancestors().filter(|p| !p.as_os_str().is_empty()).find_map(|p| {
+        // A missing directory is created later with a readable mode.
+        let md = std::fs::metadata(p).ok()?;
+        let mode = md.permissions().mode() & 0o7777;
+        (md.is_dir() && mode & 0o001 == 0).then(|| (p.to_owned(), mode))
+    })
+}
+
+/// Warns when readers other than root cannot reach `dir` (the mount points
+/// or the link's directory), naming the directory that stops them.
+pub fn warn_if_closed_to_readers(dir: &Path, what: &str) {
+    if let Some((p, mode)) = closed_to_readers(dir) {
+        tracing::warn!(
+            "{what} {} cannot be reached by unprivileged readers such as a web server: {} is mode {mode:o}; run `chmod o+x {}`",
+            dir.display(),
+            p.display(),
+            p.display()
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -77,5 +102,20 @@ mod tests {
         std::os::unix::fs::symlink(&dir, &link).unwrap();
         assert!(matches!(check_dir(&link, "state_dir"), Err(UnsafeDir::Symlink { .. })));
         check_dir(&d.path().join("missing"), "state_dir").unwrap();
+    }
+
+    #[test]
+    fn finds_the_directory_that_stops_readers() {
+        let d = tempfile::tempdir().unwrap();
+        let inner = d.path().join("a/b");
+        std::fs::create_dir_all(&inner).unwrap();
+        for p in [d.path(), &d.path().join("a"), &inner] {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        // /tmp and / are traversable on any sane system.
+        assert_eq!(closed_to_readers(&inner), None);
+        std::fs::set_permissions(d.path().join("a"), std::fs::Permissions::from_mode(0o750)).unwrap();
+        assert_eq!(closed_to_readers(&inner), Some((d.path().join("a"), 0o750)));
+        assert_eq!(closed_to_readers(&inner.join("not-yet")), Some((d.path().join("a"), 0o750)));
     }
 }

@@ -11,6 +11,12 @@
 //!   mnt/{a,b}                 mount points; `link` points at one of them
 //! ```
 //!
+//! Who may read what: `state_dir`, `mnt/` and the mount points are 0755, so
+//! an unprivileged web server (`www-data`) can reach the served tree through
+//! `link`; `slots/` (images, manifests, partial downloads) and the state file
+//! are root's alone (0700 and 0600). The mounted image's own modes decide
+//! the rest.
+//!
 //! The truth about which slot is active is `link` itself: the state file only
 //! remembers it for boot (when the link may live on a tmpfs) and records
 //! history. A slot is installed exactly when its manifest file exists, and
@@ -61,6 +67,20 @@ impl fmt::Display for SlotId {
     }
 }
 
+/// Directories every user may traverse: the way from `link` to the served tree.
+const READABLE: u32 = 0o755;
+/// Directories only root may enter: images, manifests, partial downloads.
+const PRIVATE: u32 = 0o700;
+
+fn set_mode(dir: &Path, mode: u32) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let md = std::fs::symlink_metadata(dir)?;
+    if md.permissions().mode() & 0o7777 != mode {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))?;
+    }
+    Ok(())
+}
+
 /// Paths inside the state directory.
 #[derive(Debug, Clone)]
 pub struct Layout {
@@ -69,19 +89,33 @@ pub struct Layout {
 }
 
 impl Layout {
-    /// Creates the directory tree (mode 0700) and canonicalises `root`.
+    /// Creates the directory tree and canonicalises `root`. Modes are set
+    /// every time, not only on creation, so a state directory made by an
+    /// older release (all 0700, unreadable for a web server) is repaired.
     pub fn create(root: &Path) -> io::Result<Self> {
         // Checked before and after creation: a symlink or a directory other
         // users can write must never hold images the kernel mounts.
         crate::safety::check_dir(root, "state_dir").map_err(io::Error::other)?;
-        create_dir_all_durable(root, 0o700)?;
+        create_dir_all_durable(root, READABLE)?;
         crate::safety::check_dir(root, "state_dir").map_err(io::Error::other)?;
         let root = std::fs::canonicalize(root)?;
-        for s in SlotId::ALL {
-            create_dir_all_durable(&root.join("slots").join(s.name()), 0o700)?;
-            create_dir_all_durable(&root.join("mnt").join(s.name()), 0o700)?;
+        let layout = Layout { root };
+        set_mode(&layout.root, READABLE)?;
+        for (dir, mode) in [("slots", PRIVATE), ("mnt", READABLE)] {
+            create_dir_all_durable(&layout.root.join(dir), mode)?;
+            set_mode(&layout.root.join(dir), mode)?;
         }
-        Ok(Layout { root })
+        for s in SlotId::ALL {
+            for (dir, mode) in [(layout.slot_dir(s), PRIVATE), (layout.mount_point(s), READABLE)] {
+                create_dir_all_durable(&dir, mode)?;
+                // A mounted slot shows the image's root directory here; its
+                // mode is the image's business, not ours.
+                if crate::mount::mounted_at(&dir).map_err(io::Error::other)?.is_none() {
+                    set_mode(&dir, mode)?;
+                }
+            }
+        }
+        Ok(layout)
     }
 
     /// A slot's directory.
@@ -148,6 +182,23 @@ pub struct ApplyRecord {
     pub bytes_reused: u64,
 }
 
+/// What the last `imgdeploy mount` (at boot) did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootRecord {
+    /// When.
+    pub time: Timestamp,
+    /// The slot `link` was pointed at.
+    pub slot: SlotId,
+    /// Its serial, if one could be served.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<u64>,
+    /// The active slot that failed verification, when the other one was used instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback_from: Option<SlotId>,
+    /// One line for humans: what happened and why.
+    pub message: String,
+}
+
 /// The state file (format 1). Fields added later must have defaults, so old files keep parsing.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct State {
@@ -163,6 +214,9 @@ pub struct State {
     /// The last apply.
     #[serde(default)]
     pub last_apply: Option<ApplyRecord>,
+    /// The last boot-time mount.
+    #[serde(default)]
+    pub last_boot: Option<BootRecord>,
 }
 
 fn one() -> u32 {
@@ -231,6 +285,7 @@ mod tests {
             r#"{"format":1}"#,
             r#"{"format":1,"active":"b","last_apply":{"time":"2026-11-25T07:00:00Z","result":"switched","serial":3,"message":"m","duration_ms":5}}"#,
             r#"{"format":1,"active":"a","rolled_back_serial":4,"last_apply":null}"#,
+            r#"{"format":1,"active":"a","last_boot":{"time":"2026-11-25T07:00:00Z","slot":"a","serial":1,"fallback_from":"b","message":"m"}}"#,
         ];
         for f in fixtures {
             State::parse(f.as_bytes()).unwrap_or_else(|e| panic!("{f}: {e}"));
@@ -242,9 +297,25 @@ mod tests {
 
     #[test]
     fn save_load_round_trip() {
+        use std::os::unix::fs::PermissionsExt;
         let d = tempfile::tempdir().unwrap();
         let l = Layout::create(&d.path().join("state")).unwrap();
-        let s = State { format: 1, active: Some(SlotId::B), rolled_back_serial: None, last_apply: None };
+        let mode = |p: &Path| {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::metadata(p).unwrap().permissions().mode() & 0o7777
+        };
+        // Readers reach the mount points; only root reaches the images.
+        assert_eq!(mode(&l.root), 0o755);
+        assert_eq!(mode(&l.mount_point(SlotId::A)), 0o755);
+        assert_eq!(mode(&l.root.join("mnt")), 0o755);
+        assert_eq!(mode(&l.root.join("slots")), 0o700);
+        assert_eq!(mode(&l.slot_dir(SlotId::B)), 0o700);
+        // A state dir made by an older release (0700 everywhere) is repaired.
+        std::fs::set_permissions(&l.root, std::fs::Permissions::from_mode(0o700)).unwrap();
+        std::fs::set_permissions(l.mount_point(SlotId::B), std::fs::Permissions::from_mode(0o700)).unwrap();
+        let l = Layout::create(&l.root).unwrap();
+        assert_eq!((mode(&l.root), mode(&l.mount_point(SlotId::B))), (0o755, 0o755));
+        let s = State { format: 1, active: Some(SlotId::B), ..Default::default() };
         s.save(&l).unwrap();
         assert_eq!(State::load(&l).unwrap(), s);
         assert_eq!(l.slot_of_target(&l.mount_point(SlotId::A)), Some(SlotId::A));

@@ -19,6 +19,9 @@ _imgdeploy() {
             imgdeploy,apply)
                 cmd="imgdeploy__subcmd__apply"
                 ;;
+            imgdeploy,boot)
+                cmd="imgdeploy__subcmd__boot"
+                ;;
             imgdeploy,drain)
                 cmd="imgdeploy__subcmd__drain"
                 ;;
@@ -39,6 +42,9 @@ _imgdeploy() {
                 ;;
             imgdeploy__subcmd__help,apply)
                 cmd="imgdeploy__subcmd__help__subcmd__apply"
+                ;;
+            imgdeploy__subcmd__help,boot)
+                cmd="imgdeploy__subcmd__help__subcmd__boot"
                 ;;
             imgdeploy__subcmd__help,drain)
                 cmd="imgdeploy__subcmd__help__subcmd__drain"
@@ -65,7 +71,7 @@ _imgdeploy() {
 
     case "${cmd}" in
         imgdeploy)
-            opts="-c -v -q -h -V --config --verbose --quiet --help --version apply status verify rollback mount drain help"
+            opts="-c -v -q -h -V --config --verbose --quiet --help --version apply status verify rollback mount drain boot help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -112,6 +118,28 @@ _imgdeploy() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        imgdeploy__subcmd__boot)
+            opts="-c -v -q -h --config --verbose --quiet --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -c)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         imgdeploy__subcmd__drain)
             opts="-c -v -q -h --timeout --config --verbose --quiet --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
@@ -139,7 +167,7 @@ _imgdeploy() {
             return 0
             ;;
         imgdeploy__subcmd__help)
-            opts="apply status verify rollback mount drain help"
+            opts="apply status verify rollback mount drain boot help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -153,6 +181,20 @@ _imgdeploy() {
             return 0
             ;;
         imgdeploy__subcmd__help__subcmd__apply)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        imgdeploy__subcmd__help__subcmd__boot)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )

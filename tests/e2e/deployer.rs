@@ -4,8 +4,6 @@
 use std::fs;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use imgdeploy_common::digest::Sha256Digest;
@@ -14,7 +12,7 @@ use imgdeploy_common::sign::PrivateKey;
 use imgdeploy_tests::deploy::Deployment;
 use imgdeploy_tests::faults::{FaultServer, Reply};
 use imgdeploy_tests::snapshot::{assert_same, snapshot};
-use imgdeploy_tests::{bin, require_root, run, sh, Keys};
+use imgdeploy_tests::{as_reader, bin, read_as_reader, require_root, run, sh, Keys, READER_UID};
 
 fn flip_byte(p: &Path, at: usize) {
     let mut b = fs::read(p).unwrap();
@@ -101,8 +99,9 @@ fn privileged_drain_waits_for_holders_and_busy_standby_stops_apply() {
     assert!(waited >= Duration::from_millis(1500), "apply did not wait for the holder ({waited:?})");
     assert!(!Deployment::is_mounted(&d.mount_point("a")), "old slot not unmounted after its user left");
 
-    // A holder that outlives drain_timeout: the old slot stays mounted and is named.
-    d.write_config("drain_timeout = \"1s\"");
+    // With on_drain_timeout = "fail", a holder that outlives drain_timeout
+    // keeps the old slot mounted and is named.
+    d.write_config("drain_timeout = \"1s\"\non_drain_timeout = \"fail\"");
     let mut holder = Command::new("sleep").arg("60").current_dir(&d.link).spawn().unwrap();
     d.publish("v3");
     let out = d.imgdeploy(&["apply"]).ok();
@@ -113,11 +112,12 @@ fn privileged_drain_waits_for_holders_and_busy_standby_stops_apply() {
     assert_eq!(st["standby"]["users"][0]["pid"].as_u64(), Some(holder.id() as u64));
     // The next apply needs that slot: it stops and names the process.
     d.publish("v4");
-    d.imgdeploy(&["apply"]).fails_with(&format!(
-        "slot b ({}) is still in use by pid {} (sleep, cwd)",
-        d.mount_point("b").display(),
-        holder.id()
-    ));
+    d.assert_refused(
+        "busy standby with on_drain_timeout = fail",
+        &["apply"],
+        &format!("slot b ({}) is still in use by pid {} (sleep, cwd)", d.mount_point("b").display(), holder.id()),
+        "v3",
+    );
     assert_eq!(d.active_version().as_deref(), Some("v3"));
     // `drain` by hand: names the holder while it stays, unmounts once it left.
     d.imgdeploy(&["drain", "--timeout", "1s"])
@@ -153,23 +153,33 @@ fn privileged_mount_options_and_allow_downgrade() {
     }
     assert!(!flags.contains(&"noexec".to_owned()), "{flags:?}");
 
+    // Regression: mount_options used to replace ro,nodev,nosuid, so adding
+    // noexec silently dropped nodev,nosuid. Options only add now.
     d.write_config("mount_options = \"noexec,noatime\"\n");
     d.publish("v2");
     d.imgdeploy(&["apply"]).ok();
     let flags = Deployment::mount_options(&d.mount_point("b")).expect("slot b is mounted");
-    for f in ["ro", "noexec", "noatime"] {
+    for f in ["ro", "nodev", "nosuid", "noexec", "noatime"] {
         assert!(flags.contains(&f.to_owned()), "configured mount lacks {f}: {flags:?}");
     }
+    // Dropping nodev/nosuid takes the explicit key, never mount_options.
+    d.write_config("mount_options = \"suid\"\n");
+    d.assert_refused("suid in mount_options", &["apply"], "set `allow_devices_and_setuid = true`", "v2");
+    d.write_config("allow_devices_and_setuid = true\n");
+    d.publish("v2b");
+    d.imgdeploy(&["apply"]).ok();
+    let flags = Deployment::mount_options(&d.mount_point("a")).expect("slot a is mounted");
+    assert!(flags.contains(&"ro".to_owned()), "{flags:?}");
     for f in ["nodev", "nosuid"] {
-        assert!(!flags.contains(&f.to_owned()), "{f} was not asked for: {flags:?}");
+        assert!(!flags.contains(&f.to_owned()), "allow_devices_and_setuid kept {f}: {flags:?}");
     }
+    d.write_config("");
 
     // The server goes back to serial 1 (a correctly signed, older manifest).
     for (name, bytes) in &old {
         fs::write(d.repo.join(name), bytes).unwrap();
     }
-    d.imgdeploy(&["apply"]).fails_with("refusing to go back");
-    assert_eq!(d.active_version().as_deref(), Some("v2"));
+    d.assert_refused("older serial", &["apply"], "refusing to go back", "v2b");
     d.write_config("allow_downgrade = true\n");
     d.imgdeploy(&["apply"]).ok();
     assert_eq!(d.active_version().as_deref(), Some("v1"));
@@ -187,32 +197,39 @@ fn privileged_readers_see_no_errors_during_switches() {
     d.imgdeploy(&["apply"]).ok();
     d.publish("v2");
     d.imgdeploy(&["apply"]).ok();
-    let stop = Arc::new(AtomicBool::new(false));
-    let reads = Arc::new(AtomicU64::new(0));
-    let errors = Arc::new(AtomicU64::new(0));
+    // Two readers as uid 65534, like a web server: they reach the tree
+    // through the link and the mount points, never through root's rights.
+    let stop = d.dir.path().join("stop-readers");
     let readers: Vec<_> = (0..2)
         .map(|_| {
-            let (stop, reads, errors, file) = (stop.clone(), reads.clone(), errors.clone(), d.link.join("version"));
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    match fs::read_to_string(&file) {
-                        Ok(s) if s == "v1" || s == "v2" => reads.fetch_add(1, Ordering::Relaxed),
-                        _ => errors.fetch_add(1, Ordering::Relaxed),
-                    };
-                }
-            })
+            as_reader()
+                .arg(bin("reader"))
+                .arg(d.link.join("version"))
+                .arg(&stop)
+                .args(["v1", "v2"])
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap()
         })
         .collect();
     let switches = 1000;
     for _ in 0..switches {
         d.imgdeploy(&["rollback"]).ok();
     }
-    stop.store(true, Ordering::Relaxed);
+    fs::write(&stop, "").unwrap();
+    let (mut reads, mut errors) = (0u64, 0u64);
     for r in readers {
-        r.join().unwrap();
+        let out = r.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "reader failed: {text}");
+        let field = |k: &str| -> u64 {
+            text.split_whitespace().find_map(|w| w.strip_prefix(k)?.parse().ok()).unwrap_or_else(|| panic!("{text}"))
+        };
+        reads += field("reads=");
+        errors += field("errors=");
+        assert_eq!(field("errors="), 0, "a reader saw errors: {text}");
     }
-    let (reads, errors) = (reads.load(Ordering::Relaxed), errors.load(Ordering::Relaxed));
-    eprintln!("{switches} switches, {reads} reads through the link, {errors} errors");
+    eprintln!("{switches} switches, {reads} reads through the link as uid {READER_UID}, {errors} errors");
     assert_eq!(errors, 0);
     assert!(reads > 1000, "readers barely ran ({reads} reads)");
     d.assert_link_sound();
@@ -527,7 +544,7 @@ fn privileged_mount_at_boot_restores_link() {
     if !require_root("privileged_mount_at_boot_restores_link") {
         return;
     }
-    let d = Deployment::new("", "");
+    let d = Deployment::new("metrics_file = \"metrics.prom\"", "");
     d.publish("v1");
     d.imgdeploy(&["apply"]).ok();
     // Simulate a reboot: mounts gone, link gone (e.g. on tmpfs).
@@ -538,11 +555,225 @@ fn privileged_mount_at_boot_restores_link() {
     // Idempotent.
     d.imgdeploy(&["mount"]).ok();
     d.assert_no_leaks();
-    // A tampered active image is refused at boot instead of being mounted.
+    // With one version only, a tampered active image is refused at boot
+    // instead of being mounted, and the error names both slots.
     run(Command::new("umount").arg(d.mount_point("a"))).ok();
     flip_byte(&d.state.join("slots/a/image.squashfs"), 9);
-    d.imgdeploy(&["mount"]).fails_with("sha256");
+    d.imgdeploy(&["mount"]).fails_with("neither slot can be served: active slot a: slot a: image");
+    assert!(!Deployment::is_mounted(&d.mount_point("a")), "a tampered image was mounted");
     d.assert_no_leaks();
+}
+
+/// Regression: `imgdeploy mount` at boot failed when the active slot's
+/// image no longer verified, even though the other slot held a verified
+/// version, and `link` then pointed at an empty directory. Now it serves the
+/// other slot, records why, exits non-zero naming both, and the next apply
+/// reinstalls the damaged slot.
+#[test]
+fn privileged_boot_falls_back_to_the_other_verified_slot() {
+    if !require_root("privileged_boot_falls_back_to_the_other_verified_slot") {
+        return;
+    }
+    let d = Deployment::new("metrics_file = \"metrics.prom\"", "");
+    d.publish("v1");
+    d.imgdeploy(&["apply"]).ok();
+    d.publish("v2");
+    d.imgdeploy(&["apply"]).ok();
+    assert_eq!(d.active_version().as_deref(), Some("v2"));
+    // Reboot with a bit flipped in the active slot's image on disk.
+    for s in ["a", "b"] {
+        run(Command::new("umount").arg(d.mount_point(s)));
+    }
+    flip_byte(&d.state.join("slots/b/image.squashfs"), 4099);
+    let r = d.imgdeploy(&["mount"]).fails_with("active slot b failed at boot (slot b: image");
+    let line = r.stderr.lines().find(|l| l.starts_with("error:")).unwrap().to_owned();
+    assert!(line.contains("serving slot a (serial 1) instead"), "{line}");
+    assert_eq!(fs::read_link(&d.link).unwrap(), d.mount_point("a"));
+    assert_eq!(d.active_version().as_deref(), Some("v1"), "the host does not serve the verified version");
+    assert!(!Deployment::is_mounted(&d.mount_point("b")), "the damaged image was mounted");
+    let st = d.status();
+    assert_eq!(st["active"]["slot"], "a");
+    assert_eq!(st["last_boot"]["fallback_from"], "b");
+    assert!(st["last_boot"]["message"].as_str().unwrap().contains("sha256"), "{}", st["last_boot"]);
+    let metrics = fs::read_to_string(d.dir.path().join("metrics.prom")).unwrap();
+    assert!(metrics.contains("imgdeploy_last_boot_fallback{channel=\"stable\"} 1"), "{metrics}");
+    assert!(metrics.contains("imgdeploy_active_serial{channel=\"stable\"} 1"), "{metrics}");
+    // The next apply reinstalls serial 2 into the damaged slot.
+    d.imgdeploy(&["apply"]).ok();
+    assert_eq!(d.active_version().as_deref(), Some("v2"));
+    d.imgdeploy(&["verify"]).ok();
+    // And a boot after that is clean again.
+    run(Command::new("umount").arg(d.mount_point("b"))).ok();
+    d.imgdeploy(&["mount"]).ok();
+    assert_eq!(d.status()["last_boot"]["fallback_from"], serde_json::Value::Null);
+    d.assert_no_leaks();
+}
+
+/// Regression: the web server reads as `www-data`, and `state_dir` and
+/// `mnt/` were 0700, so every read through `link` by anyone but root failed
+/// with EACCES. Readers reach the tree; only root reaches images, manifests,
+/// partial downloads, state and the lock.
+#[test]
+fn privileged_readers_reach_the_tree_but_not_the_slots() {
+    if !require_root("privileged_readers_reach_the_tree_but_not_the_slots") {
+        return;
+    }
+    let d = Deployment::new("", "");
+    // A state dir left by an older release, 0700 throughout, is repaired.
+    fs::create_dir_all(d.state.join("mnt/a")).unwrap();
+    sh(&format!("chmod 700 '{0}' '{0}/mnt' '{0}/mnt/a'", d.state.display()));
+    d.publish("v1");
+    d.imgdeploy(&["apply"]).ok();
+    assert_eq!(read_as_reader(&d.link.join("version")).as_deref(), Ok("v1"));
+    assert_eq!(read_as_reader(&d.link.join("bin/app.cgi")).as_deref(), Ok("#!/bin/sh\necho v1\n"));
+    assert_eq!(read_as_reader(&d.mount_point("a").join("version")).as_deref(), Ok("v1"));
+    let ls = run(as_reader().arg("ls").arg(d.link.join(".")));
+    assert_eq!(ls.code, 0, "uid {READER_UID} cannot list the tree: {}", ls.stderr);
+    assert!(ls.stdout.contains("version"), "{}", ls.stdout);
+    for private in
+        ["slots/a/image.squashfs", "slots/a/manifest.json", "slots/a/manifest.json.sig", "state.json", "lock"]
+    {
+        let e = read_as_reader(&d.state.join(private)).expect_err(private);
+        assert!(e.contains("Permission denied"), "{private}: {e}");
+    }
+    // A partial download is root's alone too.
+    fs::write(d.state.join("slots/b/image.partial"), b"partial").unwrap();
+    assert!(read_as_reader(&d.state.join("slots/b/image.partial")).is_err());
+    fs::remove_file(d.state.join("slots/b/image.partial")).unwrap();
+    // `status` names the directory that would stop a web server.
+    let outer = d.dir.path().join("closed");
+    fs::create_dir(&outer).unwrap();
+    sh(&format!("chmod 700 '{}'", outer.display()));
+    d.write_config(&format!("link = \"{}/web/cgi\"", outer.display()));
+    let mut cfg = fs::read_to_string(&d.config).unwrap();
+    cfg = cfg.replacen(&format!("link = \"{}\"\n", d.link.display()), "", 1);
+    fs::write(&d.config, cfg).unwrap();
+    d.publish("v2");
+    let out = d.imgdeploy(&["apply"]).ok();
+    assert!(
+        out.stderr.contains(&format!("{} is mode 700; run `chmod o+x {}`", outer.display(), outer.display())),
+        "{}",
+        out.stderr
+    );
+}
+
+/// Regression: a process that stayed inside the old version blocked every
+/// later apply for good. After drain_timeout the old version is detached:
+/// the update goes on, the process keeps a consistent view of the old
+/// version even when its slot receives a newer image, status and metrics
+/// name it, and nothing is left once it exits.
+#[test]
+fn privileged_lingering_user_is_detached_and_keeps_the_old_version() {
+    if !require_root("privileged_lingering_user_is_detached_and_keeps_the_old_version") {
+        return;
+    }
+    let d = Deployment::new("metrics_file = \"metrics.prom\"", "");
+    d.publish("v1");
+    d.imgdeploy(&["apply"]).ok();
+    // An unprivileged process inside v1 (a daemon started from a CGI), which
+    // reads its tree again after two updates have gone by.
+    let seen = d.dir.path().join("seen");
+    fs::write(&seen, "").unwrap();
+    sh(&format!("chown {READER_UID} '{}'", seen.display()));
+    let go = d.dir.path().join("go");
+    let mut holder = as_reader()
+        .args(["sh", "-c", "while [ ! -e \"$1\" ]; do sleep 0.1; done; cat version bin/app.cgi > \"$2\""])
+        .arg("holder")
+        .arg(&go)
+        .arg(&seen)
+        .current_dir(&d.link)
+        .spawn()
+        .unwrap();
+    d.publish("v2");
+    let out = d.imgdeploy(&["apply"]).ok();
+    assert!(
+        out.stdout.contains(&format!("old version detached, in use by pid {} (sh, cwd)", holder.id())),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(d.active_version().as_deref(), Some("v2"));
+    assert!(!Deployment::is_mounted(&d.mount_point("a")), "slot a still mounted after the detach");
+    let st = d.status();
+    let det = &st["detached"][0];
+    assert_eq!((det["slot"].as_str(), det["serial"].as_u64()), (Some("a"), Some(1)), "{st}");
+    assert_eq!(det["users"][0]["pid"].as_u64(), Some(holder.id() as u64), "{st}");
+    let metrics = fs::read_to_string(d.dir.path().join("metrics.prom")).unwrap();
+    assert!(metrics.contains("imgdeploy_detached_versions{channel=\"stable\"} 1"), "{metrics}");
+    // The shell and, at times, its `sleep` child.
+    assert!(!metrics.contains("imgdeploy_detached_users{channel=\"stable\"} 0"), "{metrics}");
+    // The next update needs slot a, where the holder still is: not blocked.
+    d.publish("v3");
+    d.imgdeploy(&["apply"]).ok();
+    assert_eq!(d.active_version().as_deref(), Some("v3"));
+    assert_eq!(fs::read_link(&d.link).unwrap(), d.mount_point("a"));
+    // The holder still sees v1, whole: the new image went into a new file.
+    fs::write(&go, "").unwrap();
+    assert!(holder.wait().unwrap().success());
+    assert_eq!(fs::read_to_string(&seen).unwrap(), "v1#!/bin/sh\necho v1\n");
+    // Once it exited, the detached version and its loop device are gone.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !d.status()["detached"].as_array().unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "detached version outlived its last user: {}", d.status());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    d.assert_no_leaks();
+}
+
+/// Regression: a refused update cleared the standby's manifest before the
+/// new image was verified, so `rollback` then said there was nothing to roll
+/// back to. The previous version stays installed until a verified image
+/// replaces it.
+#[test]
+fn privileged_refused_update_keeps_the_rollback_target() {
+    if !require_root("privileged_refused_update_keeps_the_rollback_target") {
+        return;
+    }
+    let d = Deployment::new("", "");
+    d.publish("v1");
+    d.imgdeploy(&["apply"]).ok();
+    d.publish("v2");
+    d.imgdeploy(&["apply"]).ok();
+    // v3's image is tampered with on the server: refused after download.
+    let v3 = d.publish("v3");
+    flip_byte(Path::new(v3["image"].as_str().unwrap()), 777);
+    d.assert_refused("tampered image", &["apply"], "sha256", "v2");
+    assert_eq!(d.status()["standby"]["serial"], 1, "the refused update cost the rollback target");
+    // A download cut short by the server, too.
+    let v4 = d.publish("v4");
+    let image = Path::new(v4["image"].as_str().unwrap()).to_owned();
+    let full = fs::read(&image).unwrap();
+    fs::write(&image, &full[..full.len() / 2]).unwrap();
+    let r = d.imgdeploy(&["apply"]);
+    assert_ne!(r.code, 0, "a truncated image was accepted: {}", r.stderr);
+    assert_eq!(d.status()["standby"]["serial"], 1, "the failed download cost the rollback target");
+    d.imgdeploy(&["rollback"]).ok();
+    assert_eq!(d.active_version().as_deref(), Some("v1"));
+    fs::write(&image, &full).unwrap();
+    d.imgdeploy(&["apply"]).ok();
+    assert_eq!(d.active_version().as_deref(), Some("v4"));
+    d.assert_no_leaks();
+}
+
+/// Regression: boot mode was chosen because the process was PID 1, so
+/// `imgdeploy status` as a container's entrypoint mounted /proc and /dev and
+/// powered off. Only `/init` (or the hidden `boot` command) boots.
+#[test]
+fn privileged_pid_1_alone_is_not_boot_mode() {
+    if !require_root("privileged_pid_1_alone_is_not_boot_mode") {
+        return;
+    }
+    let d = Deployment::new("", "");
+    d.publish("v1");
+    d.imgdeploy(&["apply"]).ok();
+    let r = run(Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc", "--mount", "--propagation", "private"])
+        .arg(bin("imgdeploy"))
+        .arg("-c")
+        .arg(&d.config)
+        .args(["status", "--json"]));
+    assert_eq!(r.code, 0, "status as PID 1 failed: {}", r.stderr);
+    assert!(!r.stderr.contains("netboot"), "boot mode ran: {}", r.stderr);
+    assert_eq!(r.json()["active"]["serial"], 1);
 }
 
 /// Hooks: `health_check` sees the new mount before the switch and can veto

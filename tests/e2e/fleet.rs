@@ -9,7 +9,7 @@ use imgdeploy_common::digest::Sha256Digest;
 use imgdeploy_common::rollout::in_wave;
 use imgdeploy_tests::deploy::Deployment;
 use imgdeploy_tests::nginx::Nginx;
-use imgdeploy_tests::{bin, require_root, run, run_bin, Keys};
+use imgdeploy_tests::{bin, read_as_reader, require_root, run, run_bin, Keys};
 
 fn sha_of(build: &serde_json::Value) -> Sha256Digest {
     build["sha256"].as_str().unwrap().parse().unwrap()
@@ -180,7 +180,7 @@ fn privileged_fifty_deployers_through_a_caching_edge() {
     if !require_root("privileged_fifty_deployers_through_a_caching_edge") {
         return;
     }
-    let work = tempfile::tempdir().unwrap();
+    let work = imgdeploy_tests::readable_tempdir();
     let keys = Keys::generate();
     let repo = work.path().join("repo");
     let tree = work.path().join("tree");
@@ -242,7 +242,7 @@ fn privileged_fifty_deployers_through_a_caching_edge() {
         assert!(out.status.success(), "a deployer failed: {}", String::from_utf8_lossy(&out.stderr));
     }
     for (dir, _) in &hosts {
-        assert_eq!(fs::read_to_string(dir.join("link/version")).unwrap(), "fleet-1");
+        assert_eq!(read_as_reader(&dir.join("link/version")).unwrap(), "fleet-1");
     }
     let bytes = |log: Vec<String>| -> u64 {
         log.iter()

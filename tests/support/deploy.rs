@@ -30,7 +30,7 @@ pub struct Deployment {
 impl Deployment {
     /// A deployment with `extra` appended to the config and `nginx_extra` in nginx's server block.
     pub fn new(extra: &str, nginx_extra: &str) -> Self {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::readable_tempdir();
         let keys = Keys::generate();
         let repo = dir.path().join("repo");
         fs::create_dir_all(&repo).unwrap();
@@ -90,9 +90,10 @@ impl Deployment {
         run(Command::new(bin("imgdeploy")).arg("-c").arg(&self.config).args(args))
     }
 
-    /// The `version` file as seen through the link (None if unreadable).
+    /// The `version` file as an unprivileged reader (uid 65534, like a web
+    /// server) sees it through the link; None if it cannot read it.
     pub fn active_version(&self) -> Option<String> {
-        fs::read_to_string(self.link.join("version")).ok()
+        crate::read_as_reader(&self.link.join("version")).ok()
     }
 
     /// `status --json`.
@@ -136,15 +137,17 @@ impl Deployment {
         Self::mount_options(p).is_some()
     }
 
-    /// The invariant of the issue: `link` is missing (nothing deployed yet) or
-    /// points at a mounted slot whose files are readable.
+    /// The invariant: `link` is missing (nothing deployed yet) or points at
+    /// a mounted slot whose files an unprivileged reader can read.
     #[track_caller]
     pub fn assert_link_sound(&self) {
         let Ok(target) = fs::read_link(&self.link) else { return };
         let slot = ["a", "b"].into_iter().find(|s| self.mount_point(s) == target);
         assert!(slot.is_some(), "link points at {}, not a slot", target.display());
         assert!(Self::is_mounted(&target), "link points at {}, which is not mounted", target.display());
-        assert!(self.active_version().is_some(), "files under the link are unreadable");
+        if let Err(e) = crate::read_as_reader(&self.link.join("version")) {
+            panic!("files under the link are unreadable for uid {}: {e}", crate::READER_UID);
+        }
     }
 
     /// Loop devices backed by files in this state dir that no mount uses.

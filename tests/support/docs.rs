@@ -32,7 +32,7 @@ fn man_pages(cmd: &clap::Command, name: &str, out: &mut Vec<(PathBuf, Vec<u8>)>)
     let mut buf = Vec::new();
     clap_mangen::Man::new(cmd.clone()).render(&mut buf).expect("rendering into memory");
     out.push((PathBuf::from(format!("doc/man/{name}.1")), buf));
-    for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
+    for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help" && !s.is_hide_set()) {
         let full = format!("{name}-{}", sub.get_name());
         let mut buf = Vec::new();
         clap_mangen::Man::new(sub.clone().name(&*Box::leak(full.clone().into_boxed_str())))

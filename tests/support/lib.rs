@@ -127,6 +127,45 @@ pub fn sh(script: &str) -> String {
     r.stdout
 }
 
+/// The uid and gid of the unprivileged reader (`nobody`): a web server
+/// such as Apache reads the deployed tree as `www-data`, never as root, so
+/// every test that reads through `link` reads as this user.
+pub const READER_UID: u32 = 65534;
+
+/// `setpriv` arguments that run a command as [`READER_UID`] with no
+/// supplementary groups and no capabilities.
+pub fn as_reader() -> Command {
+    let mut c = Command::new("setpriv");
+    c.args([
+        format!("--reuid={READER_UID}"),
+        format!("--regid={READER_UID}"),
+        "--clear-groups".to_owned(),
+        "--inh-caps=-all".to_owned(),
+        "--".to_owned(),
+    ]);
+    c
+}
+
+/// Reads `path` as the unprivileged reader; the error is `cat`'s message
+/// (e.g. "Permission denied").
+pub fn read_as_reader(path: &Path) -> Result<String, String> {
+    let r = run(as_reader().arg("cat").arg(path));
+    if r.code == 0 {
+        Ok(r.stdout)
+    } else {
+        Err(r.stderr.trim().to_owned())
+    }
+}
+
+/// A temp directory every user may traverse (mode 0755; `tempfile` makes
+/// 0700 ones), so that the unprivileged reader can reach a link inside it.
+pub fn readable_tempdir() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let d = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    d
+}
+
 /// `len` incompressible, deterministic bytes for `seed` (xorshift64).
 pub fn noise(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
