@@ -19,6 +19,8 @@ packages=(
   linux-image-amd64             # a real kernel and modules for the netboot qemu test
   qemu-system-x86               # boots the netboot artifacts (TCG)
   busybox-static                # /sbin/init of the image the netboot test boots
+  mmdebstrap gpg e2fsprogs kmod # the Debian frontend VM of the field test (root fs, ext4 image, depmod)
+  dpkg-dev                      # dpkg-shlibdeps: Depends of the .debs built by scripts/package-deb.sh
 )
 
 missing=()
