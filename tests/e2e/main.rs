@@ -19,6 +19,7 @@ mod builder;
 mod delta;
 mod deployer;
 mod docs;
+mod field;
 mod fleet;
 mod netboot;
 mod powerloss;

@@ -1,0 +1,156 @@
+#!/bin/sh
+# Runs inside the Debian frontend VM of tests/e2e/field.rs, started by
+# fieldtest.service after every boot. It acts as an operator would
+# (systemctl, imgdeploy, curl against the local Apache) and reports on
+# /dev/ttyS1, which the host reads:
+#   CHECK <name> ok | CHECK <name> FAIL <detail>
+#   WANT <what>     the host publishes <what>, then creates /ready-<what> on the origin
+#   DONE            all phases ran (the guest then powers off)
+# The phase survives reboots in /var/lib/fieldtest/phase.
+set -u
+out=/dev/ttyS1
+origin=http://10.0.2.100
+state=/var/lib/fieldtest
+mkdir -p "$state"
+phase=$(cat "$state/phase" 2>/dev/null || echo 0)
+
+say() { echo "$*" > "$out"; }
+uptime_s() { cut -d' ' -f1 /proc/uptime; }
+ok() { say "CHECK $1 ok"; }
+fail() { say "CHECK $1 FAIL $(echo "$2" | tr '\n' ' ' | cut -c1-600)"; }
+# check NAME CMD...: the command must succeed.
+check() { name=$1; shift; if o=$("$@" 2>&1); then ok "$name"; else fail "$name" "$o"; fi; }
+# expect NAME WANT CMD...: the command's output must contain WANT.
+expect() {
+  name=$1; want=$2; shift 2
+  o=$("$@" 2>&1)
+  case "$o" in *"$want"*) ok "$name" ;; *) fail "$name" "wanted [$want], got [$o]" ;; esac
+}
+want() {
+  say "WANT $1"
+  i=0
+  until curl -sf "$origin/ready-$1" >/dev/null; do
+    i=$((i + 1)); [ $i -gt 300 ] && { fail "origin-published-$1" "no /ready-$1 after 60 s"; return 1; }
+    sleep 0.2
+  done
+}
+served() { curl -sf http://127.0.0.1/version.txt; }
+cgi() { curl -sf http://127.0.0.1/cgi-bin/version.cgi; }
+# On failure, the unit's last journal lines say why (they reach the host's report).
+apply() {
+  systemctl start imgdeploy-apply.service 2>&1 && return 0
+  journalctl -b --no-pager -o cat -u imgdeploy-apply.service | tail -n 4
+  return 1
+}
+metric() { grep "^$1" /var/lib/prometheus/imgdeploy.prom; }
+next_phase() { echo "$1" > "$state/phase"; sync; systemctl reboot; exit 0; }
+
+# Requests the CGI and a static file until /run/stop-client exists; one line each.
+client() {
+  while [ ! -e /run/stop-client ]; do
+    c=$(cgi) || c=FAIL
+    s=$(served) || s=FAIL
+    echo "$c|$s" >> /run/client.log
+  done
+}
+
+client_verdict() {
+  n=$(wc -l < /run/client.log)
+  [ "$n" -ge 10 ] || { echo "only $n requests"; return 1; }
+  if grep -q FAIL /run/client.log; then echo "failed requests: $(grep -c FAIL /run/client.log) of $n"; return 1; fi
+  # A CGI reads two files of its own tree: they must come from one version.
+  bad=$(grep -v -E '^(v[12]) \1 www-data\|v[12]$' /run/client.log | head -3)
+  [ -z "$bad" ] || { echo "mixed or foreign responses: $bad"; return 1; }
+  grep -q '^v1 ' /run/client.log && grep -q '^v2 ' /run/client.log || { echo "the loop did not span the switch"; return 1; }
+  echo "$n requests, 0 failed"
+}
+
+# Where the boot's time went (for the host's report).
+say "BOOT $(systemd-analyze time 2>&1 | head -1) / slowest: $(systemd-analyze blame 2>/dev/null | head -3 | tr -s ' ' | tr '\n' ';')"
+say "CHAIN $(systemd-analyze critical-chain --no-pager 2>&1 | tail -n +3 | tr -s ' ' | tr '\n' ';' | cut -c1-900)"
+say "JOBS $(systemctl list-units --state=failed --no-legend --plain 2>&1 | tr -s ' ' | tr '\n' ';' | cut -c1-400)"
+
+case "$phase" in
+0)
+  say "PHASE 0 (first boot) at $(uptime_s) s"
+  expect packages-installed "install ok installed install ok installed" dpkg-query -W -f '${Status} ' imgdeploy imgbuild
+  expect units-installed-not-enabled "disabled" systemctl is-enabled imgdeploy-mount.service
+  expect timer-not-started "inactive" systemctl is-active imgdeploy-apply.timer
+  check config-is-conffile grep -qx /etc/imgdeploy/imgdeploy.toml /var/lib/dpkg/info/imgdeploy.conffiles
+  check man-page test -e /usr/share/man/man1/imgdeploy.1.gz
+  # Regression: on a fresh Debian system nothing loaded the loop driver, and
+  # the first apply failed; the package has systemd load loop and squashfs.
+  check loop-driver-loaded-at-boot test -c /dev/loop-control
+  check squashfs-driver-loaded-at-boot grep -qw squashfs /proc/filesystems
+  systemctl enable imgdeploy-mount.service >/dev/null 2>&1
+  want v1
+  check origin-reachable curl -sf -o /dev/null "$origin/stable.json"
+  check apply-v1 apply
+  expect cgi-v1-as-www-data "v1 v1 www-data" cgi
+  expect static-v1 "v1" served
+
+  want v2
+  rm -f /run/stop-client /run/client.log
+  client &
+  sleep 4
+  check apply-v2-under-load apply
+  sleep 4
+  touch /run/stop-client
+  wait
+  check switch-under-load client_verdict
+  say "CLIENT $(client_verdict)"
+  expect metrics-serial-2 "imgdeploy_active_serial{channel=\"stable\"} 2" metric imgdeploy_active_serial
+
+  want bad
+  if apply 2>/dev/null; then fail tampered-publish-refused "apply succeeded"; else ok tampered-publish-refused; fi
+  expect still-v2-after-refusal "v2" served
+  expect journal-names-refusal "sha256" journalctl -b --no-pager -u imgdeploy-apply.service
+  expect metrics-failure "imgdeploy_last_apply_success{channel=\"stable\"} 0" metric imgdeploy_last_apply_success
+  check rollback-after-refusal imgdeploy rollback
+  expect rolled-back-to-v1 "v1" served
+
+  want v4
+  check apply-v4 apply
+  expect serving-v4 "v4" served
+  # The operator's timer; a drop-in makes its first run come soon after boot.
+  check timer-enabled systemctl enable imgdeploy-apply.timer
+  say "REBOOT at $(uptime_s) s"
+  next_phase 1
+  ;;
+1)
+  say "PHASE 1 (reboot) at $(uptime_s) s"
+  expect mount-unit-ok "active" systemctl is-active imgdeploy-mount.service
+  m=$(systemctl show -P ExecMainExitTimestampMonotonic imgdeploy-mount.service)
+  a=$(systemctl show -P ExecMainStartTimestampMonotonic apache2.service)
+  if [ "${m:-0}" -gt 0 ] && [ "${a:-0}" -gt "$m" ]; then ok mount-before-apache; else fail mount-before-apache "mount done at $m, apache started at $a"; fi
+  expect v4-after-reboot "v4" served
+  expect cgi-v4-after-reboot "v4 v4 www-data" cgi
+  i=0
+  until journalctl -b --no-pager -u imgdeploy-apply.service | grep -q "up to date"; do
+    i=$((i + 1)); [ $i -gt 90 ] && break; sleep 1
+  done
+  expect timer-ran-apply "up to date" journalctl -b --no-pager -u imgdeploy-apply.service
+  systemctl disable --now imgdeploy-apply.timer >/dev/null 2>&1
+  target=$(readlink /webroot/cgi)
+  slot=${target##*/}
+  say "CORRUPT slot $slot at $(uptime_s) s"
+  printf 'CORRUPTED-BY-THE-FIELD-TEST' | dd of="/var/lib/imgdeploy/slots/$slot/image.squashfs" bs=1 seek=8192 conv=notrunc 2>/dev/null
+  next_phase 2
+  ;;
+2)
+  say "PHASE 2 (reboot with the active image corrupted) at $(uptime_s) s"
+  expect mount-unit-failed "failed" systemctl is-active imgdeploy-mount.service
+  expect link-on-slot-a "/var/lib/imgdeploy/mnt/a" readlink /webroot/cgi
+  expect serving-verified-v1 "v1" served
+  expect cgi-v1-after-fallback "v1 v1 www-data" cgi
+  expect journal-names-both-slots "serving slot a (serial 1) instead" journalctl -b --no-pager -u imgdeploy-mount.service
+  expect status-records-fallback '"fallback_from": "b"' imgdeploy status --json
+  expect metrics-fallback "imgdeploy_last_boot_fallback{channel=\"stable\"} 1" metric imgdeploy_last_boot_fallback
+  check apply-repairs apply
+  expect serving-v4-again "v4" served
+  check verify-both-slots imgdeploy verify
+  say "DONE at $(uptime_s) s"
+  sync
+  systemctl poweroff
+  ;;
+esac
