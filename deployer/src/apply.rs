@@ -18,7 +18,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use imgdeploy_common::atomic::{fsync_dir, write_atomic};
 use imgdeploy_common::location::{http_agent, Location};
 use imgdeploy_common::manifest::Timestamp;
@@ -26,6 +26,7 @@ use imgdeploy_common::squashfs::{Superblock, SUPERBLOCK_BYTES};
 use serde::Serialize;
 
 use crate::config::Config;
+use crate::decide::{decide, Decision, Facts, FloorReason};
 use crate::delta::{self, fetch_index, local_seeds};
 use crate::drain::{drain_slot, release_slot, Holder, Retired};
 use crate::fetch::{download_image, fetch_manifest, DownloadStats};
@@ -274,38 +275,40 @@ fn apply_locked(cfg: &Config, opts: &ApplyOptions, layout: &Layout, state: &mut 
         Some(s) => installed(layout, s, &keys)?,
         None => None,
     };
-    if let Some(cur) = &active_inst {
-        let c = &cur.manifest;
-        if c.image.sha256 == m.image.sha256 && c.serial < m.serial {
-            // A re-signed manifest (new serial: rollout change, promotion) of the image already active.
-            ensure_mounted(cfg, layout, cur, None)?;
-            return Ok(Outcome::UpToDate {
-                serial: m.serial,
-                message: format!(
-                    "already running the image of serial {} ({}) in slot {}",
-                    m.serial, m.version, cur.slot
-                ),
-            });
-        }
-        if c.serial == m.serial {
-            if c.image.sha256 != m.image.sha256 {
-                bail!("the server publishes serial {} with a different image than the one active here; a serial must never be reused, republish with a new serial", m.serial);
+    let in_wave = match m.rollout {
+        Some(percent) => Some(imgdeploy_common::rollout::in_wave(&cfg.machine_id()?, &m.image.sha256, percent)),
+        None => None,
+    };
+    let decision = decide(Facts {
+        fetched: &m,
+        active: active_inst.as_ref().map(|i| (i.slot, &i.manifest)),
+        floor: state.floor.get(&m.channel),
+        rolled_back_serial: state.rolled_back_serial,
+        allow_downgrade: cfg.allow_downgrade,
+        in_wave,
+    });
+    match decision {
+        Decision::Refuse(r) => return Err(r.into()),
+        Decision::UpToDate { resigned } => {
+            let cur = active_inst.as_ref().expect("up to date only with an active slot");
+            if resigned && !opts.dry_run {
+                // The running image under a newer serial (rollout change,
+                // promotion): the slot's record and the floor follow it.
+                record_manifest(layout, cur.slot, &fetched, None)?;
+                state.raise_floor(&m, FloorReason::ReSigned);
+                state.save(layout)?;
             }
             // After a reboot the link may point at an unmounted slot: repair that.
             ensure_mounted(cfg, layout, cur, None)?;
-            return Ok(Outcome::UpToDate {
-                serial: m.serial,
-                message: format!("already at serial {} ({}) in slot {}", m.serial, m.version, cur.slot),
-            });
+            let message = if resigned {
+                format!("already running the image of serial {} ({}) in slot {}", m.serial, m.version, cur.slot)
+            } else {
+                format!("already at serial {} ({}) in slot {}", m.serial, m.version, cur.slot)
+            };
+            return Ok(Outcome::UpToDate { serial: m.serial, message });
         }
-        if m.serial < c.serial && !cfg.allow_downgrade {
-            bail!(
-                "the server publishes serial {} but serial {} is active; refusing to go back (a replayed old manifest?). Set allow_downgrade = true to permit it",
-                m.serial,
-                c.serial
-            );
-        }
-        if state.rolled_back_serial == Some(m.serial) {
+        Decision::RolledBack => {
+            let c = &active_inst.as_ref().expect("rolled back only with an active slot").manifest;
             return Ok(Outcome::UpToDate {
                 serial: c.serial,
                 message: format!(
@@ -314,11 +317,12 @@ fn apply_locked(cfg: &Config, opts: &ApplyOptions, layout: &Layout, state: &mut 
                 ),
             });
         }
-    }
-
-    // Staged rollout: is this host in the wave?
-    if let Some(percent) = m.rollout {
-        if !imgdeploy_common::rollout::in_wave(&cfg.machine_id()?, &m.image.sha256, percent) {
+        Decision::NotInWave => {
+            if !opts.dry_run {
+                state.raise_floor(&m, FloorReason::NotInWave);
+                state.save(layout)?;
+            }
+            let percent = m.rollout.unwrap_or(100);
             return Ok(Outcome::NotInWave {
                 serial: m.serial,
                 percent,
@@ -328,6 +332,7 @@ fn apply_locked(cfg: &Config, opts: &ApplyOptions, layout: &Layout, state: &mut 
                 ),
             });
         }
+        Decision::Install => {}
     }
 
     // 2. Standby slot.
@@ -419,6 +424,9 @@ fn apply_locked(cfg: &Config, opts: &ApplyOptions, layout: &Layout, state: &mut 
         );
     } else {
         download.mode = "none";
+        // The standby already holds this image under an older record
+        // (a reproducible rebuild republished): it now holds it as this serial.
+        record_manifest(layout, standby, &fetched, None)?;
     }
     let inst = Installed { slot: standby, manifest: m.clone(), key_id: fetched.verified.key_id.clone() };
 
@@ -452,6 +460,7 @@ fn apply_locked(cfg: &Config, opts: &ApplyOptions, layout: &Layout, state: &mut 
     if state.rolled_back_serial.is_some_and(|s| m.serial > s) {
         state.rolled_back_serial = None;
     }
+    state.raise_floor(&m, FloorReason::Installed);
     state.save(layout)?;
     tracing::info!("{} -> {} (serial {}, {})", cfg.link.display(), target.display(), m.serial, m.version);
 
@@ -501,6 +510,24 @@ fn install_verified(
     // The partial's bookkeeping goes with it; a leftover would only cause a harmless re-hash.
     let _ = std::fs::remove_file(layout.partial_meta(slot));
     fsync_dir(&layout.slot_dir(slot))?;
+    record_manifest(layout, slot, fetched, index)
+}
+
+/// Writes `fetched` as `slot`'s signed manifest (and `index` as its chunk
+/// index), for the image the slot holds. The old manifest goes first, so a
+/// crash in between leaves the slot uninstalled, never holding a signature
+/// that does not match its manifest.
+fn record_manifest(
+    layout: &Layout,
+    slot: SlotId,
+    fetched: &crate::fetch::FetchedManifest,
+    index: Option<&[u8]>,
+) -> Result<()> {
+    match std::fs::remove_file(layout.manifest(slot)) {
+        Ok(()) => fsync_dir(&layout.slot_dir(slot))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("clearing {}", layout.manifest(slot).display())),
+    }
     if let Some(bytes) = index {
         write_atomic(&layout.index(slot), bytes, 0o600)?;
     }

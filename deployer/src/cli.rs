@@ -180,6 +180,9 @@ pub fn run(cli: Cli) -> Result<()> {
                         describe(&d.users)
                     );
                 }
+                for (channel, f) in &s.floor {
+                    println!("floor    {channel}: serial {} ({})", f.serial, f.why.describe());
+                }
                 if let Some(a) = &s.last_apply {
                     println!("last     {} at {}: {}", a.result, a.time, a.message);
                 }

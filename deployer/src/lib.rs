@@ -12,6 +12,7 @@ pub mod apply;
 pub mod boot;
 pub mod cli;
 pub mod config;
+pub mod decide;
 pub mod delta;
 pub mod drain;
 pub mod fetch;

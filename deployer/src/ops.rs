@@ -75,6 +75,9 @@ pub struct Status {
     pub pending: Option<Pending>,
     /// A serial rolled back from.
     pub rolled_back_serial: Option<u64>,
+    /// Per channel, the highest serial accepted here and why; older
+    /// manifests are refused as replays.
+    pub floor: std::collections::BTreeMap<String, crate::decide::Floor>,
     /// The last apply.
     pub last_apply: Option<ApplyRecord>,
     /// What the last `imgdeploy mount` (at boot) did, including a fallback to the other slot.
@@ -157,6 +160,7 @@ pub fn status(cfg: &Config) -> Result<Status> {
         standby: s,
         pending,
         rolled_back_serial: state.rolled_back_serial,
+        floor: state.floor,
         last_apply: state.last_apply,
         last_boot: state.last_boot,
         detached: detached(&layout),

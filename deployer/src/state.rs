@@ -217,6 +217,10 @@ pub struct State {
     /// The last boot-time mount.
     #[serde(default)]
     pub last_boot: Option<BootRecord>,
+    /// Per channel, the highest serial accepted here: older manifests are
+    /// refused as replays (see [`crate::decide`]).
+    #[serde(default)]
+    pub floor: std::collections::BTreeMap<String, crate::decide::Floor>,
 }
 
 fn one() -> u32 {
@@ -246,6 +250,18 @@ pub enum StateError {
 }
 
 impl State {
+    /// Raises `channel`'s floor to the manifest `m` (never lowers it: a
+    /// permitted downgrade keeps the highest serial seen).
+    pub fn raise_floor(&mut self, m: &imgdeploy_common::manifest::Manifest, why: crate::decide::FloorReason) {
+        let new = crate::decide::Floor { serial: m.serial, sha256: m.image.sha256, why };
+        match self.floor.get(&m.channel) {
+            Some(f) if f.serial >= m.serial => {}
+            _ => {
+                self.floor.insert(m.channel.clone(), new);
+            }
+        }
+    }
+
     /// Parses state JSON.
     pub fn parse(bytes: &[u8]) -> Result<Self, String> {
         let s: State = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
@@ -285,6 +301,7 @@ mod tests {
             r#"{"format":1}"#,
             r#"{"format":1,"active":"b","last_apply":{"time":"2026-11-25T07:00:00Z","result":"switched","serial":3,"message":"m","duration_ms":5}}"#,
             r#"{"format":1,"active":"a","rolled_back_serial":4,"last_apply":null}"#,
+            r#"{"format":1,"active":"a","floor":{"stable":{"serial":3,"sha256":"0000000000000000000000000000000000000000000000000000000000000000","why":"not-in-wave"}}}"#,
             r#"{"format":1,"active":"a","last_boot":{"time":"2026-11-25T07:00:00Z","slot":"a","serial":1,"fallback_from":"b","message":"m"}}"#,
         ];
         for f in fixtures {

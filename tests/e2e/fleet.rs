@@ -153,9 +153,10 @@ fn privileged_staged_rollout_and_promotion() {
             ref other => panic!("{name} is {other:?}"),
         })
     };
-    // The slot keeps the manifest it was installed with (serial 4); serial 5
-    // re-signed the same image at 100%, which needed no install.
-    assert_eq!(value("imgdeploy_active_serial"), Some(4.0), "{text}");
+    // Serial 5 re-signed the same image at 100%: no install, but the slot
+    // now records serial 5 (it used to keep serial 4, which let a replayed
+    // serial 4 manifest pass the floor; see trust.rs).
+    assert_eq!(value("imgdeploy_active_serial"), Some(5.0), "{text}");
     assert_eq!(value("imgdeploy_last_apply_success"), Some(1.0));
     assert!(value("imgdeploy_last_apply_timestamp_seconds").unwrap() > 1.7e9);
     assert!(value("imgdeploy_last_apply_duration_seconds").is_some());

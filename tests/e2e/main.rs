@@ -24,3 +24,4 @@ mod fleet;
 mod netboot;
 mod powerloss;
 mod reliability;
+mod trust;
