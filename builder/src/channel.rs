@@ -3,14 +3,21 @@
 //! `promote` signs a manifest for another channel pointing at the very image
 //! (same sha256, same chunk index) a source channel serves, so what was
 //! tested is exactly what ships.
+//!
+//! Both re-sign only what the signing key signed: a repository manifest is
+//! used only when its signature verifies with that key, and its image and
+//! chunk index only when they hash to what it signs. CI often downloads the
+//! repository from the bucket it publishes to; whoever can write there must
+//! not choose what CI signs.
 
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Result};
 use imgdeploy_common::manifest::{validate_channel, Manifest, Timestamp};
+use imgdeploy_common::sign::PublicKey;
 
 use crate::pack::source_date_epoch;
-use crate::publish::{current_manifest, sign_and_write, Repo};
+use crate::publish::{current_manifest, following_serial, sign_and_write, verify_stored, Repo};
 
 /// What was signed.
 #[derive(Debug, serde::Serialize)]
@@ -29,6 +36,7 @@ fn now() -> Result<Timestamp> {
 pub fn rollout(
     repo: &Repo,
     key_path: &std::path::Path,
+    also_trusted: &[PublicKey],
     channel: &str,
     percent: u8,
     expires_in: Duration,
@@ -38,12 +46,14 @@ pub fn rollout(
     if percent > 100 {
         bail!("--percent {percent} is not a percentage (0-100)");
     }
-    let cur = current_manifest(repo, channel)?.ok_or_else(|| {
+    let trusted: Vec<PublicKey> = std::iter::once(key.public()).chain(also_trusted.iter().cloned()).collect();
+    let cur = current_manifest(repo, channel, &trusted)?.ok_or_else(|| {
         anyhow!("channel `{channel}` has no manifest in {}; publish with `imgbuild build` first", repo.root().display())
     })?;
+    verify_stored(repo, &cur)?;
     let created = now()?;
     let m = Manifest {
-        serial: cur.serial + 1,
+        serial: following_serial(channel, cur.serial)?,
         created,
         expires: created.plus(expires_in),
         rollout: (percent < 100).then_some(percent),
@@ -54,9 +64,11 @@ pub fn rollout(
 }
 
 /// Signs a manifest for `to` serving exactly what `from` serves.
+#[allow(clippy::too_many_arguments)]
 pub fn promote(
     repo: &Repo,
     key_path: &std::path::Path,
+    also_trusted: &[PublicKey],
     from: &str,
     to: &str,
     percent: Option<u8>,
@@ -71,13 +83,16 @@ pub fn promote(
     if percent.is_some_and(|p| p > 100) {
         bail!("--percent must be 0-100");
     }
-    let src = current_manifest(repo, from)?
+    let trusted: Vec<PublicKey> = std::iter::once(key.public()).chain(also_trusted.iter().cloned()).collect();
+    let src = current_manifest(repo, from, &trusted)?
         .ok_or_else(|| anyhow!("channel `{from}` has no manifest in {}", repo.root().display()))?;
     let image = repo.root().join(&src.image.path);
     if !image.exists() {
         bail!("{} (served by `{from}`) is missing from the repository; cannot promote it", image.display());
     }
-    let serial = current_manifest(repo, to)?.map(|m| m.serial).unwrap_or(0) + 1;
+    // What was tested is what ships: the very bytes `from` signs.
+    verify_stored(repo, &src)?;
+    let serial = following_serial(to, current_manifest(repo, to, &trusted)?.map(|m| m.serial).unwrap_or(0))?;
     let created = now()?;
     let m = Manifest {
         channel: to.to_owned(),

@@ -109,6 +109,10 @@ pub enum Command {
         /// Private signing key.
         #[arg(long, env = "IMGBUILD_KEY", value_name = "PREFIX.key")]
         key: PathBuf,
+        /// Also accept the repository's current manifests when signed by
+        /// this public key: the first publish after a key rotation (repeatable).
+        #[arg(long, value_name = "OLD.pub")]
+        trust: Vec<PathBuf>,
         /// How long the new manifest stays valid.
         #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
         expires_in: Duration,
@@ -133,6 +137,10 @@ pub enum Command {
         /// Private signing key.
         #[arg(long, env = "IMGBUILD_KEY", value_name = "PREFIX.key")]
         key: PathBuf,
+        /// Also accept the repository's current manifests when signed by
+        /// this public key: the first publish after a key rotation (repeatable).
+        #[arg(long, value_name = "OLD.pub")]
+        trust: Vec<PathBuf>,
         /// How long the new manifest stays valid.
         #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
         expires_in: Duration,
@@ -165,6 +173,10 @@ pub struct BuildArgs {
     /// Private signing key (PKCS#8 PEM).
     #[arg(long, env = "IMGBUILD_KEY", value_name = "PREFIX.key")]
     pub key: PathBuf,
+    /// Also accept the repository's current manifest when signed by this
+    /// public key: the first publish after a key rotation (repeatable).
+    #[arg(long, value_name = "OLD.pub")]
+    pub trust: Vec<PathBuf>,
     /// Channel to publish to (a-z, 0-9, '.', '_', '-').
     #[arg(long)]
     pub channel: String,
@@ -237,6 +249,7 @@ pub fn run(cli: Cli) -> Result<()> {
             let req = BuildRequest {
                 src: a.src,
                 key: a.key,
+                trust: read_keys(&a.trust)?,
                 channel: a.channel,
                 repo: a.repo,
                 version: a.version_label,
@@ -321,14 +334,14 @@ pub fn run(cli: Cli) -> Result<()> {
                 );
             }
         }
-        Command::Rollout { repo, channel, percent, key, expires_in, json } => {
+        Command::Rollout { repo, channel, percent, key, trust, expires_in, json } => {
             let repo = Repo::open(&repo)?;
-            let r = crate::channel::rollout(&repo, &key, &channel, percent, expires_in)?;
+            let r = crate::channel::rollout(&repo, &key, &read_keys(&trust)?, &channel, percent, expires_in)?;
             report_resigned(&r, json)?;
         }
-        Command::Promote { repo, from, to, percent, key, expires_in, json } => {
+        Command::Promote { repo, from, to, percent, key, trust, expires_in, json } => {
             let repo = Repo::open(&repo)?;
-            let r = crate::channel::promote(&repo, &key, &from, &to, percent, expires_in)?;
+            let r = crate::channel::promote(&repo, &key, &read_keys(&trust)?, &from, &to, percent, expires_in)?;
             report_resigned(&r, json)?;
         }
         Command::Gc { repo, keep, dry_run, json } => {

@@ -22,6 +22,9 @@ pub struct BuildRequest {
     pub src: PathBuf,
     /// Private key file.
     pub key: PathBuf,
+    /// Other public keys whose signature on the repository's current
+    /// manifest is accepted (after a key rotation); the signing key's own is always.
+    pub trust: Vec<imgdeploy_common::sign::PublicKey>,
     /// Channel.
     pub channel: String,
     /// Repository directory.
@@ -105,7 +108,8 @@ pub fn build(req: &BuildRequest) -> Result<BuildReport> {
         expires_in: req.expires_in,
         rollout: req.rollout,
     };
-    let serial = next_serial(&repo, &release)?;
+    let trusted: Vec<_> = std::iter::once(key.public()).chain(req.trust.iter().cloned()).collect();
+    let serial = next_serial(&repo, &release, &trusted)?;
     if created.plus(req.expires_in) <= Timestamp::now() {
         tracing::warn!(
             "the manifest expires at {} which is already past (SOURCE_DATE_EPOCH is old); deployers will refuse it",

@@ -25,7 +25,8 @@ use imgdeploy_common::manifest::{
     image_path, index_path, validate_channel, ImageRef, IndexRef, Manifest, ManifestError, Timestamp, FORMAT_VERSION,
     IMAGES_DIR, INDEXES_DIR,
 };
-use imgdeploy_common::sign::PrivateKey;
+use imgdeploy_common::sign::{PrivateKey, PublicKey};
+use imgdeploy_common::trust::{verify_signed, TrustError};
 use imgdeploy_common::MAX_MANIFEST_BYTES;
 
 /// Why publishing failed.
@@ -51,7 +52,7 @@ pub enum PublishError {
         why: String,
     },
     /// The requested serial would not increase.
-    #[error("serial {requested} for channel `{channel}` is not above the published serial {current}; serials must only go up (omit --serial to use {next})", next = current + 1)]
+    #[error("serial {requested} for channel `{channel}` is not above the published serial {current}; serials must only go up (omit --serial to use {next})", next = current.saturating_add(1))]
     SerialBackwards {
         /// The channel.
         channel: String,
@@ -63,6 +64,31 @@ pub enum PublishError {
     /// A field is invalid.
     #[error(transparent)]
     Manifest(#[from] ManifestError),
+    /// A manifest in the repository is not signed by the key in use: the
+    /// repository was changed outside imgbuild (a bucket, a mirror), so
+    /// nothing in it may be signed again.
+    #[error("{path} does not verify with the signing key ({source}); the repository was changed outside imgbuild: restore it from a trusted copy (or, after a key rotation, publish the channel afresh with `imgbuild build`)")]
+    Untrusted {
+        /// The manifest.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: TrustError,
+    },
+    /// A stored image (or chunk index) does not hash to what its manifest signs.
+    #[error("{path} does not match the manifest that signs it ({what}); the repository was changed outside imgbuild: restore the file from a trusted copy or rebuild")]
+    Tampered {
+        /// The file.
+        path: PathBuf,
+        /// What differs.
+        what: String,
+    },
+    /// The channel's serial is at the top of the range.
+    #[error("channel `{channel}` has reached the largest serial ({}); publish under a new channel name", u64::MAX)]
+    SerialExhausted {
+        /// The channel.
+        channel: String,
+    },
 }
 
 /// A repository directory.
@@ -98,17 +124,10 @@ impl Repo {
         self.root.join(IMAGES_DIR)
     }
 
-    /// The serial currently published on `channel` (0 if none).
-    pub fn current_serial(&self, channel: &str) -> Result<u64, PublishError> {
-        let path = self.manifest_path(channel);
-        match fs::read(&path) {
-            Ok(bytes) => {
-                let m = parse_own_manifest(&bytes).map_err(|why| PublishError::Existing { path: path.clone(), why })?;
-                Ok(m.serial)
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
-            Err(e) => Err(PublishError::Existing { path, why: e.to_string() }),
-        }
+    /// The serial currently published on `channel` (0 if none), read only
+    /// from a manifest whose signature verifies with `trusted`.
+    pub fn current_serial(&self, channel: &str, trusted: &[PublicKey]) -> Result<u64, PublishError> {
+        Ok(current_manifest(self, channel, trusted)?.map(|m| m.serial).unwrap_or(0))
     }
 
     /// Every channel manifest in the repository, parsed.
@@ -187,16 +206,21 @@ pub struct Published {
     pub key_id: String,
 }
 
-/// Decides the serial for a release, refusing to go backwards.
-pub fn next_serial(repo: &Repo, release: &Release<'_>) -> Result<u64, PublishError> {
-    let current = repo.current_serial(release.channel)?;
+/// Decides the serial for a release, refusing to go backwards or past the end.
+pub fn next_serial(repo: &Repo, release: &Release<'_>, trusted: &[PublicKey]) -> Result<u64, PublishError> {
+    let current = repo.current_serial(release.channel, trusted)?;
     match release.serial {
         Some(s) if s <= current => {
             Err(PublishError::SerialBackwards { channel: release.channel.to_owned(), requested: s, current })
         }
         Some(s) => Ok(s),
-        None => Ok(current + 1),
+        None => following_serial(release.channel, current),
     }
+}
+
+/// `current + 1`, or an error at the top of the range (never a wrap to 0).
+pub fn following_serial(channel: &str, current: u64) -> Result<u64, PublishError> {
+    current.checked_add(1).ok_or_else(|| PublishError::SerialExhausted { channel: channel.to_owned() })
 }
 
 /// An image stored in the repository, with its chunk index.
@@ -258,14 +282,47 @@ pub fn sign_and_write(repo: &Repo, key: &PrivateKey, manifest: &Manifest) -> Res
     Ok((manifest_path, sig_path))
 }
 
-/// The channel's current manifest, parsed (None if the channel has none).
-pub fn current_manifest(repo: &Repo, channel: &str) -> Result<Option<Manifest>, PublishError> {
+/// The channel's current manifest (None if the channel has none), only if
+/// its signature verifies with `trusted`: what CI signs again must be what
+/// CI signed, never what someone with write access to the bucket put there.
+pub fn current_manifest(repo: &Repo, channel: &str, trusted: &[PublicKey]) -> Result<Option<Manifest>, PublishError> {
     let path = repo.manifest_path(channel);
-    match fs::read(&path) {
-        Ok(bytes) => parse_own_manifest(&bytes).map(Some).map_err(|why| PublishError::Existing { path, why }),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(PublishError::Existing { path, why: e.to_string() }),
+    let bytes = match fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(PublishError::Existing { path, why: e.to_string() }),
+    };
+    parse_own_manifest(&bytes).map_err(|why| PublishError::Existing { path: path.clone(), why })?;
+    let sig_path = repo.root.join(format!("{channel}.json.sig"));
+    let sig = fs::read(&sig_path).map_err(|e| PublishError::Existing { path: sig_path, why: e.to_string() })?;
+    // Expired manifests still count: they hold the serial to continue from.
+    verify_signed(&bytes, &sig, trusted)
+        .map(|v| Some(v.manifest))
+        .map_err(|source| PublishError::Untrusted { path, source })
+}
+
+/// Checks that the repository's copy of `m`'s image (and chunk index)
+/// hashes to what `m` signs, before anything signs it again.
+pub fn verify_stored(repo: &Repo, m: &Manifest) -> Result<(), PublishError> {
+    let check = |rel: &str, sha: Sha256Digest, size: u64| {
+        let path = repo.root.join(rel);
+        let f =
+            fs::File::open(&path).map_err(|e| PublishError::Tampered { path: path.clone(), what: e.to_string() })?;
+        let (found, len) = Sha256Digest::of_reader(std::io::BufReader::with_capacity(1 << 20, f))
+            .map_err(|e| PublishError::Tampered { path: path.clone(), what: e.to_string() })?;
+        if (found, len) != (sha, size) {
+            return Err(PublishError::Tampered {
+                path,
+                what: format!("{len} bytes with sha256 {found}, signed: {size} bytes with sha256 {sha}"),
+            });
+        }
+        Ok(())
+    };
+    check(&m.image.path, m.image.sha256, m.image.size)?;
+    if let Some(i) = &m.index {
+        check(&i.path, i.sha256, i.size)?;
     }
+    Ok(())
 }
 
 /// Signs and writes the manifest for an image already stored in the repo.
@@ -331,19 +388,32 @@ mod tests {
             expires_in: Duration::from_secs(60),
             rollout: None,
         };
-        assert_eq!(next_serial(&repo, &rel(None)).unwrap(), 1);
+        let trusted = [key.public()];
+        assert_eq!(next_serial(&repo, &rel(None), &trusted).unwrap(), 1);
         let tmp = repo.images_dir().join(".tmp-x");
         fs::write(&tmp, b"image bytes").unwrap();
         let stored = store_image(&repo, &tmp).unwrap();
         assert!(stored.index_file.exists());
         let published = publish_manifest(&repo, &key, &rel(None), 5, &stored).unwrap();
         assert_eq!(published.version, "r5");
-        assert_eq!(next_serial(&repo, &rel(None)).unwrap(), 6);
-        assert!(matches!(next_serial(&repo, &rel(Some(5))), Err(PublishError::SerialBackwards { current: 5, .. })));
-        assert_eq!(next_serial(&repo, &rel(Some(9))).unwrap(), 9);
+        assert_eq!(next_serial(&repo, &rel(None), &trusted).unwrap(), 6);
+        assert!(matches!(
+            next_serial(&repo, &rel(Some(5)), &trusted),
+            Err(PublishError::SerialBackwards { current: 5, .. })
+        ));
+        assert_eq!(next_serial(&repo, &rel(Some(9)), &trusted).unwrap(), 9);
         let sig = fs::read(&published.signature).unwrap();
         key.public().verify(&fs::read(&published.manifest).unwrap(), &sig).unwrap();
+        // Another key's manifest is not ours to continue from.
+        let other = [PrivateKey::generate().unwrap().public()];
+        assert!(matches!(next_serial(&repo, &rel(None), &other), Err(PublishError::Untrusted { .. })));
+        verify_stored(&repo, &current_manifest(&repo, "stable", &trusted).unwrap().unwrap()).unwrap();
+        fs::write(&stored.path, b"other bytes").unwrap();
+        let m = current_manifest(&repo, "stable", &trusted).unwrap().unwrap();
+        assert!(matches!(verify_stored(&repo, &m), Err(PublishError::Tampered { .. })));
+        assert!(matches!(following_serial("stable", u64::MAX), Err(PublishError::SerialExhausted { .. })));
+        assert_eq!(following_serial("stable", u64::MAX - 1).unwrap(), u64::MAX);
         fs::write(&published.manifest, b"garbage").unwrap();
-        assert!(matches!(next_serial(&repo, &rel(None)), Err(PublishError::Existing { .. })));
+        assert!(matches!(next_serial(&repo, &rel(None), &trusted), Err(PublishError::Existing { .. })));
     }
 }

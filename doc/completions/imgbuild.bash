@@ -91,13 +91,17 @@ _imgbuild() {
             return 0
             ;;
         imgbuild__subcmd__build)
-            opts="-v -q -h --key --channel --repo --version --serial --level --exclude --expires-in --jobs --no-fragments --rollout --json --verbose --quiet --help"
+            opts="-v -q -h --key --trust --channel --repo --version --serial --level --exclude --expires-in --jobs --no-fragments --rollout --json --verbose --quiet --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
                 --key)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --trust)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -385,7 +389,7 @@ _imgbuild() {
             return 0
             ;;
         imgbuild__subcmd__promote)
-            opts="-v -q -h --repo --from --to --percent --key --expires-in --json --verbose --quiet --help"
+            opts="-v -q -h --repo --from --to --percent --key --trust --expires-in --json --verbose --quiet --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -411,6 +415,10 @@ _imgbuild() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --trust)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --expires-in)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -423,7 +431,7 @@ _imgbuild() {
             return 0
             ;;
         imgbuild__subcmd__rollout)
-            opts="-v -q -h --repo --channel --percent --key --expires-in --json --verbose --quiet --help"
+            opts="-v -q -h --repo --channel --percent --key --trust --expires-in --json --verbose --quiet --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -442,6 +450,10 @@ _imgbuild() {
                     return 0
                     ;;
                 --key)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --trust)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -42,6 +42,7 @@ complete -c imgbuild -n "__fish_imgbuild_using_subcommand keygen" -s v -l verbos
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand keygen" -s q -l quiet -d 'Only errors on stderr'
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand keygen" -s h -l help -d 'Print help'
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand build" -l key -d 'Private signing key (PKCS#8 PEM)' -r -F
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand build" -l trust -d 'Also accept the repository\'s current manifest when signed by this public key: the first publish after a key rotation (repeatable)' -r -F
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand build" -l channel -d 'Channel to publish to (a-z, 0-9, \'.\', \'_\', \'-\')' -r
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand build" -l repo -d 'Repository directory (created if missing)' -r -F
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand build" -l version -d 'Human version label (default: r<serial>)' -r
@@ -81,6 +82,7 @@ complete -c imgbuild -n "__fish_imgbuild_using_subcommand rollout" -l repo -d 'R
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand rollout" -l channel -d 'The channel' -r
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand rollout" -l percent -d 'Share of hosts that should take the image (0-100)' -r
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand rollout" -l key -d 'Private signing key' -r -F
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand rollout" -l trust -d 'Also accept the repository\'s current manifests when signed by this public key: the first publish after a key rotation (repeatable)' -r -F
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand rollout" -l expires-in -d 'How long the new manifest stays valid' -r
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand rollout" -l json -d 'Print the new manifest as JSON'
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand rollout" -s v -l verbose -d 'More log output (repeat for more)'
@@ -91,6 +93,7 @@ complete -c imgbuild -n "__fish_imgbuild_using_subcommand promote" -l from -d 'S
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand promote" -l to -d 'Target channel (e.g. stable)' -r
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand promote" -l percent -d 'Start the target channel as a staged rollout (0-100)' -r
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand promote" -l key -d 'Private signing key' -r -F
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand promote" -l trust -d 'Also accept the repository\'s current manifests when signed by this public key: the first publish after a key rotation (repeatable)' -r -F
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand promote" -l expires-in -d 'How long the new manifest stays valid' -r
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand promote" -l json -d 'Print the new manifest as JSON'
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand promote" -s v -l verbose -d 'More log output (repeat for more)'

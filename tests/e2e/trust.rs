@@ -104,3 +104,99 @@ fn privileged_every_verified_serial_raises_the_floor() {
     assert_ne!(r.code, 0, "a replayed serial 1 was accepted without a link: {}", r.stdout);
     assert!(r.stderr.contains("refusing to go back"), "{}", r.stderr);
 }
+
+fn imgbuild(d: &Deployment, args: &[&str]) -> imgdeploy_tests::Run {
+    let mut all: Vec<&str> = args.to_vec();
+    let repo = d.repo.to_str().unwrap().to_owned();
+    let key = d.keys.key.to_str().unwrap().to_owned();
+    all.extend_from_slice(&["--repo", &repo, "--key", &key]);
+    run_bin("imgbuild", &all)
+}
+
+fn edit_json(path: &std::path::Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let mut v: serde_json::Value = serde_json::from_slice(&fs::read(path).unwrap()).unwrap();
+    edit(&mut v);
+    fs::write(path, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+}
+
+/// Regression: whoever could write to the bucket (the CI examples download
+/// the repository before promoting) chose what CI signed. `promote`,
+/// `rollout` and `build` now trust the repository's manifests only when
+/// their signatures verify with the signing key, and its images only when
+/// they hash to what those manifests sign. Needs no root.
+#[test]
+fn ci_never_re_signs_what_the_bucket_changed() {
+    let d = Deployment::new("", "");
+    let v1 = d.publish_to("beta", "v1", 0, &[]);
+    let other = d.publish_to("scratch", "other", 0, &[]);
+    let beta = d.repo.join("beta.json");
+    let good = fs::read(&beta).unwrap();
+    // The bucket points beta at another image (the signature no longer matches).
+    edit_json(&beta, |m| {
+        m["image"]["sha256"] = other["sha256"].clone();
+        m["image"]["path"] = serde_json::Value::String(
+            std::path::Path::new(other["image"].as_str().unwrap())
+                .strip_prefix(&d.repo)
+                .unwrap()
+                .to_string_lossy()
+                .into_owned(),
+        );
+    });
+    imgbuild(&d, &["promote", "--from", "beta", "--to", "stable"])
+        .fails_with(&format!("{} does not verify with the signing key", beta.display()));
+    assert!(!d.repo.join("stable.json").exists(), "promote signed a manifest the bucket forged");
+    imgbuild(&d, &["rollout", "--channel", "beta", "--percent", "50"])
+        .fails_with(&format!("{} does not verify with the signing key", beta.display()));
+    // The manifest is genuine, but the bucket swapped the image's bytes.
+    fs::write(&beta, &good).unwrap();
+    let image = std::path::Path::new(v1["image"].as_str().unwrap()).to_owned();
+    let bytes = fs::read(&image).unwrap();
+    fs::write(&image, fs::read(other["image"].as_str().unwrap()).unwrap()).unwrap();
+    imgbuild(&d, &["promote", "--from", "beta", "--to", "stable"])
+        .fails_with(&format!("{} does not match the manifest that signs it", image.display()));
+    assert!(!d.repo.join("stable.json").exists(), "promote signed an image the bucket swapped");
+    fs::write(&image, bytes).unwrap();
+    imgbuild(&d, &["promote", "--from", "beta", "--to", "stable"]).ok();
+    // A forged serial near the top would make the next build wrap around.
+    let stable = d.repo.join("stable.json");
+    edit_json(&stable, |m| m["serial"] = serde_json::json!(u64::MAX - 1));
+    let tree = d.dir.path().join("tree-stable-v1");
+    let r = run_bin(
+        "imgbuild",
+        [
+            "build",
+            tree.to_str().unwrap(),
+            "--key",
+            d.keys.key.to_str().unwrap(),
+            "--channel",
+            "stable",
+            "--repo",
+            d.repo.to_str().unwrap(),
+        ],
+    );
+    r.fails_with(&format!("{} does not verify with the signing key", stable.display()));
+}
+
+/// A genuinely signed serial at the top of the range is the end of the
+/// channel: the next publish says so instead of wrapping to 0.
+#[test]
+fn the_serial_never_wraps() {
+    let d = Deployment::new("", "");
+    d.publish_to("stable", "v1", 0, &["--serial", &u64::MAX.to_string()]);
+    let tree = d.dir.path().join("tree-stable-v1");
+    let r = run_bin(
+        "imgbuild",
+        [
+            "build",
+            tree.to_str().unwrap(),
+            "--key",
+            d.keys.key.to_str().unwrap(),
+            "--channel",
+            "stable",
+            "--repo",
+            d.repo.to_str().unwrap(),
+        ],
+    );
+    r.fails_with("has reached the largest serial");
+    imgbuild(&d, &["rollout", "--channel", "stable", "--percent", "50"]).fails_with("has reached the largest serial");
+}
