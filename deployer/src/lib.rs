@@ -4,9 +4,11 @@
 //! unmounts the old version.
 //!
 //! Modules, in the order an apply uses them: [`config`], [`lock`],
-//! [`state`], [`fetch`], [`slot`], [`loopdev`] and [`mount`], [`hooks`],
-//! [`switch`], [`drain`]; [`apply`] strings them together, [`ops`] holds the
-//! other commands and [`cli`] the command line.
+//! [`state`], [`fetch`], [`decide`] (what to do with a verified manifest: a
+//! pure function), [`slot`], [`loopdev`] and [`mount`], [`hooks`],
+//! [`switch`], [`drain`] (retiring an old slot: unmount or detach); [`apply`]
+//! strings them together, [`ops`] holds the other commands and [`cli`] the
+//! command line.
 
 pub mod apply;
 pub mod boot;
