@@ -34,7 +34,7 @@ use crate::hooks::run_hook;
 use crate::lock::lock;
 use crate::mount::{mount_image, mounted_at, unmount};
 use crate::safety::warn_if_closed_to_readers;
-use crate::slot::{installed, open_verified, Installed};
+use crate::slot::{installed, open_verified, Installed, SlotError};
 use crate::state::{ApplyRecord, Layout, SlotId, State};
 use crate::switch::{current_target, point_link};
 
@@ -271,9 +271,17 @@ fn apply_locked(cfg: &Config, opts: &ApplyOptions, layout: &Layout, state: &mut 
         fetched.verified.key_id
     );
     let active = active_slot(cfg, layout)?;
-    let active_inst = match active {
-        Some(s) => installed(layout, s, &keys)?,
+    let active_inst = match active.map(|s| installed(layout, s, &keys)) {
         None => None,
+        Some(Ok(inst)) => inst,
+        // Signed by a key no longer trusted (a rotation this host missed) or
+        // damaged: it decides nothing (no floor, no up-to-date), and the
+        // verified manifest just fetched installs into the other slot.
+        Some(Err(e @ SlotError::Manifest { .. })) => {
+            tracing::warn!("{e}; installing the published version beside it");
+            None
+        }
+        Some(Err(e)) => return Err(e.into()),
     };
     let in_wave = match m.rollout {
         Some(percent) => Some(imgdeploy_common::rollout::in_wave(&cfg.machine_id()?, &m.image.sha256, percent)),

@@ -5,7 +5,7 @@
 use std::fs;
 
 use imgdeploy_tests::deploy::Deployment;
-use imgdeploy_tests::{require_root, run_bin};
+use imgdeploy_tests::{require_root, run_bin, sh};
 
 /// The channel's manifest and signature as the server holds them now.
 fn saved(d: &Deployment) -> Vec<(String, Vec<u8>)> {
@@ -34,12 +34,18 @@ fn privileged_replay_after_a_reused_image_is_refused() {
     let y = d.dir.path().join("tree-y");
     fs::create_dir_all(&y).unwrap();
     fs::write(y.join("data"), "y").unwrap();
-    let x1 = d.publish_tree(&x, "X");
+    // Fixed mtimes: the rebuild of X must give the very same image bytes.
+    let publish = |tree: &std::path::Path, label: &str| {
+        fs::write(tree.join("version"), label).unwrap();
+        sh(&format!("find '{}' -exec touch -h -d @1700000000 {{}} +", tree.display()));
+        imgdeploy_tests::build_image(tree, &d.keys, "stable", &d.repo, &["--version", label])
+    };
+    let x1 = publish(&x, "X");
     d.imgdeploy(&["apply"]).ok();
-    d.publish_tree(&y, "Y");
+    publish(&y, "Y");
     d.imgdeploy(&["apply"]).ok();
     let withdrawn = saved(&d);
-    let x3 = d.publish_tree(&x, "X");
+    let x3 = publish(&x, "X");
     assert_eq!(x1["sha256"], x3["sha256"], "the rebuild of X is not reproducible; the test needs the same image");
     assert_eq!(x3["serial"], 3);
     d.imgdeploy(&["apply"]).ok();
@@ -199,4 +205,34 @@ fn the_serial_never_wraps() {
     );
     r.fails_with("has reached the largest serial");
     imgbuild(&d, &["rollout", "--channel", "stable", "--percent", "50"]).fails_with("has reached the largest serial");
+}
+
+/// Regression (key rotation lockout): once the old key left
+/// `trusted_keys`, apply failed on the active slot's stored manifest (and
+/// its advice, `imgdeploy apply`, failed the same way), so a host that was
+/// offline during the rotation could never update. A manifest from the new
+/// key installs; the slot signed by the retired key is no longer trusted
+/// for anything (no floor, no rollback target, no reuse).
+#[test]
+fn privileged_a_host_that_missed_the_rotation_still_updates() {
+    if !require_root("privileged_a_host_that_missed_the_rotation_still_updates") {
+        return;
+    }
+    let d = Deployment::new("", "");
+    d.publish("v1");
+    d.imgdeploy(&["apply"]).ok();
+    // The fleet rotated while this host was offline: it comes back trusting only the new key.
+    let new = imgdeploy_tests::Keys::generate();
+    let cfg = fs::read_to_string(&d.config).unwrap();
+    fs::write(&d.config, cfg.replace(&d.keys.public.display().to_string(), &new.public.display().to_string())).unwrap();
+    let tree = d.dir.path().join("tree-rotated");
+    fs::create_dir_all(&tree).unwrap();
+    fs::write(tree.join("version"), "v2").unwrap();
+    let trust_old = d.keys.public.to_str().unwrap().to_owned();
+    imgdeploy_tests::build_image(&tree, &new, "stable", &d.repo, &["--version", "v2", "--trust", &trust_old]);
+    let out = d.imgdeploy(&["apply"]).ok();
+    assert!(out.stdout.contains("switched to serial 2"), "{}", out.stdout);
+    assert_eq!(d.active_version().as_deref(), Some("v2"));
+    // The retired key's version is not a rollback target.
+    d.assert_refused("rollback to a slot signed by a retired key", &["rollback"], "does not verify", "v2");
 }
