@@ -47,6 +47,7 @@ pub fn rollout(
         bail!("--percent {percent} is not a percentage (0-100)");
     }
     let trusted: Vec<PublicKey> = std::iter::once(key.public()).chain(also_trusted.iter().cloned()).collect();
+    let _lock = repo.lock()?;
     let cur = current_manifest(repo, channel, &trusted)?.ok_or_else(|| {
         anyhow!("channel `{channel}` has no manifest in {}; publish with `imgbuild build` first", repo.root().display())
     })?;
@@ -84,6 +85,7 @@ pub fn promote(
         bail!("--percent must be 0-100");
     }
     let trusted: Vec<PublicKey> = std::iter::once(key.public()).chain(also_trusted.iter().cloned()).collect();
+    let _lock = repo.lock()?;
     let src = current_manifest(repo, from, &trusted)?
         .ok_or_else(|| anyhow!("channel `{from}` has no manifest in {}", repo.root().display()))?;
     let image = repo.root().join(&src.image.path);

@@ -88,6 +88,8 @@ fn prune(
 
 /// Runs gc on `repo`, keeping `keep` unreferenced images and indexes.
 pub fn gc(repo: &Repo, keep: usize, dry_run: bool) -> Result<GcReport> {
+    // A publish in progress has stored an image no manifest names yet.
+    let _lock = repo.lock()?;
     let manifests = repo.manifests()?;
     let images: BTreeSet<PathBuf> = manifests.iter().map(|(_, m)| repo.root().join(&m.image.path)).collect();
     let indexes: BTreeSet<PathBuf> =

@@ -12,7 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::image::{write_image, ImageOptions};
 use crate::keygen::load_private_key;
-use crate::publish::{next_serial, publish_manifest, store_image, Published, Release, Repo};
+use crate::publish::{check_not_expired, next_serial, publish_manifest, store_image, Published, Release, Repo};
 use crate::tree::{compile_excludes, read_tree};
 
 /// Everything `build` needs.
@@ -109,13 +109,9 @@ pub fn build(req: &BuildRequest) -> Result<BuildReport> {
         rollout: req.rollout,
     };
     let trusted: Vec<_> = std::iter::once(key.public()).chain(req.trust.iter().cloned()).collect();
-    let serial = next_serial(&repo, &release, &trusted)?;
-    if created.plus(req.expires_in) <= Timestamp::now() {
-        tracing::warn!(
-            "the manifest expires at {} which is already past (SOURCE_DATE_EPOCH is old); deployers will refuse it",
-            created.plus(req.expires_in)
-        );
-    }
+    // Fail fast, before minutes of packing; both are checked again under the lock.
+    next_serial(&repo, &release, &trusted)?;
+    check_not_expired(&req.channel, created.plus(req.expires_in))?;
 
     tracing::info!("reading {}", req.src.display());
     let tree = read_tree(&req.src, &excludes)?;
@@ -143,7 +139,11 @@ pub fn build(req: &BuildRequest) -> Result<BuildReport> {
         write_image(&tree, &tmp.0, &opts, &|n| pb.inc(n)).with_context(|| format!("packing {}", req.src.display()))?;
     pb.finish_and_clear();
 
+    // From storing the image (which `gc` must not remove before a manifest
+    // names it) to signing the manifest.
+    let _lock = repo.lock()?;
     let stored = store_image(&repo, &tmp.0)?;
+    let serial = next_serial(&repo, &release, &trusted)?;
     let published = publish_manifest(&repo, &key, &release, serial, &stored)?;
     Ok(BuildReport { published, inodes: stats.inodes, data_bytes: stats.data_bytes })
 }

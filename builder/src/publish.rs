@@ -83,12 +83,34 @@ pub enum PublishError {
         /// What differs.
         what: String,
     },
+    /// The manifest would be expired the moment it is signed.
+    #[error("refusing to sign a manifest for `{channel}` that expires at {expires}, which is already past: SOURCE_DATE_EPOCH sets its creation time; unset it for a fresh signature, or pass an --expires-in that reaches past now")]
+    AlreadyExpired {
+        /// The channel.
+        channel: String,
+        /// When it would expire.
+        expires: Timestamp,
+    },
+    /// Another publish holds the repository's lock and did not finish in time.
+    #[error("another imgbuild is publishing to {path} (its lock {lock} is held); wait for it, or remove a stale lock only if no imgbuild runs")]
+    Busy {
+        /// The repository.
+        path: PathBuf,
+        /// The lock file.
+        lock: PathBuf,
+    },
     /// The channel's serial is at the top of the range.
     #[error("channel `{channel}` has reached the largest serial ({}); publish under a new channel name", u64::MAX)]
     SerialExhausted {
         /// The channel.
         channel: String,
     },
+}
+
+/// The repository's publish lock; released when dropped.
+#[derive(Debug)]
+pub struct RepoLock {
+    _lock: nix::fcntl::Flock<fs::File>,
 }
 
 /// A repository directory.
@@ -128,6 +150,37 @@ impl Repo {
     /// from a manifest whose signature verifies with `trusted`.
     pub fn current_serial(&self, channel: &str, trusted: &[PublicKey]) -> Result<u64, PublishError> {
         Ok(current_manifest(self, channel, trusted)?.map(|m| m.serial).unwrap_or(0))
+    }
+
+    /// Takes the repository's publish lock (`.imgbuild.lock`), waiting up
+    /// to ten minutes for another publish to finish. Held from reading a
+    /// channel's current serial to writing its new manifest, so concurrent
+    /// publishes never sign the same serial twice.
+    pub fn lock(&self) -> Result<RepoLock, PublishError> {
+        use nix::fcntl::{Flock, FlockArg};
+        let path = self.root.join(".imgbuild.lock");
+        let err = |source| PublishError::Repo { path: self.root.clone(), source };
+        let mut file =
+            fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(err)?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(600);
+        let mut told = false;
+        loop {
+            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                Ok(lock) => return Ok(RepoLock { _lock: lock }),
+                Err((f, nix::Error::EWOULDBLOCK)) if std::time::Instant::now() < deadline => {
+                    if !told {
+                        tracing::info!("waiting for another imgbuild publishing to {}", self.root.display());
+                        told = true;
+                    }
+                    file = f;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err((_, nix::Error::EWOULDBLOCK)) => {
+                    return Err(PublishError::Busy { path: self.root.clone(), lock: path });
+                }
+                Err((_, e)) => return Err(err(io::Error::from(e))),
+            }
+        }
     }
 
     /// Every channel manifest in the repository, parsed.
@@ -268,10 +321,21 @@ pub fn store_image(repo: &Repo, tmp: &Path) -> Result<StoredImage, PublishError>
     Ok(StoredImage { path: dest, sha256: sha, size, index: index_ref, index_file, chunks: index.chunks.len() })
 }
 
+/// Refuses a manifest that would already be expired when signed (an old
+/// SOURCE_DATE_EPOCH): deployers would refuse it, and it must not be
+/// mistaken for a working publish.
+pub fn check_not_expired(channel: &str, expires: Timestamp) -> Result<(), PublishError> {
+    if expires <= Timestamp::now() {
+        return Err(PublishError::AlreadyExpired { channel: channel.to_owned(), expires });
+    }
+    Ok(())
+}
+
 /// Validates, signs and writes `manifest` as its channel's manifest:
 /// signature first, then the manifest, each atomically.
 pub fn sign_and_write(repo: &Repo, key: &PrivateKey, manifest: &Manifest) -> Result<(PathBuf, PathBuf), PublishError> {
     manifest.validate()?;
+    check_not_expired(&manifest.channel, manifest.expires)?;
     let bytes = manifest.to_bytes();
     let sig = key.sign(&bytes);
     let manifest_path = repo.manifest_path(&manifest.channel);

@@ -24,6 +24,7 @@ pub mod manifest;
 pub mod rollout;
 pub mod sign;
 pub mod squashfs;
+pub mod text;
 pub mod trust;
 
 /// Upper bound on a manifest's size; anything larger is refused before it is read.

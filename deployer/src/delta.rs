@@ -259,7 +259,8 @@ fn read_line(r: &mut impl BufRead) -> io::Result<String> {
     if line.last() != Some(&b'\n') {
         return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "multipart body ended inside a header"));
     }
-    Ok(String::from_utf8_lossy(&line).trim_end().to_owned())
+    // Server text: it may end up in an error message on a terminal.
+    Ok(imgdeploy_common::text::printable(String::from_utf8_lossy(&line).trim_end()))
 }
 
 /// Fetches `ranges` (chunk index pairs) and writes their verified chunks.

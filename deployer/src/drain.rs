@@ -86,8 +86,10 @@ pub fn holders(dev: u64) -> Vec<Holder> {
             None
         };
         if let Some(how) = how {
-            let command =
-                fs::read_to_string(base.join("comm")).map(|s| s.trim().to_owned()).unwrap_or_else(|_| "?".into());
+            // Any user names their own processes: never print the name raw.
+            let command = fs::read_to_string(base.join("comm"))
+                .map(|s| imgdeploy_common::text::printable(s.trim_end_matches('\n')))
+                .unwrap_or_else(|_| "?".into());
             out.push(Holder { pid, command, how });
         }
     }

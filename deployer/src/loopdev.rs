@@ -134,7 +134,7 @@ pub fn label(device: &std::path::Path) -> io::Result<String> {
         return Err(io::Error::last_os_error());
     }
     let end = info.lo_file_name.iter().position(|&b| b == 0).unwrap_or(LO_NAME_SIZE);
-    Ok(String::from_utf8_lossy(&info.lo_file_name[..end]).into_owned())
+    Ok(imgdeploy_common::text::printable(&String::from_utf8_lossy(&info.lo_file_name[..end])))
 }
 
 #[cfg(test)]

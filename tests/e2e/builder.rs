@@ -176,7 +176,10 @@ fn builds_are_byte_reproducible() {
     let build = |repo: &str, jobs: &str| {
         let mut cmd = Command::new(imgdeploy_tests::bin("imgbuild"));
         cmd.env("SOURCE_DATE_EPOCH", "1700000000").arg("build").arg(&src).arg("--key").arg(&keys.key);
-        cmd.args(["--channel", "stable", "--json", "--jobs", jobs]).arg("--repo").arg(work.path().join(repo));
+        // An old SOURCE_DATE_EPOCH needs a validity reaching past now: an
+        // already-expired manifest is refused at signing.
+        cmd.args(["--channel", "stable", "--json", "--jobs", jobs, "--expires-in", "36500d"]);
+        cmd.arg("--repo").arg(work.path().join(repo));
         run(&mut cmd).ok().json()
     };
     let a = build("r1", "1");

@@ -236,3 +236,113 @@ fn privileged_a_host_that_missed_the_rotation_still_updates() {
     // The retired key's version is not a rollback target.
     d.assert_refused("rollback to a slot signed by a retired key", &["rollback"], "does not verify", "v2");
 }
+
+/// Regression: two publishes to one repository at once both read serial N
+/// and both signed N+1 for different images; hosts that took the first
+/// then refused the second as a reused serial. Publishes now take a lock
+/// on the repository, so concurrent ones get distinct serials. Needs no root.
+#[test]
+fn concurrent_publishes_never_share_a_serial() {
+    let d = Deployment::new("", "");
+    let n = 6;
+    let children: Vec<_> = (0..n)
+        .map(|i| {
+            let tree = d.dir.path().join(format!("tree-{i}"));
+            fs::create_dir_all(&tree).unwrap();
+            fs::write(tree.join("data"), imgdeploy_tests::noise(200_000, i)).unwrap();
+            std::process::Command::new(imgdeploy_tests::bin("imgbuild"))
+                .arg("build")
+                .arg(&tree)
+                .arg("--key")
+                .arg(&d.keys.key)
+                .args(["--channel", "stable", "--json", "--repo"])
+                .arg(&d.repo)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut serials: Vec<u64> = children
+        .into_iter()
+        .map(|c| {
+            let out = c.wait_with_output().unwrap();
+            assert!(out.status.success(), "a publish failed: {}", String::from_utf8_lossy(&out.stderr));
+            serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["serial"].as_u64().unwrap()
+        })
+        .collect();
+    serials.sort();
+    assert_eq!(serials, (1..=n).collect::<Vec<_>>(), "concurrent publishes shared or skipped serials");
+    let published: serde_json::Value = serde_json::from_slice(&fs::read(d.repo.join("stable.json")).unwrap()).unwrap();
+    assert_eq!(published["serial"], n, "the channel does not end at the last serial signed");
+}
+
+/// Regression: SOURCE_DATE_EPOCH sets the signed creation time, so
+/// rebuilding an old commit signed a manifest that was already expired
+/// (build only warned; rollout and promote said nothing), and deployers
+/// refused it later. Signing one is now an error. Needs no root.
+#[test]
+fn an_already_expired_manifest_is_never_signed() {
+    let d = Deployment::new("", "");
+    d.publish_to("beta", "v1", 0, &[]);
+    let tree = d.dir.path().join("tree-beta-v1");
+    let old = |args: &[&str]| {
+        let mut c = std::process::Command::new(imgdeploy_tests::bin("imgbuild"));
+        c.env("SOURCE_DATE_EPOCH", "1500000000").args(args);
+        c.arg("--repo").arg(&d.repo).arg("--key").arg(&d.keys.key);
+        imgdeploy_tests::run(&mut c)
+    };
+    old(&["build", tree.to_str().unwrap(), "--channel", "beta"])
+        .fails_with("refusing to sign a manifest for `beta` that expires at 2017-08-13T02:40:00Z");
+    old(&["rollout", "--channel", "beta", "--percent", "50"]).fails_with("refusing to sign a manifest for `beta`");
+    old(&["promote", "--from", "beta", "--to", "stable"]).fails_with("refusing to sign a manifest for `stable`");
+    assert!(!d.repo.join("stable.json").exists());
+    let beta: serde_json::Value = serde_json::from_slice(&fs::read(d.repo.join("beta.json")).unwrap()).unwrap();
+    assert_eq!(beta["serial"], 1, "an expired manifest replaced the published one");
+    // An explicit validity reaching past now is a deliberate, working choice.
+    old(&["build", tree.to_str().unwrap(), "--channel", "beta", "--expires-in", "36500d"]).ok();
+}
+
+/// Regression: process names from /proc/PID/comm (which any local user
+/// sets) reached the terminal raw, escape sequences included. They are
+/// printed escaped.
+#[test]
+fn privileged_untrusted_process_names_are_escaped() {
+    if !require_root("privileged_untrusted_process_names_are_escaped") {
+        return;
+    }
+    let d = Deployment::new("drain_timeout = \"1s\"\non_drain_timeout = \"fail\"", "");
+    d.publish("v1");
+    d.imgdeploy(&["apply"]).ok();
+    // A process inside v1 that renamed itself with a terminal escape; it
+    // keeps the old slot mounted after the switch to v2.
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            // Best effort: it may be gone already.
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _evil = KillOnDrop(
+        imgdeploy_tests::as_reader()
+            .args(["sh", "-c", "printf '\\033]0;pwned\\007x' > /proc/$$/comm; while :; do sleep 1; done"])
+            .current_dir(&d.link)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    d.publish("v2");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    for args in [&["apply"][..], &["status"], &["status", "--json"], &["drain", "--timeout", "0s"]] {
+        let r = d.imgdeploy(args);
+        for (what, text) in [("stdout", &r.stdout), ("stderr", &r.stderr)] {
+            assert!(
+                !text.contains('\u{1b}') && !text.contains('\u{7}'),
+                "{args:?}: raw control bytes on {what}: {text:?}"
+            );
+        }
+        assert!(r.stdout.contains("pwned") || r.stderr.contains("pwned"), "{args:?}: the holder is not named: {r:?}");
+    }
+}
