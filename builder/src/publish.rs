@@ -293,6 +293,18 @@ pub struct StoredImage {
     pub chunks: usize,
 }
 
+/// Whether `path` is a regular file of `size` bytes hashing to `sha`.
+fn holds(path: &Path, sha: Sha256Digest, size: u64) -> bool {
+    let Ok(md) = fs::symlink_metadata(path) else { return false };
+    if !md.is_file() || md.len() != size {
+        return false;
+    }
+    // An unreadable file is treated as wrong: it is replaced.
+    fs::File::open(path)
+        .and_then(|f| Sha256Digest::of_reader(std::io::BufReader::with_capacity(1 << 20, f)))
+        .is_ok_and(|(found, len)| found == sha && len == size)
+}
+
 /// Moves a finished image (a temp file inside the repo's images directory)
 /// to its content-addressed name, and publishes its chunk index, both
 /// computed in one read of the image.
@@ -306,16 +318,21 @@ pub fn store_image(repo: &Repo, tmp: &Path) -> Result<StoredImage, PublishError>
     let index_file = repo.root.join(&index_ref.path);
     let ierr = |source| PublishError::Repo { path: repo.root.join(INDEXES_DIR), source };
     create_dir_all_durable(&repo.root.join(INDEXES_DIR), 0o755).map_err(ierr)?;
-    if !index_file.exists() {
+    // A name is kept only when the content matches it: whoever can write to
+    // the bucket must not get a rebuild to sign other bytes under it.
+    if !holds(&index_file, index_sha, encoded.len() as u64) {
         write_atomic(&index_file, &encoded, 0o644).map_err(ierr)?;
     }
     let dest = repo.root.join(image_path(&sha));
-    if dest.exists() {
+    if holds(&dest, sha, size) {
         // Same bytes already published (content addressing): keep the old file,
         // whose mtime caches may rely on.
         fs::remove_file(tmp).map_err(err)?;
         fsync_dir(&repo.images_dir()).map_err(err)?;
     } else {
+        if dest.exists() {
+            tracing::warn!("{} did not hold the bytes its name says; replacing it", dest.display());
+        }
         commit_file(tmp, &dest).map_err(err)?;
     }
     Ok(StoredImage { path: dest, sha256: sha, size, index: index_ref, index_file, chunks: index.chunks.len() })

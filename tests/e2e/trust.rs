@@ -346,3 +346,29 @@ fn privileged_untrusted_process_names_are_escaped() {
         assert!(r.stdout.contains("pwned") || r.stderr.contains("pwned"), "{args:?}: the holder is not named: {r:?}");
     }
 }
+
+/// Regression: an existing `images/<sha256>.squashfs` or
+/// `indexes/<sha256>.idx` was kept on a rebuild without looking at it, so
+/// whoever replaced it in the bucket had the next publish sign a manifest
+/// for bytes that are not the image. A stored file is kept only when its
+/// content matches its name. Needs no root.
+#[test]
+fn the_repository_does_not_trust_file_names() {
+    let d = Deployment::new("", "");
+    let tree = d.dir.path().join("tree");
+    fs::create_dir_all(&tree).unwrap();
+    fs::write(tree.join("data"), imgdeploy_tests::noise(100_000, 5)).unwrap();
+    sh(&format!("find '{}' -exec touch -h -d @1700000000 {{}} +", tree.display()));
+    let first = imgdeploy_tests::build_image(&tree, &d.keys, "stable", &d.repo, &[]);
+    let image = std::path::PathBuf::from(first["image"].as_str().unwrap());
+    let good = fs::read(&image).unwrap();
+    let m: serde_json::Value = serde_json::from_slice(&fs::read(d.repo.join("stable.json")).unwrap()).unwrap();
+    let index = d.repo.join(m["index"]["path"].as_str().unwrap());
+    let good_index = fs::read(&index).unwrap();
+    fs::write(&image, b"not the image").unwrap();
+    fs::write(&index, b"not the index").unwrap();
+    let second = imgdeploy_tests::build_image(&tree, &d.keys, "stable", &d.repo, &[]);
+    assert_eq!(first["sha256"], second["sha256"]);
+    assert_eq!(fs::read(&image).unwrap(), good, "the rebuild kept a replaced image under its name");
+    assert_eq!(fs::read(&index).unwrap(), good_index, "the rebuild kept a replaced chunk index under its name");
+}
