@@ -38,6 +38,10 @@ pub enum ConfigError {
         /// What is wrong, naming the key.
         message: String,
     },
+    /// The file, a key file, or a directory above one could be changed by
+    /// a user other than root.
+    #[error(transparent)]
+    Unsafe(#[from] crate::safety::UnsafeDir),
     /// A value is not acceptable.
     #[error("{path}: `{key}` {message}")]
     Value {
@@ -203,6 +207,8 @@ fn line_of(text: &str, offset: usize) -> usize {
 impl Config {
     /// Reads and validates `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        // It names the source, the keys and the programs root runs.
+        crate::safety::check_trusted_file(path, "config file")?;
         let text =
             std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
         // Relative paths inside the file are relative to the file, wherever we run from.
@@ -284,6 +290,7 @@ impl Config {
         self.trusted_key_files
             .iter()
             .map(|p| {
+                crate::safety::check_trusted_file(p, "trusted key file")?;
                 PublicKey::read(p).map_err(|e| ConfigError::Value {
                     path: self.path.clone(),
                     key: "trusted_keys",

@@ -15,6 +15,15 @@ use imgdeploy_common::manifest::Manifest;
 /// Why a hook failed.
 #[derive(Debug, thiserror::Error)]
 pub enum HookError {
+    /// The hook program could be changed by a user other than root.
+    #[error("refusing to run {name}: {source}")]
+    Unsafe {
+        /// health_check or post_switch.
+        name: &'static str,
+        /// Why.
+        #[source]
+        source: crate::safety::UnsafeDir,
+    },
     /// The shell could not be started.
     #[error("cannot run {name} `{command}`: {source}")]
     Spawn {
@@ -60,6 +69,11 @@ pub fn run_hook(
     manifest: &Manifest,
     timeout: Duration,
 ) -> Result<(), HookError> {
+    // A hook given by absolute path runs as root: it must be root's to change.
+    if let Some(program) = command.split_whitespace().next().filter(|p| p.starts_with('/')) {
+        crate::safety::check_trusted_file(Path::new(program), "hook program")
+            .map_err(|source| HookError::Unsafe { name, source })?;
+    }
     tracing::info!("running {name}: {command} {}", mount.display());
     let spawn_err = |source| HookError::Spawn { name, command: command.to_owned(), source };
     // Hook output is operator diagnostics: it goes to our stderr, never to stdout (data).

@@ -29,6 +29,28 @@ pub enum UnsafeDir {
         /// Our uid.
         me: u32,
     },
+    /// A directory above it is owned by another user.
+    #[error("{what}: the directory {path} above it is owned by uid {uid}; a directory above anything imgdeploy trusts must be root's (`chown root {path}`)")]
+    ParentOwner {
+        /// What was checked.
+        what: &'static str,
+        /// The directory.
+        path: String,
+        /// Its owner.
+        uid: u32,
+    },
+    /// A directory above it is writable by others (and not sticky).
+    #[error(
+        "{what}: the directory {path} above it is writable by other users (mode {mode:o}); run `chmod go-w {path}`"
+    )]
+    ParentWritable {
+        /// What was checked.
+        what: &'static str,
+        /// The directory.
+        path: String,
+        /// Its mode.
+        mode: u32,
+    },
     /// Writable by others.
     #[error("{what} {path} is writable by other users (mode {mode:o}); run `chmod go-w {path}`")]
     Writable {
@@ -56,6 +78,48 @@ pub fn check_dir(dir: &Path, what: &'static str) -> Result<(), UnsafeDir> {
     let mode = md.permissions().mode() & 0o7777;
     if mode & 0o022 != 0 {
         return Err(UnsafeDir::Writable { what, path, mode });
+    }
+    Ok(())
+}
+
+/// Whether a file or directory owned by `uid` may decide what root does: root's own, or ours.
+fn trusted_owner(uid: u32) -> bool {
+    uid == 0 || uid == nix::unistd::geteuid().as_raw()
+}
+
+/// Checks a file imgdeploy acts on as root (the config, a trusted key, a
+/// hook program): owned by root (or by us) and not writable by group or
+/// others, and so is every directory above it (a world-writable directory
+/// counts only with the sticky bit, like /tmp). Otherwise a local user could
+/// choose the keys, the source or the program root runs.
+pub fn check_trusted_file(path: &Path, what: &'static str) -> Result<(), UnsafeDir> {
+    // Missing files are reported by whoever reads them, with a better message.
+    let Ok(real) = std::fs::canonicalize(path) else { return Ok(()) };
+    let Ok(md) = std::fs::metadata(&real) else { return Ok(()) };
+    let shown = path.display().to_string();
+    if !trusted_owner(md.uid()) {
+        return Err(UnsafeDir::Owner { what, path: shown, uid: md.uid(), me: nix::unistd::geteuid().as_raw() });
+    }
+    let mode = md.permissions().mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return Err(UnsafeDir::Writable { what, path: shown, mode });
+    }
+    check_trusted_ancestors(&real, what)
+}
+
+/// Checks every directory above `path` (canonical) as [`check_trusted_file`] does.
+pub fn check_trusted_ancestors(path: &Path, what: &'static str) -> Result<(), UnsafeDir> {
+    for dir in path.ancestors().skip(1).filter(|p| !p.as_os_str().is_empty()) {
+        // A directory we cannot stat is one we cannot be fooled through either.
+        let Ok(md) = std::fs::metadata(dir) else { continue };
+        let mode = md.permissions().mode() & 0o7777;
+        let path = dir.display().to_string();
+        if !trusted_owner(md.uid()) {
+            return Err(UnsafeDir::ParentOwner { what, path, uid: md.uid() });
+        }
+        if mode & 0o022 != 0 && mode & 0o1000 == 0 {
+            return Err(UnsafeDir::ParentWritable { what, path, mode });
+        }
     }
     Ok(())
 }
@@ -102,6 +166,30 @@ mod tests {
         std::os::unix::fs::symlink(&dir, &link).unwrap();
         assert!(matches!(check_dir(&link, "state_dir"), Err(UnsafeDir::Symlink { .. })));
         check_dir(&d.path().join("missing"), "state_dir").unwrap();
+    }
+
+    #[test]
+    fn trusted_files_and_their_parents() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("etc");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let f = dir.join("imgdeploy.toml");
+        std::fs::write(&f, "x").unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+        check_trusted_file(&f, "config file").unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o664)).unwrap();
+        assert!(matches!(check_trusted_file(&f, "config file"), Err(UnsafeDir::Writable { mode: 0o664, .. })));
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+        // A world-writable parent: anyone could swap the file.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(matches!(check_trusted_file(&f, "config file"), Err(UnsafeDir::ParentWritable { mode: 0o777, .. })));
+        // ...unless it is sticky, like /tmp.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        check_trusted_file(&f, "config file").unwrap();
+        // Missing: the reader reports it.
+        check_trusted_file(&dir.join("missing"), "config file").unwrap();
     }
 
     #[test]

@@ -99,6 +99,7 @@ impl Layout {
         create_dir_all_durable(root, READABLE)?;
         crate::safety::check_dir(root, "state_dir").map_err(io::Error::other)?;
         let root = std::fs::canonicalize(root)?;
+        crate::safety::check_trusted_ancestors(&root, "state_dir").map_err(io::Error::other)?;
         let layout = Layout { root };
         set_mode(&layout.root, READABLE)?;
         for (dir, mode) in [("slots", PRIVATE), ("mnt", READABLE)] {

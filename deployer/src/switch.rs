@@ -45,6 +45,8 @@ pub fn point_link(link: &Path, target: &Path) -> Result<(), SwitchError> {
     let dir = parent_dir(link);
     create_dir_all_durable(&dir, 0o755).map_err(err)?;
     crate::safety::check_dir(&dir, "the directory of link").map_err(|e| err(io::Error::other(e)))?;
+    let real = std::fs::canonicalize(&dir).map_err(err)?;
+    crate::safety::check_trusted_ancestors(&real, "the directory of link").map_err(|e| err(io::Error::other(e)))?;
     let name = link.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let prefix = format!(".{name}.tmp-");
     // Temp links left by runs killed between symlink(2) and rename(2) are ours: remove them.

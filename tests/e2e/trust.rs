@@ -372,3 +372,83 @@ fn the_repository_does_not_trust_file_names() {
     assert_eq!(fs::read(&image).unwrap(), good, "the rebuild kept a replaced image under its name");
     assert_eq!(fs::read(&index).unwrap(), good_index, "the rebuild kept a replaced chunk index under its name");
 }
+
+/// Regression: the files root acts on were not checked. A config file, a
+/// trusted key file or a hook program that another user can change, or a
+/// directory above one of them (or above state_dir or link) that another
+/// user can write, would let that user choose the source, the keys or the
+/// program root runs. Each is refused, naming the file and the fix.
+#[test]
+fn privileged_files_root_acts_on_must_be_roots() {
+    if !require_root("privileged_files_root_acts_on_must_be_roots") {
+        return;
+    }
+    let d = Deployment::new("", "");
+    let hook = d.dir.path().join("hooks/check.sh");
+    fs::create_dir_all(hook.parent().unwrap()).unwrap();
+    fs::write(&hook, "#!/bin/sh\nexit 0\n").unwrap();
+    sh(&format!("chmod 755 '{}'", hook.display()));
+    d.write_config(&format!("health_check = \"{}\"", hook.display()));
+    d.publish("v1");
+    d.imgdeploy(&["apply"]).ok();
+    d.publish("v2");
+    let chmod = |mode: &str, p: &std::path::Path| sh(&format!("chmod {mode} '{}'", p.display()));
+    let cases: Vec<(&str, std::path::PathBuf, &str, String)> = vec![
+        (
+            "config file writable by others",
+            d.config.clone(),
+            "666",
+            format!("config file {} is writable by other users (mode 666)", d.config.display()),
+        ),
+        (
+            "key file writable by others",
+            d.keys.public.clone(),
+            "666",
+            format!("trusted key file {} is writable by other users", d.keys.public.display()),
+        ),
+        (
+            "hook program writable by others",
+            hook.clone(),
+            "777",
+            format!("refusing to run health_check: hook program {} is writable by other users", hook.display()),
+        ),
+        (
+            "directory above the hook writable by others",
+            hook.parent().unwrap().to_owned(),
+            "777",
+            format!(
+                "hook program: the directory {} above it is writable by other users",
+                hook.parent().unwrap().display()
+            ),
+        ),
+        (
+            "directory above the key writable by others",
+            d.keys.dir.path().to_owned(),
+            "777",
+            format!("the directory {} above it is writable by other users", d.keys.dir.path().display()),
+        ),
+    ];
+    for (what, path, mode, needle) in &cases {
+        let before = fs::metadata(path).unwrap();
+        chmod(mode, path);
+        d.assert_refused(what, &["apply"], needle, "v1");
+        use std::os::unix::fs::PermissionsExt;
+        chmod(&format!("{:o}", before.permissions().mode() & 0o7777), path);
+    }
+    // A directory above state_dir that others can write: refused too.
+    let outer = d.dir.path().join("open");
+    fs::create_dir(&outer).unwrap();
+    chmod("777", &outer);
+    d.write_config(&format!("state_dir = \"{}/state\"", outer.display()));
+    let mut cfg = fs::read_to_string(&d.config).unwrap();
+    cfg = cfg.replacen(&format!("state_dir = \"{}\"\n", d.state.display()), "", 1);
+    fs::write(&d.config, cfg).unwrap();
+    let r = d.imgdeploy(&["apply"]);
+    assert_ne!(r.code, 0, "a state_dir below a world-writable directory was used");
+    assert!(
+        r.stderr.contains(&format!("state_dir: the directory {} above it is writable by other users", outer.display())),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(d.active_version().as_deref(), Some("v1"));
+}
