@@ -70,21 +70,7 @@ fn privileged_every_verified_serial_raises_the_floor() {
     d.imgdeploy(&["apply"]).ok();
     let serial1 = saved(&d);
     // Same image, re-signed as serial 2.
-    run_bin(
-        "imgbuild",
-        [
-            "rollout",
-            "--repo",
-            d.repo.to_str().unwrap(),
-            "--channel",
-            "stable",
-            "--percent",
-            "100",
-            "--key",
-            d.keys.key.to_str().unwrap(),
-        ],
-    )
-    .ok();
+    imgbuild(&d, &["rollout", "--channel", "stable", "--percent", "100"]).ok();
     let out = d.imgdeploy(&["apply"]).ok();
     assert!(out.stdout.contains("up to date"), "{}", out.stdout);
     let st = d.status();
@@ -167,19 +153,7 @@ fn ci_never_re_signs_what_the_bucket_changed() {
     let stable = d.repo.join("stable.json");
     edit_json(&stable, |m| m["serial"] = serde_json::json!(u64::MAX - 1));
     let tree = d.dir.path().join("tree-stable-v1");
-    let r = run_bin(
-        "imgbuild",
-        [
-            "build",
-            tree.to_str().unwrap(),
-            "--key",
-            d.keys.key.to_str().unwrap(),
-            "--channel",
-            "stable",
-            "--repo",
-            d.repo.to_str().unwrap(),
-        ],
-    );
+    let r = imgbuild(&d, &["build", tree.to_str().unwrap(), "--channel", "stable"]);
     r.fails_with(&format!("{} does not verify with the signing key", stable.display()));
 }
 
@@ -190,19 +164,7 @@ fn the_serial_never_wraps() {
     let d = Deployment::new("", "");
     d.publish_to("stable", "v1", 0, &["--serial", &u64::MAX.to_string()]);
     let tree = d.dir.path().join("tree-stable-v1");
-    let r = run_bin(
-        "imgbuild",
-        [
-            "build",
-            tree.to_str().unwrap(),
-            "--key",
-            d.keys.key.to_str().unwrap(),
-            "--channel",
-            "stable",
-            "--repo",
-            d.repo.to_str().unwrap(),
-        ],
-    );
+    let r = imgbuild(&d, &["build", tree.to_str().unwrap(), "--channel", "stable"]);
     r.fails_with("has reached the largest serial");
     imgbuild(&d, &["rollout", "--channel", "stable", "--percent", "50"]).fails_with("has reached the largest serial");
 }
