@@ -465,7 +465,7 @@ mod tests {
             channel: "stable",
             version: None,
             serial,
-            created: Timestamp(1000),
+            created: Timestamp::now(),
             expires_in: Duration::from_secs(60),
             rollout: None,
         };
