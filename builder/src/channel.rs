@@ -1,5 +1,6 @@
 //! Changing what a channel serves without rebuilding: `rollout` re-signs a
-//! channel's manifest with a new percentage (same image, new serial), and
+//! channel's manifest with a new percentage (same image, new serial),
+//! `refresh` re-signs it with a new expiry only, and
 //! `promote` signs a manifest for another channel pointing at the very image
 //! (same sha256, same chunk index) a source channel serves, so what was
 //! tested is exactly what ships.
@@ -41,11 +42,39 @@ pub fn rollout(
     percent: u8,
     expires_in: Duration,
 ) -> Result<Resigned> {
-    let key = crate::keygen::load_private_key(key_path)?;
-    validate_channel(channel)?;
     if percent > 100 {
         bail!("--percent {percent} is not a percentage (0-100)");
     }
+    resign(repo, key_path, also_trusted, channel, expires_in, |_| (percent < 100).then_some(percent))
+}
+
+/// Re-signs `channel` unchanged but for a new expiry and the next serial:
+/// meant for a CI schedule, so that manifests can expire soon (a mirror
+/// that keeps serving an old manifest can hold hosts back only until it
+/// expires) without anyone having to publish.
+pub fn refresh(
+    repo: &Repo,
+    key_path: &std::path::Path,
+    also_trusted: &[PublicKey],
+    channel: &str,
+    expires_in: Duration,
+) -> Result<Resigned> {
+    resign(repo, key_path, also_trusted, channel, expires_in, |cur| cur.rollout)
+}
+
+/// Signs the channel's current manifest again with the next serial, a new
+/// expiry and the rollout `rollout` picks, after checking that the current
+/// manifest and its image are what the signing key signed.
+fn resign(
+    repo: &Repo,
+    key_path: &std::path::Path,
+    also_trusted: &[PublicKey],
+    channel: &str,
+    expires_in: Duration,
+    rollout: impl FnOnce(&Manifest) -> Option<u8>,
+) -> Result<Resigned> {
+    let key = crate::keygen::load_private_key(key_path)?;
+    validate_channel(channel)?;
     let trusted: Vec<PublicKey> = std::iter::once(key.public()).chain(also_trusted.iter().cloned()).collect();
     let _lock = repo.lock()?;
     let cur = current_manifest(repo, channel, &trusted)?.ok_or_else(|| {
@@ -57,7 +86,7 @@ pub fn rollout(
         serial: following_serial(channel, cur.serial)?,
         created,
         expires: created.plus(expires_in),
-        rollout: (percent < 100).then_some(percent),
+        rollout: rollout(&cur),
         ..cur
     };
     let (path, _) = sign_and_write(repo, &key, &m)?;

@@ -114,7 +114,29 @@ pub enum Command {
         #[arg(long, value_name = "OLD.pub")]
         trust: Vec<PathBuf>,
         /// How long the new manifest stays valid.
-        #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
+        #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
+        expires_in: Duration,
+        /// Print the new manifest as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-sign a channel's current manifest with a new expiry (same image, same rollout, next serial); run it from a CI schedule.
+    Refresh {
+        /// Repository directory.
+        #[arg(long, env = "IMGBUILD_REPO")]
+        repo: PathBuf,
+        /// The channel.
+        #[arg(long)]
+        channel: String,
+        /// Private signing key.
+        #[arg(long, env = "IMGBUILD_KEY", value_name = "PREFIX.key")]
+        key: PathBuf,
+        /// Also accept the repository's current manifests when signed by
+        /// this public key: the first publish after a key rotation (repeatable).
+        #[arg(long, value_name = "OLD.pub")]
+        trust: Vec<PathBuf>,
+        /// How long the new manifest stays valid.
+        #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
         expires_in: Duration,
         /// Print the new manifest as JSON.
         #[arg(long)]
@@ -142,7 +164,7 @@ pub enum Command {
         #[arg(long, value_name = "OLD.pub")]
         trust: Vec<PathBuf>,
         /// How long the new manifest stays valid.
-        #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
+        #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
         expires_in: Duration,
         /// Print the new manifest as JSON.
         #[arg(long)]
@@ -195,8 +217,10 @@ pub struct BuildArgs {
     /// Leave out paths matching this glob, relative to SRC (repeatable; `*` stays within a component, `**` crosses).
     #[arg(long, value_name = "GLOB")]
     pub exclude: Vec<String>,
-    /// How long the manifest stays valid (e.g. 30d, 12h).
-    #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
+    /// How long the manifest stays valid (e.g. 7d, 12h). Shorter limits how
+    /// long a mirror can hold hosts on an old manifest; `imgbuild refresh`
+    /// on a CI schedule keeps it from running out.
+    #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
     pub expires_in: Duration,
     /// Compression threads (default: all cores).
     #[arg(long, default_value_t = 0)]
@@ -337,6 +361,11 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Rollout { repo, channel, percent, key, trust, expires_in, json } => {
             let repo = Repo::open(&repo)?;
             let r = crate::channel::rollout(&repo, &key, &read_keys(&trust)?, &channel, percent, expires_in)?;
+            report_resigned(&r, json)?;
+        }
+        Command::Refresh { repo, channel, key, trust, expires_in, json } => {
+            let repo = Repo::open(&repo)?;
+            let r = crate::channel::refresh(&repo, &key, &read_keys(&trust)?, &channel, expires_in)?;
             report_resigned(&r, json)?;
         }
         Command::Promote { repo, from, to, percent, key, trust, expires_in, json } => {

@@ -37,6 +37,9 @@ _imgbuild() {
             imgbuild,promote)
                 cmd="imgbuild__subcmd__promote"
                 ;;
+            imgbuild,refresh)
+                cmd="imgbuild__subcmd__refresh"
+                ;;
             imgbuild,rollout)
                 cmd="imgbuild__subcmd__rollout"
                 ;;
@@ -64,6 +67,9 @@ _imgbuild() {
             imgbuild__subcmd__help,promote)
                 cmd="imgbuild__subcmd__help__subcmd__promote"
                 ;;
+            imgbuild__subcmd__help,refresh)
+                cmd="imgbuild__subcmd__help__subcmd__refresh"
+                ;;
             imgbuild__subcmd__help,rollout)
                 cmd="imgbuild__subcmd__help__subcmd__rollout"
                 ;;
@@ -77,7 +83,7 @@ _imgbuild() {
 
     case "${cmd}" in
         imgbuild)
-            opts="-v -q -h -V --verbose --quiet --help --version keygen build verify inspect netboot rollout promote gc help"
+            opts="-v -q -h -V --verbose --quiet --help --version keygen build verify inspect netboot rollout refresh promote gc help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -171,7 +177,7 @@ _imgbuild() {
             return 0
             ;;
         imgbuild__subcmd__help)
-            opts="keygen build verify inspect netboot rollout promote gc help"
+            opts="keygen build verify inspect netboot rollout refresh promote gc help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -269,6 +275,20 @@ _imgbuild() {
             return 0
             ;;
         imgbuild__subcmd__help__subcmd__promote)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        imgbuild__subcmd__help__subcmd__refresh)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -408,6 +428,40 @@ _imgbuild() {
                     return 0
                     ;;
                 --percent)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --key)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --trust)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --expires-in)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        imgbuild__subcmd__refresh)
+            opts="-v -q -h --repo --channel --key --trust --expires-in --json --verbose --quiet --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --repo)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --channel)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

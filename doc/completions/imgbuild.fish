@@ -34,6 +34,7 @@ complete -c imgbuild -n "__fish_imgbuild_needs_command" -f -a "verify" -d 'Check
 complete -c imgbuild -n "__fish_imgbuild_needs_command" -f -a "inspect" -d 'Show what a manifest or an image file says (does not check signatures)'
 complete -c imgbuild -n "__fish_imgbuild_needs_command" -f -a "netboot" -d 'Build PXE/iPXE artifacts that boot a machine from the image in RAM'
 complete -c imgbuild -n "__fish_imgbuild_needs_command" -f -a "rollout" -d 'Re-sign a channel\'s manifest with a staged-rollout percentage (same image, new serial; 0 pauses)'
+complete -c imgbuild -n "__fish_imgbuild_needs_command" -f -a "refresh" -d 'Re-sign a channel\'s current manifest with a new expiry (same image, same rollout, next serial); run it from a CI schedule'
 complete -c imgbuild -n "__fish_imgbuild_needs_command" -f -a "promote" -d 'Sign a manifest for channel TO serving exactly the image channel FROM serves'
 complete -c imgbuild -n "__fish_imgbuild_needs_command" -f -a "gc" -d 'Remove images no channel references, keeping the newest N of those'
 complete -c imgbuild -n "__fish_imgbuild_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
@@ -49,7 +50,7 @@ complete -c imgbuild -n "__fish_imgbuild_using_subcommand build" -l version -d '
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand build" -l serial -d 'Serial number (default: the channel\'s current serial + 1; must increase)' -r
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand build" -l level -d 'zstd compression level' -r
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand build" -l exclude -d 'Leave out paths matching this glob, relative to SRC (repeatable; `*` stays within a component, `**` crosses)' -r
-complete -c imgbuild -n "__fish_imgbuild_using_subcommand build" -l expires-in -d 'How long the manifest stays valid (e.g. 30d, 12h)' -r
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand build" -l expires-in -d 'How long the manifest stays valid (e.g. 7d, 12h). Shorter limits how long a mirror can hold hosts on an old manifest; `imgbuild refresh` on a CI schedule keeps it from running out' -r
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand build" -l jobs -d 'Compression threads (default: all cores)' -r
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand build" -l rollout -d 'Publish as a staged rollout to this share of hosts (0-100; default: all)' -r
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand build" -l no-fragments -d 'Store each file\'s tail in its own block instead of shared fragment blocks'
@@ -88,6 +89,15 @@ complete -c imgbuild -n "__fish_imgbuild_using_subcommand rollout" -l json -d 'P
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand rollout" -s v -l verbose -d 'More log output (repeat for more)'
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand rollout" -s q -l quiet -d 'Only errors on stderr'
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand rollout" -s h -l help -d 'Print help'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand refresh" -l repo -d 'Repository directory' -r -F
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand refresh" -l channel -d 'The channel' -r
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand refresh" -l key -d 'Private signing key' -r -F
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand refresh" -l trust -d 'Also accept the repository\'s current manifests when signed by this public key: the first publish after a key rotation (repeatable)' -r -F
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand refresh" -l expires-in -d 'How long the new manifest stays valid' -r
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand refresh" -l json -d 'Print the new manifest as JSON'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand refresh" -s v -l verbose -d 'More log output (repeat for more)'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand refresh" -s q -l quiet -d 'Only errors on stderr'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand refresh" -s h -l help -d 'Print help'
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand promote" -l repo -d 'Repository directory' -r -F
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand promote" -l from -d 'Source channel (e.g. beta)' -r
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand promote" -l to -d 'Target channel (e.g. stable)' -r
@@ -106,12 +116,13 @@ complete -c imgbuild -n "__fish_imgbuild_using_subcommand gc" -l json -d 'Print 
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand gc" -s v -l verbose -d 'More log output (repeat for more)'
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand gc" -s q -l quiet -d 'Only errors on stderr'
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand gc" -s h -l help -d 'Print help'
-complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from keygen build verify inspect netboot rollout promote gc help" -f -a "keygen" -d 'Create an Ed25519 key pair: PREFIX.key (PKCS#8 PEM, 0600) and PREFIX.pub'
-complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from keygen build verify inspect netboot rollout promote gc help" -f -a "build" -d 'Pack SRC into an image and publish it to a channel in the repository'
-complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from keygen build verify inspect netboot rollout promote gc help" -f -a "verify" -d 'Check a published manifest: signature, expiry, image size and sha256'
-complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from keygen build verify inspect netboot rollout promote gc help" -f -a "inspect" -d 'Show what a manifest or an image file says (does not check signatures)'
-complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from keygen build verify inspect netboot rollout promote gc help" -f -a "netboot" -d 'Build PXE/iPXE artifacts that boot a machine from the image in RAM'
-complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from keygen build verify inspect netboot rollout promote gc help" -f -a "rollout" -d 'Re-sign a channel\'s manifest with a staged-rollout percentage (same image, new serial; 0 pauses)'
-complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from keygen build verify inspect netboot rollout promote gc help" -f -a "promote" -d 'Sign a manifest for channel TO serving exactly the image channel FROM serves'
-complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from keygen build verify inspect netboot rollout promote gc help" -f -a "gc" -d 'Remove images no channel references, keeping the newest N of those'
-complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from keygen build verify inspect netboot rollout promote gc help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from keygen build verify inspect netboot rollout refresh promote gc help" -f -a "keygen" -d 'Create an Ed25519 key pair: PREFIX.key (PKCS#8 PEM, 0600) and PREFIX.pub'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from keygen build verify inspect netboot rollout refresh promote gc help" -f -a "build" -d 'Pack SRC into an image and publish it to a channel in the repository'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from keygen build verify inspect netboot rollout refresh promote gc help" -f -a "verify" -d 'Check a published manifest: signature, expiry, image size and sha256'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from keygen build verify inspect netboot rollout refresh promote gc help" -f -a "inspect" -d 'Show what a manifest or an image file says (does not check signatures)'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from keygen build verify inspect netboot rollout refresh promote gc help" -f -a "netboot" -d 'Build PXE/iPXE artifacts that boot a machine from the image in RAM'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from keygen build verify inspect netboot rollout refresh promote gc help" -f -a "rollout" -d 'Re-sign a channel\'s manifest with a staged-rollout percentage (same image, new serial; 0 pauses)'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from keygen build verify inspect netboot rollout refresh promote gc help" -f -a "refresh" -d 'Re-sign a channel\'s current manifest with a new expiry (same image, same rollout, next serial); run it from a CI schedule'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from keygen build verify inspect netboot rollout refresh promote gc help" -f -a "promote" -d 'Sign a manifest for channel TO serving exactly the image channel FROM serves'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from keygen build verify inspect netboot rollout refresh promote gc help" -f -a "gc" -d 'Remove images no channel references, keeping the newest N of those'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from keygen build verify inspect netboot rollout refresh promote gc help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'

@@ -255,7 +255,7 @@ fn an_already_expired_manifest_is_never_signed() {
         imgdeploy_tests::run(&mut c)
     };
     old(&["build", tree.to_str().unwrap(), "--channel", "beta"])
-        .fails_with("refusing to sign a manifest for `beta` that expires at 2017-08-13T02:40:00Z");
+        .fails_with("refusing to sign a manifest for `beta` that expires at 2017-07-21T02:40:00Z");
     old(&["rollout", "--channel", "beta", "--percent", "50"]).fails_with("refusing to sign a manifest for `beta`");
     old(&["promote", "--from", "beta", "--to", "stable"]).fails_with("refusing to sign a manifest for `stable`");
     assert!(!d.repo.join("stable.json").exists());
@@ -413,4 +413,40 @@ fn privileged_files_root_acts_on_must_be_roots() {
         r.stderr
     );
     assert_eq!(d.active_version().as_deref(), Some("v1"));
+}
+
+/// Freeze: a mirror can keep serving the last manifest a host saw until it
+/// expires. `imgbuild refresh` re-signs the current manifest with a new
+/// expiry (same image, same rollout, next serial) so expiries can be short;
+/// hosts take it as up to date and raise their floor, so the mirror cannot
+/// go back to the older signature either.
+#[test]
+fn privileged_refresh_moves_the_expiry_and_the_floor() {
+    if !require_root("privileged_refresh_moves_the_expiry_and_the_floor") {
+        return;
+    }
+    let d = Deployment::new("machine_id = \"refresh-test-host\"", "");
+    let v1 = d.publish_to("stable", "v1", 0, &["--expires-in", "1h"]);
+    d.imgdeploy(&["apply"]).ok();
+    let old = saved(&d);
+    let r = imgbuild(&d, &["refresh", "--channel", "stable", "--expires-in", "3d", "--json"]).ok().json();
+    assert_eq!((r["serial"].as_u64(), r["version"].as_str()), (Some(2), Some("v1")), "{r}");
+    assert_eq!(r["image"]["sha256"], v1["sha256"], "refresh changed the image");
+    let refreshed = saved(&d);
+    let created = serde_json::from_value::<imgdeploy_common::manifest::Timestamp>(r["created"].clone()).unwrap();
+    let expires = serde_json::from_value::<imgdeploy_common::manifest::Timestamp>(r["expires"].clone()).unwrap();
+    assert_eq!(expires.0 - created.0, 3 * 86400);
+    let out = d.imgdeploy(&["apply"]).ok();
+    assert!(out.stdout.contains("up to date"), "{}", out.stdout);
+    assert_eq!(d.status()["floor"]["stable"]["serial"], 2);
+    serve(&d, &old);
+    d.assert_refused("the mirror goes back to the pre-refresh manifest", &["apply"], "refusing to go back", "v1");
+    // A staged rollout keeps its percentage through a refresh.
+    serve(&d, &refreshed);
+    imgbuild(&d, &["rollout", "--channel", "stable", "--percent", "30"]).ok();
+    let r = imgbuild(&d, &["refresh", "--channel", "stable", "--json"]).ok().json();
+    assert_eq!((r["serial"].as_u64(), r["rollout"].as_u64()), (Some(4), Some(30)), "{r}");
+    let expires = serde_json::from_value::<imgdeploy_common::manifest::Timestamp>(r["expires"].clone()).unwrap();
+    let created = serde_json::from_value::<imgdeploy_common::manifest::Timestamp>(r["created"].clone()).unwrap();
+    assert_eq!(expires.0 - created.0, 7 * 86400, "the default expiry is 7 days");
 }
