@@ -28,7 +28,7 @@ use serde::Serialize;
 use crate::config::Config;
 use crate::decide::{decide, Decision, Facts, FloorReason};
 use crate::delta::{self, fetch_index, local_seeds};
-use crate::drain::{drain_slot, release_slot, Holder, Retired};
+use crate::drain::{drain_slot, release_slot, Retired};
 use crate::fetch::{download_image, fetch_manifest, DownloadStats};
 use crate::hooks::run_hook;
 use crate::lock::lock;
@@ -59,10 +59,10 @@ pub enum Outcome {
         slot: SlotId,
         /// Transfer figures.
         download: DownloadStats,
-        /// Processes still holding the old mount after the drain timeout.
-        still_in_use: Vec<Holder>,
-        /// The old mount was detached with those processes inside.
-        detached: bool,
+        /// How the old slot was retired: `still_in_use` (processes still
+        /// holding it after the drain timeout) and `detached`.
+        #[serde(flatten)]
+        retired: Retired,
         /// How long the switch itself (temp symlink, rename, directory fsync) took.
         switch_micros: u64,
     },
@@ -482,15 +482,7 @@ fn apply_locked(cfg: &Config, opts: &ApplyOptions, layout: &Layout, state: &mut 
         None => Retired::default(),
     };
     hook_result.with_context(|| format!("switched to serial {}, but post_switch failed", m.serial))?;
-    Ok(Outcome::Switched {
-        serial: m.serial,
-        version: m.version,
-        slot: standby,
-        download,
-        still_in_use: retired.still_in_use,
-        detached: retired.detached,
-        switch_micros,
-    })
+    Ok(Outcome::Switched { serial: m.serial, version: m.version, slot: standby, download, retired, switch_micros })
 }
 
 /// Makes the verified download in `slot`'s partial file the slot's image.
@@ -507,11 +499,7 @@ fn install_verified(
     index: Option<&[u8]>,
 ) -> Result<()> {
     for p in [layout.manifest(slot), layout.signature(slot), layout.index(slot)] {
-        match std::fs::remove_file(&p) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e).with_context(|| format!("clearing {}", p.display())),
-        }
+        remove_if_present(&p)?;
     }
     fsync_dir(&layout.slot_dir(slot))?;
     std::fs::rename(layout.partial(slot), layout.image(slot))?;
@@ -531,10 +519,8 @@ fn record_manifest(
     fetched: &crate::fetch::FetchedManifest,
     index: Option<&[u8]>,
 ) -> Result<()> {
-    match std::fs::remove_file(layout.manifest(slot)) {
-        Ok(()) => fsync_dir(&layout.slot_dir(slot))?,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("clearing {}", layout.manifest(slot).display())),
+    if remove_if_present(&layout.manifest(slot))? {
+        fsync_dir(&layout.slot_dir(slot))?;
     }
     if let Some(bytes) = index {
         write_atomic(&layout.index(slot), bytes, 0o600)?;
@@ -542,4 +528,13 @@ fn record_manifest(
     write_atomic(&layout.signature(slot), &fetched.signature, 0o600)?;
     write_atomic(&layout.manifest(slot), &fetched.bytes, 0o600)?;
     Ok(())
+}
+
+/// Removes `path`; true if it was there (absent is not an error).
+fn remove_if_present(path: &std::path::Path) -> Result<bool> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e).with_context(|| format!("clearing {}", path.display())),
+    }
 }

@@ -119,15 +119,12 @@ pub fn run(cli: Cli) -> Result<()> {
                     Outcome::WouldUpdate { serial, mode, download_bytes, requests, reused_bytes, image_size, index_bytes } => println!(
                         "would update to serial {serial} ({mode}): download {download_bytes} of {image_size} image bytes in {requests} requests, reuse {reused_bytes} local bytes, plus a {index_bytes}-byte chunk index"
                     ),
-                    Outcome::Switched { serial, version, slot, download, still_in_use, detached, .. } => {
+                    Outcome::Switched { serial, version, slot, download, retired, .. } => {
                         println!(
                             "switched to serial {serial} ({version}) in slot {slot}; {} download: {} bytes fetched, {} reused",
                             download.mode, download.downloaded, download.reused
                         );
-                        print_retired(&crate::drain::Retired {
-                            still_in_use: still_in_use.clone(),
-                            detached: *detached,
-                        });
+                        print_retired(retired);
                     }
                 }
             }

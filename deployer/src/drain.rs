@@ -196,15 +196,7 @@ pub fn drain_slot(
     loop {
         let left = wait_for_holders(dev, deadline.saturating_duration_since(Instant::now()));
         if !left.is_empty() {
-            if on_timeout == DrainTimeoutAction::Detach {
-                detach(slot, &target, &left)?;
-                return Ok(Retired { still_in_use: left, detached: true });
-            }
-            tracing::warn!(
-                "slot {slot} stays mounted: still used by {}; `imgdeploy drain` or the next apply unmounts it",
-                describe(&left)
-            );
-            return Ok(Retired { still_in_use: left, detached: false });
+            return give_up(slot, &target, left, on_timeout, "still used");
         }
         match unmount(&target) {
             Ok(()) => {
@@ -216,17 +208,32 @@ pub fn drain_slot(
             // mounted for a later drain or apply (regression: a 0 s drain
             // failed rollback).
             Err(e) if Instant::now() >= deadline => {
-                let left = holders(dev);
-                if on_timeout == DrainTimeoutAction::Detach {
-                    detach(slot, &target, &left)?;
-                    return Ok(Retired { still_in_use: left, detached: true });
-                }
-                tracing::warn!("slot {slot} stays mounted ({e}); `imgdeploy drain` or the next apply unmounts it");
-                return Ok(Retired { still_in_use: left, detached: false });
+                return give_up(slot, &target, holders(dev), on_timeout, &format!("{e}; used"));
             }
             Err(_) => std::thread::sleep(Duration::from_millis(50)),
         }
     }
+}
+
+/// The drain timed out with `left` still inside: detach the slot, or
+/// (`on_drain_timeout = "fail"`) leave it mounted for `imgdeploy drain` or
+/// the next apply. `why` starts the warning's reason.
+fn give_up(
+    slot: SlotId,
+    target: &Path,
+    left: Vec<Holder>,
+    on_timeout: DrainTimeoutAction,
+    why: &str,
+) -> Result<Retired, DrainError> {
+    if on_timeout == DrainTimeoutAction::Detach {
+        detach(slot, target, &left)?;
+        return Ok(Retired { still_in_use: left, detached: true });
+    }
+    tracing::warn!(
+        "slot {slot} stays mounted ({why} by {}); `imgdeploy drain` or the next apply unmounts it",
+        describe(&left)
+    );
+    Ok(Retired { still_in_use: left, detached: false })
 }
 
 /// An old version detached while processes were still inside it.
