@@ -18,7 +18,7 @@ use imgdeploy_common::manifest::{validate_channel, Manifest, Timestamp};
 use imgdeploy_common::sign::PublicKey;
 
 use crate::pack::source_date_epoch;
-use crate::publish::{current_manifest, following_serial, sign_and_write, verify_stored, Repo};
+use crate::publish::{current_manifest, following_serial, sign_and_write, signer_and, verify_stored, Repo};
 
 /// What was signed.
 #[derive(Debug, serde::Serialize)]
@@ -75,7 +75,7 @@ fn resign(
 ) -> Result<Resigned> {
     let key = crate::keygen::load_private_key(key_path)?;
     validate_channel(channel)?;
-    let trusted: Vec<PublicKey> = std::iter::once(key.public()).chain(also_trusted.iter().cloned()).collect();
+    let trusted = signer_and(&key, also_trusted);
     let _lock = repo.lock()?;
     let cur = current_manifest(repo, channel, &trusted)?.ok_or_else(|| {
         anyhow!("channel `{channel}` has no manifest in {}; publish with `imgbuild build` first", repo.root().display())
@@ -113,7 +113,7 @@ pub fn promote(
     if percent.is_some_and(|p| p > 100) {
         bail!("--percent must be 0-100");
     }
-    let trusted: Vec<PublicKey> = std::iter::once(key.public()).chain(also_trusted.iter().cloned()).collect();
+    let trusted = signer_and(&key, also_trusted);
     let _lock = repo.lock()?;
     let src = current_manifest(repo, from, &trusted)?
         .ok_or_else(|| anyhow!("channel `{from}` has no manifest in {}", repo.root().display()))?;

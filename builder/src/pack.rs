@@ -12,7 +12,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::image::{write_image, ImageOptions};
 use crate::keygen::load_private_key;
-use crate::publish::{check_not_expired, next_serial, publish_manifest, store_image, Published, Release, Repo};
+use crate::publish::{
+    check_not_expired, next_serial, publish_manifest, signer_and, store_image, Published, Release, Repo,
+};
 use crate::tree::{compile_excludes, read_tree};
 
 /// Everything `build` needs.
@@ -108,7 +110,7 @@ pub fn build(req: &BuildRequest) -> Result<BuildReport> {
         expires_in: req.expires_in,
         rollout: req.rollout,
     };
-    let trusted: Vec<_> = std::iter::once(key.public()).chain(req.trust.iter().cloned()).collect();
+    let trusted = signer_and(&key, &req.trust);
     // Fail fast, before minutes of packing; both are checked again under the lock.
     next_serial(&repo, &release, &trusted)?;
     check_not_expired(&req.channel, created.plus(req.expires_in))?;

@@ -67,7 +67,7 @@ pub enum PublishError {
     /// A manifest in the repository is not signed by the key in use: the
     /// repository was changed outside imgbuild (a bucket, a mirror), so
     /// nothing in it may be signed again.
-    #[error("{path} does not verify with the signing key ({source}); the repository was changed outside imgbuild: restore it from a trusted copy (or, after a key rotation, publish the channel afresh with `imgbuild build`)")]
+    #[error("{path} does not verify with the signing key ({source}); the repository was changed outside imgbuild: restore it from a trusted copy (or, after a key rotation, pass `--trust OLD.pub`)")]
     Untrusted {
         /// The manifest.
         path: PathBuf,
@@ -300,9 +300,18 @@ fn holds(path: &Path, sha: Sha256Digest, size: u64) -> bool {
         return false;
     }
     // An unreadable file is treated as wrong: it is replaced.
-    fs::File::open(path)
-        .and_then(|f| Sha256Digest::of_reader(std::io::BufReader::with_capacity(1 << 20, f)))
-        .is_ok_and(|(found, len)| found == sha && len == size)
+    digest_of_file(path).is_ok_and(|found| found == (sha, size))
+}
+
+/// sha256 and length of the file at `path`, read once.
+fn digest_of_file(path: &Path) -> io::Result<(Sha256Digest, u64)> {
+    Sha256Digest::of_reader(std::io::BufReader::with_capacity(1 << 20, fs::File::open(path)?))
+}
+
+/// The keys a repository manifest may be signed with: the signing key's
+/// own public half, plus `also` (old keys, for the first publish after a rotation).
+pub fn signer_and(key: &PrivateKey, also: &[PublicKey]) -> Vec<PublicKey> {
+    std::iter::once(key.public()).chain(also.iter().cloned()).collect()
 }
 
 /// Moves a finished image (a temp file inside the repo's images directory)
@@ -387,10 +396,8 @@ pub fn current_manifest(repo: &Repo, channel: &str, trusted: &[PublicKey]) -> Re
 pub fn verify_stored(repo: &Repo, m: &Manifest) -> Result<(), PublishError> {
     let check = |rel: &str, sha: Sha256Digest, size: u64| {
         let path = repo.root.join(rel);
-        let f =
-            fs::File::open(&path).map_err(|e| PublishError::Tampered { path: path.clone(), what: e.to_string() })?;
-        let (found, len) = Sha256Digest::of_reader(std::io::BufReader::with_capacity(1 << 20, f))
-            .map_err(|e| PublishError::Tampered { path: path.clone(), what: e.to_string() })?;
+        let (found, len) =
+            digest_of_file(&path).map_err(|e| PublishError::Tampered { path: path.clone(), what: e.to_string() })?;
         if (found, len) != (sha, size) {
             return Err(PublishError::Tampered {
                 path,
