@@ -10,6 +10,9 @@ bash scripts/setup-debian.sh
 cargo fmt --all -- --check
 cargo build --workspace --locked
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# The static /init that the netboot tests pack (the tests would build it otherwise).
+IMGDEPLOY_NETBOOT_INIT=$(bash scripts/build-netboot-init.sh)
+export IMGDEPLOY_NETBOOT_INIT
 # The end-to-end tests run the binaries built above. As root they run in a
 # private mount namespace: every mount they make is invisible to the host and
 # disappears with the namespace, whatever happens to the tests.

@@ -82,7 +82,8 @@ pub enum Command {
         /// Output directory.
         #[arg(long)]
         out: PathBuf,
-        /// Binary to run as /init (default: imgdeploy beside imgbuild).
+        /// A statically linked imgdeploy to run as /init (default: /usr/lib/imgdeploy/netboot-init from the
+        /// imgbuild package; scripts/build-netboot-init.sh builds one).
         #[arg(long)]
         init: Option<PathBuf>,
         /// A static shell to include as /bin/sh for imgdeploy.onfail=shell (e.g. /bin/busybox).

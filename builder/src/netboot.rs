@@ -1,11 +1,12 @@
 //! `imgbuild netboot`: artifacts that boot a diskless machine straight from a
 //! signed image held in RAM.
 //!
-//! - `initrd.img`: a zstd-compressed newc cpio with `/init` (the `imgdeploy`
-//!   binary, which runs its boot mode as PID 1), the shared libraries it
-//!   needs, the kernel modules for loop, squashfs and overlay (with their
-//!   dependencies, from `modules.dep`), the load order, the trusted keys and
-//!   a `/dev/console` node;
+//! - `initrd.img`: a zstd-compressed newc cpio with `/init` (a statically
+//!   linked `imgdeploy`, which runs its boot mode as PID 1), the kernel
+//!   modules for loop, squashfs and overlay (with their dependencies, from
+//!   `modules.dep`), the boot policy (trusted keys, channel, lowest serial,
+//!   and the sha256 of every module and of the optional shell: see
+//!   [`imgdeploy_common::boot_policy`]) and a `/dev/console` node;
 //! - `image.cpio`: an uncompressed cpio with the signed manifest, its
 //!   signature and the image, so the image can be shipped separately and
 //!   concatenated by the boot loader (a concatenation of cpio archives is one
@@ -14,7 +15,11 @@
 //! - `vmlinuz`, `boot.ipxe` and `netboot.json` (a summary).
 //!
 //! The manifest is verified (signature and expiry) and the image hashed while
-//! it is packed; nothing is left in OUTDIR if either check fails.
+//! it is packed; nothing is left in OUTDIR if either check fails. `/init` must
+//! be static: a dynamic one would run whatever an earlier archive put in
+//! `/etc/ld.so.preload` before checking anything. Every file is written under
+//! a random temporary name (created exclusively, so a planted symlink is never
+//! followed) and renamed into place.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::{self, File};
@@ -24,8 +29,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use imgdeploy_common::atomic::{commit_file, fsync_dir};
-use imgdeploy_common::digest::HashingReader;
+use imgdeploy_common::atomic::fsync_dir;
+use imgdeploy_common::boot_policy::{BootPolicy, BroughtFile, BOOT_POLICY_PATH};
+use imgdeploy_common::digest::{HashingReader, Sha256Digest};
 use imgdeploy_common::location::{http_agent, Location};
 use imgdeploy_common::manifest::{Manifest, Timestamp};
 use imgdeploy_common::sign::PublicKey;
@@ -36,12 +42,10 @@ use crate::cpio::CpioWriter;
 
 /// Modules the boot mode needs (plus their dependencies).
 pub const BOOT_MODULES: [&str; 3] = ["loop", "squashfs", "overlay"];
+/// Where the Debian package installs the static `/init` (`--init` overrides it).
+pub const DEFAULT_INIT: &str = "/usr/lib/imgdeploy/netboot-init";
 /// Where the boot mode finds things inside the initramfs.
 pub mod paths {
-    /// The module load order, one path per line.
-    pub const MODULE_ORDER: &str = "lib/modules/imgdeploy.order";
-    /// Trusted public keys.
-    pub const KEYS_DIR: &str = "etc/imgdeploy/keys";
     /// The signed manifest.
     pub const MANIFEST: &str = "imgdeploy/manifest.json";
     /// Its signature.
@@ -63,7 +67,7 @@ pub struct NetbootRequest {
     pub modules: PathBuf,
     /// Output directory.
     pub out: PathBuf,
-    /// The binary to run as `/init` (default: `imgdeploy` beside `imgbuild`).
+    /// The statically linked `imgdeploy` to run as `/init` (default [`DEFAULT_INIT`]).
     pub init: Option<PathBuf>,
     /// A static shell (e.g. `/bin/busybox`) for `imgdeploy.onfail=shell`.
     pub shell: Option<PathBuf>,
@@ -80,8 +84,8 @@ pub struct NetbootReport {
     pub files: Vec<(String, u64)>,
     /// Kernel modules included, in load order.
     pub modules: Vec<String>,
-    /// Shared libraries included for /init.
-    pub libraries: Vec<String>,
+    /// What `/init` will boot: keys, channel, lowest serial, and the files it checks.
+    pub policy: BootPolicy,
     /// The image's manifest.
     pub manifest: Manifest,
     /// A floor for the machine's memory: the kernel unpacks the initramfs
@@ -173,21 +177,29 @@ fn add_file(w: &mut CpioWriter<impl Write>, name: &str, src: &Path, perm: u32) -
     Ok(())
 }
 
-/// Writes `data` to `dir/name` atomically, returning its size.
+/// Writes `dir/name` atomically through `f`, returning its size. The
+/// temporary file has a random name and is created exclusively.
 fn write_out(dir: &Path, name: &str, f: impl FnOnce(&mut BufWriter<File>) -> Result<()>) -> Result<u64> {
-    let tmp = dir.join(format!(".tmp-{name}"));
-    let file = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let (file, tmp) = tempfile::Builder::new()
+        .prefix(&format!(".tmp-{name}-"))
+        .tempfile_in(dir)
+        .with_context(|| format!("creating a temporary file in {}", dir.display()))?
+        .into_parts();
     let mut w = BufWriter::with_capacity(1 << 20, file);
-    let r = f(&mut w).and_then(|()| w.flush().map_err(Into::into));
-    drop(w);
-    if let Err(e) = r {
-        // The half-written temp file is useless; the error is what matters.
-        let _ = fs::remove_file(&tmp);
-        return Err(e);
-    }
-    let len = fs::metadata(&tmp)?.len();
-    commit_file(&tmp, &dir.join(name))?;
+    // On error `tmp` is dropped, which removes the half-written file.
+    f(&mut w)?;
+    let file = w.into_inner().map_err(|e| e.into_error())?;
+    file.sync_all()?;
+    let len = file.metadata()?.len();
+    let dest = dir.join(name);
+    tmp.persist(&dest).with_context(|| format!("renaming into {}", dest.display()))?;
     Ok(len)
+}
+
+/// The sha256 of the file at `path`.
+fn sha256_of(path: &Path) -> Result<Sha256Digest> {
+    let f = File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(Sha256Digest::of_reader(f).with_context(|| format!("reading {}", path.display()))?.0)
 }
 
 /// `binary` without its debug sections (as `tmpdir/init`), when objcopy is
@@ -218,12 +230,12 @@ pub fn netboot(req: &NetbootRequest) -> Result<NetbootReport> {
     let m = verify_manifest(&manifest_bytes, &sig, &keys, Timestamp::now())
         .with_context(|| format!("manifest {loc}"))?
         .manifest;
-    let init = match &req.init {
-        Some(p) => p.clone(),
-        None => std::env::current_exe()?.with_file_name("imgdeploy"),
-    };
+    let init = req.init.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_INIT));
     if !init.is_file() {
-        bail!("init binary {} does not exist; build imgdeploy or pass --init", init.display());
+        bail!(
+            "init binary {} does not exist; build a static one with scripts/build-netboot-init.sh and pass --init",
+            init.display()
+        );
     }
     if !req.kernel.is_file() {
         bail!("kernel {} does not exist", req.kernel.display());
@@ -233,45 +245,46 @@ pub fn netboot(req: &NetbootRequest) -> Result<NetbootReport> {
     let out = fs::canonicalize(&req.out)?;
     let scratch = tempfile::tempdir_in(&out)?;
     let init_bin = stripped(&init, scratch.path());
-    let libs = shared_libraries(&init_bin)?;
+    if !shared_libraries(&init_bin)?.is_empty() {
+        bail!(
+            "init binary {} is dynamically linked, so an archive loaded before the initrd could run code as PID 1 \
+             through /etc/ld.so.preload; build a static one with scripts/build-netboot-init.sh and pass --init",
+            init.display()
+        );
+    }
+    let policy = BootPolicy {
+        channel: m.channel.clone(),
+        min_serial: m.serial,
+        keys: keys.iter().map(|k| k.to_pem()).collect::<Result<_, _>>()?,
+        modules: modules
+            .iter()
+            .map(|rel| {
+                Ok(BroughtFile { path: format!("/lib/modules/{rel}"), sha256: sha256_of(&req.modules.join(rel))? })
+            })
+            .collect::<Result<_>>()?,
+        shell: req
+            .shell
+            .as_ref()
+            .map(|sh| Ok::<_, anyhow::Error>(BroughtFile { path: "/bin/sh".into(), sha256: sha256_of(sh)? }))
+            .transpose()?,
+    };
+    let policy_json = serde_json::to_vec_pretty(&policy)?;
 
     let mut files = Vec::new();
     // 1. The base initrd.
     let initrd_len = write_out(&out, "initrd.img", |w| {
         let z = zstd::Encoder::new(w, 9)?;
         let mut c = CpioWriter::new(z);
-        for d in [
-            "dev",
-            "proc",
-            "sys",
-            "run",
-            "newroot",
-            "etc",
-            "etc/imgdeploy",
-            paths::KEYS_DIR,
-            "lib",
-            "lib/modules",
-            "imgdeploy",
-        ] {
+        for d in ["dev", "proc", "sys", "run", "newroot", "etc", "etc/imgdeploy", "lib", "lib/modules", "imgdeploy"] {
             c.dir(d, 0o755)?;
         }
         // The kernel opens /dev/console for PID 1 before anything is mounted.
         c.char_dev("dev/console", 0o600, 5, 1)?;
         add_file(&mut c, "init", &init_bin, 0o755)?;
-        for lib in &libs {
-            add_file(&mut c, lib.to_str().unwrap_or_default().trim_start_matches('/'), lib, 0o755)?;
+        for (rel, brought) in modules.iter().zip(&policy.modules) {
+            add_file(&mut c, brought.path.trim_start_matches('/'), &req.modules.join(rel), 0o644)?;
         }
-        let mut order = String::new();
-        for m in &modules {
-            let name = format!("lib/modules/{m}");
-            add_file(&mut c, &name, &req.modules.join(m), 0o644)?;
-            order.push_str(&format!("/{name}\n"));
-        }
-        c.file(paths::MODULE_ORDER, 0o644, order.len() as u64, order.as_bytes())?;
-        for (i, k) in keys.iter().enumerate() {
-            let pem = k.to_pem()?;
-            c.file(&format!("{}/trusted-{i}.pub", paths::KEYS_DIR), 0o644, pem.len() as u64, pem.as_bytes())?;
-        }
+        c.file(BOOT_POLICY_PATH, 0o644, policy_json.len() as u64, &policy_json[..])?;
         if let Some(sh) = &req.shell {
             add_file(&mut c, "bin/sh", sh, 0o755)?;
         }
@@ -335,7 +348,7 @@ pub fn netboot(req: &NetbootRequest) -> Result<NetbootReport> {
         out: out.clone(),
         files,
         modules: modules.clone(),
-        libraries: libs.iter().map(|p| p.display().to_string()).collect(),
+        policy,
         min_memory_mib: (2 * m.image.size + initrd_len) / (1 << 20) + 256,
         manifest: m,
     };

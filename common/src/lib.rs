@@ -15,6 +15,7 @@
 #![deny(missing_docs)]
 
 pub mod atomic;
+pub mod boot_policy;
 pub mod chunk;
 #[cfg(feature = "cli")]
 pub mod cli;

@@ -8,25 +8,39 @@
 //! `imgdeploy.overlay=0`), and switches root into it, running `/sbin/init`
 //! (or `imgdeploy.init=`).
 //!
+//! What to trust comes from one file the trusted initrd brought, the boot
+//! policy ([`imgdeploy_common::boot_policy`]): the keys, the one channel, the
+//! lowest serial, and the sha256 of every module and of the rescue shell.
+//! The image archive is unpacked before the initrd and may have added any
+//! other file; `/init` opens nothing else. It is linked statically, so
+//! nothing runs before these checks.
+//!
 //! Kernel command line:
 //! - `imgdeploy.overlay=0|1` (default 1)
 //! - `imgdeploy.init=/path` (default /sbin/init)
 //! - `imgdeploy.onfail=poweroff|reboot|shell` (default poweroff; `shell`
 //!   needs `imgbuild netboot --shell`)
+//! - `imgdeploy.allow_expired=1` boots a manifest past its expiry (default:
+//!   refused, since an expired manifest is what a mirror replays)
 //!
 //! Network mode (`imgdeploy.url=`) is not supported: it would need a DHCP
 //! client in the initramfs; ship the image as the second (concatenated)
 //! initrd instead, which every PXE/iPXE boot loader can fetch over HTTP.
 
 use std::ffi::CString;
-use std::fs::{self, File};
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom};
 use std::os::fd::AsFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
+use imgdeploy_common::boot_policy::{BootPolicy, BroughtFile, BOOT_POLICY_PATH, MAX_BOOT_POLICY_BYTES};
+use imgdeploy_common::digest::Sha256Digest;
 use imgdeploy_common::manifest::Timestamp;
 use imgdeploy_common::sign::PublicKey;
 use imgdeploy_common::trust::verify_signed;
+use nix::fcntl::OFlag;
 use nix::kmod::{finit_module, ModuleInitFlags};
 use nix::mount::{mount, MsFlags};
 
@@ -34,8 +48,6 @@ use crate::config::MountOptions;
 use crate::mount::mount_image;
 use crate::slot::check_image;
 
-const MODULE_ORDER: &str = "/lib/modules/imgdeploy.order";
-const KEYS_DIR: &str = "/etc/imgdeploy/keys";
 const MANIFEST: &str = "/imgdeploy/manifest.json";
 const SIGNATURE: &str = "/imgdeploy/manifest.json.sig";
 const IMAGE: &str = "/imgdeploy/image.squashfs";
@@ -51,15 +63,19 @@ pub struct BootParams {
     pub init: String,
     /// What to do when the image is refused.
     pub onfail: String,
+    /// Boot a manifest past its expiry.
+    pub allow_expired: bool,
 }
 
 impl BootParams {
     /// Parses `/proc/cmdline`.
     pub fn parse(cmdline: &str) -> Self {
-        let mut p = BootParams { overlay: true, init: "/sbin/init".into(), onfail: "poweroff".into() };
+        let mut p =
+            BootParams { overlay: true, init: "/sbin/init".into(), onfail: "poweroff".into(), allow_expired: false };
         for word in cmdline.split_whitespace() {
             match word.split_once('=') {
                 Some(("imgdeploy.overlay", v)) => p.overlay = !matches!(v, "0" | "no" | "off" | "false"),
+                Some(("imgdeploy.allow_expired", v)) => p.allow_expired = matches!(v, "1" | "yes" | "on" | "true"),
                 Some(("imgdeploy.init", v)) if v.starts_with('/') => p.init = v.to_owned(),
                 Some(("imgdeploy.onfail", v)) if matches!(v, "poweroff" | "reboot" | "shell") => {
                     p.onfail = v.to_owned()
@@ -81,15 +97,52 @@ fn mount_fs(src: &str, target: &str, fstype: &str, flags: MsFlags, data: Option<
     mount(Some(src), target, Some(fstype), flags, data).with_context(|| format!("mounting {fstype} at {target}"))
 }
 
-fn load_modules() -> Result<usize> {
-    let order = match fs::read_to_string(MODULE_ORDER) {
-        Ok(o) => o,
-        Err(_) => return Ok(0), // everything built in
-    };
+/// Opens `path` for reading if it is a regular file: never through a
+/// symlink at its end, never blocking on a FIFO an archive planted.
+fn open_regular(path: &str) -> Result<File> {
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags((OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK).bits())
+        .open(path)
+        .with_context(|| format!("opening {path}"))?;
+    if !f.metadata()?.is_file() {
+        bail!("{path} is not a regular file");
+    }
+    Ok(f)
+}
+
+/// Opens a file the trusted initrd brought, checking it against the sha256
+/// the policy recorded; an archive loaded earlier cannot swap it.
+fn open_brought(b: &BroughtFile) -> Result<File> {
+    let mut f = open_regular(&b.path)?;
+    let (sha, _) = Sha256Digest::of_reader(&mut f).with_context(|| format!("reading {}", b.path))?;
+    if sha != b.sha256 {
+        bail!("{} has sha256 {sha}, but the initrd brought {}; something replaced it", b.path, b.sha256);
+    }
+    f.seek(SeekFrom::Start(0))?;
+    Ok(f)
+}
+
+/// The boot policy the trusted initrd brought.
+fn read_policy() -> Result<BootPolicy> {
+    let path = format!("/{BOOT_POLICY_PATH}");
+    let mut bytes = Vec::new();
+    open_regular(&path)?
+        .take(MAX_BOOT_POLICY_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .with_context(|| format!("reading {path}"))?;
+    if bytes.len() as u64 > MAX_BOOT_POLICY_BYTES {
+        bail!("{path} is larger than {MAX_BOOT_POLICY_BYTES} bytes; rebuild the initrd with imgbuild netboot");
+    }
+    BootPolicy::from_json(&bytes)
+        .with_context(|| format!("{path} is not a boot policy; rebuild the initrd with imgbuild netboot"))
+}
+
+fn load_modules(policy: &BootPolicy) -> Result<usize> {
     let mut n = 0;
-    for path in order.lines().filter(|l| !l.is_empty()) {
-        let f = File::open(path).with_context(|| format!("opening module {path}"))?;
-        let flags = if path.ends_with(".ko") {
+    for m in &policy.modules {
+        let f = open_brought(m)?;
+        let flags = if m.path.ends_with(".ko") {
             ModuleInitFlags::empty()
         } else {
             ModuleInitFlags::from_bits_retain(MODULE_INIT_COMPRESSED_FILE)
@@ -97,47 +150,74 @@ fn load_modules() -> Result<usize> {
         match finit_module(f.as_fd(), &CString::default(), flags) {
             Ok(()) => n += 1,
             Err(nix::Error::EEXIST) => {}
-            Err(e) => bail!("loading kernel module {path}: {e}"),
+            Err(e) => bail!("loading kernel module {}: {e}", m.path),
         }
     }
     Ok(n)
 }
 
-fn trusted_keys() -> Result<Vec<PublicKey>> {
-    let mut keys = Vec::new();
-    for e in fs::read_dir(KEYS_DIR).with_context(|| format!("reading {KEYS_DIR}"))? {
-        let p = e?.path();
-        keys.push(PublicKey::read(&p)?);
-    }
+fn trusted_keys(policy: &BootPolicy) -> Result<Vec<PublicKey>> {
+    let origin = Path::new("/").join(BOOT_POLICY_PATH);
+    let keys = policy.keys.iter().map(|pem| PublicKey::from_pem(pem, &origin)).collect::<Result<Vec<_>, _>>()?;
     if keys.is_empty() {
-        bail!("no trusted keys in {KEYS_DIR}");
+        bail!("the boot policy trusts no key; rebuild the initrd with imgbuild netboot --pub");
     }
     Ok(keys)
 }
 
-/// Verifies and mounts the image at /newroot; returns the init to run.
-fn prepare(params: &BootParams) -> Result<String> {
+/// Mounts what boot mode needs: /proc, /sys, /dev and /run.
+fn mount_basics() -> Result<()> {
     mount_fs("proc", "/proc", "proc", MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC, None)?;
     mount_fs("sysfs", "/sys", "sysfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC, None)?;
     mount_fs("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, Some("mode=0755"))?;
     // /run holds the image's lower mount and the overlay's writable layer; it
     // moves into the new root whole, so the booted system can inspect them.
-    mount_fs("tmpfs", "/run", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755"))?;
-    let n = load_modules()?;
+    mount_fs("tmpfs", "/run", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755"))
+}
+
+/// Verifies and mounts the image at /newroot; returns the init to run.
+fn prepare(params: &BootParams, policy: &BootPolicy) -> Result<String> {
+    let n = load_modules(policy)?;
     eprintln!("imgdeploy: loaded {n} kernel modules");
 
-    let keys = trusted_keys()?;
+    let keys = trusted_keys(policy)?;
     let bytes =
-        fs::read(MANIFEST).with_context(|| format!("reading {MANIFEST}; was image.cpio loaded as a second initrd?"))?;
+        fs::read(MANIFEST).with_context(|| format!("reading {MANIFEST}; was image.cpio loaded before initrd.img?"))?;
     let sig = fs::read(SIGNATURE).with_context(|| format!("reading {SIGNATURE}"))?;
-    let v = verify_signed(&bytes, &sig, &keys).context("the image's manifest does not verify")?;
+    let v = verify_signed(&bytes, &sig, &keys)
+        .context("the image's manifest does not verify with the keys this initrd trusts")?;
     let m = v.manifest;
-    if m.expires <= Timestamp::now() {
-        // Diskless hosts have no state to protect from replay; an old
-        // artifact still boots, but the console says so.
-        eprintln!("imgdeploy: warning: manifest serial {} expired at {}", m.serial, m.expires);
+    if m.channel != policy.channel {
+        bail!(
+            "the image is channel {} serial {}, but this initrd boots channel {} only; ship that channel's image.cpio",
+            m.channel,
+            m.serial,
+            policy.channel
+        );
     }
-    let mut img = File::open(IMAGE).with_context(|| format!("opening {IMAGE}"))?;
+    if m.serial < policy.min_serial {
+        bail!(
+            "the image is serial {} of channel {}, older than serial {} this initrd was built for; \
+             refusing a replayed image (to go back on purpose, build a new initrd for it)",
+            m.serial,
+            m.channel,
+            policy.min_serial
+        );
+    }
+    if m.expires <= Timestamp::now() {
+        if !params.allow_expired {
+            bail!(
+                "manifest serial {} expired at {}; publish a fresh one (imgbuild refresh) or boot with imgdeploy.allow_expired=1",
+                m.serial,
+                m.expires
+            );
+        }
+        eprintln!(
+            "imgdeploy: warning: manifest serial {} expired at {}; booting it (imgdeploy.allow_expired=1)",
+            m.serial, m.expires
+        );
+    }
+    let mut img = open_regular(IMAGE)?;
     check_image(&mut img, &m).with_context(|| format!("image {IMAGE} of serial {}", m.serial))?;
     eprintln!(
         "imgdeploy: verified channel {} serial {} ({}) sha256 {} signed by {}",
@@ -189,13 +269,21 @@ fn switch_root(init: &str) -> Result<std::convert::Infallible> {
     bail!("cannot run {init}: {err}")
 }
 
-fn fail(params: &BootParams) -> ! {
+fn fail(params: &BootParams, shell: Option<&BroughtFile>) -> ! {
     use nix::sys::reboot::{reboot, RebootMode};
     nix::unistd::sync();
-    if params.onfail == "shell" && Path::new("/bin/sh").exists() {
-        eprintln!("imgdeploy: dropping to a shell");
-        let sh = CString::new("/bin/sh").expect("no NUL");
-        let _ = nix::unistd::execv(&sh, std::slice::from_ref(&sh));
+    if params.onfail == "shell" {
+        // Only the shell the trusted initrd brought: an archive loaded
+        // before it could have put any program at /bin/sh.
+        match shell.map(open_brought) {
+            Some(Ok(_)) => {
+                eprintln!("imgdeploy: dropping to a shell");
+                let sh = CString::new(shell.map_or("/bin/sh", |s| s.path.as_str())).expect("no NUL");
+                let _ = nix::unistd::execv(&sh, std::slice::from_ref(&sh));
+            }
+            Some(Err(e)) => eprintln!("imgdeploy: not running the shell: {e:#}"),
+            None => eprintln!("imgdeploy: no shell: the initrd was built without imgbuild netboot --shell"),
+        }
     }
     let mode = if params.onfail == "reboot" { RebootMode::RB_AUTOBOOT } else { RebootMode::RB_POWER_OFF };
     eprintln!("imgdeploy: {}", if params.onfail == "reboot" { "rebooting" } else { "powering off" });
@@ -218,11 +306,15 @@ pub fn boot_main() -> ! {
     };
     let params = BootParams::parse(&cmdline);
     eprintln!("imgdeploy {}: netboot, overlay={}, init={}", env!("CARGO_PKG_VERSION"), params.overlay, params.init);
-    let result = prepare(&params).and_then(|init| switch_root(&init).map(|_| ()));
+    let policy = mount_basics().and_then(|()| read_policy());
+    let result = match &policy {
+        Ok(policy) => prepare(&params, policy).and_then(|init| switch_root(&init).map(|_| ())),
+        Err(e) => Err(anyhow::anyhow!("{e:#}")),
+    };
     if let Err(e) = result {
         eprintln!("imgdeploy: REFUSING TO BOOT: {e:#}");
     }
-    fail(&params)
+    fail(&params, policy.as_ref().ok().and_then(|p| p.shell.as_ref()))
 }
 
 #[cfg(test)]
@@ -233,8 +325,10 @@ mod tests {
     fn command_line() {
         assert_eq!(
             BootParams::parse("quiet console=ttyS0"),
-            BootParams { overlay: true, init: "/sbin/init".into(), onfail: "poweroff".into() }
+            BootParams { overlay: true, init: "/sbin/init".into(), onfail: "poweroff".into(), allow_expired: false }
         );
+        assert!(BootParams::parse("imgdeploy.allow_expired=1").allow_expired);
+        assert!(!BootParams::parse("imgdeploy.allow_expired=0").allow_expired);
         let p = BootParams::parse("imgdeploy.overlay=0 imgdeploy.init=/bin/sh imgdeploy.onfail=shell");
         assert_eq!((p.overlay, p.init.as_str(), p.onfail.as_str()), (false, "/bin/sh", "shell"));
         let p = BootParams::parse("imgdeploy.init=relative imgdeploy.onfail=explode");

@@ -72,7 +72,7 @@ complete -c imgbuild -n "__fish_imgbuild_using_subcommand netboot" -l pub -d 'Tr
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand netboot" -l kernel -d 'Kernel image to boot (e.g. /boot/vmlinuz-6.1.0-28-amd64)' -r -F
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand netboot" -l modules -d 'That kernel\'s module directory (e.g. /lib/modules/6.1.0-28-amd64)' -r -F
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand netboot" -l out -d 'Output directory' -r -F
-complete -c imgbuild -n "__fish_imgbuild_using_subcommand netboot" -l init -d 'Binary to run as /init (default: imgdeploy beside imgbuild)' -r -F
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand netboot" -l init -d 'A statically linked imgdeploy to run as /init (default: /usr/lib/imgdeploy/netboot-init from the imgbuild package; scripts/build-netboot-init.sh builds one)' -r -F
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand netboot" -l shell -d 'A static shell to include as /bin/sh for imgdeploy.onfail=shell (e.g. /bin/busybox)' -r -F
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand netboot" -l cmdline -d 'Extra kernel command line written into boot.ipxe' -r
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand netboot" -l json -d 'Print the summary as JSON'

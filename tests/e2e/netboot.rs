@@ -6,18 +6,18 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use imgdeploy_builder::cpio::CpioWriter;
 use imgdeploy_tests::qemu::{self, prerequisites};
-use imgdeploy_tests::{build_image, run, run_bin, Keys};
+use imgdeploy_tests::{bin, build_image, netboot_init, run, run_bin, Keys};
 
 fn boot(kernel: &Path, initrd: &Path, append: &str) -> String {
     qemu::boot(kernel, initrd, append, &[], 90)
 }
 
-#[test]
-fn privileged_netboot_boots_the_signed_image_in_qemu() {
-    let Some((kernel, modules)) = prerequisites("privileged_netboot_boots_the_signed_image_in_qemu") else { return };
-    let work = tempfile::tempdir().unwrap();
-    let tree = work.path().join("tree");
+/// A tree whose /sbin/init (a busybox script) prints
+/// `IMGDEPLOY-MARKER version=<version> write=ok|refused` and powers off.
+fn marker_tree(dir: &Path, version: &str) -> PathBuf {
+    let tree = dir.join(format!("tree-{version}"));
     for d in ["bin", "sbin", "etc", "proc", "sys", "dev", "run", "tmp"] {
         fs::create_dir_all(tree.join(d)).unwrap();
     }
@@ -28,31 +28,74 @@ fn privileged_netboot_boots_the_signed_image_in_qemu() {
     )
     .unwrap();
     run(Command::new("chmod").arg("755").arg(tree.join("sbin/init"))).ok();
-    fs::write(tree.join("etc/image-version"), "nb-42").unwrap();
+    fs::write(tree.join("etc/image-version"), version).unwrap();
+    tree
+}
+
+/// `imgbuild netboot` for `manifest`, trusting `public`, into `out`, with the static init.
+fn netboot(
+    manifest: &Path,
+    public: &Path,
+    kernel: &Path,
+    modules: &Path,
+    out: &Path,
+    extra: &[&str],
+) -> serde_json::Value {
+    let mut args: Vec<&str> = vec![
+        "netboot",
+        "--manifest",
+        manifest.to_str().unwrap(),
+        "--pub",
+        public.to_str().unwrap(),
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--modules",
+        modules.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
+    ];
+    let init = netboot_init();
+    args.extend(["--init", init.to_str().unwrap()]);
+    args.extend(extra);
+    run_bin("imgbuild", args).ok().json()
+}
+
+/// A newc cpio archive of `(path, mode, bytes)` files (parents created 0755).
+fn cpio(files: &[(&str, u32, &[u8])]) -> Vec<u8> {
+    let mut w = CpioWriter::new(Vec::new());
+    for (name, perm, bytes) in files {
+        w.parent_dirs(name).unwrap();
+        w.file(name, *perm, bytes.len() as u64, *bytes).unwrap();
+    }
+    w.finish().unwrap()
+}
+
+/// Writes the concatenation of `parts` (each padded to 4 bytes) to `dst`.
+fn concat(dst: &Path, parts: &[Vec<u8>]) -> PathBuf {
+    let mut all = Vec::new();
+    for p in parts {
+        all.extend_from_slice(p);
+        all.resize(all.len().div_ceil(4) * 4, 0);
+    }
+    fs::write(dst, all).unwrap();
+    dst.to_owned()
+}
+
+fn read(p: &Path) -> Vec<u8> {
+    fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+#[test]
+fn privileged_netboot_boots_the_signed_image_in_qemu() {
+    let Some((kernel, modules)) = prerequisites("privileged_netboot_boots_the_signed_image_in_qemu") else { return };
+    let work = tempfile::tempdir().unwrap();
+    let tree = marker_tree(work.path(), "nb-42");
     let keys = Keys::generate();
     let repo = work.path().join("repo");
     build_image(&tree, &keys, "stable", &repo, &["--version", "nb-42"]);
     let out = work.path().join("out");
-    let manifest = repo.join("stable.json");
-    let r = run_bin(
-        "imgbuild",
-        [
-            "netboot",
-            "--manifest",
-            manifest.to_str().unwrap(),
-            "--pub",
-            keys.public.to_str().unwrap(),
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--modules",
-            modules.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--json",
-        ],
-    )
-    .ok()
-    .json();
+    let r = netboot(&repo.join("stable.json"), &keys.public, &kernel, &modules, &out, &[]);
     assert!(r["modules"].as_array().unwrap().iter().any(|m| m.as_str().unwrap().ends_with("squashfs.ko")), "{r}");
     for f in ["initrd.img", "image.cpio", "initrd-combined.img", "vmlinuz", "boot.ipxe", "netboot.json"] {
         assert!(out.join(f).exists(), "{f} missing");
@@ -72,39 +115,127 @@ fn privileged_netboot_boots_the_signed_image_in_qemu() {
     assert!(log.contains("IMGDEPLOY-MARKER version=nb-42 write=refused"), "{log}");
 
     // One flipped byte in the image: the boot is refused, nothing runs.
-    let mut cpio = fs::read(out.join("image.cpio")).unwrap();
+    let mut cpio = read(&out.join("image.cpio"));
     let at = cpio.windows(4).position(|w| w == b"hsqs").expect("image inside image.cpio") + 3000;
     cpio[at] ^= 0x01;
-    let tampered = work.path().join("tampered.img");
-    fs::write(&tampered, [cpio, fs::read(out.join("initrd.img")).unwrap()].concat()).unwrap();
+    let tampered = concat(&work.path().join("tampered.img"), &[cpio, read(&out.join("initrd.img"))]);
     let log = boot(&out.join("vmlinuz"), &tampered, "");
     assert!(log.contains("imgdeploy: REFUSING TO BOOT") && log.contains("sha256"), "{log}");
     assert!(!log.contains("IMGDEPLOY-MARKER"), "a tampered image was booted:\n{log}");
 }
 
+/// Issue 12, items 3 and 14: whoever ships `image.cpio` (a mirror, the PXE
+/// server) but not the signing key or the trusted `initrd.img` must not get
+/// anything booted that the initrd's builder did not allow: not an image
+/// signed by a key the archive adds, not another channel, not an older
+/// serial, not an expired manifest (unless the command line says so), and
+/// not a program the archive brings.
 #[test]
-fn netboot_refuses_a_tampered_image_and_writes_nothing() {
+fn privileged_netboot_boots_only_what_the_trusted_initrd_allows() {
+    let Some((kernel, modules)) = prerequisites("privileged_netboot_boots_only_what_the_trusted_initrd_allows") else {
+        return;
+    };
+    let work = tempfile::tempdir().unwrap();
+    let ours = Keys::generate();
+    let theirs = Keys::generate();
+    let repo = work.path().join("repo");
+    build_image(&marker_tree(work.path(), "good-1"), &ours, "stable", &repo, &["--version", "good-1"]);
+    let old = work.path().join("old");
+    netboot(&repo.join("stable.json"), &ours.public, &kernel, &modules, &old, &[]);
+    build_image(&marker_tree(work.path(), "good-2"), &ours, "stable", &repo, &["--version", "good-2"]);
+    let out = work.path().join("out");
+    let r = netboot(&repo.join("stable.json"), &ours.public, &kernel, &modules, &out, &[]);
+    let initrd = read(&out.join("initrd.img"));
+    let vmlinuz = out.join("vmlinuz");
+    let log = boot(&vmlinuz, &out.join("initrd-combined.img"), "");
+    assert!(log.contains("IMGDEPLOY-MARKER version=good-2"), "{log}");
+
+    // 1. Their own key and their own signed image: the key goes where /init
+    //    looked for keys, with a policy of their own and an ld.so.preload.
+    let evil_repo = work.path().join("evil-repo");
+    build_image(
+        &marker_tree(work.path(), "evil"),
+        &theirs,
+        "stable",
+        &evil_repo,
+        &["--version", "evil", "--serial", "99"],
+    );
+    let evil = work.path().join("evil");
+    netboot(&evil_repo.join("stable.json"), &theirs.public, &kernel, &modules, &evil, &[]);
+    let their_pem = read(&theirs.public);
+    let extras = cpio(&[
+        ("etc/imgdeploy/keys/zz-theirs.pub", 0o644, &their_pem),
+        ("etc/imgdeploy/keys/trusted-9.pub", 0o644, &their_pem),
+        ("etc/ld.so.preload", 0o644, b"/lib/x86_64-linux-gnu/libevil.so\n"),
+    ]);
+    let attack = concat(&work.path().join("attack-key.img"), &[read(&evil.join("image.cpio")), extras, initrd.clone()]);
+    let log = boot(&vmlinuz, &attack, "");
+    assert!(log.contains("REFUSING TO BOOT") && log.contains("does not verify"), "{log}");
+    assert!(!log.contains("IMGDEPLOY-MARKER"), "an image signed by a key the archive brought was booted:\n{log}");
+
+    // 2. Our key, another channel.
+    let beta_repo = work.path().join("beta-repo");
+    build_image(&marker_tree(work.path(), "beta"), &ours, "beta", &beta_repo, &["--version", "beta", "--serial", "99"]);
+    let beta = work.path().join("beta");
+    netboot(&beta_repo.join("beta.json"), &ours.public, &kernel, &modules, &beta, &[]);
+    let attack = concat(&work.path().join("attack-channel.img"), &[read(&beta.join("image.cpio")), initrd.clone()]);
+    let log = boot(&vmlinuz, &attack, "");
+    assert!(log.contains("REFUSING TO BOOT") && log.contains("channel beta"), "{log}");
+    assert!(!log.contains("IMGDEPLOY-MARKER"), "another channel's image was booted:\n{log}");
+
+    // 3. Our key, our channel, an older serial.
+    let attack = concat(&work.path().join("attack-replay.img"), &[read(&old.join("image.cpio")), initrd.clone()]);
+    let log = boot(&vmlinuz, &attack, "");
+    assert!(log.contains("REFUSING TO BOOT") && log.contains("serial 1"), "{log}");
+    assert!(!log.contains("IMGDEPLOY-MARKER"), "an older serial was booted:\n{log}");
+
+    // 4. A shell the archive brings, with a command line asking for it on failure.
+    let mut image = read(&out.join("image.cpio"));
+    let at = image.windows(4).position(|w| w == b"hsqs").unwrap() + 3000;
+    image[at] ^= 1;
+    let busybox = read(Path::new("/bin/busybox"));
+    let planted = cpio(&[
+        ("bin/busybox", 0o755, &busybox),
+        ("bin/sh", 0o755, b"#!/bin/busybox sh\n/bin/busybox echo PLANTED-SHELL-RAN\n/bin/busybox poweroff -f\n"),
+    ]);
+    let attack = concat(&work.path().join("attack-shell.img"), &[image, planted, initrd.clone()]);
+    let log = boot(&vmlinuz, &attack, "imgdeploy.onfail=shell");
+    assert!(log.contains("REFUSING TO BOOT"), "{log}");
+    assert!(!log.contains("PLANTED-SHELL-RAN"), "a shell the archive brought was run as PID 1:\n{log}");
+
+    // 5. Expired: refused unless the command line allows it.
+    build_image(
+        &marker_tree(work.path(), "good-3"),
+        &ours,
+        "stable",
+        &repo,
+        &["--version", "good-3", "--expires-in", "25s"],
+    );
+    let short = work.path().join("short");
+    let started = std::time::Instant::now();
+    netboot(&repo.join("stable.json"), &ours.public, &kernel, &modules, &short, &[]);
+    std::thread::sleep(std::time::Duration::from_secs(27).saturating_sub(started.elapsed()));
+    let log = boot(&short.join("vmlinuz"), &short.join("initrd-combined.img"), "");
+    assert!(log.contains("REFUSING TO BOOT") && log.contains("expired"), "{log}");
+    assert!(!log.contains("IMGDEPLOY-MARKER"), "an expired manifest was booted:\n{log}");
+    let log = boot(&short.join("vmlinuz"), &short.join("initrd-combined.img"), "imgdeploy.allow_expired=1");
+    assert!(log.contains("IMGDEPLOY-MARKER version=good-3"), "{log}");
+    // What the initrd allows is in the summary.
+    assert_eq!((r["policy"]["channel"].as_str(), r["policy"]["min_serial"].as_u64()), (Some("stable"), Some(2)), "{r}");
+}
+
+/// A dynamically linked /init would let an earlier archive's
+/// /etc/ld.so.preload run code as PID 1 before any check: refused.
+#[test]
+fn netboot_refuses_a_dynamically_linked_init() {
     let work = tempfile::tempdir().unwrap();
     let tree = work.path().join("tree");
     fs::create_dir_all(&tree).unwrap();
-    fs::write(tree.join("f"), vec![1u8; 50_000]).unwrap();
+    fs::write(tree.join("f"), b"x").unwrap();
     let keys = Keys::generate();
     let repo = work.path().join("repo");
-    let b = build_image(&tree, &keys, "stable", &repo, &[]);
-    let image = PathBuf::from(b["image"].as_str().unwrap());
-    let mut bytes = fs::read(&image).unwrap();
-    bytes[100] ^= 1;
-    fs::write(&image, bytes).unwrap();
-    let modules = work.path().join("modules");
-    fs::create_dir_all(&modules).unwrap();
-    fs::write(modules.join("modules.dep"), "").unwrap();
-    fs::write(
-        modules.join("modules.builtin"),
-        "kernel/drivers/block/loop.ko\nkernel/fs/squashfs/squashfs.ko\nkernel/fs/overlayfs/overlay.ko\n",
-    )
-    .unwrap();
-    let kernel = work.path().join("vmlinuz");
-    fs::write(&kernel, b"kernel").unwrap();
+    build_image(&tree, &keys, "stable", &repo, &[]);
+    let (kernel, modules) = fake_kernel(work.path());
     let out = work.path().join("out");
     run_bin(
         "imgbuild",
@@ -120,6 +251,84 @@ fn netboot_refuses_a_tampered_image_and_writes_nothing() {
             modules.to_str().unwrap(),
             "--out",
             out.to_str().unwrap(),
+            "--init",
+            bin("imgdeploy").to_str().unwrap(),
+        ],
+    )
+    .fails_with("dynamically linked");
+    assert!(!out.join("initrd.img").exists());
+}
+
+/// Output names are not predictable paths that follow symlinks (issue 12, item 13).
+#[test]
+fn netboot_temp_files_do_not_follow_planted_symlinks() {
+    let work = tempfile::tempdir().unwrap();
+    let tree = work.path().join("tree");
+    fs::create_dir_all(&tree).unwrap();
+    fs::write(tree.join("f"), b"x").unwrap();
+    let keys = Keys::generate();
+    let repo = work.path().join("repo");
+    build_image(&tree, &keys, "stable", &repo, &[]);
+    let (kernel, modules) = fake_kernel(work.path());
+    let out = work.path().join("out");
+    fs::create_dir_all(&out).unwrap();
+    let victim = work.path().join("victim");
+    fs::write(&victim, b"precious").unwrap();
+    for name in ["initrd.img", "image.cpio", "initrd-combined.img", "vmlinuz", "boot.ipxe", "netboot.json"] {
+        std::os::unix::fs::symlink(&victim, out.join(format!(".tmp-{name}"))).unwrap();
+    }
+    netboot(&repo.join("stable.json"), &keys.public, &kernel, &modules, &out, &[]);
+    assert_eq!(read(&victim), b"precious", "netboot wrote through a planted symlink");
+    assert!(fs::symlink_metadata(out.join("initrd.img")).unwrap().file_type().is_file());
+}
+
+/// A kernel and module directory good enough for `imgbuild netboot` to
+/// package (loop, squashfs and overlay built in); nothing boots them.
+fn fake_kernel(dir: &Path) -> (PathBuf, PathBuf) {
+    let modules = dir.join("modules");
+    fs::create_dir_all(&modules).unwrap();
+    fs::write(modules.join("modules.dep"), "").unwrap();
+    fs::write(
+        modules.join("modules.builtin"),
+        "kernel/drivers/block/loop.ko\nkernel/fs/squashfs/squashfs.ko\nkernel/fs/overlayfs/overlay.ko\n",
+    )
+    .unwrap();
+    let kernel = dir.join("vmlinuz");
+    fs::write(&kernel, b"kernel").unwrap();
+    (kernel, modules)
+}
+
+#[test]
+fn netboot_refuses_a_tampered_image_and_writes_nothing() {
+    let work = tempfile::tempdir().unwrap();
+    let tree = work.path().join("tree");
+    fs::create_dir_all(&tree).unwrap();
+    fs::write(tree.join("f"), vec![1u8; 50_000]).unwrap();
+    let keys = Keys::generate();
+    let repo = work.path().join("repo");
+    let b = build_image(&tree, &keys, "stable", &repo, &[]);
+    let image = PathBuf::from(b["image"].as_str().unwrap());
+    let mut bytes = fs::read(&image).unwrap();
+    bytes[100] ^= 1;
+    fs::write(&image, bytes).unwrap();
+    let (kernel, modules) = fake_kernel(work.path());
+    let out = work.path().join("out");
+    run_bin(
+        "imgbuild",
+        [
+            "netboot",
+            "--manifest",
+            repo.join("stable.json").to_str().unwrap(),
+            "--pub",
+            keys.public.to_str().unwrap(),
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--modules",
+            modules.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--init",
+            netboot_init().to_str().unwrap(),
         ],
     )
     .fails_with("refusing to package it");

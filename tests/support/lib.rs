@@ -56,6 +56,23 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
+/// The statically linked `imgdeploy` that `imgbuild netboot` packs as
+/// `/init`: `$IMGDEPLOY_NETBOOT_INIT` (the test script builds it first), or
+/// built here once with `scripts/build-netboot-init.sh`.
+pub fn netboot_init() -> PathBuf {
+    static INIT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    INIT.get_or_init(|| {
+        if let Some(p) = std::env::var_os("IMGDEPLOY_NETBOOT_INIT") {
+            return PathBuf::from(p);
+        }
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/build-netboot-init.sh");
+        let r = run(Command::new("bash").arg(script));
+        assert_eq!(r.code, 0, "building the static netboot init failed:\n{}", r.stderr);
+        PathBuf::from(r.stdout.trim())
+    })
+    .clone()
+}
+
 /// A finished command.
 #[derive(Debug)]
 pub struct Run {
