@@ -173,7 +173,9 @@ fn dry_run(agent: &ureq::Agent, fetched: &crate::fetch::FetchedManifest, layout:
         return Ok(full(r.size));
     }
     let image_loc = fetched.location.sibling(&m.image.path);
-    let (st, _) = delta::build(agent, &image_loc, m, &idx.index, &seeds, layout, SlotId::A, true)?;
+    // A dry run plans from the index alone; it sends no Range request.
+    let budget = delta::Budget::starting_now(Duration::from_secs(86_400));
+    let (st, _) = delta::build(agent, budget, &image_loc, m, &idx.index, &seeds, layout, SlotId::A, true)?;
     Ok(Outcome::WouldUpdate {
         serial: m.serial,
         mode: "delta",
@@ -378,19 +380,26 @@ fn apply_locked(cfg: &Config, opts: &ApplyOptions, layout: &Layout, state: &mut 
         // then does one replace the other (`install_verified`).
         let seeds = if index.is_some() { local_seeds(layout) } else { Vec::new() };
         let mut delta_done = None;
+        // download_timeout bounds the image transfer as a whole: every Range
+        // request of a delta, and a full download that falls back from it.
+        let budget = delta::Budget::starting_now(cfg.download_timeout);
+        let mut full_agent = image_agent.clone();
         if let Some(idx) = &index {
             if seeds.is_empty() {
                 tracing::info!("no local image to reuse chunks from; downloading the whole image");
             } else {
-                match delta::build(&image_agent, &image_loc, &m, &idx.index, &seeds, layout, standby, false) {
+                match delta::build(&image_agent, budget, &image_loc, &m, &idx.index, &seeds, layout, standby, false) {
                     Ok((st, Some(f))) => delta_done = Some((st, f)),
                     Ok((_, None)) => unreachable!("only dry runs return no file"),
+                    Err(e @ delta::DeltaError::Timeout { .. }) => return Err(e.into()),
                     Err(e) => {
                         tracing::warn!("delta update failed: {e}; falling back to a full download");
                         for p in [layout.partial(standby), layout.partial_meta(standby)] {
                             // Absent is fine; a real problem shows up in the full download.
                             let _ = std::fs::remove_file(p);
                         }
+                        let left = budget.deadline.saturating_duration_since(Instant::now());
+                        full_agent = http_agent(Duration::from_secs(60).min(left), left);
                     }
                 }
             }
@@ -419,7 +428,7 @@ fn apply_locked(cfg: &Config, opts: &ApplyOptions, layout: &Layout, state: &mut 
                     f,
                 )
             }
-            None => download_image(&image_agent, &image_loc, &m, layout, standby)?,
+            None => download_image(&full_agent, &image_loc, &m, layout, standby)?,
         };
         verified_file = Some(file);
         install_verified(layout, standby, &fetched, index.as_ref().map(|i| i.bytes.as_slice()))?;

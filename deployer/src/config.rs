@@ -195,8 +195,9 @@ pub struct Config {
     pub machine_id: Option<String>,
     /// Where to write Prometheus text-format metrics after every apply.
     pub metrics_file: Option<PathBuf>,
-    /// Longest an image download may take; a server that stalls fails the
-    /// apply after this (the partial download is kept and resumed).
+    /// Longest an image transfer may take, all of a delta's requests and a
+    /// fallback full download together; a server that stalls fails the apply
+    /// after this (a partial full download is kept and resumed).
     pub download_timeout: Duration,
 }
 

@@ -18,6 +18,7 @@ use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read};
 use std::os::unix::fs::FileExt;
+use std::time::{Duration, Instant};
 
 use imgdeploy_common::chunk::{Chunk, ChunkHash, ChunkIndex, IndexError};
 use imgdeploy_common::digest::{Sha256Digest, StreamHasher};
@@ -33,6 +34,10 @@ use crate::state::{Layout, SlotId};
 const RANGES_PER_REQUEST: usize = 32;
 /// Longest header line accepted inside a multipart body.
 const MAX_PART_HEADER: u64 = 4096;
+/// Header lines accepted per part (servers send two or three).
+const MAX_PART_HEADERS: usize = 16;
+/// Blank lines accepted before a part's delimiter (RFC 2046 puts one there).
+const MAX_BLANK_LINES: usize = 4;
 
 /// Why a delta could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +61,17 @@ pub enum DeltaError {
         /// Why.
         #[source]
         err: IndexError,
+    },
+    /// The delta as a whole took longer than `download_timeout`.
+    #[error(
+        "the delta from {url} did not finish within download_timeout ({}); rerun, or raise download_timeout if the link is this slow",
+        humantime::format_duration(*limit)
+    )]
+    Timeout {
+        /// Where.
+        url: String,
+        /// The budget for all of the delta's requests together.
+        limit: std::time::Duration,
     },
     /// The server does not honour Range requests.
     #[error("{0} ignores HTTP Range requests")]
@@ -263,10 +279,33 @@ fn read_line(r: &mut impl BufRead) -> io::Result<String> {
     Ok(imgdeploy_common::text::printable(String::from_utf8_lossy(&line).trim_end()))
 }
 
-/// Fetches `ranges` (chunk index pairs) and writes their verified chunks.
+/// Time left for the whole delta, which `download_timeout` bounds as one
+/// transfer (however many requests it takes).
+#[derive(Debug, Clone, Copy)]
+pub struct Budget {
+    /// When it runs out.
+    pub deadline: Instant,
+    /// Its length, for messages.
+    pub limit: Duration,
+}
+
+impl Budget {
+    /// A budget of `limit` starting now.
+    pub fn starting_now(limit: Duration) -> Self {
+        Budget { deadline: Instant::now() + limit, limit }
+    }
+
+    fn left(&self) -> Option<Duration> {
+        self.deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero())
+    }
+}
+
+/// Fetches `ranges` (chunk index pairs) and writes their verified chunks;
+/// fails unless every chunk in `ranges` arrived before the budget ran out.
 #[allow(clippy::too_many_arguments)]
 fn fetch_ranges(
     agent: &ureq::Agent,
+    budget: Budget,
     url: &str,
     new: &ChunkIndex,
     ranges: &[(usize, usize)],
@@ -284,11 +323,19 @@ fn fetch_ranges(
             format!("{s}-{e}")
         })
         .collect();
+    let out_of_time = || DeltaError::Timeout { url: url.to_owned(), limit: budget.limit };
+    let left = budget.left().ok_or_else(out_of_time)?;
     let resp = agent
         .get(url)
+        .config()
+        .timeout_global(Some(left))
+        .build()
         .header("Range", &format!("bytes={}", spec.join(",")))
         .call()
-        .map_err(|e| FetchError::Transport { url: url.to_owned(), message: e.to_string() })?;
+        .map_err(|e| match budget.left() {
+            None => out_of_time(),
+            Some(_) => FetchError::Transport { url: url.to_owned(), message: e.to_string() }.into(),
+        })?;
     stats.requests += 1;
     match resp.status().as_u16() {
         206 => {}
@@ -298,8 +345,11 @@ fn fetch_ranges(
     let ctype = header_value(&resp, "content-type").unwrap_or_default();
     let single = header_value(&resp, "content-range");
     let mut body = BufReader::with_capacity(1 << 20, resp.into_body().into_reader());
-    let transport =
-        |e: io::Error| FetchError::Transport { url: url.to_owned(), message: format!("transfer broke: {e}") };
+    let transport = |e: io::Error| match budget.left() {
+        None => out_of_time(),
+        Some(_) => FetchError::Transport { url: url.to_owned(), message: format!("transfer broke: {e}") }.into(),
+    };
+    let mut received = vec![false; new.chunks.len()];
     let mut buf = Vec::new();
     let mut write_part =
         |body: &mut dyn Read, start: u64, end: u64, stats: &mut DeltaStats| -> Result<(), DeltaError> {
@@ -318,6 +368,7 @@ fn fetch_ranges(
                     return Err(DeltaError::Chunk { url: url.to_owned(), offset: c.offset });
                 }
                 out.write_all_at(&buf, c.offset).map_err(disk)?;
+                received[i] = true;
                 stats.downloaded += c.len as u64;
                 stats.chunks_fetched += 1;
                 pb.inc(c.len as u64);
@@ -329,11 +380,17 @@ fn fetch_ranges(
         ctype.split(';').find_map(|p| p.trim().strip_prefix("boundary=")).map(|b| b.trim_matches('"').to_owned())
     {
         let delim = format!("--{boundary}");
+        let mut blank = 0;
         loop {
             let line = read_line(&mut body).map_err(transport)?;
             if line.is_empty() {
+                blank += 1;
+                if blank > MAX_BLANK_LINES {
+                    return Err(bad(format!("more than {MAX_BLANK_LINES} blank lines between parts")));
+                }
                 continue;
             }
+            blank = 0;
             if line == format!("{delim}--") {
                 break;
             }
@@ -341,10 +398,15 @@ fn fetch_ranges(
                 return Err(bad(format!("unexpected line in multipart body: {line:.80}")));
             }
             let mut range = None;
+            let mut headers = 0;
             loop {
                 let h = read_line(&mut body).map_err(transport)?;
                 if h.is_empty() {
                     break;
+                }
+                headers += 1;
+                if headers > MAX_PART_HEADERS {
+                    return Err(bad(format!("a part has more than {MAX_PART_HEADERS} header lines")));
                 }
                 if let Some((k, v)) = h.split_once(':') {
                     if k.trim().eq_ignore_ascii_case("content-range") {
@@ -361,6 +423,14 @@ fn fetch_ranges(
             .and_then(parse_content_range)
             .ok_or_else(|| bad("206 without a valid Content-Range".into()))?;
         write_part(&mut body, a, b, stats)?;
+    }
+    // Parts may come in any order, but none may be missing.
+    if let Some(i) = ranges.iter().flat_map(|&(a, b)| a..=b).find(|&i| !received[i]) {
+        return Err(bad(format!(
+            "it left out the chunk at offset {} (asked for {} ranges)",
+            new.chunks[i].offset,
+            ranges.len()
+        )));
     }
     Ok(())
 }
@@ -385,6 +455,7 @@ fn progress(total: u64) -> ProgressBar {
 #[allow(clippy::too_many_arguments)]
 pub fn build(
     agent: &ureq::Agent,
+    budget: Budget,
     image: &Location,
     m: &Manifest,
     new: &ChunkIndex,
@@ -426,7 +497,7 @@ pub fn build(
     // 1. Fetch what no local image has, in coalesced multi-range requests.
     let missing: Vec<usize> = (0..sources.len()).filter(|&i| sources[i] == Source::Fetch).collect();
     for batch in coalesce(&missing).chunks(RANGES_PER_REQUEST) {
-        fetch_ranges(agent, &url, new, batch, &out, &path, &mut stats, &pb)?;
+        fetch_ranges(agent, budget, &url, new, batch, &out, &path, &mut stats, &pb)?;
     }
     // 2. One pass in image order: copy local chunks (verifying each), and
     //    hash the whole image exactly as it is written. The whole-image hash
@@ -469,7 +540,7 @@ pub fn build(
                         }
                     } else {
                         tracing::warn!("local copy of the chunk at offset {} is corrupt; fetching it", c.offset);
-                        fetch_ranges(agent, &url, new, &[(i, i)], &out, &path, &mut stats, &pb)?;
+                        fetch_ranges(agent, budget, &url, new, &[(i, i)], &out, &path, &mut stats, &pb)?;
                         buf.resize(c.len as usize, 0);
                         out.read_exact_at(&mut buf, c.offset).map_err(disk)?;
                     }

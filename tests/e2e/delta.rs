@@ -7,7 +7,9 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use imgdeploy_common::manifest::Manifest;
 use imgdeploy_tests::deploy::Deployment;
+use imgdeploy_tests::faults::{FaultServer, Reply};
 use imgdeploy_tests::{bin, noise, require_root};
 
 /// A tree of `n` incompressible files of 20..120 KiB, deterministic per `seed`.
@@ -208,4 +210,111 @@ fn privileged_killed_delta_resumes() {
     assert!(r["download"]["resumed_from"].as_u64().unwrap() > 0, "nothing resumed: {r}");
     assert_eq!(slot_image(&d, "b"), published_image(&d, &v2));
     d.assert_no_leaks();
+}
+
+/// Serves every file of the repository from a fault server, the image by `image`.
+fn fault_repo(d: &Deployment, image: Reply) -> (FaultServer, String) {
+    let f = FaultServer::start();
+    let m = Manifest::parse(&fs::read(d.repo.join("stable.json")).unwrap()).unwrap();
+    for entry in walk(&d.repo) {
+        let rel = entry.strip_prefix(&d.repo).unwrap().to_str().unwrap().to_owned();
+        f.route(&format!("/{rel}"), Reply::Body(fs::read(&entry).unwrap()));
+    }
+    f.route(&format!("/{}", m.image.path), image);
+    let src = f.url("/stable.json");
+    (f, src)
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// Issue 12, item 5: a hostile server (a mirror) answering the delta's
+/// Range requests cannot hold `apply` past `download_timeout`: not with
+/// endless blank lines or header lines inside the multipart body, not with
+/// an answer that leaves chunks out, not by answering each batch slowly
+/// enough to pass a per-request timeout.
+#[test]
+fn privileged_a_hostile_range_answer_cannot_stall_the_delta() {
+    if !require_root("privileged_a_hostile_range_answer_cannot_stall_the_delta") {
+        return;
+    }
+    let d = Deployment::new("", "");
+    let tree = d.dir.path().join("tree");
+    make_tree(&tree, 400, 1);
+    d.publish_tree(&tree, "v1");
+    d.imgdeploy(&["apply"]).ok();
+    // Every fifth file changes: many separate runs of missing chunks, so several requests.
+    for i in (0..400usize).step_by(5) {
+        write_noise(&tree.join(format!("d{}/f{i:04}", i % 7)), 30_000, 5000 + i as u64);
+    }
+    d.publish_tree(&tree, "v2");
+    let plan = d.imgdeploy(&["apply", "--dry-run", "--json"]).ok().json();
+    let requests = plan["requests"].as_u64().unwrap();
+    assert!(requests >= 3, "the test needs several delta requests: {plan}");
+    let image = {
+        let m = Manifest::parse(&fs::read(d.repo.join("stable.json")).unwrap()).unwrap();
+        fs::read(d.repo.join(&m.image.path)).unwrap()
+    };
+    let cfg = fs::read_to_string(&d.config).unwrap();
+    let set_timeout = |t: &str| fs::write(&d.config, format!("{cfg}download_timeout = \"{t}\"\n")).unwrap();
+
+    let refused = |what: &str, reply: Reply, needle: &str, limit: Duration| {
+        let (_f, src) = fault_repo(&d, reply);
+        let t = Instant::now();
+        let r = d.imgdeploy(&["apply", "--source", &src]);
+        let took = t.elapsed();
+        assert_ne!(r.code, 0, "{what}: apply succeeded\n{}", r.stderr);
+        assert!(r.stderr.contains(needle), "{what}: stderr lacks {needle:?}:\n{}", r.stderr);
+        assert!(took < limit, "{what}: apply took {took:?}, more than {limit:?}:\n{}", r.stderr);
+        assert_eq!(d.active_version().as_deref(), Some("v1"), "{what}");
+        d.assert_link_sound();
+        d.assert_no_leaks();
+    };
+    set_timeout("20s");
+    let quick = Duration::from_secs(10);
+    refused("endless blank lines", Reply::Multipart { head: vec![], repeat: b"\r\n".to_vec() }, "blank lines", quick);
+    refused(
+        "endless header lines",
+        Reply::Multipart { head: b"--B\r\n".to_vec(), repeat: b"X-Pad: y\r\n".to_vec() },
+        "header lines",
+        quick,
+    );
+    refused(
+        "an empty multipart answer",
+        Reply::Multipart { head: b"--B--\r\n".to_vec(), repeat: vec![] },
+        "left out",
+        quick,
+    );
+
+    // Each request answered correctly but slowly: fine with time to spare...
+    set_timeout("60s");
+    let (f, src) = fault_repo(&d, Reply::SlowRanges(image.clone(), Duration::from_millis(1200)));
+    // ...but not past download_timeout in total (each request alone is within it).
+    set_timeout("3s");
+    let t = Instant::now();
+    let r = d.imgdeploy(&["apply", "--source", &src]);
+    assert_ne!(
+        r.code, 0,
+        "a delta of {requests} requests of 1.2 s each finished within a 3 s download_timeout?\n{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("download_timeout"), "{}", r.stderr);
+    assert!(t.elapsed() < Duration::from_secs(8), "took {:?}", t.elapsed());
+    assert_eq!(d.active_version().as_deref(), Some("v1"));
+    set_timeout("60s");
+    let ok = d.imgdeploy(&["apply", "--source", &src, "--json"]);
+    assert_eq!(ok.code, 0, "{}", ok.stderr);
+    assert_eq!(ok.json()["download"]["mode"], "delta", "{}", ok.stdout);
+    assert_eq!(d.active_version().as_deref(), Some("v2"));
+    drop(f);
 }

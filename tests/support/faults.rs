@@ -30,6 +30,58 @@ pub enum Reply {
     WrongRange(Vec<u8>),
     /// 200 with no length and a body that never ends.
     Endless,
+    /// Range requests answered correctly (multipart/byteranges for several
+    /// ranges), each after sleeping this long.
+    SlowRanges(Vec<u8>, Duration),
+    /// 206 multipart/byteranges with boundary `B` and no length: `head`, then
+    /// `repeat` every 10 ms until the client hangs up (or nothing, if empty).
+    Multipart {
+        /// Sent first.
+        head: Vec<u8>,
+        /// Sent over and over after it.
+        repeat: Vec<u8>,
+    },
+}
+
+/// Answers `Range: bytes=a-b,c-d,...` over `body` (one part, or multipart/byteranges).
+fn ranges_reply(out: &mut TcpStream, body: &[u8], range: &str) -> std::io::Result<()> {
+    let ranges: Vec<(usize, usize)> = range
+        .trim()
+        .strip_prefix("bytes=")
+        .unwrap_or("")
+        .split(',')
+        .filter_map(|r| {
+            let (a, b) = r.trim().split_once('-')?;
+            let a: usize = a.parse().ok()?;
+            let b: usize = if b.is_empty() { body.len() - 1 } else { b.parse().ok()? };
+            Some((a, b.min(body.len() - 1)))
+        })
+        .collect();
+    match ranges.as_slice() {
+        [] => write!(out, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len())
+            .and_then(|_| out.write_all(body)),
+        [(a, b)] => write!(
+            out,
+            "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes {a}-{b}/{}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len(),
+            b - a + 1
+        )
+        .and_then(|_| out.write_all(&body[*a..=*b])),
+        many => {
+            let mut m = Vec::new();
+            for (a, b) in many {
+                write!(m, "\r\n--B\r\nContent-Type: application/octet-stream\r\nContent-Range: bytes {a}-{b}/{}\r\n\r\n", body.len())?;
+                m.extend_from_slice(&body[*a..=*b]);
+            }
+            m.extend_from_slice(b"\r\n--B--\r\n");
+            write!(
+                out,
+                "HTTP/1.1 206 Partial Content\r\nContent-Type: multipart/byteranges; boundary=B\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                m.len()
+            )
+            .and_then(|_| out.write_all(&m))
+        }
+    }
 }
 
 /// A running fault server.
@@ -87,10 +139,16 @@ fn serve(stream: TcpStream, routes: &Mutex<HashMap<String, Reply>>) {
     if reader.read_line(&mut request).is_err() {
         return;
     }
+    let mut range = String::new();
     loop {
         let mut line = String::new();
         if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
             break;
+        }
+        if let Some((k, v)) = line.split_once(':') {
+            if k.eq_ignore_ascii_case("range") {
+                range = v.trim().to_owned();
+            }
         }
     }
     let path = request.split_whitespace().nth(1).unwrap_or("/").to_owned();
@@ -130,6 +188,23 @@ fn serve(stream: TcpStream, routes: &Mutex<HashMap<String, Reply>>) {
             loop {
                 out.write_all(&block)?;
             }
+        }),
+        Reply::SlowRanges(body, delay) => {
+            std::thread::sleep(delay);
+            ranges_reply(&mut out, &body, &range)
+        }
+        Reply::Multipart { head, repeat } => write!(
+            out,
+            "HTTP/1.1 206 Partial Content\r\nContent-Type: multipart/byteranges; boundary=B\r\nConnection: close\r\n\r\n"
+        )
+        .and_then(|_| out.write_all(&head))
+        .and_then(|_| {
+            // Until the client hangs up.
+            while !repeat.is_empty() {
+                out.write_all(&repeat)?;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Ok(())
         }),
         Reply::RedirectLoop => {
             write!(out, "HTTP/1.1 302 Found\r\nLocation: {path}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
