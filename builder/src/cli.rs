@@ -171,7 +171,7 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Remove images no channel references, keeping the newest N of those.
+    /// Remove images, chunk indexes and sigs/ signatures no channel references, keeping the newest N of each.
     Gc {
         /// Repository directory.
         #[arg(long, env = "IMGBUILD_REPO")]

@@ -1,5 +1,5 @@
-//! `imgbuild gc`: remove images and chunk indexes no channel references,
-//! beyond the newest N of each.
+//! `imgbuild gc`: remove images, chunk indexes and `sigs/` signatures no
+//! channel references, beyond the newest N of each.
 //!
 //! Referenced files are never removed. Of the unreferenced ones, the N most
 //! recently published stay, so frontends still downloading (or rolling back
@@ -12,7 +12,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
-use imgdeploy_common::manifest::{IMAGES_DIR, IMAGE_SUFFIX, INDEXES_DIR};
+use imgdeploy_common::digest::Sha256Digest;
+use imgdeploy_common::manifest::{signature_path, IMAGES_DIR, IMAGE_SUFFIX, INDEXES_DIR, SIGS_DIR};
 
 use crate::publish::Repo;
 
@@ -97,5 +98,13 @@ pub fn gc(repo: &Repo, keep: usize, dry_run: bool) -> Result<GcReport> {
     let mut report = GcReport::default();
     prune(&repo.root().join(IMAGES_DIR), IMAGE_SUFFIX, &images, keep, dry_run, &mut report)?;
     prune(&repo.root().join(INDEXES_DIR), ".idx", &indexes, keep, dry_run, &mut report)?;
+    let sigs: BTreeSet<PathBuf> = manifests
+        .iter()
+        .map(|(path, _)| {
+            let bytes = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            Ok(repo.root().join(signature_path(&Sha256Digest::of_bytes(&bytes))))
+        })
+        .collect::<Result<_>>()?;
+    prune(&repo.root().join(SIGS_DIR), ".sig", &sigs, keep, dry_run, &mut report)?;
     Ok(report)
 }

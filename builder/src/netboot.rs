@@ -36,7 +36,6 @@ use imgdeploy_common::location::{http_agent, Location};
 use imgdeploy_common::manifest::{Manifest, Timestamp};
 use imgdeploy_common::sign::PublicKey;
 use imgdeploy_common::trust::verify_manifest;
-use imgdeploy_common::{MAX_MANIFEST_BYTES, SIGNATURE_BYTES};
 
 use crate::cpio::CpioWriter;
 
@@ -225,8 +224,7 @@ pub fn netboot(req: &NetbootRequest) -> Result<NetbootReport> {
     let keys: Vec<PublicKey> = req.keys.iter().map(|p| PublicKey::read(p)).collect::<Result<_, _>>()?;
     let agent = http_agent(Duration::from_secs(60), Duration::from_secs(4 * 3600));
     let loc = Location::parse(&req.manifest);
-    let manifest_bytes = loc.read_bounded(&agent, MAX_MANIFEST_BYTES)?;
-    let sig = loc.with_suffix(".sig").read_bounded(&agent, SIGNATURE_BYTES as u64)?;
+    let (manifest_bytes, sig) = loc.read_signed_manifest(&agent)?;
     let m = verify_manifest(&manifest_bytes, &sig, &keys, Timestamp::now())
         .with_context(|| format!("manifest {loc}"))?
         .manifest;

@@ -4,14 +4,19 @@
 //! REPO/
 //!   <channel>.json          signed manifest (the only mutable files)
 //!   <channel>.json.sig      raw 64-byte Ed25519 signature over <channel>.json
+//!   sigs/<sha256>.sig        the same signature, named by the sha256 of the
+//!                            manifest bytes it signs: immutable, so a cache
+//!                            never pairs a manifest with another's signature
 //!   images/<sha256>.squashfs  immutable, content-addressed images
 //!   indexes/<sha256>.idx      their chunk indexes (delta updates), also immutable
 //! ```
 //!
-//! Order on disk: image (temp, fsync, rename) first, then signature, then
-//! manifest, so a server never serves a manifest whose image is missing. A
-//! reader that catches the signature and manifest mid-swap gets a
-//! verification failure and retries; it never accepts a mixed pair.
+//! Order on disk: image (temp, fsync, rename) first, then the signatures,
+//! then the manifest, so a server never serves a manifest whose image or
+//! `sigs/` file is missing. Frontends fetch `sigs/<sha256>.sig` for the
+//! manifest bytes they got, so a CDN that caches `<channel>.json` and its
+//! `.sig` separately cannot hand them a mismatched pair; `<channel>.json.sig`
+//! stays for `openssl pkeyutl -verify` and for older frontends.
 
 use std::fs;
 use std::io;
@@ -22,8 +27,8 @@ use imgdeploy_common::atomic::{commit_file, create_dir_all_durable, fsync_dir, w
 use imgdeploy_common::chunk::{ChunkIndex, ChunkParams};
 use imgdeploy_common::digest::Sha256Digest;
 use imgdeploy_common::manifest::{
-    image_path, index_path, validate_channel, ImageRef, IndexRef, Manifest, ManifestError, Timestamp, FORMAT_VERSION,
-    IMAGES_DIR, INDEXES_DIR,
+    image_path, index_path, signature_path, validate_channel, ImageRef, IndexRef, Manifest, ManifestError, Timestamp,
+    FORMAT_VERSION, IMAGES_DIR, INDEXES_DIR, SIGS_DIR,
 };
 use imgdeploy_common::sign::{PrivateKey, PublicKey};
 use imgdeploy_common::trust::{verify_signed, TrustError};
@@ -367,6 +372,8 @@ pub fn sign_and_write(repo: &Repo, key: &PrivateKey, manifest: &Manifest) -> Res
     let manifest_path = repo.manifest_path(&manifest.channel);
     let sig_path = repo.root.join(format!("{}.json.sig", manifest.channel));
     let err = |source| PublishError::Repo { path: repo.root.clone(), source };
+    create_dir_all_durable(&repo.root.join(SIGS_DIR), 0o755).map_err(err)?;
+    write_atomic(&repo.root.join(signature_path(&Sha256Digest::of_bytes(&bytes))), &sig, 0o644).map_err(err)?;
     write_atomic(&sig_path, &sig, 0o644).map_err(err)?;
     write_atomic(&manifest_path, &bytes, 0o644).map_err(err)?;
     Ok((manifest_path, sig_path))
@@ -383,7 +390,9 @@ pub fn current_manifest(repo: &Repo, channel: &str, trusted: &[PublicKey]) -> Re
         Err(e) => return Err(PublishError::Existing { path, why: e.to_string() }),
     };
     parse_own_manifest(&bytes).map_err(|why| PublishError::Existing { path: path.clone(), why })?;
-    let sig_path = repo.root.join(format!("{channel}.json.sig"));
+    // As frontends do: the signature named by these bytes, else `.json.sig`.
+    let by_digest = repo.root.join(signature_path(&Sha256Digest::of_bytes(&bytes)));
+    let sig_path = if by_digest.is_file() { by_digest } else { repo.root.join(format!("{channel}.json.sig")) };
     let sig = fs::read(&sig_path).map_err(|e| PublishError::Existing { path: sig_path, why: e.to_string() })?;
     // Expired manifests still count: they hold the serial to continue from.
     verify_signed(&bytes, &sig, trusted)

@@ -11,8 +11,8 @@ use imgdeploy_common::location::{http_agent, Location};
 use imgdeploy_common::manifest::{Manifest, Timestamp};
 use imgdeploy_common::sign::PublicKey;
 use imgdeploy_common::squashfs::{Superblock, SUPERBLOCK_BYTES};
-use imgdeploy_common::trust::verify_manifest;
-use imgdeploy_common::{MAX_MANIFEST_BYTES, SIGNATURE_BYTES};
+use imgdeploy_common::trust::{verify_manifest, verify_signed};
+use imgdeploy_common::SIGNATURE_BYTES;
 
 /// A verified publication.
 #[derive(Debug, serde::Serialize)]
@@ -31,9 +31,21 @@ pub struct Verified {
 pub fn verify(source: &str, keys: &[PublicKey]) -> Result<Verified> {
     let agent = http_agent(Duration::from_secs(60), Duration::from_secs(4 * 3600));
     let loc = Location::parse(source);
-    let bytes = loc.read_bounded(&agent, MAX_MANIFEST_BYTES)?;
-    let sig = loc.with_suffix(".sig").read_bounded(&agent, SIGNATURE_BYTES as u64)?;
+    let (bytes, sig) = loc.read_signed_manifest(&agent)?;
     let v = verify_manifest(&bytes, &sig, keys, Timestamp::now()).with_context(|| format!("manifest {loc}"))?;
+    // The channel's `.sig` must match too: openssl users and frontends
+    // reading a repository without `sigs/` check that one.
+    let channel_sig = loc.with_suffix(".sig");
+    match channel_sig.read_bounded(&agent, SIGNATURE_BYTES as u64) {
+        Ok(s) if s != sig => {
+            verify_signed(&bytes, &s, keys).with_context(|| {
+                format!("{channel_sig} (manifest {loc}); republish the channel so both signatures match")
+            })?;
+        }
+        Ok(_) => {}
+        Err(e) if e.is_absent() => {}
+        Err(e) => return Err(e.into()),
+    }
     let m = v.manifest;
     let img = loc.sibling(&m.image.path);
     let (reader, _) = img.open(&agent, 0)?;

@@ -2,6 +2,8 @@
 //! `http(s)://` URL. Any static HTTP server, mirror or CDN is a valid source,
 //! so this only ever issues plain GETs.
 
+use crate::digest::Sha256Digest;
+use crate::manifest::signature_path;
 use std::fmt;
 use std::fs::File;
 use std::io::{self, Read};
@@ -48,6 +50,18 @@ pub enum FetchError {
         /// The limit.
         limit: u64,
     },
+}
+
+impl FetchError {
+    /// The resource does not exist (a missing file; HTTP 404 or 410, or 403,
+    /// which buckets answer for a missing object when listing is not allowed).
+    pub fn is_absent(&self) -> bool {
+        match self {
+            FetchError::Local { source, .. } => source.kind() == io::ErrorKind::NotFound,
+            FetchError::Status { status, .. } => matches!(status, 403 | 404 | 410),
+            _ => false,
+        }
+    }
 }
 
 /// A local path or a URL.
@@ -115,6 +129,22 @@ impl Location {
             return Err(FetchError::TooLarge { what: self.to_string(), limit });
         }
         Ok(out)
+    }
+
+    /// Reads a channel manifest and the signature over exactly those bytes:
+    /// `sigs/<sha256 of the bytes>.sig` beside it (immutable, so no cache can
+    /// pair it with another manifest), or `<manifest>.sig` when the
+    /// repository has no such file (published before it had `sigs/`).
+    /// Returns `(manifest bytes, signature)`, neither verified yet.
+    pub fn read_signed_manifest(&self, agent: &ureq::Agent) -> Result<(Vec<u8>, Vec<u8>), FetchError> {
+        let bytes = self.read_bounded(agent, crate::MAX_MANIFEST_BYTES)?;
+        let by_digest = self.sibling(&signature_path(&Sha256Digest::of_bytes(&bytes)));
+        let signature = match by_digest.read_bounded(agent, crate::SIGNATURE_BYTES as u64) {
+            Ok(s) => s,
+            Err(e) if e.is_absent() => self.with_suffix(".sig").read_bounded(agent, crate::SIGNATURE_BYTES as u64)?,
+            Err(e) => return Err(e),
+        };
+        Ok((bytes, signature))
     }
 
     /// Opens the resource for streaming from byte `offset`. Returns the reader

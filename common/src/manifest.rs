@@ -156,6 +156,16 @@ pub fn index_path(sha256: &Sha256Digest) -> String {
     format!("{INDEXES_DIR}/{sha256}.idx")
 }
 
+/// Directory of the signatures named by what they sign.
+pub const SIGS_DIR: &str = "sigs";
+
+/// The relative path of the signature over manifest bytes with this digest:
+/// `sigs/<sha256 of the manifest>.sig`. Unlike `<channel>.json.sig` it never
+/// changes once written, so a cache can never pair it with other bytes.
+pub fn signature_path(manifest_sha256: &Sha256Digest) -> String {
+    format!("{SIGS_DIR}/{manifest_sha256}.sig")
+}
+
 /// Checks a channel name: 1 to 64 of `a-z 0-9 . _ -`, starting with a letter or digit.
 pub fn validate_channel(name: &str) -> Result<(), ManifestError> {
     let ok = !name.is_empty()

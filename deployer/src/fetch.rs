@@ -17,7 +17,6 @@ use imgdeploy_common::location::{FetchError, Location};
 use imgdeploy_common::manifest::{Manifest, Timestamp};
 use imgdeploy_common::sign::PublicKey;
 use imgdeploy_common::trust::{verify_manifest, TrustError, VerifiedManifest};
-use imgdeploy_common::{MAX_MANIFEST_BYTES, SIGNATURE_BYTES};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
@@ -100,15 +99,14 @@ pub struct FetchedManifest {
     pub location: Location,
 }
 
-/// Fetches `<source>` and `<source>.sig`, verifies them against `keys` and checks the channel.
+/// Fetches `<source>` and its signature (`sigs/<sha256>.sig` beside it, else `<source>.sig`), verifies them against `keys` and checks the channel.
 pub fn fetch_manifest(
     agent: &ureq::Agent,
     source: &Location,
     keys: &[PublicKey],
     channel: &str,
 ) -> Result<FetchedManifest, DownloadError> {
-    let bytes = source.read_bounded(agent, MAX_MANIFEST_BYTES)?;
-    let signature = source.with_suffix(".sig").read_bounded(agent, SIGNATURE_BYTES as u64)?;
+    let (bytes, signature) = source.read_signed_manifest(agent)?;
     let verified = verify_manifest(&bytes, &signature, keys, Timestamp::now())
         .map_err(|err| DownloadError::Trust { source_url: source.to_string(), err })?;
     if verified.manifest.channel != channel {

@@ -36,7 +36,7 @@ complete -c imgbuild -n "__fish_imgbuild_needs_command" -f -a "netboot" -d 'Buil
 complete -c imgbuild -n "__fish_imgbuild_needs_command" -f -a "rollout" -d 'Re-sign a channel\'s manifest with a staged-rollout percentage (same image, new serial; 0 pauses)'
 complete -c imgbuild -n "__fish_imgbuild_needs_command" -f -a "refresh" -d 'Re-sign a channel\'s current manifest with a new expiry (same image, same rollout, next serial); run it from a CI schedule'
 complete -c imgbuild -n "__fish_imgbuild_needs_command" -f -a "promote" -d 'Sign a manifest for channel TO serving exactly the image channel FROM serves'
-complete -c imgbuild -n "__fish_imgbuild_needs_command" -f -a "gc" -d 'Remove images no channel references, keeping the newest N of those'
+complete -c imgbuild -n "__fish_imgbuild_needs_command" -f -a "gc" -d 'Remove images, chunk indexes and sigs/ signatures no channel references, keeping the newest N of each'
 complete -c imgbuild -n "__fish_imgbuild_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand keygen" -l out -d 'Path prefix of the two files' -r -F
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand keygen" -s v -l verbose -d 'More log output (repeat for more)'
@@ -124,5 +124,5 @@ complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_s
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from keygen build verify inspect netboot rollout refresh promote gc help" -f -a "rollout" -d 'Re-sign a channel\'s manifest with a staged-rollout percentage (same image, new serial; 0 pauses)'
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from keygen build verify inspect netboot rollout refresh promote gc help" -f -a "refresh" -d 'Re-sign a channel\'s current manifest with a new expiry (same image, same rollout, next serial); run it from a CI schedule'
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from keygen build verify inspect netboot rollout refresh promote gc help" -f -a "promote" -d 'Sign a manifest for channel TO serving exactly the image channel FROM serves'
-complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from keygen build verify inspect netboot rollout refresh promote gc help" -f -a "gc" -d 'Remove images no channel references, keeping the newest N of those'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from keygen build verify inspect netboot rollout refresh promote gc help" -f -a "gc" -d 'Remove images, chunk indexes and sigs/ signatures no channel references, keeping the newest N of each'
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from keygen build verify inspect netboot rollout refresh promote gc help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Uploads a repository to an object store with rclone or the aws CLI: immutable
-# images and indexes first, the signatures, then the manifests last, so no
-# frontend ever sees a manifest whose image is not there yet.
+# images, indexes and sigs/ (signatures named by the manifest they sign) first,
+# then the channel signatures, then the manifests last, so no frontend ever
+# sees a manifest whose image or signature is not there yet.
 #
 #   bash examples/ci/upload.sh REPO DEST     (DEST: s3://bucket/path or an rclone remote:path)
 set -euo pipefail
@@ -9,11 +10,13 @@ repo=$1 dest=$2
 if [[ $dest == s3://* ]]; then
   aws s3 sync "$repo/images" "$dest/images" --cache-control "public,max-age=31536000,immutable"
   aws s3 sync "$repo/indexes" "$dest/indexes" --cache-control "public,max-age=31536000,immutable"
+  aws s3 sync "$repo/sigs" "$dest/sigs" --cache-control "public,max-age=31536000,immutable"
   aws s3 sync "$repo" "$dest" --exclude "*" --include "*.json.sig" --cache-control "public,max-age=30"
   aws s3 sync "$repo" "$dest" --exclude "*" --include "*.json" --cache-control "public,max-age=30"
 else
   rclone copy "$repo/images" "$dest/images"
   rclone copy "$repo/indexes" "$dest/indexes"
+  rclone copy "$repo/sigs" "$dest/sigs"
   rclone copy "$repo" "$dest" --include "*.json.sig"
   rclone copy "$repo" "$dest" --include "*.json"
 fi

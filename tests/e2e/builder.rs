@@ -261,6 +261,8 @@ fn verify_rejects_one_flipped_bit_anywhere() {
     let out = build_image(&src, &keys, "stable", &work.path().join("repo"), &[]);
     let manifest = PathBuf::from(out["manifest"].as_str().unwrap());
     let sig = PathBuf::from(format!("{}.sig", manifest.display()));
+    let by_digest =
+        work.path().join(format!("repo/sigs/{}.sig", Sha256Digest::of_bytes(&fs::read(&manifest).unwrap())));
     let image = image_of(&out);
     let verify = || {
         run_bin("imgbuild", [OsStr::new("verify"), manifest.as_os_str(), OsStr::new("--pub"), keys.public.as_os_str()])
@@ -272,10 +274,11 @@ fn verify_rejects_one_flipped_bit_anywhere() {
         b[i] ^= 0x10;
         fs::write(p, b).unwrap();
     };
-    let cases: [(&Path, usize, &str); 5] = [
+    let cases: [(&Path, usize, &str); 6] = [
         (&manifest, 30, "does not verify"),
         (&manifest, 10_000, "does not verify"),
         (&sig, 5, "does not verify"),
+        (&by_digest, 5, "does not verify"),
         (&image, 0, "sha256"),
         (&image, 50_000, "sha256"),
     ];
@@ -530,7 +533,11 @@ fn gc_removes_only_unreferenced_images_beyond_keep() {
     let removed_images =
         r["removed"].as_array().unwrap().iter().filter(|p| p.as_str().unwrap().contains("/images/")).count();
     assert_eq!(removed_images, 1, "{r}");
-    assert_eq!(r["removed"].as_array().unwrap().len(), 2, "one image and its index: {r}");
+    let removed_sigs =
+        r["removed"].as_array().unwrap().iter().filter(|p| p.as_str().unwrap().contains("/sigs/")).count();
+    // Five manifests were signed; two are current, one more is kept.
+    assert_eq!(removed_sigs, 2, "{r}");
+    assert_eq!(r["removed"].as_array().unwrap().len(), 4, "one image, its index and two signatures: {r}");
     assert!(images[0].exists() && images[3].exists(), "referenced images must stay");
     assert!(images[2].exists(), "the newest unreferenced image is kept");
     assert!(!images[1].exists(), "older unreferenced image removed");

@@ -4,6 +4,7 @@
 
 use std::fs;
 
+use imgdeploy_common::digest::Sha256Digest;
 use imgdeploy_tests::deploy::Deployment;
 use imgdeploy_tests::{require_root, run_bin, sh};
 
@@ -449,4 +450,52 @@ fn privileged_refresh_moves_the_expiry_and_the_floor() {
     let expires = serde_json::from_value::<imgdeploy_common::manifest::Timestamp>(r["expires"].clone()).unwrap();
     let created = serde_json::from_value::<imgdeploy_common::manifest::Timestamp>(r["created"].clone()).unwrap();
     assert_eq!(expires.0 - created.0, 7 * 86400, "the default expiry is 7 days");
+}
+
+/// Issue 12, item 9: a CDN caches `stable.json` and `stable.json.sig` as two
+/// objects, so after a publish it can serve the new manifest with the old
+/// signature. The signature named by the manifest's sha256
+/// (`sigs/<sha256>.sig`) is immutable, so the pair a host fetches always
+/// matches; a repository without `sigs/` still works through `.json.sig`.
+#[test]
+fn privileged_a_cached_old_signature_never_pairs_with_a_new_manifest() {
+    if !require_root("privileged_a_cached_old_signature_never_pairs_with_a_new_manifest") {
+        return;
+    }
+    let d = Deployment::new("", "");
+    d.publish("v1");
+    d.imgdeploy(&["apply"]).ok();
+    let stale_sig = fs::read(d.repo.join("stable.json.sig")).unwrap();
+    d.publish("v2");
+    let manifest = fs::read(d.repo.join("stable.json")).unwrap();
+    let by_digest = d.repo.join(format!("sigs/{}.sig", Sha256Digest::of_bytes(&manifest)));
+    assert_eq!(fs::read(&by_digest).unwrap(), fs::read(d.repo.join("stable.json.sig")).unwrap());
+    // The CDN still has the old signature object.
+    fs::write(d.repo.join("stable.json.sig"), &stale_sig).unwrap();
+    let r = d.imgdeploy(&["apply", "--json"]);
+    assert_eq!(r.code, 0, "a new manifest with a cached old .sig was not applied:\n{}", r.stderr);
+    assert_eq!(d.active_version().as_deref(), Some("v2"));
+    // openssl can still check the published pair on its own.
+    let pem = d.keys.public.to_str().unwrap();
+    let check = sh(&format!(
+        "openssl pkeyutl -verify -pubin -inkey {pem} -rawin -in {m} -sigfile {s} 2>&1",
+        m = d.repo.join("stable.json").display(),
+        s = by_digest.display()
+    ));
+    assert!(check.contains("Signature Verified Successfully"), "{check}");
+
+    // A repository published before sigs/ existed: .json.sig is used.
+    d.publish("v3");
+    fs::remove_dir_all(d.repo.join("sigs")).unwrap();
+    d.imgdeploy(&["apply"]).ok();
+    assert_eq!(d.active_version().as_deref(), Some("v3"));
+
+    // gc keeps the current manifest's signature and drops the others beyond --keep.
+    d.publish("v4");
+    d.publish("v5");
+    run_bin("imgbuild", ["gc", "--repo", d.repo.to_str().unwrap(), "--keep", "0"]).ok();
+    let left: Vec<_> = fs::read_dir(d.repo.join("sigs")).unwrap().flatten().map(|e| e.path()).collect();
+    let current =
+        d.repo.join(format!("sigs/{}.sig", Sha256Digest::of_bytes(&fs::read(d.repo.join("stable.json")).unwrap())));
+    assert_eq!(left, vec![current], "gc --keep 0 must leave exactly the current manifest's signature");
 }
