@@ -10,13 +10,11 @@
 //! tree, never the clock.
 
 use std::ffi::CString;
-use std::fs::File;
 use std::io::Read;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::sqfs::{FileSlot, ImageWriter, Inode, Special, SqfsError, WriterOptions};
-use crate::tree::{classify, Kind, Tree, WalkError};
+use crate::tree::{classify, Kind, Node, Tree, WalkError};
 
 /// Data block size (128 KiB, as the issue and mksquashfs default).
 pub const BLOCK_SIZE: u32 = 128 * 1024;
@@ -101,13 +99,15 @@ fn cstring(bytes: &[u8], path: &Path) -> Result<CString, ImageError> {
 /// Streams one file's contents into the compressor, checking its size.
 fn pack_file(
     w: &mut ImageWriter,
-    path: &Path,
+    tree: &Tree,
+    node: &Node,
     expected: u64,
     buf: &mut [u8],
     progress: &dyn Fn(u64),
 ) -> Result<(), ImageError> {
-    // O_NOFOLLOW: the walk saw a regular file; if a symlink replaced it since, refuse.
-    let mut f = File::options().read(true).custom_flags(libc::O_NOFOLLOW).open(path).map_err(|e| classify(path, e))?;
+    // The very inode the walk saw, reached without any symlink.
+    let mut f = tree.open_file(node)?;
+    let path = &node.path;
     let mut total = 0u64;
     loop {
         let n = match f.read(buf) {
@@ -159,7 +159,7 @@ pub fn write_image(
             Kind::Dir(children) => stack.extend(children.iter().rev()),
             Kind::File(size) if node.link_of.is_none() => {
                 slots[idx] = Some(w.begin_file(!opts.fragments)?);
-                pack_file(&mut w, &node.path, *size, &mut buf, progress)?;
+                pack_file(&mut w, tree, node, *size, &mut buf, progress)?;
                 w.end_file()?;
             }
             _ => {}

@@ -5,14 +5,27 @@
 //! The walk is strict: anything we cannot reproduce faithfully (an unreadable
 //! file, a path that vanishes mid-walk, an xattr squashfs cannot store) is an
 //! error naming the path, never a silent omission.
+//!
+//! The tree may be writable by someone else while it is packed (another user,
+//! another CI job), so nothing is opened by a plain path: each directory and
+//! file is opened with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)` from
+//! the root's descriptor, so a directory swapped for a symlink cannot lead
+//! outside the tree, and the opened inode must be the one the walk recorded
+//! (a file swapped for a FIFO or another file is refused, opened
+//! non-blocking so a FIFO cannot hang the build). Entries of a directory are
+//! examined through `/proc/self/fd/N/NAME` of the directory opened that way.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::fs;
+use std::fs::{self, File};
 use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
 
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 
@@ -34,6 +47,10 @@ pub enum WalkError {
     /// An entry disappeared while the tree was being read.
     #[error("{0} vanished while the tree was being read; do not change the tree during a build")]
     Vanished(PathBuf),
+    /// An entry is no longer what the walk recorded (swapped for a symlink,
+    /// a FIFO or another file).
+    #[error("{0} was replaced while the tree was being packed (it is not the entry the walk recorded); build from a tree no one else can write to")]
+    Replaced(PathBuf),
     /// An extended attribute squashfs cannot store.
     #[error("{path} has extended attribute `{key}`, which squashfs cannot store (only user., trusted. and security. are supported); remove it (e.g. `setfacl -b`) or leave the path out with --exclude")]
     UnsupportedXattr {
@@ -87,8 +104,12 @@ pub enum Kind {
 pub struct Node {
     /// File name (empty for the root).
     pub name: Vec<u8>,
-    /// Where it is on disk.
+    /// Where it is on disk (for messages; it is opened through `rel`).
     pub path: PathBuf,
+    /// Its path relative to the tree's root.
+    pub rel: PathBuf,
+    /// Device and inode number the walk saw.
+    pub ino: (u64, u64),
     /// Full `st_mode` (type and permission bits).
     pub mode: u32,
     /// Owner.
@@ -114,6 +135,61 @@ pub struct Tree {
     pub nodes: Vec<Node>,
     /// Total bytes of regular-file data (each hardlinked file counted once).
     pub data_bytes: u64,
+    /// The root directory, which every entry is opened beneath.
+    root: Option<OwnedFd>,
+}
+
+impl Tree {
+    /// Opens the regular file `node` for reading: beneath the root, through
+    /// no symlink, never blocking, and only if it is still the inode the
+    /// walk recorded.
+    pub fn open_file(&self, node: &Node) -> Result<File, WalkError> {
+        let root = self.root.as_ref().ok_or_else(|| WalkError::Vanished(node.path.clone()))?;
+        let f = open_beneath(root, &node.rel, OFlag::O_NONBLOCK).map_err(|e| classify_open(&node.path, e))?;
+        let md = f.metadata().map_err(|e| classify(&node.path, e))?;
+        if !md.is_file() || (md.dev(), md.ino()) != node.ino {
+            return Err(WalkError::Replaced(node.path.clone()));
+        }
+        Ok(f)
+    }
+}
+
+/// Opens `rel` beneath the directory `root`: no symlink is followed on the
+/// way or at the end, and nothing outside `root` is reached.
+fn open_beneath(root: &OwnedFd, rel: &Path, flags: OFlag) -> io::Result<File> {
+    let rel = if rel.as_os_str().is_empty() { Path::new(".") } else { rel };
+    let how = OpenHow::new()
+        .flags(flags | OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC)
+        .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS);
+    match openat2(root, rel, how) {
+        Ok(fd) => Ok(File::from(fd)),
+        Err(Errno::ENOSYS) => Err(io::Error::other("openat2 is not available; imgbuild needs Linux 5.6 or later")),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A symlink met on the way (`ELOOP`), a way out of the tree (`EXDEV`) or a
+/// directory that became something else (`ENOTDIR`) means the tree changed.
+fn classify_open(path: &Path, e: io::Error) -> WalkError {
+    match e.raw_os_error() {
+        Some(libc::ELOOP | libc::EXDEV | libc::ENOTDIR) => WalkError::Replaced(path.to_owned()),
+        _ => classify(path, e),
+    }
+}
+
+/// The path through which the open directory `dir` can be named.
+fn fd_path(dir: &File) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()))
+}
+
+/// Opens the directory `node` beneath `root`, checking it is the one the walk recorded.
+fn open_dir(root: &OwnedFd, node: &Node) -> Result<File, WalkError> {
+    let dir = open_beneath(root, &node.rel, OFlag::O_DIRECTORY).map_err(|e| classify_open(&node.path, e))?;
+    let md = dir.metadata().map_err(|e| classify(&node.path, e))?;
+    if (md.dev(), md.ino()) != node.ino {
+        return Err(WalkError::Replaced(node.path.clone()));
+    }
+    Ok(dir)
 }
 
 /// Squashfs encodes device numbers like the kernel's `new_encode_dev`.
@@ -140,8 +216,8 @@ pub fn compile_excludes(patterns: &[String]) -> Result<GlobSet, WalkError> {
     b.build().map_err(|source| WalkError::Pattern { pattern: patterns.join(" "), source })
 }
 
-fn lstat(path: &Path) -> Result<fs::Metadata, WalkError> {
-    fs::symlink_metadata(path).map_err(|e| classify(path, e))
+fn lstat(path: &Path, shown: &Path) -> Result<fs::Metadata, WalkError> {
+    fs::symlink_metadata(path).map_err(|e| classify(shown, e))
 }
 
 /// Maps "not found" to [`WalkError::Vanished`], anything else to [`WalkError::Read`].
@@ -156,26 +232,27 @@ pub fn classify(path: &Path, e: io::Error) -> WalkError {
 /// Extended attributes as (name, value) pairs, sorted by name.
 pub type Xattrs = Vec<(Vec<u8>, Vec<u8>)>;
 
-fn read_xattrs(path: &Path) -> Result<Xattrs, WalkError> {
+/// The extended attributes of the entry at `path` (named `shown` in messages).
+fn read_xattrs(path: &Path, shown: &Path) -> Result<Xattrs, WalkError> {
     let names = match xattr::list(path) {
         Ok(n) => n,
         // Filesystems without xattr support simply have none.
         Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => return Ok(Vec::new()),
-        Err(e) => return Err(classify(path, e)),
+        Err(e) => return Err(classify(shown, e)),
     };
     let mut out = Vec::new();
     for name in names {
         let key = name.as_bytes().to_vec();
         if !(key.starts_with(b"user.") || key.starts_with(b"trusted.") || key.starts_with(b"security.")) {
             return Err(WalkError::UnsupportedXattr {
-                path: path.to_owned(),
+                path: shown.to_owned(),
                 key: name.to_string_lossy().into_owned(),
             });
         }
         // An attribute removed between list and get is a tree changing under us.
         let value = xattr::get(path, &name)
-            .map_err(|e| classify(path, e))?
-            .ok_or_else(|| WalkError::Vanished(path.to_owned()))?;
+            .map_err(|e| classify(shown, e))?
+            .ok_or_else(|| WalkError::Vanished(shown.to_owned()))?;
         out.push((key, value));
     }
     out.sort();
@@ -199,18 +276,26 @@ fn mtime_of(path: &Path, md: &fs::Metadata) -> u32 {
 
 /// Reads the tree at `root`, leaving out paths that match `exclude`.
 pub fn read_tree(root: &Path, exclude: &GlobSet) -> Result<Tree, WalkError> {
-    let md = lstat(root)?;
+    let md = lstat(root, root)?;
     if !md.is_dir() {
         return Err(WalkError::NotADirectory(root.to_owned()));
     }
+    let root_dir = File::options()
+        .read(true)
+        .custom_flags((OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC).bits())
+        .open(root)
+        .map_err(|e| classify_open(root, e))?;
     let mut tree = Tree::default();
     let mut inodes: HashMap<(u64, u64), usize> = HashMap::new();
-    tree.nodes.push(node_from(root, Vec::new(), &md)?);
-    // Depth-first with an explicit stack: (node index, path relative to root).
-    let mut stack: Vec<(usize, PathBuf)> = vec![(0, PathBuf::new())];
-    while let Some((dir_idx, rel)) = stack.pop() {
-        let dir_path = tree.nodes[dir_idx].path.clone();
-        let rd = fs::read_dir(&dir_path).map_err(|e| classify(&dir_path, e))?;
+    tree.nodes.push(node_from(&fd_path(&root_dir), root, PathBuf::new(), Vec::new(), &md)?);
+    let root_fd = OwnedFd::from(root_dir);
+    // Depth-first with an explicit stack of directory node indexes.
+    let mut stack: Vec<usize> = vec![0];
+    while let Some(dir_idx) = stack.pop() {
+        let dir = open_dir(&root_fd, &tree.nodes[dir_idx])?;
+        let (dir_path, rel) = (tree.nodes[dir_idx].path.clone(), tree.nodes[dir_idx].rel.clone());
+        let io_dir = fd_path(&dir);
+        let rd = fs::read_dir(&io_dir).map_err(|e| classify(&dir_path, e))?;
         let mut names = Vec::new();
         for entry in rd {
             let entry = entry.map_err(|e| classify(&dir_path, e))?;
@@ -225,9 +310,10 @@ pub fn read_tree(root: &Path, exclude: &GlobSet) -> Result<Tree, WalkError> {
                 continue;
             }
             let path = dir_path.join(&name);
-            let md = lstat(&path)?;
+            let io_path = io_dir.join(&name);
+            let md = lstat(&io_path, &path)?;
             let idx = tree.nodes.len();
-            let mut node = node_from(&path, name.as_bytes().to_vec(), &md)?;
+            let mut node = node_from(&io_path, &path, child_rel, name.as_bytes().to_vec(), &md)?;
             if !md.is_dir() && md.nlink() > 1 {
                 match inodes.get(&(md.dev(), md.ino())) {
                     Some(&first) => {
@@ -244,7 +330,7 @@ pub fn read_tree(root: &Path, exclude: &GlobSet) -> Result<Tree, WalkError> {
             }
             if md.is_dir() {
                 subdirs += 1;
-                stack.push((idx, child_rel));
+                stack.push(idx);
             }
             tree.nodes.push(node);
             children.push(idx);
@@ -252,10 +338,12 @@ pub fn read_tree(root: &Path, exclude: &GlobSet) -> Result<Tree, WalkError> {
         tree.nodes[dir_idx].nlink = 2 + subdirs;
         tree.nodes[dir_idx].kind = Kind::Dir(children);
     }
+    tree.root = Some(root_fd);
     Ok(tree)
 }
 
-fn node_from(path: &Path, name: Vec<u8>, md: &fs::Metadata) -> Result<Node, WalkError> {
+/// A node for the entry reachable at `io` (shown as `path`), whose metadata is `md`.
+fn node_from(io: &Path, path: &Path, rel: PathBuf, name: Vec<u8>, md: &fs::Metadata) -> Result<Node, WalkError> {
     let ft = md.file_type();
     let dev = |md: &fs::Metadata| {
         let (major, minor) = (libc::major(md.rdev()) as u64, libc::minor(md.rdev()) as u64);
@@ -266,7 +354,7 @@ fn node_from(path: &Path, name: Vec<u8>, md: &fs::Metadata) -> Result<Node, Walk
     } else if ft.is_file() {
         Kind::File(md.len())
     } else if ft.is_symlink() {
-        let t = fs::read_link(path).map_err(|e| classify(path, e))?;
+        let t = fs::read_link(io).map_err(|e| classify(path, e))?;
         Kind::Symlink(t.as_os_str().as_bytes().to_vec())
     } else if ft.is_block_device() {
         Kind::BlockDev(dev(md)?)
@@ -282,11 +370,13 @@ fn node_from(path: &Path, name: Vec<u8>, md: &fs::Metadata) -> Result<Node, Walk
     Ok(Node {
         name,
         path: path.to_owned(),
+        rel,
+        ino: (md.dev(), md.ino()),
         mode: md.mode(),
         uid: md.uid(),
         gid: md.gid(),
         mtime: mtime_of(path, md),
-        xattrs: read_xattrs(path)?,
+        xattrs: read_xattrs(io, path)?,
         kind,
         link_of: None,
         nlink: 1,

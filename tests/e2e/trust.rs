@@ -499,3 +499,74 @@ fn privileged_a_cached_old_signature_never_pairs_with_a_new_manifest() {
         d.repo.join(format!("sigs/{}.sig", Sha256Digest::of_bytes(&fs::read(d.repo.join("stable.json")).unwrap())));
     assert_eq!(left, vec![current], "gc --keep 0 must leave exactly the current manifest's signature");
 }
+
+/// Issue 12, item 6: someone who can write to the source tree during a build
+/// (another user, another CI job) must not make the builder read outside
+/// the tree, nor hang it. After the walk, and before the packer reaches
+/// them, a directory becomes a symlink to a secret elsewhere, and a file
+/// becomes a FIFO.
+#[test]
+fn source_tree_races_never_escape_or_hang_the_build() {
+    let work = tempfile::tempdir().unwrap();
+    let keys = imgdeploy_tests::Keys::generate();
+    let outside = work.path().join("outside");
+    fs::create_dir_all(&outside).unwrap();
+    fs::write(outside.join("secret"), vec![b'S'; 4096]).unwrap();
+    for (case, swap) in [("symlinked directory", 0), ("file turned FIFO", 1)] {
+        let src = work.path().join(format!("src{swap}"));
+        let repo = work.path().join(format!("repo{swap}"));
+        for i in 0..4 {
+            fs::create_dir_all(src.join("a")).unwrap();
+            fs::write(src.join(format!("a/noise{i}")), imgdeploy_tests::noise(6 << 20, i)).unwrap();
+        }
+        fs::create_dir_all(src.join("b/sub")).unwrap();
+        fs::write(src.join("b/sub/secret"), vec![b'p'; 4096]).unwrap();
+        let log = work.path().join(format!("log{swap}"));
+        let mut child = std::process::Command::new(imgdeploy_tests::bin("imgbuild"))
+            .arg("build")
+            .arg(&src)
+            .args(["--channel", "stable", "--level", "19", "--jobs", "1", "--key"])
+            .arg(&keys.key)
+            .arg("--repo")
+            .arg(&repo)
+            .stdout(std::process::Stdio::null())
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        // The packer's temporary image appears once the walk is over.
+        let started = std::time::Instant::now();
+        let packing = || {
+            fs::read_dir(repo.join("images"))
+                .map(|d| d.flatten().any(|e| e.file_name().to_string_lossy().ends_with(".squashfs")))
+                .unwrap_or(false)
+        };
+        while !packing() {
+            assert!(started.elapsed().as_secs() < 60, "{case}: the build never started packing");
+            assert!(child.try_wait().unwrap().is_none(), "{case}: the build ended before packing");
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        if swap == 0 {
+            fs::rename(src.join("b/sub"), src.join("b/sub.away")).unwrap();
+            std::os::unix::fs::symlink(&outside, src.join("b/sub")).unwrap();
+        } else {
+            fs::remove_file(src.join("b/sub/secret")).unwrap();
+            imgdeploy_tests::run(std::process::Command::new("mkfifo").arg(src.join("b/sub/secret"))).ok();
+        }
+        assert!(child.try_wait().unwrap().is_none(), "{case}: packing finished before the swap; make the tree bigger");
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            if started.elapsed().as_secs() > 120 {
+                child.kill().unwrap();
+                child.wait().unwrap();
+                panic!("{case}: the build hung");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        let stderr = fs::read_to_string(&log).unwrap();
+        assert!(!status.success(), "{case}: the build succeeded and packed what it found after the swap:\n{stderr}");
+        assert!(stderr.contains("was replaced"), "{case}: {stderr}");
+        assert!(!repo.join("stable.json").exists(), "{case}: a manifest was signed");
+    }
+}
