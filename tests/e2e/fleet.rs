@@ -305,6 +305,30 @@ fn ci_publish_and_promote_scripts_keep_the_key_secret() {
     .ok()
     .json();
     assert_eq!((p["channel"].as_str(), p["rollout"].as_u64()), (Some("stable"), Some(25)));
+    // The scheduled refresh re-signs both channels (serial + 1, same image), from a copy without images.
+    let before: serde_json::Value = serde_json::from_slice(&fs::read(repo.join("stable.json")).unwrap()).unwrap();
+    fs::rename(repo.join("images"), work.path().join("images.away")).unwrap();
+    let r = run(Command::new("bash")
+        .arg(script("refresh.sh"))
+        .arg(&repo)
+        .arg("beta")
+        .arg("stable")
+        .arg("gamma")
+        .env("IMGBUILD", bin("imgbuild"))
+        .env("IMGBUILD_KEY_PEM", &pem)
+        .env("TMPDIR", work.path()))
+    .ok();
+    assert!(!r.stdout.contains(body) && !r.stderr.contains(body), "the key was printed");
+    assert!(r.stderr.contains("gamma has no manifest yet"), "{}", r.stderr);
+    fs::rename(work.path().join("images.away"), repo.join("images")).unwrap();
+    let after: serde_json::Value = serde_json::from_slice(&fs::read(repo.join("stable.json")).unwrap()).unwrap();
+    assert_eq!(after["serial"].as_u64(), before["serial"].as_u64().map(|s| s + 1));
+    assert_eq!(
+        (after["image"].clone(), after["rollout"].clone()),
+        (before["image"].clone(), before["rollout"].clone())
+    );
+    run_bin("imgbuild", ["verify", repo.join("stable.json").to_str().unwrap(), "--pub", keys.public.to_str().unwrap()])
+        .ok();
     // Without a key the script says what to set.
     let none = run(Command::new("bash")
         .arg(script("publish.sh"))

@@ -149,7 +149,14 @@ fn ci_never_re_signs_what_the_bucket_changed() {
         .fails_with(&format!("{} does not match the manifest that signs it", image.display()));
     assert!(!d.repo.join("stable.json").exists(), "promote signed an image the bucket swapped");
     fs::write(&image, bytes).unwrap();
+    // CI copies the repository without its images (examples/ci): the signed
+    // sha256 is what gets re-signed.
+    let images = d.repo.join("images");
+    fs::rename(&images, d.dir.path().join("images.away")).unwrap();
     imgbuild(&d, &["promote", "--from", "beta", "--to", "stable"]).ok();
+    fs::rename(d.dir.path().join("images.away"), &images).unwrap();
+    let stable: serde_json::Value = serde_json::from_slice(&fs::read(d.repo.join("stable.json")).unwrap()).unwrap();
+    assert_eq!(stable["image"]["sha256"], v1["sha256"]);
     // A forged serial near the top would make the next build wrap around.
     let stable = d.repo.join("stable.json");
     edit_json(&stable, |m| m["serial"] = serde_json::json!(u64::MAX - 1));
