@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup-debian.sh
 cargo build --workspace --locked -q
-export CI=${CI:-true}
+
 unshare --mount --propagation private cargo test --locked -q -p imgdeploy-tests --test e2e -- \
   reliability:: powerloss:: deployer:: delta:: fleet::privileged_fifty --nocapture --test-threads=1 2>&1 \
   | grep -E '^(RELIABILITY|[0-9]+ (kills|switches|deployers)|test result)'

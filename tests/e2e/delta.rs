@@ -111,7 +111,7 @@ fn privileged_tampered_chunk_on_server_is_caught() {
     let r = d.imgdeploy(&["apply"]);
     assert_ne!(r.code, 0);
     assert!(r.stderr.contains("does not match the signed index"), "{}", r.stderr);
-    assert!(r.stderr.lines().any(|l| l.starts_with("error:") && l.contains("sha256")), "{}", r.stderr);
+    assert!(r.stderr.lines().any(|l| l.starts_with("error:") && l.contains("has sha256")), "{}", r.stderr);
     assert_eq!(d.active_version().as_deref(), Some("v1"));
     d.assert_link_sound();
     fs::write(&path, new).unwrap();

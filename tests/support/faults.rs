@@ -89,6 +89,7 @@ pub struct FaultServer {
     /// Its port.
     pub port: u16,
     routes: Arc<Mutex<HashMap<String, Reply>>>,
+    log: Arc<Mutex<Vec<String>>>,
     stop: Arc<AtomicBool>,
 }
 
@@ -98,21 +99,27 @@ impl FaultServer {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let routes: Arc<Mutex<HashMap<String, Reply>>> = Arc::default();
+        let log: Arc<Mutex<Vec<String>>> = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
-        let (r, s) = (routes.clone(), stop.clone());
+        let (r, l, s) = (routes.clone(), log.clone(), stop.clone());
         listener.set_nonblocking(true).unwrap();
         std::thread::spawn(move || {
             while !s.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((stream, _)) => {
-                        let r = r.clone();
-                        std::thread::spawn(move || serve(stream, &r));
+                        let (r, l) = (r.clone(), l.clone());
+                        std::thread::spawn(move || serve(stream, &r, &l));
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(5)),
                 }
             }
         });
-        FaultServer { port, routes, stop }
+        FaultServer { port, routes, log, stop }
+    }
+
+    /// How many requests for `path` the server has received.
+    pub fn requests_for(&self, path: &str) -> usize {
+        self.log.lock().unwrap().iter().filter(|p| *p == path).count()
     }
 
     /// Sets the reply for `path` (e.g. `/stable.json`).
@@ -132,7 +139,7 @@ impl Drop for FaultServer {
     }
 }
 
-fn serve(stream: TcpStream, routes: &Mutex<HashMap<String, Reply>>) {
+fn serve(stream: TcpStream, routes: &Mutex<HashMap<String, Reply>>, log: &Mutex<Vec<String>>) {
     stream.set_nonblocking(false).ok();
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut request = String::new();
@@ -152,6 +159,7 @@ fn serve(stream: TcpStream, routes: &Mutex<HashMap<String, Reply>>) {
         }
     }
     let path = request.split_whitespace().nth(1).unwrap_or("/").to_owned();
+    log.lock().unwrap().push(path.clone());
     let reply = routes.lock().unwrap().get(&path).cloned().unwrap_or(Reply::Status(404));
     let mut out = stream;
     // Errors writing to a client that hung up are expected in fault tests.
