@@ -284,9 +284,14 @@ mod tests {
         std::fs::remove_file(src.join("gone")).unwrap();
         let err = write_image(&tree, &d.path().join("a"), &opts, &|_| {}).unwrap_err();
         assert!(matches!(&err, ImageError::Walk(WalkError::Vanished(p)) if p.ends_with("gone")), "{err}");
+        // Recreated under the same name: another inode, not the file the walk saw.
         std::fs::write(src.join("gone"), b"x").unwrap();
-        std::fs::write(src.join("grows"), b"xx").unwrap();
         let err = write_image(&tree, &d.path().join("b"), &opts, &|_| {}).unwrap_err();
+        assert!(matches!(&err, ImageError::Walk(WalkError::Replaced(p)) if p.ends_with("gone")), "{err}");
+        // The same inode, grown.
+        let tree = read_tree(&src, &compile_excludes(&[]).unwrap()).unwrap();
+        std::fs::write(src.join("grows"), b"xx").unwrap();
+        let err = write_image(&tree, &d.path().join("c"), &opts, &|_| {}).unwrap_err();
         assert!(matches!(&err, ImageError::Changed { expected: 1, found: 2, .. }), "{err}");
     }
 }
