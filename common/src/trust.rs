@@ -17,7 +17,7 @@ pub enum TrustError {
     #[error(transparent)]
     Manifest(#[from] ManifestError),
     /// The manifest's expiry time has passed.
-    #[error("manifest for channel `{channel}` (serial {serial}) expired at {expires}; the publisher must re-sign it (`imgbuild build` or `imgbuild resign`), or the host clock is wrong")]
+    #[error("manifest for channel `{channel}` (serial {serial}) expired at {expires}; the publisher must re-sign it (`imgbuild build` or `imgbuild refresh`), or the host clock is wrong")]
     Expired {
         /// Channel.
         channel: String,

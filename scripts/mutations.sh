@@ -1,0 +1,167 @@
+#!/usr/bin/env bash
+# Breaks the product on purpose, one mutation at a time, in a scratch clone of
+# HEAD, and runs the tests that must catch each. A mutation is "caught" only
+# when one of the tests named for it fails (the tests that guard that harm),
+# and the mutation really changed the source (the script checks). Prints one
+# line per mutation and the total; exits non-zero if any was missed.
+#
+#   sudo bash scripts/mutations.sh [NAME...]     (all by default; slow: a
+#                                                 rebuild and a test run each)
+#
+# Not part of CI (it takes about 20 minutes); RELIABILITY.md carries the table.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+work=${MUTATIONS_DIR:-/tmp/imgdeploy-mutations}
+mkdir -p "$work"
+rm -rf "$work/src"
+git clone -q "$root" "$work/src"
+export CARGO_TARGET_DIR=$work/target
+unset IMGDEPLOY_NETBOOT_INIT
+bash scripts/setup-debian.sh >/dev/null
+
+# mutation NAME HARM FILE PERL-SUBSTITUTION TESTS: TESTS are the cargo test
+# names that must catch it (unit:CRATE:FILTER for unit tests).
+names=() harms=() files=() substs=() testss=()
+mutation() { names+=("$1"); harms+=("$2"); files+=("$3"); substs+=("$4"); testss+=("$5"); }
+
+mutation 'non-atomic-switch' \
+  'link is removed, then recreated: readers see it missing' \
+  'deployer/src/switch.rs' \
+  's/symlink\(target, &tmp\)\.map_err\(err\)\?;\n    if let Err\(e\) = std::fs::rename\(&tmp, link\) \{/let _ = std::fs::remove_file(link);\n    std::thread::sleep(std::time::Duration::from_millis(1));\n    symlink(target, link).map_err(err)?;\n    if let Err(e) = Ok::<(), io::Error>(()) {/' \
+  'deployer::privileged_readers_see_no_errors_during_switches'
+mutation 'manifest-signature-unchecked' \
+  'a manifest is used whatever its signature' \
+  'common/src/trust.rs' \
+  's/let key = verify_any\(trusted, bytes, signature\)\?;/let key = verify_any(trusted, bytes, signature).unwrap_or(\&trusted[0]);/' \
+  'deployer::privileged_each_signature_case_is_refused_before_any_image_byte'
+mutation 'index-digest-unchecked' \
+  'a chunk index is used without its signed sha256' \
+  'deployer/src/delta.rs' \
+  's/if sha != r\.sha256 \{/if false \&\& sha != r.sha256 {/' \
+  'delta::privileged_truncated_or_tampered_index_is_rejected'
+mutation 'delta-chunk-unchecked' \
+  'downloaded chunks are written without their hash' \
+  'deployer/src/delta.rs' \
+  's/if ChunkHash::of\(&buf\) != c\.hash \{/if false {/' \
+  'delta::privileged_tampered_chunk_on_server_is_caught'
+mutation 'chunk-reuse-unchecked' \
+  'local chunks are reused without their hash' \
+  'deployer/src/delta.rs' \
+  's/read_chunk\(&seeds\[si\]\.file, off, len, &mut buf\)\.is_ok_and\(\|h\| h == c\.hash\)/read_chunk(\&seeds[si].file, off, len, \&mut buf).is_ok()/' \
+  'delta::privileged_tampered_chunk_in_local_slot_is_not_reused'
+mutation 'download-hash-unchecked' \
+  'a downloaded image is mounted without its sha256' \
+  'deployer/src/fetch.rs' \
+  's/if found != manifest\.image\.sha256 \{/if false {/' \
+  'deployer::privileged_bad_inputs_leave_the_active_version_serving'
+mutation 'slot-hash-unchecked' \
+  'a slot image is mounted (rollback, boot) without its sha256' \
+  'deployer/src/slot.rs' \
+  's/if n != len \|\| sha != manifest\.image\.sha256 \{/if n != len {/' \
+  'deployer::privileged_full_cycle_through_nginx deployer::privileged_boot_falls_back_to_the_other_verified_slot'
+mutation 'mount-writable' \
+  'slots are mounted read-write' \
+  'deployer/src/mount.rs' \
+  's/let mut flags = MsFlags::MS_RDONLY;/let mut flags = MsFlags::empty();/' \
+  'deployer::privileged_mount_options_and_allow_downgrade'
+mutation 'mount-dev-suid' \
+  'slots are mounted without nodev,nosuid' \
+  'deployer/src/mount.rs' \
+  's/\(opts\.nodev, MsFlags::MS_NODEV\),\n        \(opts\.nosuid, MsFlags::MS_NOSUID\),/(false, MsFlags::MS_NODEV),\n        (false, MsFlags::MS_NOSUID),/' \
+  'deployer::privileged_mount_options_and_allow_downgrade'
+mutation 'no-fsync-atomic-write' \
+  'state, manifests and links are renamed in without fsync' \
+  'common/src/atomic.rs' \
+  's/    tmp\.as_file\(\)\.sync_all\(\)\?;\n//; s/    File::open\(tmp\)\?\.sync_all\(\)\?;\n//' \
+  'powerloss::privileged_power_loss_leaves_one_consistent_version'
+mutation 'floor-unenforced' \
+  'an older, correctly signed manifest is installed (replay)' \
+  'deployer/src/decide.rs' \
+  's/if m\.serial < serial && !f\.allow_downgrade \{/if false {/' \
+  'unit:imgdeploy-deployer:decide trust::privileged_replay_after_a_reused_image_is_refused'
+mutation 'channel-unchecked' \
+  'another channel'\''s manifest is installed' \
+  'deployer/src/fetch.rs' \
+  's/if verified\.manifest\.channel != channel \{/if false {/' \
+  'deployer::privileged_bad_inputs_leave_the_active_version_serving'
+mutation 'expiry-unchecked' \
+  'an expired manifest is installed' \
+  'common/src/trust.rs' \
+  's/if manifest\.expires <= now \{/if false {/' \
+  'deployer::privileged_bad_inputs_leave_the_active_version_serving'
+mutation 'drain-skipped' \
+  'the old version is pulled from its users at once' \
+  'deployer/src/drain.rs' \
+  's/let deadline = Instant::now\(\) \+ timeout;\n/let deadline = Instant::now() + timeout;\n    let _ = nix::mount::umount2(\&target, nix::mount::MntFlags::MNT_DETACH);\n    return Ok(Retired::default());\n/' \
+  'deployer::privileged_drain_waits_for_holders_and_busy_standby_stops_apply'
+mutation 'hook-failure-ignored' \
+  'a failing health check or post_switch hook is ignored' \
+  'deployer/src/hooks.rs' \
+  's/Ok\(Some\(status\)\) if status\.success\(\) => return Ok\(\(\)\),/Ok(Some(_)) => return Ok(()),/' \
+  'deployer::privileged_hooks_gate_and_follow_the_switch'
+mutation 'netboot-any-key' \
+  'boot mode trusts keys an earlier archive added' \
+  'deployer/src/boot.rs' \
+  's/let keys = trusted_keys\(policy\)\?;/let mut keys = trusted_keys(policy)?;\n    for e in fs::read_dir(\"\/etc\/imgdeploy\/keys\").into_iter().flatten().flatten() { if let Ok(k) = PublicKey::read(\&e.path()) { keys.push(k); } }/' \
+  'netboot::privileged_netboot_boots_only_what_the_trusted_initrd_allows'
+
+selected=("$@")
+want() {
+  [[ ${#selected[@]} -eq 0 ]] && return 0
+  local n
+  for n in "${selected[@]}"; do [[ $n == "$1" ]] && return 0; done
+  return 1
+}
+
+ns=()
+if [[ $(id -u) -eq 0 ]] && unshare --mount --propagation private true 2>/dev/null; then
+  ns=(unshare --mount --propagation private)
+fi
+
+caught=0 missed=0
+for i in "${!names[@]}"; do
+  name=${names[$i]} harm=${harms[$i]} file=${files[$i]} subst=${substs[$i]} tests=${testss[$i]}
+  want "$name" || continue
+  git -C "$work/src" checkout -q -- .
+  before=$(sha256sum "$work/src/$file")
+  perl -0pi -e "$subst" "$work/src/$file"
+  if [[ $(sha256sum "$work/src/$file") == "$before" ]]; then
+    echo "mutation $name did not apply to $file; update scripts/mutations.sh" >&2
+    exit 2
+  fi
+  log=$work/$name.log
+  : >"$log"
+  (cd "$work/src" && cargo build -q --workspace >>"$log" 2>&1) || {
+    echo "mutation $name does not compile; see $log" >&2
+    exit 2
+  }
+  if [[ $name == netboot-* ]]; then
+    IMGDEPLOY_NETBOOT_INIT=$(cd "$work/src" && bash scripts/build-netboot-init.sh 2>>"$log")
+    export IMGDEPLOY_NETBOOT_INIT
+  fi
+  failed=()
+  for t in $tests; do
+    if [[ $t == unit:* ]]; then
+      IFS=: read -r _ crate filter <<<"$t"
+      cmd=(cargo test -q -p "$crate" --lib -- "$filter")
+    else
+      cmd=("${ns[@]}" cargo test -q -p imgdeploy-tests --test e2e -- --exact "$t" --test-threads=1)
+    fi
+    if ! (cd "$work/src" && "${cmd[@]}" >>"$log" 2>&1); then
+      failed+=("$t")
+    fi
+  done
+  if [[ ${#failed[@]} -gt 0 ]]; then
+    caught=$((caught + 1))
+    line="caught  $name: $harm — by ${failed[*]}"
+  else
+    missed=$((missed + 1))
+    line="MISSED  $name: $harm — $tests all passed"
+  fi
+  echo "$line"
+  unset IMGDEPLOY_NETBOOT_INIT
+done
+git -C "$work/src" checkout -q -- .
+echo "mutations: $((caught + missed)) run, $caught caught, $missed missed"
+[[ $missed -eq 0 ]]
