@@ -281,6 +281,9 @@ mod tests {
         std::fs::write(src.join("grows"), b"x").unwrap();
         let tree = read_tree(&src, &compile_excludes(&[]).unwrap()).unwrap();
         let opts = ImageOptions { level: 1, workers: 1, mtime: None, fragments: true };
+        // A second name outside the tree keeps the inode alive, so the file
+        // recreated below cannot get its number back.
+        std::fs::hard_link(src.join("gone"), d.path().join("keep")).unwrap();
         std::fs::remove_file(src.join("gone")).unwrap();
         let err = write_image(&tree, &d.path().join("a"), &opts, &|_| {}).unwrap_err();
         assert!(matches!(&err, ImageError::Walk(WalkError::Vanished(p)) if p.ends_with("gone")), "{err}");
