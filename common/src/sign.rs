@@ -167,15 +167,16 @@ impl PublicKey {
 }
 
 /// Checks a detached signature against every trusted key; returns the key
-/// that verified it. Uses strict verification so that malleated signatures
-/// (the same message, other signature bytes) are refused.
+/// that verified it. Uses strict verification (which implies the plain
+/// check) so that malleated signatures (the same message, other signature
+/// bytes) and signatures that hold for any message under a weak key are refused.
 pub fn verify_any<'k>(trusted: &'k [PublicKey], message: &[u8], signature: &[u8]) -> Result<&'k PublicKey, KeyError> {
     let bytes: [u8; SIGNATURE_BYTES] =
         signature.try_into().map_err(|_| KeyError::SignatureLength { len: signature.len() })?;
     let sig = Signature::from_bytes(&bytes);
     trusted
         .iter()
-        .find(|k| k.key.verify_strict(message, &sig).is_ok() && k.key.verify(message, &sig).is_ok())
+        .find(|k| k.key.verify_strict(message, &sig).is_ok())
         .ok_or_else(|| KeyError::Untrusted {
             keys: trusted.len(),
             ids: trusted.iter().map(PublicKey::id).collect::<Vec<_>>().join(", "),
@@ -215,6 +216,38 @@ mod tests {
         assert!(matches!(verify_any(&keys, b"m", &sig), Err(KeyError::Untrusted { .. })));
         let rotated = [b.public(), a.public()];
         assert_eq!(verify_any(&rotated, b"m", &sig).unwrap(), &a.public());
+    }
+
+    /// A small-order public key with the identity as R and s = 0 "signs"
+    /// every message under the plain cofactorless check; strict
+    /// verification refuses it.
+    #[test]
+    fn a_weak_key_signs_nothing() {
+        let mut identity = [0u8; 32];
+        identity[0] = 1;
+        let weak = PublicKey { key: VerifyingKey::from_bytes(&identity).unwrap() };
+        let mut sig = [0u8; SIGNATURE_BYTES];
+        sig[0] = 1;
+        assert!(weak.key.verify(b"any message", &Signature::from_bytes(&sig)).is_ok(), "the plain check accepts it");
+        assert!(matches!(verify_any(&[weak], b"any message", &sig), Err(KeyError::Untrusted { keys: 1, .. })));
+    }
+
+    /// Ids are the first 16 hex digits of the sha256 of the raw key; debug
+    /// output names the id and never the key material.
+    #[test]
+    fn ids_and_debug_output() {
+        let sk = PrivateKey::generate().unwrap();
+        let pk = sk.public();
+        let id = Sha256Digest::of_bytes(pk.key.as_bytes()).to_string()[..16].to_owned();
+        assert_eq!(pk.id(), id);
+        assert_eq!(key_id(&pk.key), id);
+        assert_eq!(format!("{pk:?}"), format!("PublicKey({id})"));
+        assert_eq!(format!("{sk:?}"), format!("PrivateKey({id})"));
+        let pem = sk.to_pem().unwrap();
+        let secret_line = pem.lines().nth(1).unwrap();
+        assert!(!format!("{sk:?}").contains(secret_line));
+        let e = verify_any(&[pk.clone()], b"m", &[0u8; 64]).unwrap_err().to_string();
+        assert!(e.contains(&id), "{e}");
     }
 
     #[test]
