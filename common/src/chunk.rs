@@ -286,6 +286,47 @@ mod tests {
         assert!(ChunkIndex::decode(b"not zstd").is_err());
     }
 
+    /// The expansion limit is inclusive: exactly MAX_INDEX_BYTES decodes
+    /// (and then fails to parse, being zeros); one byte more is refused.
+    #[test]
+    fn decode_limit_is_exact() {
+        let at_limit = zstd::bulk::compress(&vec![0u8; MAX_INDEX_BYTES], 3).unwrap();
+        assert_eq!(ChunkIndex::decode(&at_limit), Err(IndexError::Magic));
+        let over = zstd::bulk::compress(&vec![0u8; MAX_INDEX_BYTES + 1], 3).unwrap();
+        assert!(matches!(ChunkIndex::decode(&over), Err(IndexError::Compression(_))));
+    }
+
+    /// Every bound of `parse`, on both sides.
+    #[test]
+    fn parse_bounds() {
+        let raw = |min: u32, avg: u32, max: u32, lens: &[u32]| {
+            let chunks = lens.iter().map(|&len| Chunk { offset: 0, len, hash: ChunkHash([7; HASH]) }).collect();
+            let image_size = lens.iter().map(|&l| u64::from(l)).sum();
+            ChunkIndex { params: ChunkParams { min, avg, max }, image_size, chunks }.to_bytes()
+        };
+        let ok = |b: Vec<u8>| ChunkIndex::parse(&b).unwrap();
+        let invalid = |b: Vec<u8>| assert!(matches!(ChunkIndex::parse(&b), Err(IndexError::Invalid(_))));
+        // An empty image: the header alone.
+        let empty = raw(4, 8, 16, &[]);
+        assert_eq!(empty.len(), HEADER);
+        assert!(ok(empty).chunks.is_empty());
+        assert_eq!(ChunkIndex::parse(&raw(4, 8, 16, &[])[..HEADER - 1]), Err(IndexError::Magic));
+        // Chunk limits: min > 0, min <= avg <= max.
+        invalid(raw(0, 8, 16, &[]));
+        invalid(raw(9, 8, 16, &[]));
+        invalid(raw(4, 17, 16, &[]));
+        ok(raw(8, 8, 8, &[8]));
+        // Chunk sizes: 1..=max, and at least min except the last.
+        ok(raw(4, 8, 16, &[16, 4, 3]));
+        invalid(raw(4, 8, 16, &[17, 4]));
+        invalid(raw(4, 8, 16, &[3, 4]));
+        invalid(raw(4, 8, 16, &[4, 0]));
+        // Offsets follow the lengths.
+        let idx = ok(raw(4, 8, 16, &[16, 4, 3]));
+        assert_eq!(idx.chunks.iter().map(|c| c.offset).collect::<Vec<_>>(), [0, 16, 20]);
+        assert_eq!(idx.image_size, 23);
+    }
+
     /// Regression (fuzzing): a tiny input that expands beyond the limit is
     /// refused without holding more than the limit.
     #[test]

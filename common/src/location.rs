@@ -281,4 +281,158 @@ mod tests {
         assert_eq!(loc.read_bounded(&agent, 100).unwrap().len(), 100);
         assert!(matches!(loc.read_bounded(&agent, 99), Err(FetchError::TooLarge { limit: 99, .. })));
     }
+
+    /// A server on 127.0.0.1 answering every request with the raw HTTP
+    /// response `answer(path, range header)`; returns its base URL.
+    fn server(answer: impl Fn(&str, Option<&str>) -> String + Send + Sync + 'static) -> String {
+        use std::io::{BufRead, BufReader, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut first = String::new();
+                reader.read_line(&mut first).unwrap();
+                let mut range = None;
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap() == 0 || line == "\r\n" {
+                        break;
+                    }
+                    if let Some(v) = line.strip_prefix("Range: ").or(line.strip_prefix("range: ")) {
+                        range = Some(v.trim().to_owned());
+                    }
+                }
+                let path = first.split_whitespace().nth(1).unwrap_or("/").to_owned();
+                let _ = (&stream).write_all(answer(&path, range.as_deref()).as_bytes());
+            }
+        });
+        base
+    }
+
+    fn reply(status: &str, headers: &str, body: &str) -> String {
+        format!("HTTP/1.1 {status}\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())
+    }
+
+    fn read_all(r: (Box<dyn Read + Send>, u64)) -> (String, u64) {
+        let (mut reader, start) = r;
+        let mut s = String::new();
+        reader.read_to_string(&mut s).unwrap();
+        (s, start)
+    }
+
+    #[test]
+    fn open_follows_ranges_and_refuses_foreign_ones() {
+        let honours = server(|_, range| match range {
+            Some("bytes=4-") => reply("206 Partial Content", "Content-Range: bytes 4-9/10\r\n", "456789"),
+            Some(_) => reply("206 Partial Content", "Content-Range: bytes 0-9/10\r\n", "0123456789"),
+            None => reply("200 OK", "", "0123456789"),
+        });
+        let agent = http_agent(Duration::from_secs(5), Duration::from_secs(5));
+        let at = |path: &str| Location::Url(format!("{honours}{path}"));
+        assert_eq!(read_all(at("/f").open(&agent, 0).unwrap()), ("0123456789".into(), 0));
+        assert_eq!(read_all(at("/f").open(&agent, 4).unwrap()), ("456789".into(), 4));
+        // A 206 for another range would splice foreign bytes in.
+        let e = at("/f").open(&agent, 3).err().unwrap().to_string();
+        assert!(e.contains("asked for bytes 3- but the server answered with range `bytes 0-9/10`"), "{e}");
+        // A server that ignores Range sends everything from byte 0.
+        let ignores = server(|_, _| reply("200 OK", "", "0123456789"));
+        let loc = Location::Url(format!("{ignores}/f"));
+        assert_eq!(read_all(loc.open(&agent, 4).unwrap()), ("0123456789".into(), 0));
+        // An unasked-for 206 is refused.
+        let eager = server(|_, _| reply("206 Partial Content", "Content-Range: bytes 0-9/10\r\n", "0123456789"));
+        let e = Location::Url(format!("{eager}/f")).open(&agent, 0).err().unwrap();
+        assert!(matches!(e, FetchError::Status { status: 206, .. }), "{e}");
+        // Local files: from the offset.
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        std::fs::write(&p, "0123456789").unwrap();
+        assert_eq!(read_all(Location::Path(p.clone()).open(&agent, 4).unwrap()), ("456789".into(), 4));
+        assert_eq!(Location::Path(p.clone()).to_string(), p.display().to_string());
+        assert_eq!(at("/f").to_string(), format!("{honours}/f"));
+    }
+
+    #[test]
+    fn statuses_say_what_to_do() {
+        let base = server(|path, _| match path {
+            "/404" => reply("404 Not Found", "", ""),
+            "/403" => reply("403 Forbidden", "", ""),
+            "/401" => reply("401 Unauthorized", "", ""),
+            "/429" => reply("429 Too Many Requests", "Retry-After: 30\r\n", ""),
+            "/503" => reply("503 Service Unavailable", "Retry-After: Wed, 21 Oct 2026 07:28:00 GMT\r\n", ""),
+            _ => reply("418 I'm a teapot", "", ""),
+        });
+        let agent = http_agent(Duration::from_secs(5), Duration::from_secs(5));
+        let status = |path: &str| match Location::Url(format!("{base}{path}")).open(&agent, 0).err().unwrap() {
+            FetchError::Status { status, hint, retry_after, .. } => (status, hint, retry_after),
+            other => panic!("{other}"),
+        };
+        assert!(status("/404").1.contains("nothing is published there"));
+        assert!(status("/403").1.contains("refuses access"));
+        assert!(status("/401").1.contains("refuses access"));
+        assert_eq!(status("/429"), (429, "; the server is rate limiting: try again later", Some("30 s".into())));
+        let (code, hint, retry) = status("/503");
+        assert_eq!((code, retry.as_deref()), (503, Some("Wed, 21 Oct 2026 07:28:00 GMT")));
+        assert!(hint.contains("the server failed"));
+        assert_eq!(status("/418"), (418, "", None));
+        assert!(status_error("u", 302, None).to_string().contains("redirect"));
+        let e = status_error("http://h/x", 404, Some("5 s".into())).to_string();
+        assert!(
+            e.starts_with("http://h/x answered HTTP 404; nothing") && e.ends_with("(it asks to retry after 5 s)"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_signature_named_by_the_manifest_comes_first() {
+        let manifest = "{\"m\": 1}\n";
+        let named = format!("/r/sigs/{}.sig", Sha256Digest::of_bytes(manifest.as_bytes()));
+        let agent = http_agent(Duration::from_secs(5), Duration::from_secs(5));
+        let serve = |named_status: &'static str| {
+            let named = named.clone();
+            server(move |path, _| match path {
+                "/r/s.json" => reply("200 OK", "", manifest),
+                p if p == named && named_status == "200 OK" => reply("200 OK", "", &"A".repeat(64)),
+                p if p == named => reply(named_status, "", ""),
+                "/r/s.json.sig" => reply("200 OK", "", &"B".repeat(64)),
+                _ => reply("404 Not Found", "", ""),
+            })
+        };
+        let sig_of = |base: String| {
+            Location::Url(format!("{base}/r/s.json")).read_signed_manifest(&agent).map(|(m, s)| {
+                assert_eq!(m, manifest.as_bytes());
+                String::from_utf8(s).unwrap()
+            })
+        };
+        assert_eq!(sig_of(serve("200 OK")).unwrap(), "A".repeat(64));
+        for absent in ["404 Not Found", "410 Gone", "403 Forbidden"] {
+            assert_eq!(sig_of(serve(absent)).unwrap(), "B".repeat(64), "{absent}");
+        }
+        // A failing server is an error, not a reason to take the other file.
+        assert!(matches!(sig_of(serve("500 Internal Server Error")), Err(FetchError::Status { status: 500, .. })));
+
+        // The same on disk.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("s.json"), manifest).unwrap();
+        std::fs::write(dir.path().join("s.json.sig"), "B".repeat(64)).unwrap();
+        let local = Location::Path(dir.path().join("s.json"));
+        assert_eq!(local.read_signed_manifest(&agent).unwrap().1, "B".repeat(64).into_bytes());
+        std::fs::create_dir_all(dir.path().join("sigs")).unwrap();
+        let named_path = dir.path().join(named.trim_start_matches("/r/"));
+        std::fs::write(&named_path, "A".repeat(64)).unwrap();
+        assert_eq!(local.read_signed_manifest(&agent).unwrap().1, "A".repeat(64).into_bytes());
+        // Unreadable (a directory in its place) is an error, not absent.
+        std::fs::remove_file(&named_path).unwrap();
+        std::fs::create_dir(&named_path).unwrap();
+        assert!(local.read_signed_manifest(&agent).is_err());
+    }
+
+    #[test]
+    fn content_ranges() {
+        assert_eq!(parse_content_range("bytes 4-9/10"), Some((4, 9)));
+        assert_eq!(parse_content_range(" bytes 7-7/*"), Some((7, 7)));
+        for bad in ["bytes 9-4/10", "4-9/10", "bytes 4-9", "bytes x-9/10", "bytes 4-/10", ""] {
+            assert_eq!(parse_content_range(bad), None, "{bad}");
+        }
+    }
 }

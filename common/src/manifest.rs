@@ -281,6 +281,24 @@ impl Manifest {
 pub(crate) mod tests {
     use super::*;
 
+    #[test]
+    fn repository_paths() {
+        let sha = Sha256Digest::of_bytes(b"x");
+        assert_eq!(image_path(&sha), format!("images/{sha}.squashfs"));
+        assert_eq!(index_path(&sha), format!("indexes/{sha}.idx"));
+        assert_eq!(signature_path(&sha), format!("sigs/{sha}.sig"));
+    }
+
+    #[test]
+    fn version_labels() {
+        for good in ["a", "v1.2 (build 7)", &"é".repeat(128)] {
+            assert!(validate_version(good).is_ok(), "{good:?}");
+        }
+        for bad in ["", "a\nb", "tab\there", &"é".repeat(129)] {
+            assert!(validate_version(bad).is_err(), "{bad:?}");
+        }
+    }
+
     pub(crate) fn sample() -> Manifest {
         let sha = Sha256Digest::of_bytes(b"image");
         Manifest {

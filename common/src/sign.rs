@@ -174,13 +174,10 @@ pub fn verify_any<'k>(trusted: &'k [PublicKey], message: &[u8], signature: &[u8]
     let bytes: [u8; SIGNATURE_BYTES] =
         signature.try_into().map_err(|_| KeyError::SignatureLength { len: signature.len() })?;
     let sig = Signature::from_bytes(&bytes);
-    trusted
-        .iter()
-        .find(|k| k.key.verify_strict(message, &sig).is_ok())
-        .ok_or_else(|| KeyError::Untrusted {
-            keys: trusted.len(),
-            ids: trusted.iter().map(PublicKey::id).collect::<Vec<_>>().join(", "),
-        })
+    trusted.iter().find(|k| k.key.verify_strict(message, &sig).is_ok()).ok_or_else(|| KeyError::Untrusted {
+        keys: trusted.len(),
+        ids: trusted.iter().map(PublicKey::id).collect::<Vec<_>>().join(", "),
+    })
 }
 
 /// Re-export of the random source's error, so callers need not depend on getrandom.
