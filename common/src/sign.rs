@@ -244,7 +244,7 @@ mod tests {
         let pem = sk.to_pem().unwrap();
         let secret_line = pem.lines().nth(1).unwrap();
         assert!(!format!("{sk:?}").contains(secret_line));
-        let e = verify_any(&[pk.clone()], b"m", &[0u8; 64]).unwrap_err().to_string();
+        let e = verify_any(std::slice::from_ref(&pk), b"m", &[0u8; 64]).unwrap_err().to_string();
         assert!(e.contains(&id), "{e}");
     }
 
