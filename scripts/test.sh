@@ -28,6 +28,9 @@ trap 'rm -f "$log"' EXIT
 # and state, chunk index) for FUZZ_SECONDS each (60 by default).
 bash scripts/fuzz.sh
 
+# Mutation testing of the pure modules: every mutant must be caught.
+bash scripts/mutants.sh
+
 # One closing line for every test run above (cargo prints one per test binary).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) s += $i } }
      END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, s }' "$log"

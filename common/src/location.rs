@@ -154,10 +154,8 @@ impl Location {
         match self {
             Location::Path(p) => {
                 let mut f = File::open(p).map_err(|source| FetchError::Local { path: p.clone(), source })?;
-                if offset > 0 {
-                    io::Seek::seek(&mut f, io::SeekFrom::Start(offset))
-                        .map_err(|source| FetchError::Local { path: p.clone(), source })?;
-                }
+                io::Seek::seek(&mut f, io::SeekFrom::Start(offset))
+                    .map_err(|source| FetchError::Local { path: p.clone(), source })?;
                 Ok((Box::new(f), offset))
             }
             Location::Url(u) => {

@@ -290,6 +290,23 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn rollout_and_index_size_bounds() {
+        let with = |rollout: Option<u8>, index_size: u64| {
+            let mut m = sample();
+            m.rollout = rollout;
+            let sha = Sha256Digest::of_bytes(b"idx");
+            m.index = Some(IndexRef { path: index_path(&sha), sha256: sha, size: index_size });
+            m.validate()
+        };
+        assert!(with(Some(100), 1).is_ok());
+        assert!(with(Some(0), crate::chunk::MAX_INDEX_BYTES as u64).is_ok());
+        assert!(matches!(with(Some(101), 1), Err(ManifestError::Field { field: "rollout", .. })));
+        assert!(matches!(with(None, 0), Err(ManifestError::Field { field: "index.size", .. })));
+        let over = crate::chunk::MAX_INDEX_BYTES as u64 + 1;
+        assert!(matches!(with(None, over), Err(ManifestError::Field { field: "index.size", .. })));
+    }
+
+    #[test]
     fn version_labels() {
         for good in ["a", "v1.2 (build 7)", &"é".repeat(128)] {
             assert!(validate_version(good).is_ok(), "{good:?}");
