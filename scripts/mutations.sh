@@ -93,7 +93,7 @@ mutation 'expiry-unchecked' \
 mutation 'drain-skipped' \
   'the old version is pulled from its users at once' \
   'deployer/src/drain.rs' \
-  's/let deadline = Instant::now\(\) \+ timeout;\n/let deadline = Instant::now() + timeout;\n    let _ = nix::mount::umount2(\&target, nix::mount::MntFlags::MNT_DETACH);\n    return Ok(Retired::default());\n/' \
+  's/let dev = device_at\(&target\)\?;\n    let deadline = Instant::now\(\) \+ timeout;\n/let dev = device_at(\&target)?;\n    let _ = nix::mount::umount2(\&target, nix::mount::MntFlags::MNT_DETACH);\n    return Ok(Retired::default());\n    #[allow(unreachable_code)]\n    let deadline = Instant::now() + timeout;\n/' \
   'deployer::privileged_drain_waits_for_holders_and_busy_standby_stops_apply'
 mutation 'hook-failure-ignored' \
   'a failing health check or post_switch hook is ignored' \
@@ -154,7 +154,8 @@ for i in "${!names[@]}"; do
   done
   if [[ ${#failed[@]} -gt 0 ]]; then
     caught=$((caught + 1))
-    line="caught  $name: $harm — by ${failed[*]}"
+    why=$(grep -A1 -m1 'panicked at' "$log" | tail -n1 | cut -c1-110)
+    line="caught  $name: $harm — by ${failed[*]} (${why})"
   else
     missed=$((missed + 1))
     line="MISSED  $name: $harm — $tests all passed"

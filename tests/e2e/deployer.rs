@@ -500,8 +500,9 @@ fn privileged_bad_inputs_leave_the_active_version_serving() {
     flip_byte(&v3_image, 100);
     check("tampered image on the server", &["apply"], "has sha256");
     flip_byte(&v3_image, 100);
-    // Other channel's (correctly signed) manifest.
-    d.publish_to("beta", "beta1", 0, &[]);
+    // Other channel's (correctly signed) manifest, with a serial above this
+    // host's floor: only the channel check stands in its way.
+    d.publish_to("beta", "beta1", 0, &["--serial", "99"]);
     check(
         "other channel",
         &["apply", "--source", &d.nginx.url("beta.json")],
