@@ -170,7 +170,10 @@ fn privileged_netboot_boots_only_what_the_trusted_initrd_allows() {
     ]);
     let attack = concat(&work.path().join("attack-key.img"), &[read(&evil.join("image.cpio")), extras, initrd.clone()]);
     let log = boot(&vmlinuz, &attack, "");
-    assert!(log.contains("REFUSING TO BOOT") && log.contains("does not verify"), "{log}");
+    assert!(
+        log.contains("REFUSING TO BOOT") && log.contains("does not verify"),
+        "key injection: no refusal naming the signature:\n{log}"
+    );
     assert!(!log.contains("IMGDEPLOY-MARKER"), "an image signed by a key the archive brought was booted:\n{log}");
 
     // 2. Our key, another channel.
@@ -180,13 +183,16 @@ fn privileged_netboot_boots_only_what_the_trusted_initrd_allows() {
     netboot(&beta_repo.join("beta.json"), &ours.public, &kernel, &modules, &beta, &[]);
     let attack = concat(&work.path().join("attack-channel.img"), &[read(&beta.join("image.cpio")), initrd.clone()]);
     let log = boot(&vmlinuz, &attack, "");
-    assert!(log.contains("REFUSING TO BOOT") && log.contains("channel beta"), "{log}");
+    assert!(
+        log.contains("REFUSING TO BOOT") && log.contains("channel beta"),
+        "another channel: no refusal naming it:\n{log}"
+    );
     assert!(!log.contains("IMGDEPLOY-MARKER"), "another channel's image was booted:\n{log}");
 
     // 3. Our key, our channel, an older serial.
     let attack = concat(&work.path().join("attack-replay.img"), &[read(&old.join("image.cpio")), initrd.clone()]);
     let log = boot(&vmlinuz, &attack, "");
-    assert!(log.contains("REFUSING TO BOOT") && log.contains("serial 1"), "{log}");
+    assert!(log.contains("REFUSING TO BOOT") && log.contains("serial 1"), "older serial: no refusal naming it:\n{log}");
     assert!(!log.contains("IMGDEPLOY-MARKER"), "an older serial was booted:\n{log}");
 
     // 4. A shell the archive brings, with a command line asking for it on failure.
@@ -200,7 +206,7 @@ fn privileged_netboot_boots_only_what_the_trusted_initrd_allows() {
     ]);
     let attack = concat(&work.path().join("attack-shell.img"), &[image, planted, initrd.clone()]);
     let log = boot(&vmlinuz, &attack, "imgdeploy.onfail=shell");
-    assert!(log.contains("REFUSING TO BOOT"), "{log}");
+    assert!(log.contains("REFUSING TO BOOT"), "planted shell: no refusal:\n{log}");
     assert!(!log.contains("PLANTED-SHELL-RAN"), "a shell the archive brought was run as PID 1:\n{log}");
 
     // 5. Expired: refused unless the command line allows it.
@@ -216,7 +222,10 @@ fn privileged_netboot_boots_only_what_the_trusted_initrd_allows() {
     netboot(&repo.join("stable.json"), &ours.public, &kernel, &modules, &short, &[]);
     std::thread::sleep(std::time::Duration::from_secs(27).saturating_sub(started.elapsed()));
     let log = boot(&short.join("vmlinuz"), &short.join("initrd-combined.img"), "");
-    assert!(log.contains("REFUSING TO BOOT") && log.contains("expired"), "{log}");
+    assert!(
+        log.contains("REFUSING TO BOOT") && log.contains("expired"),
+        "expired manifest: no refusal naming the expiry:\n{log}"
+    );
     assert!(!log.contains("IMGDEPLOY-MARKER"), "an expired manifest was booted:\n{log}");
     let log = boot(&short.join("vmlinuz"), &short.join("initrd-combined.img"), "imgdeploy.allow_expired=1");
     assert!(log.contains("IMGDEPLOY-MARKER version=good-3"), "{log}");
