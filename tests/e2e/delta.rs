@@ -110,7 +110,11 @@ fn privileged_tampered_chunk_on_server_is_caught() {
     fs::write(&path, bad).unwrap();
     let r = d.imgdeploy(&["apply"]);
     assert_ne!(r.code, 0);
-    assert!(r.stderr.contains("does not match the signed index"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("does not match the signed index"),
+        "a tampered chunk was not named by its hash:\n{}",
+        r.stderr
+    );
     assert!(r.stderr.lines().any(|l| l.starts_with("error:") && l.contains("has sha256")), "{}", r.stderr);
     assert_eq!(d.active_version().as_deref(), Some("v1"));
     d.assert_link_sound();
@@ -160,7 +164,11 @@ fn privileged_truncated_or_tampered_index_is_rejected() {
     ] {
         fs::write(&idx, &bad).unwrap();
         let plan = d.imgdeploy(&["apply", "--dry-run", "--json"]);
-        assert!(plan.stderr.contains("truncated or tampered with"), "{what}: {}", plan.stderr);
+        assert!(
+            plan.stderr.contains("truncated or tampered with"),
+            "{what} index was not refused by its sha256:\n{}",
+            plan.stderr
+        );
         assert_eq!(plan.json()["mode"], "full", "{what}");
     }
     let r = d.imgdeploy(&["apply", "--json"]).ok();
