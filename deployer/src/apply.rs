@@ -14,15 +14,12 @@
 //! Until step 6 the active version is untouched; every failure before it
 //! unmounts what it mounted and leaves `link` where it was.
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
 use imgdeploy_common::atomic::{fsync_dir, write_atomic};
 use imgdeploy_common::location::{http_agent, Location};
 use imgdeploy_common::manifest::Timestamp;
-use imgdeploy_common::squashfs::{Superblock, SUPERBLOCK_BYTES};
 use serde::Serialize;
 
 use crate::config::Config;
@@ -32,11 +29,12 @@ use crate::drain::{drain_slot, release_slot, Retired};
 use crate::fetch::{download_image, fetch_manifest, DownloadStats};
 use crate::hooks::run_hook;
 use crate::lock::lock;
-use crate::mount::{mount_image, mounted_at, unmount};
+use crate::mount::unmount;
 use crate::safety::warn_if_closed_to_readers;
+use crate::slot::ensure_mounted;
 use crate::slot::{installed, open_verified, Installed, SlotError};
 use crate::state::{ApplyRecord, Layout, SlotId, State};
-use crate::switch::{current_target, point_link};
+use crate::switch::{active_slot, point_link};
 
 /// What an apply did.
 #[derive(Debug, Clone, Serialize)]
@@ -101,51 +99,6 @@ pub struct ApplyOptions {
     pub source: Option<String>,
     /// Only report what would be downloaded.
     pub dry_run: bool,
-}
-
-/// Opens the state directory and reads which slot `link` points at.
-pub fn active_slot(cfg: &Config, layout: &Layout) -> Result<Option<SlotId>> {
-    match current_target(&cfg.link)? {
-        None => Ok(None),
-        Some(t) => layout.slot_of_target(&t).map(Some).ok_or_else(|| {
-            anyhow!(
-                "{} points at {}, which imgdeploy does not manage; remove the link (imgdeploy recreates it) or choose another `link`",
-                cfg.link.display(),
-                t.display()
-            )
-        }),
-    }
-}
-
-/// Mounts `slot` unless it is already mounted. Its image is verified first,
-/// unless `verified` is the open image file whose sha256 was just computed
-/// over exactly the bytes written to it (a download in this run); then only
-/// its superblock is checked.
-pub fn ensure_mounted(cfg: &Config, layout: &Layout, inst: &Installed, verified: Option<File>) -> Result<()> {
-    let target = layout.mount_point(inst.slot);
-    if mounted_at(&target)?.is_some() {
-        return Ok(());
-    }
-    let file = match verified {
-        Some(f) => {
-            let mut head = [0u8; SUPERBLOCK_BYTES];
-            f.read_exact_at(&mut head, 0)?;
-            Superblock::parse(&head)
-                .and_then(|sb| sb.check_size(inst.manifest.image.size))
-                .with_context(|| format!("slot {}: image is not a usable squashfs image", inst.slot))?;
-            f
-        }
-        None => open_verified(layout, inst.slot, &inst.manifest)?,
-    };
-    mount_image(
-        &file,
-        &layout.image(inst.slot),
-        &target,
-        cfg.mount_options,
-        &format!("imgdeploy:{}:{}", inst.slot, inst.manifest.serial),
-    )?;
-    tracing::info!("mounted slot {} (serial {}) at {}", inst.slot, inst.manifest.serial, target.display());
-    Ok(())
 }
 
 /// Computes what an update would transfer, changing nothing.

@@ -5,9 +5,12 @@
 //!
 //! Modules, in the order an apply uses them: [`config`], [`lock`],
 //! [`state`], [`fetch`], [`decide`] (what to do with a verified manifest: a
-//! pure function), [`slot`], [`loopdev`] and [`mount`], [`hooks`],
-//! [`switch`], [`drain`] (retiring an old slot: unmount or detach); [`apply`]
-//! strings them together, [`ops`] holds the other commands and [`cli`] the
+//! pure function), [`slot`] (a slot's verified manifest and image, and
+//! mounting it), [`loopdev`] and [`mount`], [`hooks`], [`switch`] (which
+//! slot `link` names, and repointing it), [`drain`] (retiring an old slot:
+//! unmount or detach); [`apply`] strings them together and nothing depends
+//! on it but the command line; [`ops`] holds the other commands, [`metrics`]
+//! the Prometheus file, [`boot`] the netboot `/init`, and [`cli`] the
 //! command line.
 
 pub mod apply;

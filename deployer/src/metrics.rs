@@ -102,7 +102,7 @@ pub fn render(cfg: &Config, state: &State, active: Option<(u64, String)>, detach
 /// Writes the metrics file for the current state.
 pub fn write(cfg: &Config, layout: &Layout, state: &State, path: &Path) -> Result<()> {
     let keys: Vec<PublicKey> = cfg.trusted_keys()?;
-    let active = match crate::apply::active_slot(cfg, layout)? {
+    let active = match crate::switch::active_slot(cfg, layout)? {
         Some(slot) => installed(layout, slot, &keys)?.map(|i| (i.manifest.serial, i.manifest.version)),
         None => None,
     };

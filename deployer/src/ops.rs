@@ -11,13 +11,14 @@ use imgdeploy_common::manifest::Timestamp;
 use imgdeploy_common::sign::PublicKey;
 use serde::Serialize;
 
-use crate::apply::{active_slot, ensure_mounted};
 use crate::config::{Config, DrainTimeoutAction};
 use crate::drain::{detached, device_of, drain_slot, holders, Detached, Holder, Retired};
 use crate::lock::lock;
 use crate::mount::mounted_at;
+use crate::slot::ensure_mounted;
 use crate::slot::{installed, open_verified};
 use crate::state::{ApplyRecord, BootRecord, Layout, SlotId, State};
+use crate::switch::active_slot;
 use crate::switch::{current_target, point_link};
 
 /// One slot in `status`.

@@ -5,6 +5,7 @@
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
 use imgdeploy_common::digest::Sha256Digest;
@@ -13,6 +14,10 @@ use imgdeploy_common::sign::PublicKey;
 use imgdeploy_common::squashfs::{Superblock, SUPERBLOCK_BYTES};
 use imgdeploy_common::trust::{verify_signed, TrustError};
 
+use anyhow::Context;
+
+use crate::config::Config;
+use crate::mount::{mount_image, mounted_at};
 use crate::state::{Layout, SlotId};
 
 /// Why a slot cannot be used.
@@ -118,4 +123,34 @@ pub fn open_verified(layout: &Layout, slot: SlotId, manifest: &Manifest) -> Resu
         Err(ImageCheck::Io(source)) => Err(SlotError::Io { slot, path, source }),
         Err(ImageCheck::Mismatch(what)) => Err(SlotError::Image { slot, path, what }),
     }
+}
+/// Mounts `slot` unless it is already mounted. Its image is verified first,
+/// unless `verified` is the open image file whose sha256 was just computed
+/// over exactly the bytes written to it (a download in this run); then only
+/// its superblock is checked.
+pub fn ensure_mounted(cfg: &Config, layout: &Layout, inst: &Installed, verified: Option<File>) -> anyhow::Result<()> {
+    let target = layout.mount_point(inst.slot);
+    if mounted_at(&target)?.is_some() {
+        return Ok(());
+    }
+    let file = match verified {
+        Some(f) => {
+            let mut head = [0u8; SUPERBLOCK_BYTES];
+            f.read_exact_at(&mut head, 0)?;
+            Superblock::parse(&head)
+                .and_then(|sb| sb.check_size(inst.manifest.image.size))
+                .with_context(|| format!("slot {}: image is not a usable squashfs image", inst.slot))?;
+            f
+        }
+        None => open_verified(layout, inst.slot, &inst.manifest)?,
+    };
+    mount_image(
+        &file,
+        &layout.image(inst.slot),
+        &target,
+        cfg.mount_options,
+        &format!("imgdeploy:{}:{}", inst.slot, inst.manifest.serial),
+    )?;
+    tracing::info!("mounted slot {} (serial {}) at {}", inst.slot, inst.manifest.serial, target.display());
+    Ok(())
 }

@@ -7,7 +7,11 @@ use std::io;
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 
+use anyhow::{anyhow, Result};
 use imgdeploy_common::atomic::{create_dir_all_durable, fsync_dir, parent_dir};
+
+use crate::config::Config;
+use crate::state::{Layout, SlotId};
 
 /// Why the switch failed.
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +28,20 @@ pub enum SwitchError {
         #[source]
         source: io::Error,
     },
+}
+
+/// Opens the state directory and reads which slot `link` points at.
+pub fn active_slot(cfg: &Config, layout: &Layout) -> Result<Option<SlotId>> {
+    match current_target(&cfg.link)? {
+        None => Ok(None),
+        Some(t) => layout.slot_of_target(&t).map(Some).ok_or_else(|| {
+            anyhow!(
+                "{} points at {}, which imgdeploy does not manage; remove the link (imgdeploy recreates it) or choose another `link`",
+                cfg.link.display(),
+                t.display()
+            )
+        }),
+    }
 }
 
 /// Where `link` points now, if it is a symlink.
