@@ -9,6 +9,17 @@ use std::path::Path;
 /// Why a directory is unsafe.
 #[derive(Debug, thiserror::Error)]
 pub enum UnsafeDir {
+    /// It cannot be examined (only a missing directory is fine: it is created safely).
+    #[error("cannot examine {what} {path}: {source}; fix its permissions or point the config elsewhere")]
+    Unreadable {
+        /// state_dir or link directory.
+        what: &'static str,
+        /// The path.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// A symlink where a directory belongs.
     #[error("{what} {path} is a symlink; imgdeploy only works in real directories (a local user could redirect it): point the config at the real path")]
     Symlink {
@@ -64,10 +75,15 @@ pub enum UnsafeDir {
 }
 
 /// Checks that `dir` (if it exists) is a real directory owned by us and not
-/// writable by group or others.
+/// writable by group or others. A directory that does not exist is fine (it
+/// is created safely); one that cannot be examined is not.
 pub fn check_dir(dir: &Path, what: &'static str) -> Result<(), UnsafeDir> {
-    let Ok(md) = std::fs::symlink_metadata(dir) else { return Ok(()) };
     let path = dir.display().to_string();
+    let md = match std::fs::symlink_metadata(dir) {
+        Ok(md) => md,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => return Err(UnsafeDir::Unreadable { what, path, source }),
+    };
     if md.file_type().is_symlink() {
         return Err(UnsafeDir::Symlink { what, path });
     }
@@ -152,6 +168,17 @@ pub fn warn_if_closed_to_readers(dir: &Path, what: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Only "not found" counts as absent; a path that cannot be examined
+    /// (here ENOTDIR; EACCES for a non-root user) is refused, not trusted.
+    #[test]
+    fn an_unexaminable_dir_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        assert!(check_dir(&d.path().join("missing"), "state_dir").is_ok());
+        std::fs::write(d.path().join("file"), b"").unwrap();
+        let e = check_dir(&d.path().join("file/below"), "state_dir").unwrap_err();
+        assert!(matches!(e, UnsafeDir::Unreadable { .. }), "{e}");
+    }
 
     #[test]
     fn refuses_writable_and_symlinked_dirs() {
