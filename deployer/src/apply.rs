@@ -26,7 +26,7 @@ use crate::config::Config;
 use crate::decide::{decide, Decision, Facts, FloorReason};
 use crate::delta::{self, fetch_index, local_seeds};
 use crate::drain::{drain_slot, release_slot, Retired};
-use crate::fetch::{download_image, fetch_manifest, DownloadStats};
+use crate::fetch::{download_image, fetch_manifest, DownloadStats, TransferMode};
 use crate::hooks::run_hook;
 use crate::lock::lock;
 use crate::mount::unmount;
@@ -77,8 +77,8 @@ pub enum Outcome {
     WouldUpdate {
         /// The serial that would be installed.
         serial: u64,
-        /// `delta` or `full`.
-        mode: &'static str,
+        /// Delta or full.
+        mode: TransferMode,
         /// Image bytes that would be downloaded.
         download_bytes: u64,
         /// HTTP requests for image data.
@@ -106,7 +106,7 @@ fn dry_run(agent: &ureq::Agent, fetched: &crate::fetch::FetchedManifest, layout:
     let m = &fetched.verified.manifest;
     let full = |index_bytes| Outcome::WouldUpdate {
         serial: m.serial,
-        mode: "full",
+        mode: TransferMode::Full,
         download_bytes: m.image.size,
         requests: 1,
         reused_bytes: 0,
@@ -131,7 +131,7 @@ fn dry_run(agent: &ureq::Agent, fetched: &crate::fetch::FetchedManifest, layout:
     let (st, _) = delta::build(agent, budget, &image_loc, m, &idx.index, &seeds, layout, SlotId::A, true)?;
     Ok(Outcome::WouldUpdate {
         serial: m.serial,
-        mode: "delta",
+        mode: TransferMode::Delta,
         download_bytes: st.downloaded,
         requests: st.requests,
         reused_bytes: st.reused,
@@ -372,7 +372,7 @@ fn apply_locked(cfg: &Config, opts: &ApplyOptions, layout: &Layout, state: &mut 
                 );
                 (
                     DownloadStats {
-                        mode: "delta",
+                        mode: TransferMode::Delta,
                         downloaded: st.downloaded,
                         resumed_from: st.resumed,
                         reused: st.reused,
@@ -393,7 +393,7 @@ fn apply_locked(cfg: &Config, opts: &ApplyOptions, layout: &Layout, state: &mut 
             download.resumed_from
         );
     } else {
-        download.mode = "none";
+        download.mode = TransferMode::None;
         // The standby already holds this image under an older record
         // (a reproducible rebuild republished): it now holds it as this serial.
         record_manifest(layout, standby, &fetched, None)?;

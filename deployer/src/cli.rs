@@ -121,7 +121,7 @@ pub fn run(cli: Cli) -> Result<()> {
                     ),
                     Outcome::Switched { serial, version, slot, download, retired, .. } => {
                         println!(
-                            "switched to serial {serial} ({version}) in slot {slot}; {} download: {} bytes fetched, {} reused",
+                            "switched to serial {serial} ({version}) in slot {slot}; {}: {} bytes fetched, {} reused",
                             download.mode, download.downloaded, download.reused
                         );
                         print_retired(retired);

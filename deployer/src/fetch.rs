@@ -140,11 +140,34 @@ impl PartialMeta {
     }
 }
 
+/// How an image reached the standby slot (`full`, `delta` or `none` in JSON).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TransferMode {
+    /// The whole image was downloaded (or resumed).
+    #[default]
+    Full,
+    /// Rebuilt from local chunks plus the missing ones.
+    Delta,
+    /// Nothing to transfer: the standby already held the image.
+    None,
+}
+
+impl std::fmt::Display for TransferMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TransferMode::Full => "full download",
+            TransferMode::Delta => "delta download",
+            TransferMode::None => "nothing downloaded (the standby held the image)",
+        })
+    }
+}
+
 /// What a download did.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct DownloadStats {
-    /// `full`, `delta`, or `none` (the standby already held the image).
-    pub mode: &'static str,
+    /// How the image arrived.
+    pub mode: TransferMode,
     /// Bytes received from the server in this run (image data; the manifest and index are extra).
     pub downloaded: u64,
     /// Bytes reused from an earlier interrupted run.
@@ -220,7 +243,8 @@ pub fn download_image(
             hasher.update(&buf[..n]);
         }
     }
-    let mut stats = DownloadStats { mode: "full", downloaded: 0, resumed_from: have, reused: 0, requests: 0 };
+    let mut stats =
+        DownloadStats { mode: TransferMode::Full, downloaded: 0, resumed_from: have, reused: 0, requests: 0 };
     if have < size {
         let (reader, start) = image.open(agent, have)?;
         stats.requests += 1;
