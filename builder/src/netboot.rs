@@ -6,7 +6,7 @@
 //!   modules for loop, squashfs and overlay (with their dependencies, from
 //!   `modules.dep`), the boot policy (trusted keys, channel, lowest serial,
 //!   and the sha256 of every module and of the optional shell: see
-//!   [`imgdeploy_common::boot_policy`]) and a `/dev/console` node;
+//!   [`imgdeploy_common::netboot`]) and a `/dev/console` node;
 //! - `image.cpio`: an uncompressed cpio with the signed manifest, its
 //!   signature and the image, so the image can be shipped separately and
 //!   concatenated by the boot loader (a concatenation of cpio archives is one
@@ -30,10 +30,12 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use imgdeploy_common::atomic::fsync_dir;
-use imgdeploy_common::boot_policy::{BootPolicy, BroughtFile, BOOT_POLICY_PATH};
 use imgdeploy_common::digest::{HashingReader, Sha256Digest};
 use imgdeploy_common::location::{http_agent, Location};
 use imgdeploy_common::manifest::{Manifest, Timestamp};
+use imgdeploy_common::netboot::{
+    member, BootPolicy, BroughtFile, BOOT_POLICY_PATH, IMAGE_PATH, MANIFEST_PATH, SIGNATURE_PATH,
+};
 use imgdeploy_common::sign::PublicKey;
 use imgdeploy_common::trust::verify_manifest;
 
@@ -43,15 +45,6 @@ use crate::cpio::CpioWriter;
 pub const BOOT_MODULES: [&str; 3] = ["loop", "squashfs", "overlay"];
 /// Where the Debian package installs the static `/init` (`--init` overrides it).
 pub const DEFAULT_INIT: &str = "/usr/lib/imgdeploy/netboot-init";
-/// Where the boot mode finds things inside the initramfs.
-pub mod paths {
-    /// The signed manifest.
-    pub const MANIFEST: &str = "imgdeploy/manifest.json";
-    /// Its signature.
-    pub const SIGNATURE: &str = "imgdeploy/manifest.json.sig";
-    /// The image.
-    pub const IMAGE: &str = "imgdeploy/image.squashfs";
-}
 
 /// What to build.
 #[derive(Debug, Clone)]
@@ -282,7 +275,7 @@ pub fn netboot(req: &NetbootRequest) -> Result<NetbootReport> {
         for (rel, brought) in modules.iter().zip(&policy.modules) {
             add_file(&mut c, brought.path.trim_start_matches('/'), &req.modules.join(rel), 0o644)?;
         }
-        c.file(BOOT_POLICY_PATH, 0o644, policy_json.len() as u64, &policy_json[..])?;
+        c.file(member(BOOT_POLICY_PATH), 0o644, policy_json.len() as u64, &policy_json[..])?;
         if let Some(sh) = &req.shell {
             add_file(&mut c, "bin/sh", sh, 0o755)?;
         }
@@ -299,11 +292,11 @@ pub fn netboot(req: &NetbootRequest) -> Result<NetbootReport> {
     let image_len = write_out(&out, "image.cpio", |w| {
         let mut c = CpioWriter::new(w);
         c.dir("imgdeploy", 0o755)?;
-        c.file(paths::MANIFEST, 0o644, manifest_bytes.len() as u64, &manifest_bytes[..])?;
-        c.file(paths::SIGNATURE, 0o644, sig.len() as u64, &sig[..])?;
+        c.file(member(MANIFEST_PATH), 0o644, manifest_bytes.len() as u64, &manifest_bytes[..])?;
+        c.file(member(SIGNATURE_PATH), 0o644, sig.len() as u64, &sig[..])?;
         let (reader, _) = img_loc.open(&agent, 0)?;
         let mut h = HashingReader::new(reader.take(m.image.size + 1));
-        c.file(paths::IMAGE, 0o444, m.image.size, &mut h).with_context(|| format!("packing image {img_loc}"))?;
+        c.file(member(IMAGE_PATH), 0o444, m.image.size, &mut h).with_context(|| format!("packing image {img_loc}"))?;
         let mut extra = [0u8; 1];
         if h.read(&mut extra)? != 0 {
             bail!("image {img_loc} is longer than its manifest says");

@@ -15,13 +15,13 @@
 #![deny(missing_docs)]
 
 pub mod atomic;
-pub mod boot_policy;
 pub mod chunk;
 #[cfg(feature = "cli")]
 pub mod cli;
 pub mod digest;
 pub mod location;
 pub mod manifest;
+pub mod netboot;
 pub mod rollout;
 pub mod sign;
 pub mod squashfs;

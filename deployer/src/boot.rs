@@ -9,7 +9,7 @@
 //! (or `imgdeploy.init=`).
 //!
 //! What to trust comes from one file the trusted initrd brought, the boot
-//! policy ([`imgdeploy_common::boot_policy`]): the keys, the one channel, the
+//! policy ([`imgdeploy_common::netboot`]): the keys, the one channel, the
 //! lowest serial, and the sha256 of every module and of the rescue shell.
 //! The image archive is unpacked before the initrd and may have added any
 //! other file; `/init` opens nothing else. It is linked statically, so
@@ -35,9 +35,12 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use imgdeploy_common::boot_policy::{BootPolicy, BroughtFile, BOOT_POLICY_PATH, MAX_BOOT_POLICY_BYTES};
 use imgdeploy_common::digest::Sha256Digest;
 use imgdeploy_common::manifest::Timestamp;
+use imgdeploy_common::netboot::{
+    BootPolicy, BroughtFile, BOOT_POLICY_PATH, IMAGE_PATH as IMAGE, MANIFEST_PATH as MANIFEST, MAX_BOOT_POLICY_BYTES,
+    SIGNATURE_PATH as SIGNATURE,
+};
 use imgdeploy_common::sign::PublicKey;
 use imgdeploy_common::trust::verify_signed;
 use nix::fcntl::OFlag;
@@ -48,9 +51,6 @@ use crate::config::MountOptions;
 use crate::mount::mount_image;
 use crate::slot::check_image;
 
-const MANIFEST: &str = "/imgdeploy/manifest.json";
-const SIGNATURE: &str = "/imgdeploy/manifest.json.sig";
-const IMAGE: &str = "/imgdeploy/image.squashfs";
 /// finit_module flag for .ko.xz/.ko.zst files (the kernel decompresses them).
 const MODULE_INIT_COMPRESSED_FILE: u32 = 4;
 
@@ -125,9 +125,9 @@ fn open_brought(b: &BroughtFile) -> Result<File> {
 
 /// The boot policy the trusted initrd brought.
 fn read_policy() -> Result<BootPolicy> {
-    let path = format!("/{BOOT_POLICY_PATH}");
+    let path = BOOT_POLICY_PATH;
     let mut bytes = Vec::new();
-    open_regular(&path)?
+    open_regular(path)?
         .take(MAX_BOOT_POLICY_BYTES + 1)
         .read_to_end(&mut bytes)
         .with_context(|| format!("reading {path}"))?;
@@ -157,8 +157,8 @@ fn load_modules(policy: &BootPolicy) -> Result<usize> {
 }
 
 fn trusted_keys(policy: &BootPolicy) -> Result<Vec<PublicKey>> {
-    let origin = Path::new("/").join(BOOT_POLICY_PATH);
-    let keys = policy.keys.iter().map(|pem| PublicKey::from_pem(pem, &origin)).collect::<Result<Vec<_>, _>>()?;
+    let origin = Path::new(BOOT_POLICY_PATH);
+    let keys = policy.keys.iter().map(|pem| PublicKey::from_pem(pem, origin)).collect::<Result<Vec<_>, _>>()?;
     if keys.is_empty() {
         bail!("the boot policy trusts no key; rebuild the initrd with imgbuild netboot --pub");
     }

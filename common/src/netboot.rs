@@ -1,4 +1,5 @@
-//! What a netboot initrd allows to boot.
+//! The netboot initramfs: where its files are, and what its `/init` allows
+//! to boot.
 //!
 //! `imgbuild netboot` writes one [`BootPolicy`] into the trusted `initrd.img`
 //! and `/init` (the boot mode of `imgdeploy`) reads nothing else to decide
@@ -23,7 +24,18 @@ use serde::{Deserialize, Serialize};
 use crate::digest::Sha256Digest;
 
 /// Where the policy lives inside the initramfs.
-pub const BOOT_POLICY_PATH: &str = "etc/imgdeploy/boot-policy.json";
+pub const BOOT_POLICY_PATH: &str = "/etc/imgdeploy/boot-policy.json";
+/// The signed manifest, from `image.cpio`.
+pub const MANIFEST_PATH: &str = "/imgdeploy/manifest.json";
+/// Its signature, from `image.cpio`.
+pub const SIGNATURE_PATH: &str = "/imgdeploy/manifest.json.sig";
+/// The image, from `image.cpio`.
+pub const IMAGE_PATH: &str = "/imgdeploy/image.squashfs";
+
+/// `path` as a cpio member name (archives name members without the leading `/`).
+pub fn member(path: &str) -> &str {
+    path.trim_start_matches('/')
+}
 /// Upper bound on the policy's size; a larger file is refused unread.
 pub const MAX_BOOT_POLICY_BYTES: u64 = 1 << 20;
 
