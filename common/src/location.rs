@@ -95,19 +95,22 @@ impl Location {
     }
 
     /// A sibling resource: `rel` resolved against this location's directory.
-    /// `rel` must already be validated (no `..`, not absolute).
+    /// `rel` must already be validated (no `..`, not absolute). A URL's query
+    /// string is kept (a private origin may need its token on every request);
+    /// a fragment is dropped.
     pub fn sibling(&self, rel: &str) -> Self {
         match self {
             Location::Path(p) => Location::Path(p.parent().unwrap_or(Path::new(".")).join(rel)),
             Location::Url(u) => {
-                let base = u.split(['?', '#']).next().unwrap_or(u);
+                let (base, query) = split_url(u);
                 let dir = &base[..base.rfind('/').map(|i| i + 1).unwrap_or(base.len())];
-                Location::Url(format!("{dir}{rel}"))
+                Location::Url(format!("{dir}{rel}{query}"))
             }
         }
     }
 
-    /// This location with `suffix` appended (e.g. `.sig`).
+    /// This location with `suffix` appended to its path (e.g. `.sig`), before
+    /// a URL's query string.
     pub fn with_suffix(&self, suffix: &str) -> Self {
         match self {
             Location::Path(p) => {
@@ -115,7 +118,10 @@ impl Location {
                 s.push(suffix);
                 Location::Path(s.into())
             }
-            Location::Url(u) => Location::Url(format!("{u}{suffix}")),
+            Location::Url(u) => {
+                let (base, query) = split_url(u);
+                Location::Url(format!("{base}{suffix}{query}"))
+            }
         }
     }
 
@@ -210,6 +216,16 @@ impl Location {
     }
 }
 
+/// A URL's path part and its query string (with the `?`, or empty); a
+/// fragment is dropped (it is never sent to a server).
+fn split_url(u: &str) -> (&str, &str) {
+    let u = u.split('#').next().unwrap_or(u);
+    match u.find('?') {
+        Some(i) => (&u[..i], &u[i..]),
+        None => (u, ""),
+    }
+}
+
 /// Parses a `Content-Range: bytes a-b/total` value into (a, b).
 pub fn parse_content_range(v: &str) -> Option<(u64, u64)> {
     let r = v.trim().strip_prefix("bytes ")?;
@@ -256,11 +272,21 @@ mod tests {
     fn parse_and_resolve() {
         let cases = [
             ("http://h/repo/stable.json", "images/a.squashfs", "http://h/repo/images/a.squashfs"),
-            ("https://h/stable.json?x=1", "images/a.squashfs", "https://h/images/a.squashfs"),
+            ("https://h/stable.json?token=x", "images/a.squashfs", "https://h/images/a.squashfs?token=x"),
+            ("https://h/r/stable.json#frag", "sigs/a.sig", "https://h/r/sigs/a.sig"),
+            ("https://h/r/stable.json?t=1#frag", "sigs/a.sig", "https://h/r/sigs/a.sig?t=1"),
         ];
         for (base, rel, want) in cases {
             assert_eq!(Location::parse(base).sibling(rel), Location::Url(want.into()));
         }
+        assert_eq!(
+            Location::parse("https://h/s.json?token=x").with_suffix(".sig"),
+            Location::Url("https://h/s.json.sig?token=x".into())
+        );
+        assert_eq!(
+            Location::parse("https://h/s.json").with_suffix(".sig"),
+            Location::Url("https://h/s.json.sig".into())
+        );
         assert_eq!(
             Location::parse("file:///srv/repo/stable.json").sibling("images/x"),
             Location::Path("/srv/repo/images/x".into())

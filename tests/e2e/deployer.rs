@@ -908,3 +908,44 @@ fn privileged_hooks_gate_and_follow_the_switch() {
         .collect();
     assert!(survivors.is_empty(), "the hook's processes outlived its timeout: {survivors:?}");
 }
+
+/// A private origin that wants a token in the query string gets it on every
+/// request: manifest, signature, chunk index and image (the fault server
+/// answers 404 to any path without it).
+#[test]
+fn privileged_a_query_string_reaches_every_request() {
+    if !require_root("privileged_a_query_string_reaches_every_request") {
+        return;
+    }
+    let d = Deployment::new("", "");
+    d.publish("v1");
+    d.imgdeploy(&["apply"]).ok();
+    d.publish("v2");
+    let faults = FaultServer::start();
+    for entry in walk_files(&d.repo) {
+        let rel = entry.strip_prefix(&d.repo).unwrap().to_str().unwrap().to_owned();
+        faults.route(&format!("/{rel}?token=s3cr3t"), Reply::Body(fs::read(&entry).unwrap()));
+    }
+    let r = d.imgdeploy(&["apply", "--source", &faults.url("/stable.json?token=s3cr3t"), "--json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(d.active_version().as_deref(), Some("v2"));
+    let m = Manifest::parse(&fs::read(d.repo.join("stable.json")).unwrap()).unwrap();
+    let with_token = |rel: &str| faults.requests_for(&format!("/{rel}?token=s3cr3t"));
+    assert!(with_token(&m.image.path) > 0, "the image was not requested with the token");
+    assert!(with_token(&m.index.as_ref().unwrap().path) > 0, "the chunk index was not requested with the token");
+    let sig = format!("sigs/{}.sig", Sha256Digest::of_bytes(&fs::read(d.repo.join("stable.json")).unwrap()));
+    assert!(with_token(&sig) > 0, "the signature was not requested with the token");
+}
+
+fn walk_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk_files(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
