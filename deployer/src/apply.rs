@@ -33,7 +33,7 @@ use crate::mount::unmount;
 use crate::safety::warn_if_closed_to_readers;
 use crate::slot::ensure_mounted;
 use crate::slot::{installed, open_verified, Installed, SlotError};
-use crate::state::{ApplyRecord, Layout, SlotId, State};
+use crate::state::{ApplyRecord, ApplyResult, Layout, SlotId, State};
 use crate::switch::{active_slot, point_link};
 
 /// What an apply did.
@@ -155,11 +155,11 @@ pub fn apply(cfg: &Config, opts: &ApplyOptions) -> Result<Outcome> {
     let record = match &result {
         Ok(o) => {
             let (result, serial, message, dl) = match o {
-                Outcome::WouldUpdate { serial, .. } => ("dry-run", *serial, String::new(), 0),
-                Outcome::NotInWave { serial, message, .. } => ("not-in-wave", *serial, message.clone(), 0),
-                Outcome::UpToDate { serial, message } => ("up-to-date", *serial, message.clone(), 0),
+                Outcome::WouldUpdate { serial, .. } => (ApplyResult::DryRun, *serial, String::new(), 0),
+                Outcome::NotInWave { serial, message, .. } => (ApplyResult::NotInWave, *serial, message.clone(), 0),
+                Outcome::UpToDate { serial, message } => (ApplyResult::UpToDate, *serial, message.clone(), 0),
                 Outcome::Switched { serial, version, slot, download, .. } => (
-                    "switched",
+                    ApplyResult::Switched,
                     *serial,
                     format!("switched to serial {serial} ({version}) in slot {slot}"),
                     download.downloaded,
@@ -167,7 +167,7 @@ pub fn apply(cfg: &Config, opts: &ApplyOptions) -> Result<Outcome> {
             };
             ApplyRecord {
                 time: Timestamp::now(),
-                result: result.into(),
+                result,
                 serial: Some(serial),
                 message,
                 duration_ms: 0,
@@ -177,7 +177,7 @@ pub fn apply(cfg: &Config, opts: &ApplyOptions) -> Result<Outcome> {
         }
         Err(e) => ApplyRecord {
             time: Timestamp::now(),
-            result: "failed".into(),
+            result: ApplyResult::Failed,
             serial: None,
             message: format!("{e:#}"),
             duration_ms: 0,

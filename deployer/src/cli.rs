@@ -200,7 +200,8 @@ pub fn run(cli: Cli) -> Result<()> {
                     println!("slot {}: {}: {}", c.slot, c.result, c.message);
                 }
             }
-            let bad: Vec<String> = checks.iter().filter(|c| c.result == "bad").map(|c| c.slot.to_string()).collect();
+            let bad: Vec<String> =
+                checks.iter().filter(|c| c.result == crate::ops::SlotHealth::Bad).map(|c| c.slot.to_string()).collect();
             if !bad.is_empty() {
                 bail!("slot {} failed verification; run `imgdeploy apply` to reinstall (or `imgdeploy rollback` if it is the active one)", bad.join(" and "));
             }

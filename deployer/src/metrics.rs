@@ -58,7 +58,7 @@ pub fn render(cfg: &Config, state: &State, active: Option<(u64, String)>, detach
         );
     }
     if let Some(a) = &state.last_apply {
-        let ok = if a.result == "failed" { 0 } else { 1 };
+        let ok = if a.result == crate::state::ApplyResult::Failed { 0 } else { 1 };
         gauge(
             "imgdeploy_last_apply_success",
             "1 if the last apply succeeded (switched, up to date, not in the wave).",
@@ -68,7 +68,7 @@ pub fn render(cfg: &Config, state: &State, active: Option<(u64, String)>, detach
         gauge(
             "imgdeploy_last_apply_result",
             "The last apply's result (value is always 1).",
-            &format!("{{channel=\"{}\",result=\"{}\"}}", escape(&cfg.channel), escape(&a.result)),
+            &format!("{{channel=\"{}\",result=\"{}\"}}", escape(&cfg.channel), escape(&a.result.to_string())),
             "1".into(),
         );
         gauge(

@@ -161,13 +161,41 @@ impl Layout {
     }
 }
 
+/// How an `apply` ended (kebab-case in JSON and metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ApplyResult {
+    /// It switched to a new version.
+    Switched,
+    /// Nothing to do.
+    UpToDate,
+    /// The manifest's rollout wave does not include this host.
+    NotInWave,
+    /// A dry run (never recorded; listed for completeness).
+    DryRun,
+    /// It failed; the message says why.
+    Failed,
+}
+
+impl std::fmt::Display for ApplyResult {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ApplyResult::Switched => "switched",
+            ApplyResult::UpToDate => "up-to-date",
+            ApplyResult::NotInWave => "not-in-wave",
+            ApplyResult::DryRun => "dry-run",
+            ApplyResult::Failed => "failed",
+        })
+    }
+}
+
 /// What the last `apply` did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApplyRecord {
     /// When it finished.
     pub time: Timestamp,
-    /// `switched`, `up-to-date`, `failed`, `rolled-back`, `not-in-wave`.
-    pub result: String,
+    /// How it ended.
+    pub result: ApplyResult,
     /// The serial it was about (if a manifest was verified).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial: Option<u64>,
