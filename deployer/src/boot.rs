@@ -54,6 +54,17 @@ use crate::slot::check_image;
 /// finit_module flag for .ko.xz/.ko.zst files (the kernel decompresses them).
 const MODULE_INIT_COMPRESSED_FILE: u32 = 4;
 
+/// What to do when the image is refused (`imgdeploy.onfail=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnFail {
+    /// Power off (the default: a refused machine stays off until someone looks).
+    PowerOff,
+    /// Reboot (and try the boot loader again).
+    Reboot,
+    /// Run the shell the initrd brought, if any; otherwise power off.
+    Shell,
+}
+
 /// What the kernel command line asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BootParams {
@@ -62,7 +73,7 @@ pub struct BootParams {
     /// Program to exec in the new root.
     pub init: String,
     /// What to do when the image is refused.
-    pub onfail: String,
+    pub onfail: OnFail,
     /// Boot a manifest past its expiry.
     pub allow_expired: bool,
 }
@@ -71,15 +82,15 @@ impl BootParams {
     /// Parses `/proc/cmdline`.
     pub fn parse(cmdline: &str) -> Self {
         let mut p =
-            BootParams { overlay: true, init: "/sbin/init".into(), onfail: "poweroff".into(), allow_expired: false };
+            BootParams { overlay: true, init: "/sbin/init".into(), onfail: OnFail::PowerOff, allow_expired: false };
         for word in cmdline.split_whitespace() {
             match word.split_once('=') {
                 Some(("imgdeploy.overlay", v)) => p.overlay = !matches!(v, "0" | "no" | "off" | "false"),
                 Some(("imgdeploy.allow_expired", v)) => p.allow_expired = matches!(v, "1" | "yes" | "on" | "true"),
                 Some(("imgdeploy.init", v)) if v.starts_with('/') => p.init = v.to_owned(),
-                Some(("imgdeploy.onfail", v)) if matches!(v, "poweroff" | "reboot" | "shell") => {
-                    p.onfail = v.to_owned()
-                }
+                Some(("imgdeploy.onfail", "poweroff")) => p.onfail = OnFail::PowerOff,
+                Some(("imgdeploy.onfail", "reboot")) => p.onfail = OnFail::Reboot,
+                Some(("imgdeploy.onfail", "shell")) => p.onfail = OnFail::Shell,
                 _ => {}
             }
         }
@@ -272,7 +283,7 @@ fn switch_root(init: &str) -> Result<std::convert::Infallible> {
 fn fail(params: &BootParams, shell: Option<&BroughtFile>) -> ! {
     use nix::sys::reboot::{reboot, RebootMode};
     nix::unistd::sync();
-    if params.onfail == "shell" {
+    if params.onfail == OnFail::Shell {
         // Only the shell the trusted initrd brought: an archive loaded
         // before it could have put any program at /bin/sh.
         match shell.map(open_brought) {
@@ -285,8 +296,11 @@ fn fail(params: &BootParams, shell: Option<&BroughtFile>) -> ! {
             None => eprintln!("imgdeploy: no shell: the initrd was built without imgbuild netboot --shell"),
         }
     }
-    let mode = if params.onfail == "reboot" { RebootMode::RB_AUTOBOOT } else { RebootMode::RB_POWER_OFF };
-    eprintln!("imgdeploy: {}", if params.onfail == "reboot" { "rebooting" } else { "powering off" });
+    let (mode, doing) = match params.onfail {
+        OnFail::Reboot => (RebootMode::RB_AUTOBOOT, "rebooting"),
+        OnFail::PowerOff | OnFail::Shell => (RebootMode::RB_POWER_OFF, "powering off"),
+    };
+    eprintln!("imgdeploy: {doing}");
     let _ = reboot(mode);
     // PID 1 must never exit; if even reboot failed, wait forever.
     loop {
@@ -325,13 +339,14 @@ mod tests {
     fn command_line() {
         assert_eq!(
             BootParams::parse("quiet console=ttyS0"),
-            BootParams { overlay: true, init: "/sbin/init".into(), onfail: "poweroff".into(), allow_expired: false }
+            BootParams { overlay: true, init: "/sbin/init".into(), onfail: OnFail::PowerOff, allow_expired: false }
         );
         assert!(BootParams::parse("imgdeploy.allow_expired=1").allow_expired);
         assert!(!BootParams::parse("imgdeploy.allow_expired=0").allow_expired);
         let p = BootParams::parse("imgdeploy.overlay=0 imgdeploy.init=/bin/sh imgdeploy.onfail=shell");
-        assert_eq!((p.overlay, p.init.as_str(), p.onfail.as_str()), (false, "/bin/sh", "shell"));
+        assert_eq!((p.overlay, p.init.as_str(), p.onfail), (false, "/bin/sh", OnFail::Shell));
+        assert_eq!(BootParams::parse("imgdeploy.onfail=reboot").onfail, OnFail::Reboot);
         let p = BootParams::parse("imgdeploy.init=relative imgdeploy.onfail=explode");
-        assert_eq!((p.init.as_str(), p.onfail.as_str()), ("/sbin/init", "poweroff"));
+        assert_eq!((p.init.as_str(), p.onfail), ("/sbin/init", OnFail::PowerOff));
     }
 }
