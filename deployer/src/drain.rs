@@ -35,8 +35,36 @@ pub struct Holder {
     pub pid: u32,
     /// Its command name (`/proc/PID/comm`).
     pub command: String,
-    /// How it holds the mount: cwd, root, exe, fd or mmap.
-    pub how: &'static str,
+    /// How it holds the mount.
+    pub how: HeldBy,
+}
+
+/// How a process holds a mount (lowercase in JSON and messages).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HeldBy {
+    /// Its working directory is inside.
+    Cwd,
+    /// Its root directory is inside (a chroot).
+    Root,
+    /// Its executable is inside.
+    Exe,
+    /// It has a file inside open.
+    Fd,
+    /// It has a file inside mapped into memory.
+    Mmap,
+}
+
+impl std::fmt::Display for HeldBy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            HeldBy::Cwd => "cwd",
+            HeldBy::Root => "root",
+            HeldBy::Exe => "exe",
+            HeldBy::Fd => "fd",
+            HeldBy::Mmap => "mmap",
+        })
+    }
 }
 
 /// The device number of the filesystem mounted at `mount_point`.
@@ -73,15 +101,15 @@ pub fn holders(dev: u64) -> Vec<Holder> {
         // Processes come and go while we look; an unreadable entry is a process that exited.
         let on_dev = |p: &Path| fs::metadata(p).map(|m| m.dev() == dev).unwrap_or(false);
         let how = if on_dev(&base.join("cwd")) {
-            Some("cwd")
+            Some(HeldBy::Cwd)
         } else if on_dev(&base.join("root")) {
-            Some("root")
+            Some(HeldBy::Root)
         } else if on_dev(&base.join("exe")) {
-            Some("exe")
+            Some(HeldBy::Exe)
         } else if fs::read_dir(base.join("fd")).map(|fds| fds.flatten().any(|fd| on_dev(&fd.path()))).unwrap_or(false) {
-            Some("fd")
+            Some(HeldBy::Fd)
         } else if fs::read_to_string(base.join("maps")).map(|m| maps_use_device(&m, dev)).unwrap_or(false) {
-            Some("mmap")
+            Some(HeldBy::Mmap)
         } else {
             None
         };
@@ -334,7 +362,7 @@ mod tests {
         let dev = device_of(dir.path()).unwrap();
         let mut child = std::process::Command::new("sleep").arg("30").current_dir(dir.path()).spawn().unwrap();
         let found = wait_for_holders(dev, Duration::from_millis(0));
-        assert!(found.iter().any(|h| h.pid == child.id() && h.how == "cwd" && h.command == "sleep"), "{found:?}");
+        assert!(found.iter().any(|h| h.pid == child.id() && h.how == HeldBy::Cwd && h.command == "sleep"), "{found:?}");
         child.kill().unwrap();
         child.wait().unwrap();
     }
