@@ -306,14 +306,27 @@ fn apply_locked(cfg: &Config, opts: &ApplyOptions, layout: &Layout, state: &mut 
     release_slot(layout, standby, cfg.on_drain_timeout)?;
 
     // 3. Download unless the standby already holds exactly this image.
-    let standby_inst = installed(layout, standby, &keys).ok().flatten();
+    // A standby whose manifest no longer verifies (a retired key, a damaged
+    // file) holds nothing we can reuse: it is simply overwritten.
+    let standby_inst = match installed(layout, standby, &keys) {
+        Ok(i) => i,
+        Err(e) => {
+            tracing::info!("{e}; the new image replaces it");
+            None
+        }
+    };
     let mut download = DownloadStats::default();
     // If the standby already holds exactly this image, the file verified here
     // is the one mounted below (no second full read of the image).
-    let mut verified_file = standby_inst
-        .as_ref()
-        .filter(|i| i.manifest.image.sha256 == m.image.sha256)
-        .and_then(|i| open_verified(layout, standby, &i.manifest).ok());
+    let mut verified_file = standby_inst.as_ref().filter(|i| i.manifest.image.sha256 == m.image.sha256).and_then(|i| {
+        match open_verified(layout, standby, &i.manifest) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                tracing::warn!("{e}; downloading it again");
+                None
+            }
+        }
+    });
     if verified_file.is_none() {
         let image_loc = fetched.location.sibling(&m.image.path);
         // The chunk index is fetched whenever one is published: for this

@@ -152,6 +152,7 @@ pub fn status(cfg: &Config) -> Result<Status> {
     };
     let pending = SlotId::ALL
         .into_iter()
+        // No partial download (NotFound) is the usual case; status reports, it does not fail.
         .find_map(|slot| std::fs::metadata(layout.partial(slot)).ok().map(|m| Pending { slot, bytes: m.len() }));
     Ok(Status {
         format: 1,
@@ -253,7 +254,15 @@ pub fn rollback(cfg: &Config) -> Result<(SlotId, u64, Retired)> {
         };
         bail!("slot {standby} holds no image to roll back to: {why}");
     };
-    let from = installed(&layout, active, &keys).ok().flatten().map(|i| i.manifest.serial);
+    // The serial rolled back from, so the next apply does not reinstall it.
+    // An active slot whose manifest no longer verifies has no serial to skip.
+    let from = match installed(&layout, active, &keys) {
+        Ok(i) => i.map(|i| i.manifest.serial),
+        Err(e) => {
+            tracing::warn!("{e}; the next apply may install the published version again");
+            None
+        }
+    };
     ensure_mounted(cfg, &layout, &inst, None)?;
     // Durable before the switch: a power cut after the switch must not let
     // the next timer run reinstall what the operator just rolled back.
