@@ -9,7 +9,7 @@
 //! mounting it), [`loopdev`] and [`mount`], [`hooks`], [`switch`] (which
 //! slot `link` names, and repointing it), [`drain`] (retiring an old slot:
 //! unmount or detach); [`apply`] strings them together and nothing depends
-//! on it but the command line; [`ops`] holds the other commands, [`metrics`]
+//! on it but the command line; [`ops`] holds the other commands (a module each), [`metrics`]
 //! the Prometheus file, [`boot`] the netboot `/init`, and [`cli`] the
 //! command line.
 
