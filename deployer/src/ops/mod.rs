@@ -1,6 +1,6 @@
-//! The commands other than `apply`, one module each: [`status`],
-//! [`verify`], [`rollback`], [`boot_mount`] (`imgdeploy mount` at boot) and
-//! [`drain`]. Each reads the truth from `link`, the slots and the mount
+//! The commands other than `apply`, one module each: [`mod@status`],
+//! [`mod@verify`], [`mod@rollback`], [`boot_mount`] (`imgdeploy mount` at
+//! boot) and [`mod@drain`]. Each reads the truth from `link`, the slots and the mount
 //! table, and the ones that change anything take the state lock.
 
 pub mod boot_mount;
