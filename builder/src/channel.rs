@@ -17,8 +17,8 @@ use anyhow::{anyhow, bail, Result};
 use imgdeploy_common::manifest::{validate_channel, Manifest, Timestamp};
 use imgdeploy_common::sign::PublicKey;
 
-use crate::pack::source_date_epoch;
 use crate::publish::{current_manifest, following_serial, sign_and_write, signer_and, verify_stored, Repo};
+use crate::publish_tree::source_date_epoch;
 
 /// What was signed.
 #[derive(Debug, serde::Serialize)]

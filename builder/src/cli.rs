@@ -8,8 +8,8 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use imgdeploy_common::sign::PublicKey;
 
-use crate::pack::{build, short, BuildRequest};
 use crate::publish::Repo;
+use crate::publish_tree::{build, short, BuildRequest};
 
 /// Pack a master tree into a signed, reproducible squashfs image and publish
 /// it into a repository directory served by any static HTTP server.

@@ -2,11 +2,14 @@
 //! image and publishes it into a repository directory that any static HTTP
 //! server can serve.
 //!
-//! The pieces, in the order a build uses them: [`tree`] reads the source
-//! tree, [`image`] writes it through [`sqfs`] (our libsquashfs binding),
-//! [`publish`] signs the manifest and lays out the repository, [`gc`] prunes
-//! it, [`keygen`] makes keys, [`inspect`] and [`verify`] look at the result.
-//! [`cli`] maps the command line onto these.
+//! The pieces, in the order a build uses them: [`publish_tree`] runs
+//! `imgbuild build`: [`tree`] reads the source tree, [`image`] writes it
+//! through [`sqfs`] (our libsquashfs binding), [`publish`] signs the manifest
+//! and lays out the repository. [`channel`] re-signs what a channel serves
+//! (`rollout`, `refresh`, `promote`), [`gc`] prunes the repository,
+//! [`keygen`] makes keys, [`inspect`] and [`verify`] look at the result,
+//! [`netboot`] (with [`cpio`]) builds the PXE artifacts. [`cli`] maps the
+//! command line onto these.
 
 pub mod channel;
 pub mod cli;
@@ -16,8 +19,8 @@ pub mod image;
 pub mod inspect;
 pub mod keygen;
 pub mod netboot;
-pub mod pack;
 pub mod publish;
+pub mod publish_tree;
 pub mod sqfs;
 pub mod tree;
 pub mod verify;
