@@ -32,7 +32,7 @@ use anyhow::{bail, Context, Result};
 use imgdeploy_common::atomic::fsync_dir;
 use imgdeploy_common::digest::{HashingReader, Sha256Digest};
 use imgdeploy_common::location::{http_agent, Location};
-use imgdeploy_common::manifest::{Manifest, Timestamp};
+use imgdeploy_common::manifest::{ImageFormat, Manifest, Timestamp};
 use imgdeploy_common::netboot::{
     member, BootPolicy, BroughtFile, BOOT_POLICY_PATH, IMAGE_PATH, MANIFEST_PATH, SIGNATURE_PATH,
 };
@@ -41,8 +41,10 @@ use imgdeploy_common::trust::verify_manifest;
 
 use crate::cpio::CpioWriter;
 
-/// Modules the boot mode needs (plus their dependencies).
-pub const BOOT_MODULES: [&str; 3] = ["loop", "squashfs", "overlay"];
+/// Modules the boot mode needs for an image of `format` (plus their dependencies).
+pub fn boot_modules(format: ImageFormat) -> [&'static str; 3] {
+    ["loop", format.kernel_module(), "overlay"]
+}
 /// Where the Debian package installs the static `/init` (`--init` overrides it).
 pub const DEFAULT_INIT: &str = "/usr/lib/imgdeploy/netboot-init";
 
@@ -231,7 +233,7 @@ pub fn netboot(req: &NetbootRequest) -> Result<NetbootReport> {
     if !req.kernel.is_file() {
         bail!("kernel {} does not exist", req.kernel.display());
     }
-    let modules = resolve_modules(&req.modules, &BOOT_MODULES)?;
+    let modules = resolve_modules(&req.modules, &boot_modules(m.image.format))?;
     fs::create_dir_all(&req.out).with_context(|| format!("creating {}", req.out.display()))?;
     let out = fs::canonicalize(&req.out)?;
     let scratch = tempfile::tempdir_in(&out)?;
@@ -363,7 +365,7 @@ mod tests {
         )
         .unwrap();
         fs::write(d.path().join("modules.builtin"), "kernel/drivers/block/loop.ko\n").unwrap();
-        let order = resolve_modules(d.path(), &BOOT_MODULES).unwrap();
+        let order = resolve_modules(d.path(), &boot_modules(ImageFormat::Squashfs)).unwrap();
         assert_eq!(
             order,
             [
@@ -373,7 +375,7 @@ mod tests {
             ]
         );
         fs::write(d.path().join("modules.builtin"), "").unwrap();
-        let e = resolve_modules(d.path(), &BOOT_MODULES).unwrap_err().to_string();
+        let e = resolve_modules(d.path(), &boot_modules(ImageFormat::Squashfs)).unwrap_err().to_string();
         assert!(e.contains("`loop`"), "{e}");
     }
 }

@@ -455,7 +455,7 @@ pub fn publish_manifest(
             path: image_path(&sha256),
             sha256,
             size,
-            format: "squashfs".into(),
+            format: imgdeploy_common::manifest::ImageFormat::Squashfs,
             compression: "zstd".into(),
         },
         index: Some(image.index.clone()),

@@ -18,7 +18,7 @@ pub const FORMAT_VERSION: u32 = 1;
 /// Directory, relative to the manifest, that holds the content-addressed images.
 pub const IMAGES_DIR: &str = "images";
 /// File name suffix of an image.
-pub const IMAGE_SUFFIX: &str = ".squashfs";
+pub const IMAGE_SUFFIX: &str = ImageFormat::Squashfs.suffix();
 
 /// Why a manifest was refused.
 #[derive(Debug, thiserror::Error)]
@@ -98,10 +98,49 @@ pub struct ImageRef {
     pub sha256: Sha256Digest,
     /// Exact size of the image file in bytes.
     pub size: u64,
-    /// Filesystem format; always `squashfs`.
-    pub format: String,
+    /// Filesystem format.
+    pub format: ImageFormat,
     /// Compressor inside the filesystem; always `zstd`.
     pub compression: String,
+}
+
+/// The filesystem an image holds. One variant today; a new one makes the
+/// compiler list every place that must handle it (file name, mount type,
+/// superblock check, kernel modules, builder).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageFormat {
+    /// A squashfs image (zstd-compressed).
+    Squashfs,
+}
+
+impl ImageFormat {
+    /// The file name suffix of images of this format, in the repository and in slots.
+    pub const fn suffix(self) -> &'static str {
+        match self {
+            ImageFormat::Squashfs => ".squashfs",
+        }
+    }
+
+    /// The filesystem type given to mount(2).
+    pub const fn fstype(self) -> &'static str {
+        match self {
+            ImageFormat::Squashfs => "squashfs",
+        }
+    }
+
+    /// The kernel module that reads it.
+    pub const fn kernel_module(self) -> &'static str {
+        match self {
+            ImageFormat::Squashfs => "squashfs",
+        }
+    }
+}
+
+impl std::fmt::Display for ImageFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.fstype())
+    }
 }
 
 /// Where the image's chunk index is (see [`crate::chunk`]).
@@ -235,12 +274,6 @@ impl Manifest {
                 why: format!("`{}` must be `{want}` (content-addressed by its sha256)", self.image.path),
             });
         }
-        if self.image.format != "squashfs" {
-            return Err(ManifestError::Field {
-                field: "image.format",
-                why: format!("`{}` is not `squashfs`", self.image.format),
-            });
-        }
         if self.image.compression != "zstd" {
             return Err(ManifestError::Field {
                 field: "image.compression",
@@ -329,7 +362,7 @@ pub(crate) mod tests {
                 path: image_path(&sha),
                 sha256: sha,
                 size: 4096,
-                format: "squashfs".into(),
+                format: ImageFormat::Squashfs,
                 compression: "zstd".into(),
             },
             index: None,

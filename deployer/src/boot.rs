@@ -239,7 +239,7 @@ fn prepare(params: &BootParams, policy: &BootPolicy) -> Result<String> {
     let label = format!("imgdeploy:boot:{}", m.serial);
     if params.overlay {
         mkdir("/run/imgdeploy/lower");
-        mount_image(&img, Path::new(IMAGE), Path::new("/run/imgdeploy/lower"), opts, &label)?;
+        mount_image(&img, m.image.format, Path::new(IMAGE), Path::new("/run/imgdeploy/lower"), opts, &label)?;
         mkdir("/run/imgdeploy/rw/upper");
         mkdir("/run/imgdeploy/rw/work");
         mount_fs(
@@ -251,7 +251,7 @@ fn prepare(params: &BootParams, policy: &BootPolicy) -> Result<String> {
         )?;
     } else {
         mkdir("/newroot");
-        mount_image(&img, Path::new(IMAGE), Path::new("/newroot"), opts, &label)?;
+        mount_image(&img, m.image.format, Path::new(IMAGE), Path::new("/newroot"), opts, &label)?;
     }
     let init_in_root = format!("/newroot{}", params.init);
     if fs::symlink_metadata(&init_in_root).is_err() {

@@ -160,7 +160,7 @@ mod tests {
                 path: image_path(&sha256),
                 sha256,
                 size: 4096,
-                format: "squashfs".into(),
+                format: imgdeploy_common::manifest::ImageFormat::Squashfs,
                 compression: "zstd".into(),
             },
             index: None,

@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 
 use nix::mount::{MntFlags, MsFlags};
 
+use imgdeploy_common::manifest::ImageFormat;
+
 use crate::config::MountOptions;
 use crate::loopdev;
 
@@ -105,9 +107,10 @@ pub fn mounted_at(path: &Path) -> Result<Option<MountEntry>, MountError> {
     Ok(parse_mountinfo(&text).into_iter().rev().find(|m| m.mount_point == path))
 }
 
-/// Loop-mounts the already-verified open image `file` read-only at `target`.
+/// Loop-mounts the already-verified open image `file` (of `format`) read-only at `target`.
 pub fn mount_image(
     file: &File,
+    format: ImageFormat,
     image: &Path,
     target: &Path,
     opts: MountOptions,
@@ -125,7 +128,7 @@ pub fn mount_image(
             flags |= flag;
         }
     }
-    nix::mount::mount(Some(&dev.path), target, Some("squashfs"), flags, None::<&str>)
+    nix::mount::mount(Some(&dev.path), target, Some(format.fstype()), flags, None::<&str>)
         .map_err(|source| MountError::Mount { image: image.to_owned(), target: target.to_owned(), source })?;
     // `dev` drops here: the mount now holds the only reference, and with
     // LO_FLAGS_AUTOCLEAR the device detaches when it is unmounted.

@@ -146,6 +146,7 @@ pub fn ensure_mounted(cfg: &Config, layout: &Layout, inst: &Installed, verified:
     };
     mount_image(
         &file,
+        inst.manifest.image.format,
         &layout.image(inst.slot),
         &target,
         cfg.mount_options,

@@ -350,7 +350,7 @@ fn sign_manifest(keys: &Keys, repo: &Path, channel: &str, serial: u64, payload: 
             path: image_path(&sha),
             sha256: sha,
             size: payload.len() as u64,
-            format: "squashfs".into(),
+            format: imgdeploy_common::manifest::ImageFormat::Squashfs,
             compression: "zstd".into(),
         },
         index: None,
