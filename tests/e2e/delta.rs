@@ -1,4 +1,4 @@
-//! Delta updates (issue 4): the image is rebuilt from local chunks plus
+//! Delta updates: the image is rebuilt from local chunks plus
 //! multi-range requests, byte-identical to the published one; every way the
 //! delta can go wrong falls back or fails safely.
 
@@ -246,7 +246,7 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     out
 }
 
-/// Issue 12, item 5: a hostile server (a mirror) answering the delta's
+/// A hostile server (a mirror) answering the delta's
 /// Range requests cannot hold `apply` past `download_timeout`: not with
 /// endless blank lines or header lines inside the multipart body, not with
 /// an answer that leaves chunks out, not by answering each batch slowly

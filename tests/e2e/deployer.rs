@@ -1,4 +1,4 @@
-//! imgdeploy end to end (issue 3): real nginx on 127.0.0.1, real loop
+//! imgdeploy end to end: real nginx on 127.0.0.1, real loop
 //! mounts, real processes holding mounts, SIGKILL at many points.
 
 use std::fs;

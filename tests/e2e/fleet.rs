@@ -1,4 +1,4 @@
-//! Fleet rollout (issue 7): staged waves, promotion without rebuild, 50
+//! Fleet rollout: staged waves, promotion without rebuild, 50
 //! frontends through an nginx caching edge, metrics, the CI publish script.
 
 use std::fs;

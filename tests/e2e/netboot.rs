@@ -1,4 +1,4 @@
-//! PXE/ramdisk variant (issue 6): build netboot artifacts for a tiny image
+//! PXE/ramdisk variant: build netboot artifacts for a tiny image
 //! whose /sbin/init is a static busybox script, boot them in qemu (TCG), and
 //! check the marker; a flipped byte in the image must stop the boot.
 
@@ -124,7 +124,7 @@ fn privileged_netboot_boots_the_signed_image_in_qemu() {
     assert!(!log.contains("IMGDEPLOY-MARKER"), "a tampered image was booted:\n{log}");
 }
 
-/// Issue 12, items 3 and 14: whoever ships `image.cpio` (a mirror, the PXE
+/// Whoever ships `image.cpio` (a mirror, the PXE
 /// server) but not the signing key or the trusted `initrd.img` must not get
 /// anything booted that the initrd's builder did not allow: not an image
 /// signed by a key the archive adds, not another channel, not an older
@@ -268,7 +268,7 @@ fn netboot_refuses_a_dynamically_linked_init() {
     assert!(!out.join("initrd.img").exists());
 }
 
-/// Output names are not predictable paths that follow symlinks (issue 12, item 13).
+/// Output names are not predictable paths that follow symlinks.
 #[test]
 fn netboot_temp_files_do_not_follow_planted_symlinks() {
     let work = tempfile::tempdir().unwrap();

@@ -1,4 +1,4 @@
-//! Power loss (issue 5): a qemu guest (Debian kernel, TCG) installs a first
+//! Power loss: a qemu guest (Debian kernel, TCG) installs a first
 //! version on an empty disk, applies two updates and rolls back, with
 //! `state_dir` and `link` on an ext4 disk
 //! (mounted `data=writeback,noauto_da_alloc`, so the filesystem adds no

@@ -1,4 +1,4 @@
-//! Reliability and security (issue 5): more faults from a misbehaving
+//! Reliability and security: more faults from a misbehaving
 //! server, a crash loop of SIGKILLs in a row, key rotation and bad keys.
 //! Figures printed here (`RELIABILITY` lines) are collected into
 //! RELIABILITY.md by `scripts/reliability.sh`.

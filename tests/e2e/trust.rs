@@ -459,7 +459,7 @@ fn privileged_refresh_moves_the_expiry_and_the_floor() {
     assert_eq!(expires.0 - created.0, 7 * 86400, "the default expiry is 7 days");
 }
 
-/// Issue 12, item 9: a CDN caches `stable.json` and `stable.json.sig` as two
+/// A CDN caches `stable.json` and `stable.json.sig` as two
 /// objects, so after a publish it can serve the new manifest with the old
 /// signature. The signature named by the manifest's sha256
 /// (`sigs/<sha256>.sig`) is immutable, so the pair a host fetches always
@@ -507,7 +507,7 @@ fn privileged_a_cached_old_signature_never_pairs_with_a_new_manifest() {
     assert_eq!(left, vec![current], "gc --keep 0 must leave exactly the current manifest's signature");
 }
 
-/// Issue 12, item 6: someone who can write to the source tree during a build
+/// Someone who can write to the source tree during a build
 /// (another user, another CI job) must not make the builder read outside
 /// the tree, nor hang it. After the walk, and before the packer reaches
 /// them, a directory becomes a symlink to a secret elsewhere, and a file
