@@ -29,7 +29,7 @@ use crate::drain::{drain_slot, release_slot, Retired};
 use crate::fetch::{download_image, fetch_manifest, DownloadStats, TransferMode};
 use crate::hooks::run_hook;
 use crate::lock::lock;
-use crate::mount::unmount;
+use crate::mount::MountGuard;
 use crate::safety::warn_if_closed_to_readers;
 use crate::slot::ensure_mounted;
 use crate::slot::{installed, open_verified, Installed, SlotError};
@@ -416,28 +416,20 @@ fn apply_locked(cfg: &Config, opts: &ApplyOptions, layout: &Layout, state: &mut 
     // 4. Mount: the image was verified as it was written (or is verified now).
     ensure_mounted(cfg, layout, &inst, verified_file)?;
     let target = layout.mount_point(standby);
+    // Until link points at it, any way out of here unmounts it again.
+    let new_mount = MountGuard::new(&target);
 
     // 5. Health check.
     if let Some(cmd) = &cfg.health_check {
-        if let Err(e) = run_hook("health_check", cmd, &target, &m, cfg.hook_timeout) {
-            if let Err(u) = unmount(&target) {
-                tracing::warn!("{u}");
-            }
-            return Err(
-                anyhow!(e).context(format!("serial {} not activated; the active version is unchanged", m.serial))
-            );
-        }
+        run_hook("health_check", cmd, &target, &m, cfg.hook_timeout)
+            .map_err(|e| anyhow!(e))
+            .with_context(|| format!("serial {} not activated; the active version is unchanged", m.serial))?;
     }
 
     // 6. Switch.
     let switch_started = Instant::now();
-    if let Err(e) = point_link(&cfg.link, &target) {
-        // Not switched: the new mount must not linger.
-        if let Err(u) = unmount(&target) {
-            tracing::warn!("{u}");
-        }
-        return Err(e.into());
-    }
+    point_link(&cfg.link, &target)?;
+    new_mount.keep();
     let switch_micros = switch_started.elapsed().as_micros() as u64;
     state.active = Some(standby);
     if state.rolled_back_serial.is_some_and(|s| m.serial > s) {

@@ -101,6 +101,40 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
         .collect()
 }
 
+/// A mount that is undone when the guard is dropped, unless [`keep`] was
+/// called: the standby's new mount stays only once `link` points at it, on
+/// every path out of `apply` (an error, a failed hook, a panic).
+///
+/// [`keep`]: MountGuard::keep
+#[must_use = "dropping the guard unmounts at once"]
+pub struct MountGuard {
+    target: PathBuf,
+    armed: bool,
+}
+
+impl MountGuard {
+    /// Guards the mount at `target`.
+    pub fn new(target: &Path) -> Self {
+        MountGuard { target: target.to_owned(), armed: true }
+    }
+
+    /// The mount stays.
+    pub fn keep(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for MountGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            // Already unwinding from the real error: this one is only logged.
+            if let Err(e) = unmount(&self.target) {
+                tracing::warn!("{e}");
+            }
+        }
+    }
+}
+
 /// The mount at exactly `path`, if any (the last one, when stacked).
 pub fn mounted_at(path: &Path) -> Result<Option<MountEntry>, MountError> {
     let text = std::fs::read_to_string("/proc/self/mountinfo").map_err(MountError::Table)?;
