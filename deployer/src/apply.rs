@@ -14,6 +14,7 @@
 //! Until step 6 the active version is untouched; every failure before it
 //! unmounts what it mounted and leaves `link` where it was.
 
+use std::fs::File;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
@@ -203,6 +204,160 @@ pub fn apply(cfg: &Config, opts: &ApplyOptions) -> Result<Outcome> {
     result
 }
 
+/// Step 3 of an update: brings the image of `fetched` into `standby` (a
+/// delta from local chunks when an index is published, else a resumable full
+/// download, both within one `download_timeout`) and installs it there.
+/// Returns what was transferred and the image file, verified as it was written.
+fn download_into(
+    cfg: &Config,
+    layout: &Layout,
+    agent: &ureq::Agent,
+    fetched: &crate::fetch::FetchedManifest,
+    standby: SlotId,
+) -> Result<(DownloadStats, File)> {
+    let m = &fetched.verified.manifest;
+    let image_agent = http_agent(Duration::from_secs(60), cfg.download_timeout);
+    let image_loc = fetched.location.sibling(&m.image.path);
+    // The chunk index is fetched whenever one is published: for this
+    // delta, and stored with the slot as the seed of the next one.
+    let index = match &m.index {
+        Some(r) => match fetch_index(agent, &fetched.location, r, m) {
+            Ok(i) => Some(i),
+            Err(e) => {
+                tracing::warn!("{e}; falling back to a full download");
+                None
+            }
+        },
+        None => None,
+    };
+    // The standby's old image stays installed (a rollback target, and a
+    // seed of this delta) until the new image has been verified; only
+    // then does one replace the other (`install_verified`).
+    let seeds = if index.is_some() { local_seeds(layout) } else { Vec::new() };
+    let mut delta_done = None;
+    // download_timeout bounds the image transfer as a whole: every Range
+    // request of a delta, and a full download that falls back from it.
+    let budget = delta::Budget::starting_now(cfg.download_timeout);
+    let mut full_agent = image_agent.clone();
+    if let Some(idx) = &index {
+        if seeds.is_empty() {
+            tracing::info!("no local image to reuse chunks from; downloading the whole image");
+        } else {
+            match delta::build(&image_agent, budget, &image_loc, m, &idx.index, &seeds, layout, standby, false) {
+                Ok((st, Some(f))) => delta_done = Some((st, f)),
+                Ok((_, None)) => unreachable!("only dry runs return no file"),
+                Err(e @ delta::DeltaError::Timeout { .. }) => return Err(e.into()),
+                Err(e) => {
+                    tracing::warn!("delta update failed: {e}; falling back to a full download");
+                    for p in [layout.partial(standby), layout.partial_meta(standby)] {
+                        // Absent is fine; a real problem shows up in the full download.
+                        let _ = std::fs::remove_file(p);
+                    }
+                    let left = budget.deadline.saturating_duration_since(Instant::now());
+                    full_agent = http_agent(Duration::from_secs(60).min(left), left);
+                }
+            }
+        }
+    }
+    drop(seeds);
+    let (download, file) = match delta_done {
+        Some((st, f)) => {
+            tracing::info!(
+                "delta: reused {} bytes from local images, {} already in place, downloaded {} bytes in {} requests ({} of {} chunks)",
+                st.reused,
+                st.resumed,
+                st.downloaded,
+                st.requests,
+                st.chunks_fetched,
+                st.chunks
+            );
+            (
+                DownloadStats {
+                    mode: TransferMode::Delta,
+                    downloaded: st.downloaded,
+                    resumed_from: st.resumed,
+                    reused: st.reused,
+                    requests: st.requests,
+                },
+                f,
+            )
+        }
+        None => download_image(&full_agent, &image_loc, m, layout, standby)?,
+    };
+    install_verified(layout, standby, fetched, index.as_ref().map(|i| i.bytes.as_slice()))?;
+    tracing::info!(
+        "slot {standby}: installed serial {} ({} bytes downloaded, {} reused, {} resumed)",
+        m.serial,
+        download.downloaded,
+        download.reused,
+        download.resumed_from
+    );
+    Ok((download, file))
+}
+
+/// Carries out every decision but "install": refusing, or recording what
+/// the manifest taught (the running image re-signed, a wave this host is not
+/// in) and saying so. `None` means install.
+fn settle(
+    decision: Decision,
+    cfg: &Config,
+    opts: &ApplyOptions,
+    layout: &Layout,
+    state: &mut State,
+    fetched: &crate::fetch::FetchedManifest,
+    active_inst: Option<&Installed>,
+) -> Result<Option<Outcome>> {
+    let m = &fetched.verified.manifest;
+    let outcome = match decision {
+        Decision::Refuse(r) => return Err(r.into()),
+        Decision::UpToDate { resigned } => {
+            let cur = active_inst.expect("up to date only with an active slot");
+            if resigned && !opts.dry_run {
+                // The running image under a newer serial (rollout change,
+                // promotion): the slot's record and the floor follow it.
+                record_manifest(layout, cur.slot, fetched, None)?;
+                state.raise_floor(m, FloorReason::ReSigned);
+                state.save(layout)?;
+            }
+            // After a reboot the link may point at an unmounted slot: repair that.
+            ensure_mounted(cfg, layout, cur, None)?;
+            let message = if resigned {
+                format!("already running the image of serial {} ({}) in slot {}", m.serial, m.version, cur.slot)
+            } else {
+                format!("already at serial {} ({}) in slot {}", m.serial, m.version, cur.slot)
+            };
+            Outcome::UpToDate { serial: m.serial, message }
+        }
+        Decision::RolledBack => {
+            let c = &active_inst.expect("rolled back only with an active slot").manifest;
+            Outcome::UpToDate {
+                serial: c.serial,
+                message: format!(
+                    "serial {} was rolled back on this host; staying at serial {} until a newer serial is published",
+                    m.serial, c.serial
+                ),
+            }
+        }
+        Decision::NotInWave => {
+            if !opts.dry_run {
+                state.raise_floor(m, FloorReason::NotInWave);
+                state.save(layout)?;
+            }
+            let percent = m.rollout.unwrap_or(100);
+            Outcome::NotInWave {
+                serial: m.serial,
+                percent,
+                message: format!(
+                    "serial {} ({}) is rolling out to {percent}% of hosts; this host is not in the wave yet",
+                    m.serial, m.version
+                ),
+            }
+        }
+        Decision::Install => return Ok(None),
+    };
+    Ok(Some(outcome))
+}
+
 fn apply_locked(cfg: &Config, opts: &ApplyOptions, layout: &Layout, state: &mut State) -> Result<Outcome> {
     // Before any work: the switch will happen in this directory.
     let link_dir = imgdeploy_common::atomic::parent_dir(&cfg.link);
@@ -212,7 +367,6 @@ fn apply_locked(cfg: &Config, opts: &ApplyOptions, layout: &Layout, state: &mut 
     let keys = cfg.trusted_keys()?;
     // Manifests and indexes are small: a minute each. Images get download_timeout.
     let agent = http_agent(Duration::from_secs(60), Duration::from_secs(60));
-    let image_agent = http_agent(Duration::from_secs(60), cfg.download_timeout);
     let source = opts.source.as_deref().map(Location::parse).unwrap_or_else(|| cfg.source.clone());
 
     // 1. Manifest.
@@ -250,52 +404,8 @@ fn apply_locked(cfg: &Config, opts: &ApplyOptions, layout: &Layout, state: &mut 
         allow_downgrade: cfg.allow_downgrade,
         in_wave,
     });
-    match decision {
-        Decision::Refuse(r) => return Err(r.into()),
-        Decision::UpToDate { resigned } => {
-            let cur = active_inst.as_ref().expect("up to date only with an active slot");
-            if resigned && !opts.dry_run {
-                // The running image under a newer serial (rollout change,
-                // promotion): the slot's record and the floor follow it.
-                record_manifest(layout, cur.slot, &fetched, None)?;
-                state.raise_floor(&m, FloorReason::ReSigned);
-                state.save(layout)?;
-            }
-            // After a reboot the link may point at an unmounted slot: repair that.
-            ensure_mounted(cfg, layout, cur, None)?;
-            let message = if resigned {
-                format!("already running the image of serial {} ({}) in slot {}", m.serial, m.version, cur.slot)
-            } else {
-                format!("already at serial {} ({}) in slot {}", m.serial, m.version, cur.slot)
-            };
-            return Ok(Outcome::UpToDate { serial: m.serial, message });
-        }
-        Decision::RolledBack => {
-            let c = &active_inst.as_ref().expect("rolled back only with an active slot").manifest;
-            return Ok(Outcome::UpToDate {
-                serial: c.serial,
-                message: format!(
-                    "serial {} was rolled back on this host; staying at serial {} until a newer serial is published",
-                    m.serial, c.serial
-                ),
-            });
-        }
-        Decision::NotInWave => {
-            if !opts.dry_run {
-                state.raise_floor(&m, FloorReason::NotInWave);
-                state.save(layout)?;
-            }
-            let percent = m.rollout.unwrap_or(100);
-            return Ok(Outcome::NotInWave {
-                serial: m.serial,
-                percent,
-                message: format!(
-                    "serial {} ({}) is rolling out to {percent}% of hosts; this host is not in the wave yet",
-                    m.serial, m.version
-                ),
-            });
-        }
-        Decision::Install => {}
+    if let Some(outcome) = settle(decision, cfg, opts, layout, state, &fetched, active_inst.as_ref())? {
+        return Ok(outcome);
     }
 
     // 2. Standby slot.
@@ -328,83 +438,9 @@ fn apply_locked(cfg: &Config, opts: &ApplyOptions, layout: &Layout, state: &mut 
         }
     });
     if verified_file.is_none() {
-        let image_loc = fetched.location.sibling(&m.image.path);
-        // The chunk index is fetched whenever one is published: for this
-        // delta, and stored with the slot as the seed of the next one.
-        let index = match &m.index {
-            Some(r) => match fetch_index(&agent, &fetched.location, r, &m) {
-                Ok(i) => Some(i),
-                Err(e) => {
-                    tracing::warn!("{e}; falling back to a full download");
-                    None
-                }
-            },
-            None => None,
-        };
-        // The standby's old image stays installed (a rollback target, and a
-        // seed of this delta) until the new image has been verified; only
-        // then does one replace the other (`install_verified`).
-        let seeds = if index.is_some() { local_seeds(layout) } else { Vec::new() };
-        let mut delta_done = None;
-        // download_timeout bounds the image transfer as a whole: every Range
-        // request of a delta, and a full download that falls back from it.
-        let budget = delta::Budget::starting_now(cfg.download_timeout);
-        let mut full_agent = image_agent.clone();
-        if let Some(idx) = &index {
-            if seeds.is_empty() {
-                tracing::info!("no local image to reuse chunks from; downloading the whole image");
-            } else {
-                match delta::build(&image_agent, budget, &image_loc, &m, &idx.index, &seeds, layout, standby, false) {
-                    Ok((st, Some(f))) => delta_done = Some((st, f)),
-                    Ok((_, None)) => unreachable!("only dry runs return no file"),
-                    Err(e @ delta::DeltaError::Timeout { .. }) => return Err(e.into()),
-                    Err(e) => {
-                        tracing::warn!("delta update failed: {e}; falling back to a full download");
-                        for p in [layout.partial(standby), layout.partial_meta(standby)] {
-                            // Absent is fine; a real problem shows up in the full download.
-                            let _ = std::fs::remove_file(p);
-                        }
-                        let left = budget.deadline.saturating_duration_since(Instant::now());
-                        full_agent = http_agent(Duration::from_secs(60).min(left), left);
-                    }
-                }
-            }
-        }
-        drop(seeds);
-        let file;
-        (download, file) = match delta_done {
-            Some((st, f)) => {
-                tracing::info!(
-                    "delta: reused {} bytes from local images, {} already in place, downloaded {} bytes in {} requests ({} of {} chunks)",
-                    st.reused,
-                    st.resumed,
-                    st.downloaded,
-                    st.requests,
-                    st.chunks_fetched,
-                    st.chunks
-                );
-                (
-                    DownloadStats {
-                        mode: TransferMode::Delta,
-                        downloaded: st.downloaded,
-                        resumed_from: st.resumed,
-                        reused: st.reused,
-                        requests: st.requests,
-                    },
-                    f,
-                )
-            }
-            None => download_image(&full_agent, &image_loc, &m, layout, standby)?,
-        };
+        let (stats, file) = download_into(cfg, layout, &agent, &fetched, standby)?;
+        download = stats;
         verified_file = Some(file);
-        install_verified(layout, standby, &fetched, index.as_ref().map(|i| i.bytes.as_slice()))?;
-        tracing::info!(
-            "slot {standby}: installed serial {} ({} bytes downloaded, {} reused, {} resumed)",
-            m.serial,
-            download.downloaded,
-            download.reused,
-            download.resumed_from
-        );
     } else {
         download.mode = TransferMode::None;
         // The standby already holds this image under an older record
