@@ -37,7 +37,6 @@ use imgdeploy_common::netboot::{
     member, BootPolicy, BroughtFile, BOOT_POLICY_PATH, IMAGE_PATH, MANIFEST_PATH, SIGNATURE_PATH,
 };
 use imgdeploy_common::sign::PublicKey;
-use imgdeploy_common::trust::verify_manifest;
 
 use crate::cpio::CpioWriter;
 
@@ -219,10 +218,8 @@ pub fn netboot(req: &NetbootRequest) -> Result<NetbootReport> {
     let keys: Vec<PublicKey> = req.keys.iter().map(|p| PublicKey::read(p)).collect::<Result<_, _>>()?;
     let agent = http_agent(Duration::from_secs(60), Duration::from_secs(4 * 3600));
     let loc = Location::parse(&req.manifest);
-    let (manifest_bytes, sig) = loc.read_signed_manifest(&agent)?;
-    let m = verify_manifest(&manifest_bytes, &sig, &keys, Timestamp::now())
-        .with_context(|| format!("manifest {loc}"))?
-        .manifest;
+    let signed = loc.fetch_verified_manifest(&agent, &keys, Timestamp::now())?;
+    let (manifest_bytes, sig, m) = (signed.bytes, signed.signature, signed.verified.manifest);
     let init = req.init.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_INIT));
     if !init.is_file() {
         bail!(

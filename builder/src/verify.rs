@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use imgdeploy_common::digest::HashingReader;
-use imgdeploy_common::location::{http_agent, Location};
+use imgdeploy_common::location::{http_agent, Location, SignedManifest};
 use imgdeploy_common::manifest::{Manifest, Timestamp};
 use imgdeploy_common::sign::PublicKey;
 use imgdeploy_common::squashfs::{Superblock, SUPERBLOCK_BYTES};
-use imgdeploy_common::trust::{verify_manifest, verify_signed};
+use imgdeploy_common::trust::verify_signed;
 use imgdeploy_common::SIGNATURE_BYTES;
 
 /// A verified publication.
@@ -31,8 +31,8 @@ pub struct Verified {
 pub fn verify(source: &str, keys: &[PublicKey]) -> Result<Verified> {
     let agent = http_agent(Duration::from_secs(60), Duration::from_secs(4 * 3600));
     let loc = Location::parse(source);
-    let (bytes, sig) = loc.read_signed_manifest(&agent)?;
-    let v = verify_manifest(&bytes, &sig, keys, Timestamp::now()).with_context(|| format!("manifest {loc}"))?;
+    let SignedManifest { verified: v, bytes, signature: sig, .. } =
+        loc.fetch_verified_manifest(&agent, keys, Timestamp::now())?;
     // The channel's `.sig` must match too: openssl users and frontends
     // reading a repository without `sigs/` check that one.
     let channel_sig = loc.with_suffix(".sig");

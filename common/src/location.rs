@@ -3,7 +3,9 @@
 //! so this only ever issues plain GETs.
 
 use crate::digest::Sha256Digest;
-use crate::manifest::signature_path;
+use crate::manifest::{signature_path, Timestamp};
+use crate::sign::PublicKey;
+use crate::trust::{verify_manifest, TrustError, VerifiedManifest};
 use std::fmt;
 use std::fs::File;
 use std::io::{self, Read};
@@ -62,6 +64,37 @@ impl FetchError {
             _ => false,
         }
     }
+}
+
+/// A channel manifest fetched and verified, with the exact bytes and
+/// signature it was verified from and where it came from.
+#[derive(Debug, Clone)]
+pub struct SignedManifest {
+    /// The verified manifest.
+    pub verified: VerifiedManifest,
+    /// The raw signed bytes.
+    pub bytes: Vec<u8>,
+    /// The raw signature.
+    pub signature: Vec<u8>,
+    /// Where it came from.
+    pub location: Location,
+}
+
+/// Why a manifest could not be fetched and verified.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestFetchError {
+    /// It could not be read.
+    #[error(transparent)]
+    Fetch(#[from] FetchError),
+    /// It was refused (signature, contents or expiry).
+    #[error("manifest {source_url}: {err}")]
+    Trust {
+        /// Where it came from.
+        source_url: String,
+        /// Why.
+        #[source]
+        err: TrustError,
+    },
 }
 
 /// A local path or a URL.
@@ -151,6 +184,21 @@ impl Location {
             Err(e) => return Err(e),
         };
         Ok((bytes, signature))
+    }
+
+    /// Reads the manifest here and its signature ([`Self::read_signed_manifest`])
+    /// and verifies them with `keys` at `now` (signature, then contents,
+    /// then expiry): the one way every command gets a manifest it may act on.
+    pub fn fetch_verified_manifest(
+        &self,
+        agent: &ureq::Agent,
+        keys: &[PublicKey],
+        now: Timestamp,
+    ) -> Result<SignedManifest, ManifestFetchError> {
+        let (bytes, signature) = self.read_signed_manifest(agent)?;
+        let verified = verify_manifest(&bytes, &signature, keys, now)
+            .map_err(|err| ManifestFetchError::Trust { source_url: self.to_string(), err })?;
+        Ok(SignedManifest { verified, bytes, signature, location: self.clone() })
     }
 
     /// Opens the resource for streaming from byte `offset`. Returns the reader

@@ -13,10 +13,10 @@ use std::path::Path;
 
 use imgdeploy_common::atomic::{fsync_dir, write_atomic};
 use imgdeploy_common::digest::{Sha256Digest, StreamHasher};
-use imgdeploy_common::location::{FetchError, Location};
+use imgdeploy_common::location::{FetchError, Location, ManifestFetchError, SignedManifest};
 use imgdeploy_common::manifest::{Manifest, Timestamp};
 use imgdeploy_common::sign::PublicKey;
-use imgdeploy_common::trust::{verify_manifest, TrustError, VerifiedManifest};
+use imgdeploy_common::trust::TrustError;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
@@ -87,17 +87,7 @@ pub enum DownloadError {
 }
 
 /// A verified manifest with the exact bytes it was verified from.
-#[derive(Debug, Clone)]
-pub struct FetchedManifest {
-    /// The verified manifest.
-    pub verified: VerifiedManifest,
-    /// The raw signed bytes.
-    pub bytes: Vec<u8>,
-    /// The raw signature.
-    pub signature: Vec<u8>,
-    /// Where it came from.
-    pub location: Location,
-}
+pub type FetchedManifest = SignedManifest;
 
 /// Fetches `<source>` and its signature (`sigs/<sha256>.sig` beside it, else `<source>.sig`), verifies them against `keys` and checks the channel.
 pub fn fetch_manifest(
@@ -106,17 +96,18 @@ pub fn fetch_manifest(
     keys: &[PublicKey],
     channel: &str,
 ) -> Result<FetchedManifest, DownloadError> {
-    let (bytes, signature) = source.read_signed_manifest(agent)?;
-    let verified = verify_manifest(&bytes, &signature, keys, Timestamp::now())
-        .map_err(|err| DownloadError::Trust { source_url: source.to_string(), err })?;
-    if verified.manifest.channel != channel {
+    let fetched = source.fetch_verified_manifest(agent, keys, Timestamp::now()).map_err(|e| match e {
+        ManifestFetchError::Fetch(e) => DownloadError::Fetch(e),
+        ManifestFetchError::Trust { source_url, err } => DownloadError::Trust { source_url, err },
+    })?;
+    if fetched.verified.manifest.channel != channel {
         return Err(DownloadError::Channel {
             source_url: source.to_string(),
-            found: verified.manifest.channel,
+            found: fetched.verified.manifest.channel,
             expected: channel.to_owned(),
         });
     }
-    Ok(FetchedManifest { verified, bytes, signature, location: source.clone() })
+    Ok(fetched)
 }
 
 /// Which image `image.partial` belongs to, and how it is being filled.
