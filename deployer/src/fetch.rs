@@ -16,7 +16,6 @@ use imgdeploy_common::digest::{Sha256Digest, StreamHasher};
 use imgdeploy_common::location::{FetchError, Location, ManifestFetchError, SignedManifest};
 use imgdeploy_common::manifest::{Manifest, Timestamp};
 use imgdeploy_common::sign::PublicKey;
-use imgdeploy_common::trust::TrustError;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
@@ -28,15 +27,9 @@ pub enum DownloadError {
     /// Transport, status or local read error.
     #[error(transparent)]
     Fetch(#[from] FetchError),
-    /// The manifest was refused.
-    #[error("manifest {source_url}: {err}")]
-    Trust {
-        /// Where it came from.
-        source_url: String,
-        /// Why.
-        #[source]
-        err: TrustError,
-    },
+    /// The manifest was refused (signature, contents or expiry).
+    #[error(transparent)]
+    Manifest(ManifestFetchError),
     /// The manifest is for another channel.
     #[error("manifest {source_url} is for channel `{found}` but this host follows `{expected}`; check `source` and `channel` in the config")]
     Channel {
@@ -98,7 +91,7 @@ pub fn fetch_manifest(
 ) -> Result<FetchedManifest, DownloadError> {
     let fetched = source.fetch_verified_manifest(agent, keys, Timestamp::now()).map_err(|e| match e {
         ManifestFetchError::Fetch(e) => DownloadError::Fetch(e),
-        ManifestFetchError::Trust { source_url, err } => DownloadError::Trust { source_url, err },
+        refused => DownloadError::Manifest(refused),
     })?;
     if fetched.verified.manifest.channel != channel {
         return Err(DownloadError::Channel {

@@ -224,26 +224,13 @@ fn privileged_killed_delta_resumes() {
 fn fault_repo(d: &Deployment, image: Reply) -> (FaultServer, String) {
     let f = FaultServer::start();
     let m = Manifest::parse(&fs::read(d.repo.join("stable.json")).unwrap()).unwrap();
-    for entry in walk(&d.repo) {
+    for entry in imgdeploy_tests::files_under(&d.repo) {
         let rel = entry.strip_prefix(&d.repo).unwrap().to_str().unwrap().to_owned();
         f.route(&format!("/{rel}"), Reply::Body(fs::read(&entry).unwrap()));
     }
     f.route(&format!("/{}", m.image.path), image);
     let src = f.url("/stable.json");
     (f, src)
-}
-
-fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for e in fs::read_dir(dir).unwrap().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
 }
 
 /// A hostile server (a mirror) answering the delta's

@@ -922,7 +922,7 @@ fn privileged_a_query_string_reaches_every_request() {
     d.imgdeploy(&["apply"]).ok();
     d.publish("v2");
     let faults = FaultServer::start();
-    for entry in walk_files(&d.repo) {
+    for entry in imgdeploy_tests::files_under(&d.repo) {
         let rel = entry.strip_prefix(&d.repo).unwrap().to_str().unwrap().to_owned();
         faults.route(&format!("/{rel}?token=s3cr3t"), Reply::Body(fs::read(&entry).unwrap()));
     }
@@ -935,17 +935,4 @@ fn privileged_a_query_string_reaches_every_request() {
     assert!(with_token(&m.index.as_ref().unwrap().path) > 0, "the chunk index was not requested with the token");
     let sig = format!("sigs/{}.sig", Sha256Digest::of_bytes(&fs::read(d.repo.join("stable.json")).unwrap()));
     assert!(with_token(&sig) > 0, "the signature was not requested with the token");
-}
-
-fn walk_files(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for e in fs::read_dir(dir).unwrap().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(walk_files(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
 }

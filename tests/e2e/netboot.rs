@@ -8,7 +8,7 @@ use std::process::Command;
 
 use imgdeploy_builder::cpio::CpioWriter;
 use imgdeploy_tests::qemu::{self, prerequisites};
-use imgdeploy_tests::{bin, build_image, netboot_init, run, run_bin, Keys};
+use imgdeploy_tests::{bin, build_image, netboot_init, run, run_bin, Keys, Run};
 
 fn boot(kernel: &Path, initrd: &Path, append: &str) -> String {
     qemu::boot(kernel, initrd, append, &[], 90)
@@ -32,7 +32,24 @@ fn marker_tree(dir: &Path, version: &str) -> PathBuf {
     tree
 }
 
-/// `imgbuild netboot` for `manifest`, trusting `public`, into `out`, with the static init.
+/// Runs `imgbuild netboot` for `manifest`, trusting `public`, into `out`, with `init` as /init.
+fn netboot_run(
+    manifest: &Path,
+    public: &Path,
+    kernel: &Path,
+    modules: &Path,
+    out: &Path,
+    init: &Path,
+    extra: &[&str],
+) -> Run {
+    let paths = [manifest, public, kernel, modules, out, init].map(|p| p.to_str().unwrap().to_owned());
+    let mut args: Vec<&str> = vec!["netboot", "--manifest", &paths[0], "--pub", &paths[1], "--kernel", &paths[2]];
+    args.extend(["--modules", &paths[3], "--out", &paths[4], "--init", &paths[5], "--json"]);
+    args.extend(extra);
+    run_bin("imgbuild", args)
+}
+
+/// `imgbuild netboot` with the static init; its JSON summary.
 fn netboot(
     manifest: &Path,
     public: &Path,
@@ -41,24 +58,7 @@ fn netboot(
     out: &Path,
     extra: &[&str],
 ) -> serde_json::Value {
-    let mut args: Vec<&str> = vec![
-        "netboot",
-        "--manifest",
-        manifest.to_str().unwrap(),
-        "--pub",
-        public.to_str().unwrap(),
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--modules",
-        modules.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--json",
-    ];
-    let init = netboot_init();
-    args.extend(["--init", init.to_str().unwrap()]);
-    args.extend(extra);
-    run_bin("imgbuild", args).ok().json()
+    netboot_run(manifest, public, kernel, modules, out, &netboot_init(), extra).ok().json()
 }
 
 /// A newc cpio archive of `(path, mode, bytes)` files (parents created 0755).
@@ -238,33 +238,11 @@ fn privileged_netboot_boots_only_what_the_trusted_initrd_allows() {
 #[test]
 fn netboot_refuses_a_dynamically_linked_init() {
     let work = tempfile::tempdir().unwrap();
-    let tree = work.path().join("tree");
-    fs::create_dir_all(&tree).unwrap();
-    fs::write(tree.join("f"), b"x").unwrap();
-    let keys = Keys::generate();
-    let repo = work.path().join("repo");
-    build_image(&tree, &keys, "stable", &repo, &[]);
+    let (keys, repo) = one_file_repo(work.path());
     let (kernel, modules) = fake_kernel(work.path());
     let out = work.path().join("out");
-    run_bin(
-        "imgbuild",
-        [
-            "netboot",
-            "--manifest",
-            repo.join("stable.json").to_str().unwrap(),
-            "--pub",
-            keys.public.to_str().unwrap(),
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--modules",
-            modules.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--init",
-            bin("imgdeploy").to_str().unwrap(),
-        ],
-    )
-    .fails_with("dynamically linked");
+    netboot_run(&repo.join("stable.json"), &keys.public, &kernel, &modules, &out, &bin("imgdeploy"), &[])
+        .fails_with("dynamically linked");
     assert!(!out.join("initrd.img").exists());
 }
 
@@ -272,12 +250,7 @@ fn netboot_refuses_a_dynamically_linked_init() {
 #[test]
 fn netboot_temp_files_do_not_follow_planted_symlinks() {
     let work = tempfile::tempdir().unwrap();
-    let tree = work.path().join("tree");
-    fs::create_dir_all(&tree).unwrap();
-    fs::write(tree.join("f"), b"x").unwrap();
-    let keys = Keys::generate();
-    let repo = work.path().join("repo");
-    build_image(&tree, &keys, "stable", &repo, &[]);
+    let (keys, repo) = one_file_repo(work.path());
     let (kernel, modules) = fake_kernel(work.path());
     let out = work.path().join("out");
     fs::create_dir_all(&out).unwrap();
@@ -289,6 +262,17 @@ fn netboot_temp_files_do_not_follow_planted_symlinks() {
     netboot(&repo.join("stable.json"), &keys.public, &kernel, &modules, &out, &[]);
     assert_eq!(read(&victim), b"precious", "netboot wrote through a planted symlink");
     assert!(fs::symlink_metadata(out.join("initrd.img")).unwrap().file_type().is_file());
+}
+
+/// A repository whose stable channel serves a one-file tree.
+fn one_file_repo(dir: &Path) -> (Keys, PathBuf) {
+    let tree = dir.join("tree");
+    fs::create_dir_all(&tree).unwrap();
+    fs::write(tree.join("f"), b"x").unwrap();
+    let keys = Keys::generate();
+    let repo = dir.join("repo");
+    build_image(&tree, &keys, "stable", &repo, &[]);
+    (keys, repo)
 }
 
 /// A kernel and module directory good enough for `imgbuild netboot` to
@@ -322,25 +306,8 @@ fn netboot_refuses_a_tampered_image_and_writes_nothing() {
     fs::write(&image, bytes).unwrap();
     let (kernel, modules) = fake_kernel(work.path());
     let out = work.path().join("out");
-    run_bin(
-        "imgbuild",
-        [
-            "netboot",
-            "--manifest",
-            repo.join("stable.json").to_str().unwrap(),
-            "--pub",
-            keys.public.to_str().unwrap(),
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--modules",
-            modules.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--init",
-            netboot_init().to_str().unwrap(),
-        ],
-    )
-    .fails_with("refusing to package it");
+    netboot_run(&repo.join("stable.json"), &keys.public, &kernel, &modules, &out, &netboot_init(), &[])
+        .fails_with("refusing to package it");
     let left: Vec<_> = fs::read_dir(&out).map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
     assert!(!left.iter().any(|n| n == "image.cpio" || n == "initrd-combined.img"), "left {left:?}");
 }

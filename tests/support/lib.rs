@@ -73,6 +73,20 @@ pub fn netboot_init() -> PathBuf {
     .clone()
 }
 
+/// Every file below `dir` (recursively), in no particular order.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())).flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(files_under(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
 /// A finished command.
 #[derive(Debug)]
 pub struct Run {
