@@ -314,6 +314,16 @@ impl Manifest {
 pub(crate) mod tests {
     use super::*;
 
+    /// What each format means to the kernel and on disk, and its JSON name.
+    #[test]
+    fn image_formats() {
+        let f = ImageFormat::Squashfs;
+        assert_eq!((f.suffix(), f.fstype(), f.kernel_module()), (".squashfs", "squashfs", "squashfs"));
+        assert_eq!(f.to_string(), "squashfs");
+        assert_eq!(serde_json::to_string(&f).unwrap(), "\"squashfs\"");
+        assert!(serde_json::from_str::<ImageFormat>("\"erofs\"").is_err());
+    }
+
     #[test]
     fn repository_paths() {
         let sha = Sha256Digest::of_bytes(b"x");
