@@ -162,12 +162,14 @@ pub fn shared_libraries(binary: &Path) -> Result<Vec<PathBuf>> {
     Ok(libs)
 }
 
-fn add_file(w: &mut CpioWriter<impl Write>, name: &str, src: &Path, perm: u32) -> Result<()> {
+/// Packs the file `src` as `name`; returns the sha256 of exactly the bytes packed.
+fn add_file(w: &mut CpioWriter<impl Write>, name: &str, src: &Path, perm: u32) -> Result<Sha256Digest> {
     w.parent_dirs(name)?;
     let f = File::open(src).with_context(|| format!("reading {}", src.display()))?;
     let len = f.metadata()?.len();
-    w.file(name, perm, len, f).with_context(|| format!("packing {}", src.display()))?;
-    Ok(())
+    let mut hashing = HashingReader::new(f);
+    w.file(name, perm, len, &mut hashing).with_context(|| format!("packing {}", src.display()))?;
+    Ok(hashing.finish().0)
 }
 
 /// Writes `dir/name` atomically through `f`, returning its size. The
@@ -187,12 +189,6 @@ fn write_out(dir: &Path, name: &str, f: impl FnOnce(&mut BufWriter<File>) -> Res
     let dest = dir.join(name);
     tmp.persist(&dest).with_context(|| format!("renaming into {}", dest.display()))?;
     Ok(len)
-}
-
-/// The sha256 of the file at `path`.
-fn sha256_of(path: &Path) -> Result<Sha256Digest> {
-    let f = File::open(path).with_context(|| format!("reading {}", path.display()))?;
-    Ok(Sha256Digest::of_reader(f).with_context(|| format!("reading {}", path.display()))?.0)
 }
 
 /// `binary` without its debug sections (as `tmpdir/init`), when objcopy is
@@ -242,23 +238,9 @@ pub fn netboot(req: &NetbootRequest) -> Result<NetbootReport> {
             init.display()
         );
     }
-    let policy = BootPolicy {
-        channel: m.channel.clone(),
-        min_serial: m.serial,
-        keys: keys.iter().map(|k| k.to_pem()).collect::<Result<_, _>>()?,
-        modules: modules
-            .iter()
-            .map(|rel| {
-                Ok(BroughtFile { path: format!("/lib/modules/{rel}"), sha256: sha256_of(&req.modules.join(rel))? })
-            })
-            .collect::<Result<_>>()?,
-        shell: req
-            .shell
-            .as_ref()
-            .map(|sh| Ok::<_, anyhow::Error>(BroughtFile { path: "/bin/sh".into(), sha256: sha256_of(sh)? }))
-            .transpose()?,
-    };
-    let policy_json = serde_json::to_vec_pretty(&policy)?;
+    let key_pems: Vec<String> = keys.iter().map(|k| k.to_pem()).collect::<Result<_, _>>()?;
+    // Filled in while the initrd is written: the hashes are of the very bytes packed.
+    let mut policy = None;
 
     let mut files = Vec::new();
     // 1. The base initrd.
@@ -271,13 +253,21 @@ pub fn netboot(req: &NetbootRequest) -> Result<NetbootReport> {
         // The kernel opens /dev/console for PID 1 before anything is mounted.
         c.char_dev("dev/console", 0o600, 5, 1)?;
         add_file(&mut c, "init", &init_bin, 0o755)?;
-        for (rel, brought) in modules.iter().zip(&policy.modules) {
-            add_file(&mut c, brought.path.trim_start_matches('/'), &req.modules.join(rel), 0o644)?;
+        let mut brought = Vec::new();
+        for rel in &modules {
+            let path = format!("/lib/modules/{rel}");
+            let sha256 = add_file(&mut c, member(&path), &req.modules.join(rel), 0o644)?;
+            brought.push(BroughtFile { path, sha256 });
         }
-        c.file(member(BOOT_POLICY_PATH), 0o644, policy_json.len() as u64, &policy_json[..])?;
-        if let Some(sh) = &req.shell {
-            add_file(&mut c, "bin/sh", sh, 0o755)?;
-        }
+        let shell = match &req.shell {
+            Some(sh) => Some(BroughtFile { path: "/bin/sh".into(), sha256: add_file(&mut c, "bin/sh", sh, 0o755)? }),
+            None => None,
+        };
+        let p =
+            BootPolicy { channel: m.channel.clone(), min_serial: m.serial, keys: key_pems, modules: brought, shell };
+        let json = serde_json::to_vec_pretty(&p)?;
+        c.file(member(BOOT_POLICY_PATH), 0o644, json.len() as u64, &json[..])?;
+        policy = Some(p);
         let w = c.finish()?.finish()?;
         // Archives that follow must start 4-byte aligned; zeros between them are skipped.
         let len = w.get_ref().metadata()?.len() + w.buffer().len() as u64;
@@ -338,7 +328,7 @@ pub fn netboot(req: &NetbootRequest) -> Result<NetbootReport> {
         out: out.clone(),
         files,
         modules: modules.clone(),
-        policy,
+        policy: policy.expect("the policy is written with the initrd"),
         min_memory_mib: (2 * m.image.size + initrd_len) / (1 << 20) + 256,
         manifest: m,
     };
