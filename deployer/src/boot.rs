@@ -286,13 +286,15 @@ fn fail(params: &BootParams, shell: Option<&BroughtFile>) -> ! {
     if params.onfail == OnFail::Shell {
         // Only the shell the trusted initrd brought: an archive loaded
         // before it could have put any program at /bin/sh.
-        match shell.map(open_brought) {
-            Some(Ok(_)) => {
-                eprintln!("imgdeploy: dropping to a shell");
-                let sh = CString::new(shell.map_or("/bin/sh", |s| s.path.as_str())).expect("no NUL");
-                let _ = nix::unistd::execv(&sh, std::slice::from_ref(&sh));
-            }
-            Some(Err(e)) => eprintln!("imgdeploy: not running the shell: {e:#}"),
+        match shell {
+            Some(s) => match open_brought(s) {
+                Ok(_) => {
+                    eprintln!("imgdeploy: dropping to a shell");
+                    let sh = CString::new(s.path.as_str()).expect("the boot policy's paths have no NUL");
+                    let _ = nix::unistd::execv(&sh, std::slice::from_ref(&sh));
+                }
+                Err(e) => eprintln!("imgdeploy: not running the shell: {e:#}"),
+            },
             None => eprintln!("imgdeploy: no shell: the initrd was built without imgbuild netboot --shell"),
         }
     }
