@@ -126,10 +126,7 @@ fn dry_run(agent: &ureq::Agent, fetched: &crate::fetch::FetchedManifest, layout:
     if seeds.is_empty() {
         return Ok(full(r.size));
     }
-    let image_loc = fetched.location.sibling(&m.image.path);
-    // A dry run plans from the index alone; it sends no Range request.
-    let budget = delta::Budget::starting_now(Duration::from_secs(86_400));
-    let (st, _) = delta::build(agent, budget, &image_loc, m, &idx.index, &seeds, layout, SlotId::A, true)?;
+    let st = delta::estimate(m, &idx.index, &seeds)?;
     Ok(Outcome::WouldUpdate {
         serial: m.serial,
         mode: TransferMode::Delta,
@@ -243,9 +240,8 @@ fn download_into(
         if seeds.is_empty() {
             tracing::info!("no local image to reuse chunks from; downloading the whole image");
         } else {
-            match delta::build(&image_agent, budget, &image_loc, m, &idx.index, &seeds, layout, standby, false) {
-                Ok((st, Some(f))) => delta_done = Some((st, f)),
-                Ok((_, None)) => unreachable!("only dry runs return no file"),
+            match delta::build(&image_agent, budget, &image_loc, m, &idx.index, &seeds, layout, standby) {
+                Ok(done) => delta_done = Some(done),
                 Err(e @ delta::DeltaError::Timeout { .. }) => return Err(e.into()),
                 Err(e) => {
                     tracing::warn!("delta update failed: {e}; falling back to a full download");

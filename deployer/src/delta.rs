@@ -243,14 +243,13 @@ fn lookup(seeds: &[Seed]) -> Lookup {
 fn plan(
     new: &ChunkIndex,
     have: &Lookup,
-    resume: Option<&File>,
-    disk: &dyn Fn(io::Error) -> DeltaError,
+    resume: Option<(&File, &dyn Fn(io::Error) -> DeltaError)>,
 ) -> Result<Vec<Source>, DeltaError> {
     let mut buf = Vec::new();
     new.chunks
         .iter()
         .map(|c| {
-            if let Some(f) = resume {
+            if let Some((f, disk)) = resume {
                 if read_chunk(f, c.offset, c.len, &mut buf).map_err(disk)? == c.hash {
                     return Ok(Source::InPlace);
                 }
@@ -349,7 +348,8 @@ fn fetch_ranges(
         None => out_of_time(),
         Some(_) => FetchError::Transport { url: url.to_owned(), message: format!("transfer broke: {e}") }.into(),
     };
-    let mut received = vec![false; new.chunks.len()];
+    // Chunks written by this answer: as many as it carried, not one flag per chunk of the image.
+    let mut received = std::collections::HashSet::new();
     let mut buf = Vec::new();
     let mut write_part =
         |body: &mut dyn Read, start: u64, end: u64, stats: &mut DeltaStats| -> Result<(), DeltaError> {
@@ -368,7 +368,7 @@ fn fetch_ranges(
                     return Err(DeltaError::Chunk { url: url.to_owned(), offset: c.offset });
                 }
                 out.write_all_at(&buf, c.offset).map_err(disk)?;
-                received[i] = true;
+                received.insert(i);
                 stats.downloaded += c.len as u64;
                 stats.chunks_fetched += 1;
                 pb.inc(c.len as u64);
@@ -425,7 +425,7 @@ fn fetch_ranges(
         write_part(&mut body, a, b, stats)?;
     }
     // Parts may come in any order, but none may be missing.
-    if let Some(i) = ranges.iter().flat_map(|&(a, b)| a..=b).find(|&i| !received[i]) {
+    if let Some(i) = ranges.iter().flat_map(|&(a, b)| a..=b).find(|i| !received.contains(i)) {
         return Err(bad(format!(
             "it left out the chunk at offset {} (asked for {} ranges)",
             new.chunks[i].offset,
@@ -447,11 +447,26 @@ fn progress(total: u64) -> ProgressBar {
     pb
 }
 
+/// What [`build`] would fetch for the image of `m` (described by `new`),
+/// assuming the local images are intact; sends nothing, writes nothing.
+pub fn estimate(m: &Manifest, new: &ChunkIndex, seeds: &[Seed]) -> Result<DeltaStats, DeltaError> {
+    let sources = plan(new, &lookup(seeds), None)?;
+    let missing: Vec<usize> = (0..sources.len()).filter(|&i| sources[i] == Source::Fetch).collect();
+    let downloaded = missing.iter().map(|&i| new.chunks[i].len as u64).sum();
+    Ok(DeltaStats {
+        chunks: new.chunks.len() as u64,
+        requests: coalesce(&missing).len().div_ceil(RANGES_PER_REQUEST) as u64,
+        downloaded,
+        chunks_fetched: missing.len() as u64,
+        reused: m.image.size - downloaded,
+        ..Default::default()
+    })
+}
+
 /// Builds the image of `m` (described by `new`) in `slot`'s partial file from
-/// `seeds` and the server, and returns it open: its sha256 was computed over
-/// exactly the bytes written, so it can be mounted without being read again.
-/// With `dry_run`, only counts what it would fetch (assuming the local images
-/// are intact) and returns no file.
+/// `seeds` and the server, within `budget`, and returns it open: its sha256
+/// was computed over exactly the bytes written, so it can be mounted without
+/// being read again.
 #[allow(clippy::too_many_arguments)]
 pub fn build(
     agent: &ureq::Agent,
@@ -462,23 +477,13 @@ pub fn build(
     seeds: &[Seed],
     layout: &Layout,
     slot: SlotId,
-    dry_run: bool,
-) -> Result<(DeltaStats, Option<File>), DeltaError> {
+) -> Result<(DeltaStats, File), DeltaError> {
     let url = image.to_string();
     let partial = layout.partial(slot);
     let path = partial.display().to_string();
     let disk = |source| DeltaError::Disk { path: path.clone(), source };
     let mut stats = DeltaStats { chunks: new.chunks.len() as u64, ..Default::default() };
     let have = lookup(seeds);
-    if dry_run {
-        let sources = plan(new, &have, None, &disk)?;
-        let missing: Vec<usize> = (0..sources.len()).filter(|&i| sources[i] == Source::Fetch).collect();
-        stats.requests = coalesce(&missing).len().div_ceil(RANGES_PER_REQUEST) as u64;
-        stats.downloaded = missing.iter().map(|&i| new.chunks[i].len as u64).sum();
-        stats.chunks_fetched = missing.len() as u64;
-        stats.reused = m.image.size - stats.downloaded;
-        return Ok((stats, None));
-    }
     // A partial of this very image from an interrupted delta is checked in place.
     let want = PartialMeta { sha256: m.image.sha256, size: m.image.size, delta: true };
     let resuming = std::fs::read(layout.partial_meta(slot))
@@ -492,7 +497,7 @@ pub fn build(
     let out = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&partial).map_err(disk)?;
     out.set_len(m.image.size).map_err(disk)?;
     let pb = progress(m.image.size);
-    let sources = plan(new, &have, resuming.then_some(&out), &disk)?;
+    let sources = plan(new, &have, resuming.then_some((&out, &disk as &dyn Fn(io::Error) -> DeltaError)))?;
 
     // 1. Fetch what no local image has, in coalesced multi-range requests.
     let missing: Vec<usize> = (0..sources.len()).filter(|&i| sources[i] == Source::Fetch).collect();
@@ -559,7 +564,7 @@ pub fn build(
     if found != m.image.sha256 {
         return Err(DeltaError::Digest { expected: m.image.sha256, found });
     }
-    Ok((stats, Some(out)))
+    Ok((stats, out))
 }
 
 #[cfg(test)]
