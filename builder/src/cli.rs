@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use imgdeploy_common::sign::PublicKey;
+use imgdeploy_common::transport::PrivateOrigin;
 
 use crate::publish::Repo;
 use crate::publish_tree::{build, short, BuildRequest};
@@ -56,6 +57,8 @@ pub enum Command {
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        origin: OriginArgs,
     },
     /// Show what a manifest or an image file says (does not check signatures).
     Inspect {
@@ -95,6 +98,8 @@ pub enum Command {
         /// Print the summary as JSON.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        origin: OriginArgs,
     },
     /// Re-sign a channel's manifest with a staged-rollout percentage (same image, new serial; 0 pauses).
     Rollout {
@@ -186,6 +191,34 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// What a private origin needs (for a manifest given as an https:// URL).
+#[derive(Debug, Clone, Args)]
+pub struct OriginArgs {
+    /// File of `Name: value` HTTP headers sent with every request (e.g. a bearer token); mode 0600.
+    #[arg(long, value_name = "FILE", env = "IMGBUILD_HTTP_HEADERS_FILE")]
+    pub http_headers_file: Option<PathBuf>,
+    /// PEM CA certificates that replace the built-in roots for the origin.
+    #[arg(long, value_name = "FILE", env = "IMGBUILD_TLS_CA_BUNDLE")]
+    pub tls_ca_bundle: Option<PathBuf>,
+    /// PEM client certificate chain presented to the origin (with --tls-client-key).
+    #[arg(long, value_name = "FILE", env = "IMGBUILD_TLS_CLIENT_CERT", requires = "tls_client_key")]
+    pub tls_client_cert: Option<PathBuf>,
+    /// PEM private key of --tls-client-cert; mode 0600.
+    #[arg(long, value_name = "FILE", env = "IMGBUILD_TLS_CLIENT_KEY", requires = "tls_client_cert")]
+    pub tls_client_key: Option<PathBuf>,
+}
+
+impl OriginArgs {
+    fn private_origin(self) -> PrivateOrigin {
+        PrivateOrigin {
+            headers_file: self.http_headers_file,
+            ca_bundle: self.tls_ca_bundle,
+            client_cert: self.tls_client_cert,
+            client_key: self.tls_client_key,
+        }
+    }
 }
 
 /// Arguments of `build`.
@@ -306,9 +339,9 @@ pub fn run(cli: Cli) -> Result<()> {
                 );
             }
         }
-        Command::Verify { manifest, public, json } => {
+        Command::Verify { manifest, public, json, origin } => {
             let keys = read_keys(&public)?;
-            let v = crate::verify::verify(&manifest, &keys)?;
+            let v = crate::verify::verify(&manifest, &keys, &origin.private_origin())?;
             if json {
                 print_json(&v)?;
             } else {
@@ -333,7 +366,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
-        Command::Netboot { manifest, public, kernel, modules, out, init, shell, cmdline, json } => {
+        Command::Netboot { manifest, public, kernel, modules, out, init, shell, cmdline, json, origin } => {
             let r = crate::netboot::netboot(&crate::netboot::NetbootRequest {
                 manifest,
                 keys: public,
@@ -343,6 +376,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 init,
                 shell,
                 cmdline,
+                origin: origin.private_origin(),
             })?;
             if json {
                 print_json(&r)?;

@@ -31,12 +31,13 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use imgdeploy_common::atomic::fsync_dir;
 use imgdeploy_common::digest::{HashingReader, Sha256Digest};
-use imgdeploy_common::location::{http_agent, Location};
+use imgdeploy_common::location::Location;
 use imgdeploy_common::manifest::{ImageFormat, Manifest, Timestamp};
 use imgdeploy_common::netboot::{
     member, BootPolicy, BroughtFile, BOOT_POLICY_PATH, IMAGE_PATH, MANIFEST_PATH, SIGNATURE_PATH,
 };
 use imgdeploy_common::sign::PublicKey;
+use imgdeploy_common::transport::{PrivateOrigin, Transport};
 
 use crate::cpio::CpioWriter;
 
@@ -66,6 +67,8 @@ pub struct NetbootRequest {
     pub shell: Option<PathBuf>,
     /// Extra kernel command line for `boot.ipxe`.
     pub cmdline: String,
+    /// Credentials for a private origin.
+    pub origin: PrivateOrigin,
 }
 
 /// What was written.
@@ -212,9 +215,9 @@ pub fn stripped(binary: &Path, tmpdir: &Path) -> PathBuf {
 /// Builds the netboot artifacts.
 pub fn netboot(req: &NetbootRequest) -> Result<NetbootReport> {
     let keys: Vec<PublicKey> = req.keys.iter().map(|p| PublicKey::read(p)).collect::<Result<_, _>>()?;
-    let agent = http_agent(Duration::from_secs(60), Duration::from_secs(4 * 3600));
+    let transport = Transport::new(&req.origin, Duration::from_secs(60), Duration::from_secs(4 * 3600))?;
     let loc = Location::parse(&req.manifest);
-    let signed = loc.fetch_verified_manifest(&agent, &keys, Timestamp::now())?;
+    let signed = loc.fetch_verified_manifest(&transport, &keys, Timestamp::now())?;
     let (manifest_bytes, sig, m) = (signed.bytes, signed.signature, signed.verified.manifest);
     let init = req.init.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_INIT));
     if !init.is_file() {
@@ -283,7 +286,7 @@ pub fn netboot(req: &NetbootRequest) -> Result<NetbootReport> {
         c.dir("imgdeploy", 0o755)?;
         c.file(member(MANIFEST_PATH), 0o644, manifest_bytes.len() as u64, &manifest_bytes[..])?;
         c.file(member(SIGNATURE_PATH), 0o644, sig.len() as u64, &sig[..])?;
-        let (reader, _) = img_loc.open(&agent, 0)?;
+        let (reader, _) = img_loc.open(&transport, 0)?;
         let mut h = HashingReader::new(reader.take(m.image.size + 1));
         c.file(member(IMAGE_PATH), 0o444, m.image.size, &mut h).with_context(|| format!("packing image {img_loc}"))?;
         let mut extra = [0u8; 1];

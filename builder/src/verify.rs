@@ -7,10 +7,11 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use imgdeploy_common::digest::HashingReader;
-use imgdeploy_common::location::{http_agent, Location, SignedManifest};
+use imgdeploy_common::location::{Location, SignedManifest};
 use imgdeploy_common::manifest::{Manifest, Timestamp};
 use imgdeploy_common::sign::PublicKey;
 use imgdeploy_common::squashfs::{Superblock, SUPERBLOCK_BYTES};
+use imgdeploy_common::transport::{PrivateOrigin, Transport};
 use imgdeploy_common::trust::verify_signed;
 use imgdeploy_common::SIGNATURE_BYTES;
 
@@ -27,16 +28,16 @@ pub struct Verified {
     pub superblock: Superblock,
 }
 
-/// Verifies the manifest at `source` with `keys`.
-pub fn verify(source: &str, keys: &[PublicKey]) -> Result<Verified> {
-    let agent = http_agent(Duration::from_secs(60), Duration::from_secs(4 * 3600));
+/// Verifies the manifest at `source` (reached with `origin`'s credentials) with `keys`.
+pub fn verify(source: &str, keys: &[PublicKey], origin: &PrivateOrigin) -> Result<Verified> {
+    let transport = Transport::new(origin, Duration::from_secs(60), Duration::from_secs(4 * 3600))?;
     let loc = Location::parse(source);
     let SignedManifest { verified: v, bytes, signature: sig, .. } =
-        loc.fetch_verified_manifest(&agent, keys, Timestamp::now())?;
+        loc.fetch_verified_manifest(&transport, keys, Timestamp::now())?;
     // The channel's `.sig` must match too: openssl users and frontends
     // reading a repository without `sigs/` check that one.
     let channel_sig = loc.with_suffix(".sig");
-    match channel_sig.read_bounded(&agent, SIGNATURE_BYTES as u64) {
+    match channel_sig.read_bounded(&transport, SIGNATURE_BYTES as u64) {
         Ok(s) if s != sig => {
             verify_signed(&bytes, &s, keys).with_context(|| {
                 format!("{channel_sig} (manifest {loc}); republish the channel so both signatures match")
@@ -48,7 +49,7 @@ pub fn verify(source: &str, keys: &[PublicKey]) -> Result<Verified> {
     }
     let m = v.manifest;
     let img = loc.sibling(&m.image.path);
-    let (reader, _) = img.open(&agent, 0)?;
+    let (reader, _) = img.open(&transport, 0)?;
     // Read at most one byte past the signed size, so an endless or padded body is caught.
     let mut hashing = HashingReader::new(reader.take(m.image.size + 1));
     let mut head = vec![0u8; SUPERBLOCK_BYTES];

@@ -21,11 +21,13 @@ pub mod cli;
 pub mod digest;
 pub mod location;
 pub mod manifest;
+pub mod multipart;
 pub mod netboot;
 pub mod rollout;
 pub mod sign;
 pub mod squashfs;
 pub mod text;
+pub mod transport;
 pub mod trust;
 
 /// Upper bound on a manifest's size; anything larger is refused before it is read.

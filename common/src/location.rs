@@ -4,11 +4,14 @@
 
 use crate::digest::Sha256Digest;
 use crate::manifest::{signature_path, Timestamp};
+use crate::multipart::{MultipartError, Parts};
 use crate::sign::PublicKey;
+use crate::transport::Transport;
 use crate::trust::{verify_manifest, TrustError, VerifiedManifest};
 use std::fmt;
 use std::fs::File;
-use std::io::{self, Read};
+use std::io::{self, BufReader, Read};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -24,13 +27,56 @@ pub enum FetchError {
         #[source]
         source: io::Error,
     },
-    /// The server could not be reached or the transfer broke.
-    #[error("cannot fetch {url}: {message}; check the URL and that the server is reachable")]
+    /// The server could not be reached (or its certificate was refused).
+    #[error("cannot fetch {url}: {source}; check the URL and that the server is reachable")]
     Transport {
         /// The URL.
         url: String,
         /// What went wrong.
-        message: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The transfer broke after the answer began.
+    #[error("cannot fetch {url}: transfer broke ({source}); rerun to resume")]
+    Broken {
+        /// The URL.
+        url: String,
+        /// The read error.
+        #[source]
+        source: io::Error,
+    },
+    /// The answer to a Range request is not the range asked for.
+    #[error("{url}: asked for bytes {asked} but the server answered with range `{answered}`")]
+    WrongRange {
+        /// The URL.
+        url: String,
+        /// The Range asked for.
+        asked: String,
+        /// The server's Content-Range.
+        answered: String,
+    },
+    /// The server sent the whole file to a Range request.
+    #[error("{url} ignores HTTP Range requests")]
+    RangeIgnored {
+        /// The URL.
+        url: String,
+    },
+    /// A multi-range answer could not be read.
+    #[error("{url} answered a Range request badly: {source}")]
+    Multipart {
+        /// The URL.
+        url: String,
+        /// What is wrong with the body.
+        #[source]
+        source: crate::multipart::MultipartError,
+    },
+    /// A private origin redirected (its headers must not follow).
+    #[error("{url} redirects to {to}, and requests carrying private headers follow no redirect: point `source` at the final URL")]
+    Redirect {
+        /// The URL.
+        url: String,
+        /// Where it points (as the server sent it).
+        to: String,
     },
     /// The server answered with a non-success status.
     #[error("{url} answered HTTP {status}{hint}{}", retry_after.as_ref().map(|r| format!(" (it asks to retry after {r})")).unwrap_or_default())]
@@ -159,8 +205,8 @@ impl Location {
     }
 
     /// Reads the whole resource, refusing more than `limit` bytes.
-    pub fn read_bounded(&self, agent: &ureq::Agent, limit: u64) -> Result<Vec<u8>, FetchError> {
-        let (reader, _) = self.open(agent, 0)?;
+    pub fn read_bounded(&self, t: &Transport, limit: u64) -> Result<Vec<u8>, FetchError> {
+        let (reader, _) = self.open(t, 0)?;
         let mut out = Vec::new();
         let mut limited = reader.take(limit + 1);
         limited.read_to_end(&mut out).map_err(|e| self.read_error(e))?;
@@ -175,12 +221,12 @@ impl Location {
     /// pair it with another manifest), or `<manifest>.sig` when the
     /// repository has no such file (published before it had `sigs/`).
     /// Returns `(manifest bytes, signature)`, neither verified yet.
-    pub fn read_signed_manifest(&self, agent: &ureq::Agent) -> Result<(Vec<u8>, Vec<u8>), FetchError> {
-        let bytes = self.read_bounded(agent, crate::MAX_MANIFEST_BYTES)?;
+    pub fn read_signed_manifest(&self, t: &Transport) -> Result<(Vec<u8>, Vec<u8>), FetchError> {
+        let bytes = self.read_bounded(t, crate::MAX_MANIFEST_BYTES)?;
         let by_digest = self.sibling(&signature_path(&Sha256Digest::of_bytes(&bytes)));
-        let signature = match by_digest.read_bounded(agent, crate::SIGNATURE_BYTES as u64) {
+        let signature = match by_digest.read_bounded(t, crate::SIGNATURE_BYTES as u64) {
             Ok(s) => s,
-            Err(e) if e.is_absent() => self.with_suffix(".sig").read_bounded(agent, crate::SIGNATURE_BYTES as u64)?,
+            Err(e) if e.is_absent() => self.with_suffix(".sig").read_bounded(t, crate::SIGNATURE_BYTES as u64)?,
             Err(e) => return Err(e),
         };
         Ok((bytes, signature))
@@ -191,11 +237,11 @@ impl Location {
     /// then expiry): the one way every command gets a manifest it may act on.
     pub fn fetch_verified_manifest(
         &self,
-        agent: &ureq::Agent,
+        t: &Transport,
         keys: &[PublicKey],
         now: Timestamp,
     ) -> Result<SignedManifest, ManifestFetchError> {
-        let (bytes, signature) = self.read_signed_manifest(agent)?;
+        let (bytes, signature) = self.read_signed_manifest(t)?;
         let verified = verify_manifest(&bytes, &signature, keys, now)
             .map_err(|err| ManifestFetchError::Trust { source_url: self.to_string(), err })?;
         Ok(SignedManifest { verified, bytes, signature, location: self.clone() })
@@ -204,7 +250,7 @@ impl Location {
     /// Opens the resource for streaming from byte `offset`. Returns the reader
     /// and, for HTTP, whether the server honoured the offset (206); a server
     /// that ignores Range sends the whole body from byte 0.
-    pub fn open(&self, agent: &ureq::Agent, offset: u64) -> Result<(Box<dyn Read + Send>, u64), FetchError> {
+    pub fn open(&self, t: &Transport, offset: u64) -> Result<(Box<dyn Read + Send>, u64), FetchError> {
         match self {
             Location::Path(p) => {
                 let mut f = File::open(p).map_err(|source| FetchError::Local { path: p.clone(), source })?;
@@ -213,42 +259,65 @@ impl Location {
                 Ok((Box::new(f), offset))
             }
             Location::Url(u) => {
-                let mut req = agent.get(u);
-                if offset > 0 {
-                    req = req.header("Range", &format!("bytes={offset}-"));
-                }
-                let resp = req.call().map_err(|e| FetchError::Transport { url: u.clone(), message: e.to_string() })?;
-                let status = resp.status().as_u16();
-                let start = match status {
+                let range = (offset > 0).then(|| format!("bytes={offset}-"));
+                let resp = t.get(u, range.as_deref(), None)?;
+                let start = match resp.status {
                     200 => 0,
                     206 if offset > 0 => {
                         // A 206 for some other range would splice foreign bytes into the file.
-                        let range = resp.headers().get("content-range").and_then(|v| v.to_str().ok()).unwrap_or("");
-                        match parse_content_range(range) {
+                        let answered = resp.header("content-range").unwrap_or("");
+                        match parse_content_range(answered) {
                             Some((a, _)) if a == offset => offset,
                             _ => {
-                                return Err(FetchError::Transport {
+                                return Err(FetchError::WrongRange {
                                     url: u.clone(),
-                                    message: format!(
-                                        "asked for bytes {offset}- but the server answered with range `{range}`"
-                                    ),
+                                    asked: format!("{offset}-"),
+                                    answered: crate::text::printable(answered),
                                 })
                             }
                         }
                     }
-                    _ => {
-                        let retry = resp.headers().get("retry-after").and_then(|v| v.to_str().ok()).map(|v| {
-                            // Seconds or an HTTP date; say which.
-                            if v.trim().bytes().all(|b| b.is_ascii_digit()) {
-                                format!("{} s", v.trim())
-                            } else {
-                                v.trim().chars().take(64).collect()
-                            }
-                        });
-                        return Err(status_error(u, status, retry));
+                    _ => return Err(status_error(u, t, &resp)),
+                };
+                Ok((Box::new(resp.into_reader()), start))
+            }
+        }
+    }
+
+    /// Fetches the inclusive byte `ranges` of this resource in one request
+    /// bounded by `timeout`, and returns the answer's parts to read one by
+    /// one (a server may send them in any order; a local file answers them
+    /// in the order asked).
+    pub fn read_ranges(
+        &self,
+        t: &Transport,
+        ranges: &[(u64, u64)],
+        timeout: Duration,
+    ) -> Result<RangeParts, FetchError> {
+        match self {
+            Location::Path(p) => {
+                let file = File::open(p).map_err(|source| FetchError::Local { path: p.clone(), source })?;
+                Ok(RangeParts::Local { file, ranges: ranges.iter().rev().copied().collect(), current: None })
+            }
+            Location::Url(u) => {
+                let spec: Vec<String> = ranges.iter().map(|(a, b)| format!("{a}-{b}")).collect();
+                let resp = t.get(u, Some(&format!("bytes={}", spec.join(","))), Some(timeout))?;
+                match resp.status {
+                    206 => {}
+                    200 => return Err(FetchError::RangeIgnored { url: u.clone() }),
+                    _ => return Err(status_error(u, t, &resp)),
+                }
+                let boundary = resp.header("content-type").and_then(crate::multipart::boundary).map(str::to_owned);
+                let single = resp.header("content-range").and_then(parse_content_range);
+                let body: Box<dyn io::BufRead + Send> = Box::new(BufReader::with_capacity(1 << 20, resp.into_reader()));
+                let parts = match (boundary, single) {
+                    (Some(b), _) => Parts::multipart(body, &b),
+                    (None, Some(range)) => Parts::single(body, range),
+                    (None, None) => {
+                        return Err(FetchError::Multipart { url: u.clone(), source: MultipartError::NoRange })
                     }
                 };
-                Ok((Box::new(resp.into_body().into_reader()), start))
+                Ok(RangeParts::Http { url: u.clone(), parts })
             }
         }
     }
@@ -257,9 +326,7 @@ impl Location {
     pub fn read_error(&self, e: io::Error) -> FetchError {
         match self {
             Location::Path(p) => FetchError::Local { path: p.clone(), source: e },
-            Location::Url(u) => {
-                FetchError::Transport { url: u.clone(), message: format!("transfer broke ({e}); rerun to resume") }
-            }
+            Location::Url(u) => FetchError::Broken { url: u.clone(), source: e },
         }
     }
 }
@@ -283,10 +350,28 @@ pub fn parse_content_range(v: &str) -> Option<(u64, u64)> {
     (a <= b).then_some((a, b))
 }
 
-fn status_error(url: &str, status: u16, retry_after: Option<String>) -> FetchError {
+/// The error for a non-success answer: a redirect that private headers may
+/// not follow, or the status with what to do and the server's Retry-After.
+fn status_error(url: &str, t: &Transport, resp: &crate::transport::Response) -> FetchError {
+    if (300..400).contains(&resp.status) && t.has_private_headers() {
+        let to: String = resp.header("location").unwrap_or("nowhere").chars().take(256).collect();
+        return FetchError::Redirect { url: url.to_owned(), to: crate::text::printable(&to) };
+    }
+    let retry = resp.header("retry-after").map(|v| {
+        // Seconds or an HTTP date; say which.
+        if v.trim().bytes().all(|b| b.is_ascii_digit()) {
+            format!("{} s", v.trim())
+        } else {
+            crate::text::printable(&v.trim().chars().take(64).collect::<String>())
+        }
+    });
+    status_error_of(url, resp.status, retry)
+}
+
+fn status_error_of(url: &str, status: u16, retry_after: Option<String>) -> FetchError {
     let hint = match status {
         404 => "; nothing is published there: check `source` and that the repository was uploaded",
-        401 | 403 => "; the server refuses access: check its permissions",
+        401 | 403 => "; the server refuses access: check its permissions, or the credentials a private origin needs (http_headers_file, tls_client_cert)",
         429 => "; the server is rate limiting: try again later",
         300..=399 => "; too many redirects or a redirect without a target: check `source`",
         500..=599 => "; the server failed: try again later or use another mirror",
@@ -295,21 +380,56 @@ fn status_error(url: &str, status: u16, retry_after: Option<String>) -> FetchErr
     FetchError::Status { url: url.to_owned(), status, hint, retry_after }
 }
 
-/// An HTTP agent with sane limits: 15 s to connect, `response_timeout` for
-/// the response headers, `body_timeout` for a whole body (so a server that
-/// stalls mid-body cannot hang a run forever), statuses handled by the
-/// caller, and at most 5 redirects.
-pub fn http_agent(response_timeout: Duration, body_timeout: Duration) -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .timeout_connect(Some(Duration::from_secs(15)))
-        .timeout_recv_response(Some(response_timeout))
-        .timeout_recv_body(Some(body_timeout))
-        .timeout_per_call(None)
-        .http_status_as_error(false)
-        .max_redirects(5)
-        .user_agent(concat!("imgdeploy/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .into()
+/// The parts of an answer to [`Location::read_ranges`]: call
+/// [`RangeParts::next_part`], then read exactly that part's bytes from it.
+pub enum RangeParts {
+    /// From an HTTP server.
+    Http {
+        /// Where from (for errors).
+        url: String,
+        /// The body.
+        parts: Parts<Box<dyn io::BufRead + Send>>,
+    },
+    /// From a local file.
+    Local {
+        /// The file.
+        file: File,
+        /// The ranges still to give, last first.
+        ranges: Vec<(u64, u64)>,
+        /// The part being read: (next offset, end inclusive).
+        current: Option<(u64, u64)>,
+    },
+}
+
+impl RangeParts {
+    /// The next part's inclusive byte range, or `None` after the last.
+    pub fn next_part(&mut self) -> Result<Option<(u64, u64)>, FetchError> {
+        match self {
+            RangeParts::Http { url, parts } => parts.next_part().map_err(|source| match source {
+                MultipartError::Io(source) => FetchError::Broken { url: url.clone(), source },
+                source => FetchError::Multipart { url: url.clone(), source },
+            }),
+            RangeParts::Local { ranges, current, .. } => {
+                *current = ranges.pop();
+                Ok(*current)
+            }
+        }
+    }
+}
+
+impl Read for RangeParts {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            RangeParts::Http { parts, .. } => parts.body().read(buf),
+            RangeParts::Local { file, current, .. } => {
+                let Some((at, end)) = current else { return Ok(0) };
+                let want = buf.len().min((*end + 1).saturating_sub(*at).min(usize::MAX as u64) as usize);
+                let n = file.read_at(&mut buf[..want], *at)?;
+                *at += n as u64;
+                Ok(n)
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -348,7 +468,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("m");
         std::fs::write(&p, vec![b'x'; 100]).unwrap();
-        let agent = http_agent(Duration::from_secs(1), Duration::from_secs(1));
+        let agent = Transport::public(Duration::from_secs(1), Duration::from_secs(1));
         let loc = Location::Path(p);
         assert_eq!(loc.read_bounded(&agent, 100).unwrap().len(), 100);
         assert!(matches!(loc.read_bounded(&agent, 99), Err(FetchError::TooLarge { limit: 99, .. })));
@@ -400,7 +520,7 @@ mod tests {
             Some(_) => reply("206 Partial Content", "Content-Range: bytes 0-9/10\r\n", "0123456789"),
             None => reply("200 OK", "", "0123456789"),
         });
-        let agent = http_agent(Duration::from_secs(5), Duration::from_secs(5));
+        let agent = Transport::public(Duration::from_secs(5), Duration::from_secs(5));
         let at = |path: &str| Location::Url(format!("{honours}{path}"));
         assert_eq!(read_all(at("/f").open(&agent, 0).unwrap()), ("0123456789".into(), 0));
         assert_eq!(read_all(at("/f").open(&agent, 4).unwrap()), ("456789".into(), 4));
@@ -434,7 +554,7 @@ mod tests {
             "/503" => reply("503 Service Unavailable", "Retry-After: Wed, 21 Oct 2026 07:28:00 GMT\r\n", ""),
             _ => reply("418 I'm a teapot", "", ""),
         });
-        let agent = http_agent(Duration::from_secs(5), Duration::from_secs(5));
+        let agent = Transport::public(Duration::from_secs(5), Duration::from_secs(5));
         let status = |path: &str| match Location::Url(format!("{base}{path}")).open(&agent, 0).err().unwrap() {
             FetchError::Status { status, hint, retry_after, .. } => (status, hint, retry_after),
             other => panic!("{other}"),
@@ -447,8 +567,8 @@ mod tests {
         assert_eq!((code, retry.as_deref()), (503, Some("Wed, 21 Oct 2026 07:28:00 GMT")));
         assert!(hint.contains("the server failed"));
         assert_eq!(status("/418"), (418, "", None));
-        assert!(status_error("u", 302, None).to_string().contains("redirect"));
-        let e = status_error("http://h/x", 404, Some("5 s".into())).to_string();
+        assert!(status_error_of("u", 302, None).to_string().contains("redirect"));
+        let e = status_error_of("http://h/x", 404, Some("5 s".into())).to_string();
         assert!(
             e.starts_with("http://h/x answered HTTP 404; nothing") && e.ends_with("(it asks to retry after 5 s)"),
             "{e}"
@@ -459,7 +579,7 @@ mod tests {
     fn the_signature_named_by_the_manifest_comes_first() {
         let manifest = "{\"m\": 1}\n";
         let named = format!("/r/sigs/{}.sig", Sha256Digest::of_bytes(manifest.as_bytes()));
-        let agent = http_agent(Duration::from_secs(5), Duration::from_secs(5));
+        let agent = Transport::public(Duration::from_secs(5), Duration::from_secs(5));
         let serve = |named_status: &'static str| {
             let named = named.clone();
             server(move |path, _| match path {

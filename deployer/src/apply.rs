@@ -19,8 +19,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
 use imgdeploy_common::atomic::{fsync_dir, write_atomic};
-use imgdeploy_common::location::{http_agent, Location};
+use imgdeploy_common::location::Location;
 use imgdeploy_common::manifest::Timestamp;
+use imgdeploy_common::transport::Transport;
 use serde::Serialize;
 
 use crate::config::Config;
@@ -103,7 +104,7 @@ pub struct ApplyOptions {
 }
 
 /// Computes what an update would transfer, changing nothing.
-fn dry_run(agent: &ureq::Agent, fetched: &crate::fetch::FetchedManifest, layout: &Layout) -> Result<Outcome> {
+fn dry_run(t: &Transport, fetched: &crate::fetch::FetchedManifest, layout: &Layout) -> Result<Outcome> {
     let m = &fetched.verified.manifest;
     let full = |index_bytes| Outcome::WouldUpdate {
         serial: m.serial,
@@ -115,7 +116,7 @@ fn dry_run(agent: &ureq::Agent, fetched: &crate::fetch::FetchedManifest, layout:
         index_bytes,
     };
     let Some(r) = &m.index else { return Ok(full(0)) };
-    let idx = match fetch_index(agent, &fetched.location, r, m) {
+    let idx = match fetch_index(t, &fetched.location, r, m) {
         Ok(i) => i,
         Err(e) => {
             tracing::warn!("{e}; an update would download the whole image");
@@ -208,17 +209,17 @@ pub fn apply(cfg: &Config, opts: &ApplyOptions) -> Result<Outcome> {
 fn download_into(
     cfg: &Config,
     layout: &Layout,
-    agent: &ureq::Agent,
+    t: &Transport,
     fetched: &crate::fetch::FetchedManifest,
     standby: SlotId,
 ) -> Result<(DownloadStats, File)> {
     let m = &fetched.verified.manifest;
-    let image_agent = http_agent(Duration::from_secs(60), cfg.download_timeout);
+    let image_transport = t.with_timeouts(Duration::from_secs(60), cfg.download_timeout);
     let image_loc = fetched.location.sibling(&m.image.path);
     // The chunk index is fetched whenever one is published: for this
     // delta, and stored with the slot as the seed of the next one.
     let index = match &m.index {
-        Some(r) => match fetch_index(agent, &fetched.location, r, m) {
+        Some(r) => match fetch_index(t, &fetched.location, r, m) {
             Ok(i) => Some(i),
             Err(e) => {
                 tracing::warn!("{e}; falling back to a full download");
@@ -235,12 +236,12 @@ fn download_into(
     // download_timeout bounds the image transfer as a whole: every Range
     // request of a delta, and a full download that falls back from it.
     let budget = delta::Budget::starting_now(cfg.download_timeout);
-    let mut full_agent = image_agent.clone();
+    let mut full_transport = image_transport.clone();
     if let Some(idx) = &index {
         if seeds.is_empty() {
             tracing::info!("no local image to reuse chunks from; downloading the whole image");
         } else {
-            match delta::build(&image_agent, budget, &image_loc, m, &idx.index, &seeds, layout, standby) {
+            match delta::build(&image_transport, budget, &image_loc, m, &idx.index, &seeds, layout, standby) {
                 Ok(done) => delta_done = Some(done),
                 Err(e @ delta::DeltaError::Timeout { .. }) => return Err(e.into()),
                 Err(e) => {
@@ -250,7 +251,7 @@ fn download_into(
                         let _ = std::fs::remove_file(p);
                     }
                     let left = budget.deadline.saturating_duration_since(Instant::now());
-                    full_agent = http_agent(Duration::from_secs(60).min(left), left);
+                    full_transport = t.with_timeouts(Duration::from_secs(60).min(left), left);
                 }
             }
         }
@@ -278,7 +279,7 @@ fn download_into(
                 f,
             )
         }
-        None => download_image(&full_agent, &image_loc, m, layout, standby)?,
+        None => download_image(&full_transport, &image_loc, m, layout, standby)?,
     };
     install_verified(layout, standby, fetched, index.as_ref().map(|i| i.bytes.as_slice()))?;
     tracing::info!(
@@ -362,11 +363,11 @@ fn apply_locked(cfg: &Config, opts: &ApplyOptions, layout: &Layout, state: &mut 
     warn_if_closed_to_readers(&layout.root.join("mnt"), "the mount points in");
     let keys = cfg.trusted_keys()?;
     // Manifests and indexes are small: a minute each. Images get download_timeout.
-    let agent = http_agent(Duration::from_secs(60), Duration::from_secs(60));
+    let transport = cfg.transport(Duration::from_secs(60), Duration::from_secs(60))?;
     let source = opts.source.as_deref().map(Location::parse).unwrap_or_else(|| cfg.source.clone());
 
     // 1. Manifest.
-    let fetched = fetch_manifest(&agent, &source, &keys, &cfg.channel)?;
+    let fetched = fetch_manifest(&transport, &source, &keys, &cfg.channel)?;
     let m = fetched.verified.manifest.clone();
     tracing::info!(
         "{source}: channel {} serial {} ({}), signed by {}",
@@ -407,7 +408,7 @@ fn apply_locked(cfg: &Config, opts: &ApplyOptions, layout: &Layout, state: &mut 
     // 2. Standby slot.
     let standby = active.map(SlotId::other).unwrap_or(SlotId::A);
     if opts.dry_run {
-        return dry_run(&agent, &fetched, layout);
+        return dry_run(&transport, &fetched, layout);
     }
     release_slot(layout, standby, cfg.on_drain_timeout)?;
 
@@ -434,7 +435,7 @@ fn apply_locked(cfg: &Config, opts: &ApplyOptions, layout: &Layout, state: &mut 
         }
     });
     if verified_file.is_none() {
-        let (stats, file) = download_into(cfg, layout, &agent, &fetched, standby)?;
+        let (stats, file) = download_into(cfg, layout, &transport, &fetched, standby)?;
         download = stats;
         verified_file = Some(file);
     } else {

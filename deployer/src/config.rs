@@ -11,6 +11,7 @@ use std::time::Duration;
 use imgdeploy_common::location::Location;
 use imgdeploy_common::manifest::validate_channel;
 use imgdeploy_common::sign::PublicKey;
+use imgdeploy_common::transport::{PrivateOrigin, Transport, TransportError};
 use serde::Deserialize;
 
 /// The default config file.
@@ -42,6 +43,9 @@ pub enum ConfigError {
     /// a user other than root.
     #[error(transparent)]
     Unsafe(#[from] crate::safety::UnsafeDir),
+    /// The private origin's credentials cannot be used.
+    #[error(transparent)]
+    Origin(#[from] TransportError),
     /// A value is not acceptable.
     #[error("{path}: `{key}` {message}")]
     Value {
@@ -81,6 +85,10 @@ struct RawConfig {
     metrics_file: Option<PathBuf>,
     #[serde(default = "default_download_timeout")]
     download_timeout: String,
+    http_headers_file: Option<PathBuf>,
+    tls_ca_bundle: Option<PathBuf>,
+    tls_client_cert: Option<PathBuf>,
+    tls_client_key: Option<PathBuf>,
 }
 
 fn default_state_dir() -> PathBuf {
@@ -199,6 +207,8 @@ pub struct Config {
     /// fallback full download together; a server that stalls fails the apply
     /// after this (a partial full download is kept and resumed).
     pub download_timeout: Duration,
+    /// What a private origin needs: headers on every request, a CA, a client certificate.
+    pub origin: PrivateOrigin,
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -269,6 +279,12 @@ impl Config {
             machine_id: raw.machine_id.filter(|s| !s.trim().is_empty()),
             metrics_file: raw.metrics_file.map(abs),
             download_timeout: dur("download_timeout", &raw.download_timeout)?,
+            origin: PrivateOrigin {
+                headers_file: raw.http_headers_file.map(abs),
+                ca_bundle: raw.tls_ca_bundle.map(abs),
+                client_cert: raw.tls_client_cert.map(abs),
+                client_key: raw.tls_client_key.map(abs),
+            },
         })
     }
 
@@ -284,6 +300,16 @@ impl Config {
                 "is not set and /etc/machine-id cannot be read ({e}); set machine_id to a stable, unique string"
             ),
         })
+    }
+
+    /// The HTTP client for `source` with these timeouts and the private
+    /// origin's credentials. Their files decide whom root trusts and what it
+    /// sends, so they must be root's like the config.
+    pub fn transport(&self, response_timeout: Duration, body_timeout: Duration) -> Result<Transport, ConfigError> {
+        for (what, p) in self.origin.files() {
+            crate::safety::check_trusted_file(p, what)?;
+        }
+        Ok(Transport::new(&self.origin, response_timeout, body_timeout)?)
     }
 
     /// Reads the trusted public keys.

@@ -16,14 +16,15 @@
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Read};
+use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
 use imgdeploy_common::chunk::{Chunk, ChunkHash, ChunkIndex, IndexError};
 use imgdeploy_common::digest::{Sha256Digest, StreamHasher};
-use imgdeploy_common::location::{parse_content_range, FetchError, Location};
+use imgdeploy_common::location::{FetchError, Location};
 use imgdeploy_common::manifest::{IndexRef, Manifest};
+use imgdeploy_common::transport::Transport;
 use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 use serde::Serialize;
 
@@ -32,12 +33,6 @@ use crate::state::{Layout, SlotId};
 
 /// Ranges per request; keeps the Range header well under 4 KiB.
 const RANGES_PER_REQUEST: usize = 32;
-/// Longest header line accepted inside a multipart body.
-const MAX_PART_HEADER: u64 = 4096;
-/// Header lines accepted per part (servers send two or three).
-const MAX_PART_HEADERS: usize = 16;
-/// Blank lines accepted before a part's delimiter (RFC 2046 puts one there).
-const MAX_BLANK_LINES: usize = 4;
 
 /// Why a delta could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -73,10 +68,7 @@ pub enum DeltaError {
         /// The budget for all of the delta's requests together.
         limit: std::time::Duration,
     },
-    /// The server does not honour Range requests.
-    #[error("{0} ignores HTTP Range requests")]
-    NoRange(String),
-    /// The server's answer to a Range request is unusable.
+    /// The parts of the server's answer do not match the chunks asked for.
     #[error("{url} answered a Range request badly: {what}")]
     BadRange {
         /// Where.
@@ -124,15 +116,10 @@ pub struct FetchedIndex {
 
 /// Fetches the index `r` names (relative to the manifest at `base`) and checks
 /// it against its signed size and sha256 and against the manifest's image.
-pub fn fetch_index(
-    agent: &ureq::Agent,
-    base: &Location,
-    r: &IndexRef,
-    m: &Manifest,
-) -> Result<FetchedIndex, DeltaError> {
+pub fn fetch_index(t: &Transport, base: &Location, r: &IndexRef, m: &Manifest) -> Result<FetchedIndex, DeltaError> {
     let loc = base.sibling(&r.path);
     let url = loc.to_string();
-    let bytes = loc.read_bounded(agent, r.size)?;
+    let bytes = loc.read_bounded(t, r.size)?;
     if bytes.len() as u64 != r.size {
         return Err(DeltaError::IndexDigest {
             url,
@@ -263,21 +250,6 @@ fn plan(
         .collect()
 }
 
-fn header_value(resp: &ureq::http::Response<ureq::Body>, name: &str) -> Option<String> {
-    resp.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
-}
-
-/// Reads one line (bounded) from a multipart body.
-fn read_line(r: &mut impl BufRead) -> io::Result<String> {
-    let mut line = Vec::new();
-    r.take(MAX_PART_HEADER).read_until(b'\n', &mut line)?;
-    if line.last() != Some(&b'\n') {
-        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "multipart body ended inside a header"));
-    }
-    // Server text: it may end up in an error message on a terminal.
-    Ok(imgdeploy_common::text::printable(String::from_utf8_lossy(&line).trim_end()))
-}
-
 /// Time left for the whole delta, which `download_timeout` bounds as one
 /// transfer (however many requests it takes).
 #[derive(Debug, Clone, Copy)]
@@ -303,9 +275,9 @@ impl Budget {
 /// fails unless every chunk in `ranges` arrived before the budget ran out.
 #[allow(clippy::too_many_arguments)]
 fn fetch_ranges(
-    agent: &ureq::Agent,
+    t: &Transport,
     budget: Budget,
-    url: &str,
+    image: &Location,
     new: &ChunkIndex,
     ranges: &[(usize, usize)],
     out: &File,
@@ -313,116 +285,46 @@ fn fetch_ranges(
     stats: &mut DeltaStats,
     pb: &ProgressBar,
 ) -> Result<(), DeltaError> {
+    let url = image.to_string();
     let disk = |source| DeltaError::Disk { path: path.to_owned(), source };
-    let bad = |what: String| DeltaError::BadRange { url: url.to_owned(), what };
-    let spec: Vec<String> = ranges
+    let bad = |what: String| DeltaError::BadRange { url: url.clone(), what };
+    let bytes: Vec<(u64, u64)> = ranges
         .iter()
-        .map(|&(a, b)| {
-            let (s, e) = (new.chunks[a].offset, new.chunks[b].offset + new.chunks[b].len as u64 - 1);
-            format!("{s}-{e}")
-        })
+        .map(|&(a, b)| (new.chunks[a].offset, new.chunks[b].offset + new.chunks[b].len as u64 - 1))
         .collect();
-    let out_of_time = || DeltaError::Timeout { url: url.to_owned(), limit: budget.limit };
-    let left = budget.left().ok_or_else(out_of_time)?;
-    let resp = agent
-        .get(url)
-        .config()
-        .timeout_global(Some(left))
-        .build()
-        .header("Range", &format!("bytes={}", spec.join(",")))
-        .call()
-        .map_err(|e| match budget.left() {
-            None => out_of_time(),
-            Some(_) => FetchError::Transport { url: url.to_owned(), message: e.to_string() }.into(),
-        })?;
-    stats.requests += 1;
-    match resp.status().as_u16() {
-        206 => {}
-        200 => return Err(DeltaError::NoRange(url.to_owned())),
-        s => return Err(bad(format!("HTTP {s}"))),
-    }
-    let ctype = header_value(&resp, "content-type").unwrap_or_default();
-    let single = header_value(&resp, "content-range");
-    let mut body = BufReader::with_capacity(1 << 20, resp.into_body().into_reader());
-    let transport = |e: io::Error| match budget.left() {
-        None => out_of_time(),
-        Some(_) => FetchError::Transport { url: url.to_owned(), message: format!("transfer broke: {e}") }.into(),
+    // A transport error after the budget ran out is the budget's doing.
+    let in_time = |e: FetchError| match budget.left() {
+        None => DeltaError::Timeout { url: url.clone(), limit: budget.limit },
+        Some(_) => DeltaError::Fetch(e),
     };
+    let left = budget.left().ok_or(DeltaError::Timeout { url: url.clone(), limit: budget.limit })?;
+    let mut parts = image.read_ranges(t, &bytes, left).map_err(in_time)?;
+    stats.requests += 1;
     // Chunks written by this answer: as many as it carried, not one flag per chunk of the image.
     let mut received = std::collections::HashSet::new();
     let mut buf = Vec::new();
-    let mut write_part =
-        |body: &mut dyn Read, start: u64, end: u64, stats: &mut DeltaStats| -> Result<(), DeltaError> {
-            let mut i = new.chunks.partition_point(|c: &Chunk| c.offset < start);
-            if new.chunks.get(i).map(|c| c.offset) != Some(start) {
-                return Err(bad(format!("a part starts at {start}, not at a chunk boundary")));
-            }
-            while i < new.chunks.len() && new.chunks[i].offset <= end {
-                let c = new.chunks[i];
-                if c.offset + c.len as u64 - 1 > end {
-                    return Err(bad(format!("a part ends at {end}, inside a chunk")));
-                }
-                buf.resize(c.len as usize, 0);
-                body.read_exact(&mut buf).map_err(transport)?;
-                if ChunkHash::of(&buf) != c.hash {
-                    return Err(DeltaError::Chunk { url: url.to_owned(), offset: c.offset });
-                }
-                out.write_all_at(&buf, c.offset).map_err(disk)?;
-                received.insert(i);
-                stats.downloaded += c.len as u64;
-                stats.chunks_fetched += 1;
-                pb.inc(c.len as u64);
-                i += 1;
-            }
-            Ok(())
-        };
-    if let Some(boundary) =
-        ctype.split(';').find_map(|p| p.trim().strip_prefix("boundary=")).map(|b| b.trim_matches('"').to_owned())
-    {
-        let delim = format!("--{boundary}");
-        let mut blank = 0;
-        loop {
-            let line = read_line(&mut body).map_err(transport)?;
-            if line.is_empty() {
-                blank += 1;
-                if blank > MAX_BLANK_LINES {
-                    return Err(bad(format!("more than {MAX_BLANK_LINES} blank lines between parts")));
-                }
-                continue;
-            }
-            blank = 0;
-            if line == format!("{delim}--") {
-                break;
-            }
-            if line != delim {
-                return Err(bad(format!("unexpected line in multipart body: {line:.80}")));
-            }
-            let mut range = None;
-            let mut headers = 0;
-            loop {
-                let h = read_line(&mut body).map_err(transport)?;
-                if h.is_empty() {
-                    break;
-                }
-                headers += 1;
-                if headers > MAX_PART_HEADERS {
-                    return Err(bad(format!("a part has more than {MAX_PART_HEADERS} header lines")));
-                }
-                if let Some((k, v)) = h.split_once(':') {
-                    if k.trim().eq_ignore_ascii_case("content-range") {
-                        range = parse_content_range(v);
-                    }
-                }
-            }
-            let (a, b) = range.ok_or_else(|| bad("a part has no valid Content-Range".into()))?;
-            write_part(&mut body, a, b, stats)?;
+    while let Some((start, end)) = parts.next_part().map_err(in_time)? {
+        let mut i = new.chunks.partition_point(|c: &Chunk| c.offset < start);
+        if new.chunks.get(i).map(|c| c.offset) != Some(start) {
+            return Err(bad(format!("a part starts at {start}, not at a chunk boundary")));
         }
-    } else {
-        let (a, b) = single
-            .as_deref()
-            .and_then(parse_content_range)
-            .ok_or_else(|| bad("206 without a valid Content-Range".into()))?;
-        write_part(&mut body, a, b, stats)?;
+        while i < new.chunks.len() && new.chunks[i].offset <= end {
+            let c = new.chunks[i];
+            if c.offset + c.len as u64 - 1 > end {
+                return Err(bad(format!("a part ends at {end}, inside a chunk")));
+            }
+            buf.resize(c.len as usize, 0);
+            parts.read_exact(&mut buf).map_err(|e| in_time(image.read_error(e)))?;
+            if ChunkHash::of(&buf) != c.hash {
+                return Err(DeltaError::Chunk { url: url.clone(), offset: c.offset });
+            }
+            out.write_all_at(&buf, c.offset).map_err(disk)?;
+            received.insert(i);
+            stats.downloaded += c.len as u64;
+            stats.chunks_fetched += 1;
+            pb.inc(c.len as u64);
+            i += 1;
+        }
     }
     // Parts may come in any order, but none may be missing.
     if let Some(i) = ranges.iter().flat_map(|&(a, b)| a..=b).find(|i| !received.contains(i)) {
@@ -469,7 +371,7 @@ pub fn estimate(m: &Manifest, new: &ChunkIndex, seeds: &[Seed]) -> Result<DeltaS
 /// being read again.
 #[allow(clippy::too_many_arguments)]
 pub fn build(
-    agent: &ureq::Agent,
+    t: &Transport,
     budget: Budget,
     image: &Location,
     m: &Manifest,
@@ -478,7 +380,6 @@ pub fn build(
     layout: &Layout,
     slot: SlotId,
 ) -> Result<(DeltaStats, File), DeltaError> {
-    let url = image.to_string();
     let partial = layout.partial(slot);
     let path = partial.display().to_string();
     let disk = |source| DeltaError::Disk { path: path.clone(), source };
@@ -502,7 +403,7 @@ pub fn build(
     // 1. Fetch what no local image has, in coalesced multi-range requests.
     let missing: Vec<usize> = (0..sources.len()).filter(|&i| sources[i] == Source::Fetch).collect();
     for batch in coalesce(&missing).chunks(RANGES_PER_REQUEST) {
-        fetch_ranges(agent, budget, &url, new, batch, &out, &path, &mut stats, &pb)?;
+        fetch_ranges(t, budget, image, new, batch, &out, &path, &mut stats, &pb)?;
     }
     // 2. One pass in image order: copy local chunks (verifying each), and
     //    hash the whole image exactly as it is written. The whole-image hash
@@ -545,7 +446,7 @@ pub fn build(
                         }
                     } else {
                         tracing::warn!("local copy of the chunk at offset {} is corrupt; fetching it", c.offset);
-                        fetch_ranges(agent, budget, &url, new, &[(i, i)], &out, &path, &mut stats, &pb)?;
+                        fetch_ranges(t, budget, image, new, &[(i, i)], &out, &path, &mut stats, &pb)?;
                         buf.resize(c.len as usize, 0);
                         out.read_exact_at(&mut buf, c.offset).map_err(disk)?;
                     }
@@ -575,14 +476,5 @@ mod tests {
     fn coalesces_consecutive_chunks() {
         assert_eq!(coalesce(&[1, 2, 3, 7, 9, 10]), vec![(1, 3), (7, 7), (9, 10)]);
         assert_eq!(coalesce(&[]), Vec::<(usize, usize)>::new());
-    }
-
-    #[test]
-    fn content_range() {
-        assert_eq!(parse_content_range("bytes 0-99/1000"), Some((0, 99)));
-        assert_eq!(parse_content_range(" bytes 5-5/*"), Some((5, 5)));
-        for bad in ["bytes 9-1/10", "items 0-1/2", "bytes 0-/2", "bytes x-y/z", ""] {
-            assert_eq!(parse_content_range(bad), None, "{bad}");
-        }
     }
 }

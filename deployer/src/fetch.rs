@@ -16,6 +16,7 @@ use imgdeploy_common::digest::{Sha256Digest, StreamHasher};
 use imgdeploy_common::location::{FetchError, Location, ManifestFetchError, SignedManifest};
 use imgdeploy_common::manifest::{Manifest, Timestamp};
 use imgdeploy_common::sign::PublicKey;
+use imgdeploy_common::transport::Transport;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
@@ -84,12 +85,12 @@ pub type FetchedManifest = SignedManifest;
 
 /// Fetches `<source>` and its signature (`sigs/<sha256>.sig` beside it, else `<source>.sig`), verifies them against `keys` and checks the channel.
 pub fn fetch_manifest(
-    agent: &ureq::Agent,
+    t: &Transport,
     source: &Location,
     keys: &[PublicKey],
     channel: &str,
 ) -> Result<FetchedManifest, DownloadError> {
-    let fetched = source.fetch_verified_manifest(agent, keys, Timestamp::now()).map_err(|e| match e {
+    let fetched = source.fetch_verified_manifest(t, keys, Timestamp::now()).map_err(|e| match e {
         ManifestFetchError::Fetch(e) => DownloadError::Fetch(e),
         refused => DownloadError::Manifest(refused),
     })?;
@@ -185,7 +186,7 @@ fn progress(total: u64, start: u64) -> ProgressBar {
 /// bytes are in `layout.partial(slot)`, fsynced, and that file is returned
 /// open: its sha256 covered exactly the bytes in it.
 pub fn download_image(
-    agent: &ureq::Agent,
+    t: &Transport,
     image: &Location,
     manifest: &Manifest,
     layout: &Layout,
@@ -230,7 +231,7 @@ pub fn download_image(
     let mut stats =
         DownloadStats { mode: TransferMode::Full, downloaded: 0, resumed_from: have, reused: 0, requests: 0 };
     if have < size {
-        let (reader, start) = image.open(agent, have)?;
+        let (reader, start) = image.open(t, have)?;
         stats.requests += 1;
         if start == 0 && have > 0 {
             tracing::warn!("{image} ignored the Range request; downloading the whole image again");

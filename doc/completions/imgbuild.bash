@@ -363,7 +363,7 @@ _imgbuild() {
             return 0
             ;;
         imgbuild__subcmd__netboot)
-            opts="-v -q -h --manifest --pub --kernel --modules --out --init --shell --cmdline --json --verbose --quiet --help"
+            opts="-v -q -h --manifest --pub --kernel --modules --out --init --shell --cmdline --json --http-headers-file --tls-ca-bundle --tls-client-cert --tls-client-key --verbose --quiet --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -398,6 +398,22 @@ _imgbuild() {
                     return 0
                     ;;
                 --cmdline)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --http-headers-file)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --tls-ca-bundle)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --tls-client-cert)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --tls-client-key)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -523,13 +539,29 @@ _imgbuild() {
             return 0
             ;;
         imgbuild__subcmd__verify)
-            opts="-v -q -h --pub --json --verbose --quiet --help"
+            opts="-v -q -h --pub --json --http-headers-file --tls-ca-bundle --tls-client-cert --tls-client-key --verbose --quiet --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
                 --pub)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --http-headers-file)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --tls-ca-bundle)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --tls-client-cert)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --tls-client-key)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

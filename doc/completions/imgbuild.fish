@@ -59,6 +59,10 @@ complete -c imgbuild -n "__fish_imgbuild_using_subcommand build" -s v -l verbose
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand build" -s q -l quiet -d 'Only errors on stderr'
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand build" -s h -l help -d 'Print help'
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand verify" -l pub -d 'Trusted public key (repeat for several)' -r -F
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand verify" -l http-headers-file -d 'File of `Name: value` HTTP headers sent with every request (e.g. a bearer token); mode 0600' -r -F
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand verify" -l tls-ca-bundle -d 'PEM CA certificates that replace the built-in roots for the origin' -r -F
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand verify" -l tls-client-cert -d 'PEM client certificate chain presented to the origin (with --tls-client-key)' -r -F
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand verify" -l tls-client-key -d 'PEM private key of --tls-client-cert; mode 0600' -r -F
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand verify" -l json -d 'Print the result as JSON'
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand verify" -s v -l verbose -d 'More log output (repeat for more)'
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand verify" -s q -l quiet -d 'Only errors on stderr'
@@ -75,6 +79,10 @@ complete -c imgbuild -n "__fish_imgbuild_using_subcommand netboot" -l out -d 'Ou
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand netboot" -l init -d 'A statically linked imgdeploy to run as /init (default: /usr/lib/imgdeploy/netboot-init from the imgbuild package; scripts/build-netboot-init.sh builds one)' -r -F
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand netboot" -l shell -d 'A static shell to include as /bin/sh for imgdeploy.onfail=shell (e.g. /bin/busybox)' -r -F
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand netboot" -l cmdline -d 'Extra kernel command line written into boot.ipxe' -r
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand netboot" -l http-headers-file -d 'File of `Name: value` HTTP headers sent with every request (e.g. a bearer token); mode 0600' -r -F
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand netboot" -l tls-ca-bundle -d 'PEM CA certificates that replace the built-in roots for the origin' -r -F
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand netboot" -l tls-client-cert -d 'PEM client certificate chain presented to the origin (with --tls-client-key)' -r -F
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand netboot" -l tls-client-key -d 'PEM private key of --tls-client-cert; mode 0600' -r -F
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand netboot" -l json -d 'Print the summary as JSON'
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand netboot" -s v -l verbose -d 'More log output (repeat for more)'
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand netboot" -s q -l quiet -d 'Only errors on stderr'

@@ -14,6 +14,8 @@
 //!   writes; every power cut rebuilt from the log leaves one consistent version.
 //! - `netboot`: imgbuild netboot artifacts booted in qemu (TCG) to a marker;
 //!   a tampered image is refused at boot.
+//! - `private_origin`: TLS with its own CA, a client certificate and a bearer
+//!   token; refused without each; the token reaches no one else.
 
 mod builder;
 mod delta;
@@ -23,5 +25,6 @@ mod field;
 mod fleet;
 mod netboot;
 mod powerloss;
+mod private_origin;
 mod reliability;
 mod trust;

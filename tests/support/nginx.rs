@@ -34,6 +34,17 @@ impl Nginx {
 
     /// Starts nginx with extra directives in the `http` block and in the `server` block.
     pub fn start(root: &Path, http_extra: &str, extra: &str) -> Self {
+        Self::start_listening(root, "", http_extra, extra)
+    }
+
+    /// Serves `root` over TLS (the `ssl_*` directives belong in `extra`), with
+    /// extra directives in the `http` block too; see [`Self::https_url`].
+    pub fn serve_tls(root: &Path, http_extra: &str, extra: &str) -> Self {
+        Self::start_listening(root, "ssl", http_extra, extra)
+    }
+
+    /// Starts nginx with `listen 127.0.0.1:PORT {listen}` and the extra directives.
+    fn start_listening(root: &Path, listen: &str, http_extra: &str, extra: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let access_log = dir.path().join("access.log");
@@ -46,7 +57,7 @@ impl Nginx {
                  http {{\n  log_format fmt '$request \"$http_range\" $status $body_bytes_sent';\n  access_log {log} fmt;\n\
                  client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d};\n\
                  types {{ application/json json; application/octet-stream squashfs; }}\n{http_extra}\n\
-                 server {{\n    listen 127.0.0.1:{port};\n    root {root};\n    {extra}\n  }}\n}}\n",
+                 server {{\n    listen 127.0.0.1:{port} {listen};\n    root {root};\n    {extra}\n  }}\n}}\n",
                 d = dir.path().display(),
                 log = access_log.display(),
                 root = root.display(),
@@ -74,6 +85,11 @@ impl Nginx {
     /// `http://127.0.0.1:PORT/` + `path`.
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}/{}", self.port, path.trim_start_matches('/'))
+    }
+
+    /// `https://127.0.0.1:PORT/` + `path`.
+    pub fn https_url(&self, path: &str) -> String {
+        format!("https://127.0.0.1:{}/{}", self.port, path.trim_start_matches('/'))
     }
 
     /// A directory private to this nginx (for caches).
