@@ -16,12 +16,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 srcs=("$@"); ((${#srcs[@]})) || srcs=(/usr/share /usr/lib/x86_64-linux-gnu)
 bash scripts/setup-debian.sh
-cargo build --release --locked -q -p imgdeploy-builder -p imgdeploy-deployer
-bin=$PWD/target/release
+# BENCH_PROFILE=dev (debug binaries, optimised hashing) is for smoke runs only.
+cargo build --profile "${BENCH_PROFILE:-release}" --locked -q -p imgdeploy-builder -p imgdeploy-deployer
+bin=$PWD/target/$([[ ${BENCH_PROFILE:-release} == dev ]] && echo debug || echo release)
 work=$(mktemp -d /var/tmp/imgdelta.XXXXXX)
+chmod 755 "$work"   # the directory of `link`, which imgdeploy checks
 pids=()
 cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
   for m in "$work"/state/mnt/*; do umount "$m" 2>/dev/null || true; done
   rm -rf "$work"
 }
@@ -35,15 +37,19 @@ echo "tree: ${srcs[*]}: $(du -sh --apparent-size "$work/master" | cut -f1), $(fi
 "$bin/imgbuild" -q keygen --out "$work/k" >/dev/null
 
 # nginx serving the image repository, the casync store and the zsync files.
+# Its temp paths get a directory of their own (nginx chowns them to its
+# worker user), never the work directory that holds `link`.
 port=$(free_port)
-cat > "$work/nginx.conf" <<NGINX
-daemon off; master_process off; worker_processes 1; pid $work/nginx.pid; error_log $work/nginx-error.log;
+n=$work/nginx
+mkdir "$n"
+cat > "$n/nginx.conf" <<NGINX
+daemon off; master_process off; worker_processes 1; pid $n/nginx.pid; error_log $n/error.log;
 events { worker_connections 256; }
 http { log_format f '\$request_uri \$status \$body_bytes_sent'; access_log $work/access.log f; sendfile on;
-  client_body_temp_path $work; proxy_temp_path $work; fastcgi_temp_path $work; uwsgi_temp_path $work; scgi_temp_path $work;
+  client_body_temp_path $n; proxy_temp_path $n; fastcgi_temp_path $n; uwsgi_temp_path $n; scgi_temp_path $n;
   server { listen 127.0.0.1:$port; root $work/srv; } }
 NGINX
-nginx -c "$work/nginx.conf" -p "$work" & pids+=($!)
+nginx -c "$n/nginx.conf" -p "$n" & pids+=($!)
 # rsync daemon serving the master tree.
 rport=$(free_port)
 printf 'use chroot = no\nnumeric ids = yes\n[tree]\npath = %s/master\nread only = yes\nuid = root\ngid = root\n' "$work" > "$work/rsyncd.conf"
@@ -70,7 +76,7 @@ cp "$img1" "$work/old.img"
 
 change() {
   case $1 in
-    a) f=$(find "$work/master" -type f -size -8k -size +2k | sort | sed -n '500p'); printf '# edited\n' >> "$f" ;;
+    a) f=$(find "$work/master" -type f -size -8k -size +2k | sort | sed -n '500{p;q};$p'); printf '# edited\n' >> "$f" ;;
     b) # The first directory (sorted) holding 0.8-1.4% of the bytes: "one package".
        du -B1 --apparent-size --max-depth=4 "$work/master" | sort -k2 > "$work/du.txt"
        total=$(du -s -B1 --apparent-size "$work/master" | cut -f1)
@@ -85,6 +91,7 @@ change() {
   esac
 }
 
+summary=()
 printf '\n%-4s %-22s %14s %9s %9s\n' chg tool "bytes" "vs rsync" "wall s"
 for s in a b c; do
   change "$s"
@@ -115,5 +122,7 @@ for s in a b c; do
     set -- $row
     printf '%-4s %-22s %14d %8.2fx %9.2f\n' "$s" "$1" "$2" "$(echo "$2 / $rb" | bc -l)" "$3"
   done
+  summary+=("($s) bytes $(echo "$ib / $rb" | bc -l | xargs printf '%.2f')x time $(echo "$it / $rt" | bc -l | xargs printf '%.2f')x")
   cp "$img" "$work/old.img"
 done
+echo "ratio imgdeploy/rsync: ${summary[*]}"

@@ -8,8 +8,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 src=${1:-/usr/share}
 bash scripts/setup-debian.sh
-cargo build --release --locked -q -p imgdeploy-builder -p imgdeploy-deployer
-bin=$PWD/target/release
+# BENCH_PROFILE=dev (debug binaries, optimised hashing) is for smoke runs only.
+cargo build --profile "${BENCH_PROFILE:-release}" --locked -q -p imgdeploy-builder -p imgdeploy-deployer
+bin=$PWD/target/$([[ ${BENCH_PROFILE:-release} == dev ]] && echo debug || echo release)
 work=$(mktemp -d /var/tmp/imglayout.XXXXXX)
 cleanup() { for m in "$work"/*/state/mnt/*; do umount "$m" 2>/dev/null || true; done; rm -rf "$work"; }
 trap cleanup EXIT
@@ -18,7 +19,7 @@ cp -a "$src" "$work/base"
 echo "tree: $src, $(du -sh --apparent-size "$work/base" | cut -f1), $(find "$work/base" -type f | wc -l) files" >&2
 
 # Scenarios, each applied to a fresh copy of the base tree.
-small_file=$(find "$work/base" -type f -size -8k -size +1k | sort | sed -n '1000p')
+small_file=$(find "$work/base" -type f -size -8k -size +1k | sort | sed -n '1000{p;q};$p')
 pkg_dir=$(cd "$work/base" && du -s --apparent-size -B1 */ 2>/dev/null | sort -n | awk -v total="$(du -s --apparent-size -B1 . | cut -f1)" '$1 > total/150 && $1 < total/50 {print $2; exit}')
 scenario() { # name dir
   case $1 in
@@ -27,6 +28,7 @@ scenario() { # name dir
   esac
 }
 printf '%-14s %-3s %14s %14s %8s\n' layout chg "image bytes" "delta bytes" "share"
+declare -A delta
 for layout in fragments no-fragments; do
   flag=(); [[ $layout == no-fragments ]] && flag=(--no-fragments)
   for s in a b; do
@@ -41,7 +43,10 @@ for layout in fragments no-fragments; do
     plan=$("$bin/imgdeploy" -q -c "$d/cfg.toml" apply --dry-run --json)
     dl=$(echo "$plan" | python3 -c 'import json,sys; print(json.load(sys.stdin)["download_bytes"])')
     printf '%-14s %-3s %14d %14d %7.2f%%\n' "$layout" "$s" "$size" "$dl" "$(echo "100*$dl/$size" | bc -l)"
+    delta["$layout-$s"]=$dl
     for m in "$d"/state/mnt/*; do umount "$m" 2>/dev/null || true; done
     rm -rf "$d"
   done
 done
+awk -v fa="${delta[fragments-a]}" -v fb="${delta[fragments-b]}" -v na="${delta[no-fragments-a]}" -v nb="${delta[no-fragments-b]}" 'BEGIN {
+  printf "ratio fragments/no-fragments delta bytes: (a) %.2fx  (b) %.2fx\n", fa/na, fb/nb }'

@@ -31,6 +31,9 @@ bash scripts/fuzz.sh
 # Mutation testing of the pure modules: every mutant must be caught.
 bash scripts/mutants.sh
 
+# Every benchmark once at a tiny size: it must run and print its ratio line.
+bash scripts/bench-smoke.sh
+
 # One closing line for every test run above (cargo prints one per test binary).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) s += $i } }
      END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, s }' "$log"

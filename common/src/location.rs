@@ -619,6 +619,79 @@ mod tests {
         assert!(local.read_signed_manifest(&agent).is_err());
     }
 
+    /// Every part of `ranges` of `path` on `base`, with its bytes.
+    fn parts_of(t: &Transport, loc: &Location, ranges: &[(u64, u64)]) -> Result<Vec<((u64, u64), String)>, FetchError> {
+        let mut parts = loc.read_ranges(t, ranges, Duration::from_secs(5))?;
+        let mut out = Vec::new();
+        while let Some((a, b)) = parts.next_part()? {
+            let mut buf = vec![0; (b - a + 1) as usize];
+            parts.read_exact(&mut buf).unwrap();
+            out.push(((a, b), String::from_utf8(buf).unwrap()));
+        }
+        Ok(out)
+    }
+
+    #[test]
+    fn ranges_come_as_parts_or_are_refused() {
+        let multi = "multipart/byteranges; boundary=XX";
+        let base = server(move |path, range| match (path, range) {
+            ("/multi", Some("bytes=0-1,5-6")) => reply(
+                "206 Partial Content",
+                &format!("Content-Type: {multi}\r\n"),
+                "\r\n--XX\r\nContent-Range: bytes 5-6/10\r\n\r\n56\r\n--XX\r\nContent-Range: bytes 0-1/10\r\n\r\n01\r\n--XX--\r\n",
+            ),
+            ("/single", Some("bytes=2-3")) => reply("206 Partial Content", "Content-Range: bytes 2-3/10\r\n", "23"),
+            ("/no-range", _) => reply("206 Partial Content", "", "23"),
+            ("/ignores", _) => reply("200 OK", "", "0123456789"),
+            ("/garbage", _) => reply("206 Partial Content", &format!("Content-Type: {multi}\r\n"), "garbage\r\n"),
+            ("/moved", _) => reply("302 Found", "Location: /gone\r\n", ""),
+            _ => reply("404 Not Found", "", ""),
+        });
+        let public = Transport::public(Duration::from_secs(5), Duration::from_secs(5));
+        let at = |path: &str| Location::Url(format!("{base}{path}"));
+        assert_eq!(
+            parts_of(&public, &at("/multi"), &[(0, 1), (5, 6)]).unwrap(),
+            vec![((5, 6), "56".into()), ((0, 1), "01".into())]
+        );
+        assert_eq!(parts_of(&public, &at("/single"), &[(2, 3)]).unwrap(), vec![((2, 3), "23".into())]);
+        let err = |t: &Transport, path: &str| parts_of(t, &at(path), &[(2, 3)]).unwrap_err();
+        assert!(matches!(err(&public, "/no-range"), FetchError::Multipart { source: MultipartError::NoRange, .. }));
+        assert!(matches!(err(&public, "/ignores"), FetchError::RangeIgnored { .. }));
+        let e = err(&public, "/garbage");
+        assert!(matches!(e, FetchError::Multipart { source: MultipartError::Unexpected(_), .. }), "{e}");
+        assert!(matches!(err(&public, "/404"), FetchError::Status { status: 404, .. }));
+        // A public origin's redirect is followed (here to a 404); with private
+        // headers it is refused, and other statuses stay what they are.
+        assert!(matches!(err(&public, "/moved"), FetchError::Status { status: 404, .. }));
+        let dir = tempfile::tempdir().unwrap();
+        let headers = dir.path().join("h");
+        std::fs::write(&headers, "X-Key: k\n").unwrap();
+        std::fs::set_permissions(&headers, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        let origin = crate::transport::PrivateOrigin { headers_file: Some(headers), ..Default::default() };
+        let private = Transport::new(&origin, Duration::from_secs(5), Duration::from_secs(5)).unwrap();
+        let e = err(&private, "/moved");
+        assert!(matches!(&e, FetchError::Redirect { to, .. } if to == "/gone"), "{e}");
+        assert!(matches!(err(&private, "/404"), FetchError::Status { status: 404, .. }));
+        let e = at("/moved").open(&private, 0).err().unwrap();
+        assert!(e.to_string().contains("redirects to /gone, and requests carrying private headers follow no redirect"), "{e}");
+
+        // A local file answers the ranges in the order asked.
+        let p = dir.path().join("f");
+        std::fs::write(&p, "0123456789").unwrap();
+        let local = Location::Path(p);
+        assert_eq!(
+            parts_of(&public, &local, &[(7, 9), (0, 0), (3, 4)]).unwrap(),
+            vec![((7, 9), "789".into()), ((0, 0), "0".into()), ((3, 4), "34".into())]
+        );
+        // Reading past a part gives nothing more of the file.
+        let mut parts = local.read_ranges(&public, &[(8, 9)], Duration::from_secs(1)).unwrap();
+        assert_eq!(parts.next_part().unwrap(), Some((8, 9)));
+        let mut rest = String::new();
+        parts.read_to_string(&mut rest).unwrap();
+        assert_eq!(rest, "89");
+        assert!(matches!(Location::Path(dir.path().join("nope")).read_ranges(&public, &[(0, 0)], Duration::from_secs(1)), Err(FetchError::Local { .. })));
+    }
+
     #[test]
     fn content_ranges() {
         assert_eq!(parse_content_range("bytes 4-9/10"), Some((4, 9)));

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use imgdeploy_common::digest::Sha256Digest;
 use imgdeploy_common::manifest::Manifest;
 use imgdeploy_common::sign::PublicKey;
-use imgdeploy_common::squashfs::{Superblock, SUPERBLOCK_BYTES};
+use imgdeploy_common::squashfs::{Superblock, SuperblockError, SUPERBLOCK_BYTES};
 use imgdeploy_common::trust::{verify_signed, TrustError};
 
 use anyhow::Context;
@@ -33,14 +33,15 @@ pub enum SlotError {
         source: TrustError,
     },
     /// The image does not match its manifest.
-    #[error("slot {slot}: image {path} {what}; the file was corrupted or modified on disk, run `imgdeploy apply` to reinstall it")]
+    #[error("slot {slot}: image {path} {problem}; the file was corrupted or modified on disk, run `imgdeploy apply` to reinstall it")]
     Image {
         /// The slot.
         slot: SlotId,
         /// The image.
         path: PathBuf,
         /// What is wrong.
-        what: String,
+        #[source]
+        problem: ImageCheck,
     },
     /// I/O error.
     #[error("slot {slot}: cannot read {path}: {source}")]
@@ -87,9 +88,25 @@ pub enum ImageCheck {
     /// Reading failed.
     #[error("cannot be read: {0}")]
     Io(#[from] std::io::Error),
-    /// Contents differ from the manifest.
-    #[error("{0}")]
-    Mismatch(String),
+    /// Its size is not the signed one.
+    #[error("is {found} bytes, its manifest says {expected}")]
+    Size {
+        /// Signed.
+        expected: u64,
+        /// On disk.
+        found: u64,
+    },
+    /// Its contents are not the signed ones.
+    #[error("has sha256 {found}, its manifest says {expected}")]
+    Digest {
+        /// Signed.
+        expected: Sha256Digest,
+        /// On disk.
+        found: Sha256Digest,
+    },
+    /// Its superblock is unusable or disagrees with its size.
+    #[error("is not a usable squashfs image: {0}")]
+    Superblock(#[source] SuperblockError),
 }
 
 /// Checks an open image against `manifest`: size, sha256, then the superblock.
@@ -97,20 +114,20 @@ pub enum ImageCheck {
 pub fn check_image(f: &mut File, manifest: &Manifest) -> Result<(), ImageCheck> {
     let len = f.metadata()?.len();
     if len != manifest.image.size {
-        return Err(ImageCheck::Mismatch(format!("is {len} bytes, its manifest says {}", manifest.image.size)));
+        return Err(ImageCheck::Size { expected: manifest.image.size, found: len });
     }
     f.seek(SeekFrom::Start(0))?;
     let (sha, n) = Sha256Digest::of_reader((&*f).take(len + 1))?;
-    if n != len || sha != manifest.image.sha256 {
-        return Err(ImageCheck::Mismatch(format!("has sha256 {sha}, its manifest says {}", manifest.image.sha256)));
+    if n != len {
+        return Err(ImageCheck::Size { expected: manifest.image.size, found: n });
+    }
+    if sha != manifest.image.sha256 {
+        return Err(ImageCheck::Digest { expected: manifest.image.sha256, found: sha });
     }
     f.seek(SeekFrom::Start(0))?;
     let mut head = [0u8; SUPERBLOCK_BYTES];
     f.read_exact(&mut head)?;
-    let sb =
-        Superblock::parse(&head).map_err(|e| ImageCheck::Mismatch(format!("is not a usable squashfs image: {e}")))?;
-    sb.check_size(len).map_err(|e| ImageCheck::Mismatch(e.to_string()))?;
-    Ok(())
+    Superblock::parse(&head).and_then(|sb| sb.check_size(len)).map_err(ImageCheck::Superblock)
 }
 
 /// Opens the slot's image and checks size, sha256 and superblock against
@@ -121,7 +138,7 @@ pub fn open_verified(layout: &Layout, slot: SlotId, manifest: &Manifest) -> Resu
     match check_image(&mut f, manifest) {
         Ok(()) => Ok(f),
         Err(ImageCheck::Io(source)) => Err(SlotError::Io { slot, path, source }),
-        Err(ImageCheck::Mismatch(what)) => Err(SlotError::Image { slot, path, what }),
+        Err(problem) => Err(SlotError::Image { slot, path, problem }),
     }
 }
 /// Mounts `slot` unless it is already mounted. Its image is verified first,
