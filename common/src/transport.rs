@@ -373,7 +373,11 @@ mod tests {
         let files: Vec<_> = origin.files().collect();
         assert_eq!(
             files,
-            [("HTTP headers file", Path::new("/h")), ("client certificate", Path::new("/c")), ("client key", Path::new("/k"))]
+            [
+                ("HTTP headers file", Path::new("/h")),
+                ("client certificate", Path::new("/c")),
+                ("client key", Path::new("/k"))
+            ]
         );
         assert_eq!(PrivateOrigin::default().files().count(), 0);
     }
