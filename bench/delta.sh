@@ -76,7 +76,7 @@ cp "$img1" "$work/old.img"
 
 change() {
   case $1 in
-    a) f=$(find "$work/master" -type f -size -8k -size +2k | sort | sed -n '500{p;q};$p'); printf '# edited\n' >> "$f" ;;
+    a) f=$(find "$work/master" -type f -size -8k -size +2k | sort | awk '{last=$0} NR==500 {pick=$0} END {print (pick != "" ? pick : last)}'); printf '# edited\n' >> "$f" ;;
     b) # The first directory (sorted) holding 0.8-1.4% of the bytes: "one package".
        du -B1 --apparent-size --max-depth=4 "$work/master" | sort -k2 > "$work/du.txt"
        total=$(du -s -B1 --apparent-size "$work/master" | cut -f1)

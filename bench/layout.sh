@@ -19,7 +19,7 @@ cp -a "$src" "$work/base"
 echo "tree: $src, $(du -sh --apparent-size "$work/base" | cut -f1), $(find "$work/base" -type f | wc -l) files" >&2
 
 # Scenarios, each applied to a fresh copy of the base tree.
-small_file=$(find "$work/base" -type f -size -8k -size +1k | sort | sed -n '1000{p;q};$p')
+small_file=$(find "$work/base" -type f -size -8k -size +1k | sort | awk '{last=$0} NR==1000 {pick=$0} END {print (pick != "" ? pick : last)}')
 pkg_dir=$(cd "$work/base" && du -s --apparent-size -B1 */ 2>/dev/null | sort -n | awk -v total="$(du -s --apparent-size -B1 . | cut -f1)" '$1 > total/150 && $1 < total/50 {print $2; exit}')
 scenario() { # name dir
   case $1 in
