@@ -5,8 +5,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Each stage says when it starts, so a slow CI run shows where its time went.
+stage() { echo "== $1 (at $SECONDS s)" >&2; }
+stage "setup"
 bash scripts/setup-debian.sh
 
+stage "fmt, build, clippy"
 cargo fmt --all -- --check
 cargo build --workspace --locked
 cargo clippy --workspace --all-targets --locked -- -D warnings
@@ -20,19 +24,24 @@ ns=()
 if [[ $(id -u) -eq 0 ]] && unshare --mount --propagation private true 2>/dev/null; then
   ns=(unshare --mount --propagation private)
 fi
+stage "unit and end-to-end tests"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 "${ns[@]}" cargo test --workspace --locked -- --test-threads="${TEST_THREADS:-2}" 2>&1 | tee "$log"
 
 # Fuzz the parsers of untrusted input (manifest, keys and signatures, config
 # and state, chunk index) for FUZZ_SECONDS each (60 by default).
+stage "fuzzing"
 bash scripts/fuzz.sh
 
 # Mutation testing of the pure modules: every mutant must be caught.
+stage "cargo-mutants"
 bash scripts/mutants.sh
 
 # Every benchmark once at a tiny size: it must run and print its ratio line.
+stage "benchmarks at a tiny size"
 bash scripts/bench-smoke.sh
+stage "done"
 
 # One closing line for every test run above (cargo prints one per test binary).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) s += $i } }
