@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # cargo-mutants on the pure modules: the manifest, signatures and trust,
 # chunk indexes, sources (local and HTTP, against a local test server), the
-# multipart parser, the transport's credential files, and
+# multipart parser, the transport's credential files, the one-line error
+# report, and
 # rollout waves in common, and the deployer's update decision. Every mutant
 # must be caught by the unit tests (cargo-mutants exits non-zero otherwise).
 # Cheap enough for CI: the mutants build incrementally and run only the
@@ -18,5 +19,5 @@ args=(--no-shuffle --jobs "${MUTANTS_JOBS:-2}" --output target/mutants)
 cargo mutants "${args[@]}" -p imgdeploy-common \
   -f common/src/manifest.rs -f common/src/sign.rs -f common/src/trust.rs \
   -f common/src/chunk.rs -f common/src/location.rs -f common/src/rollout.rs \
-  -f common/src/multipart.rs -f common/src/transport.rs
+  -f common/src/multipart.rs -f common/src/transport.rs -f common/src/report.rs
 cargo mutants "${args[@]}" -p imgdeploy-deployer -f deployer/src/decide.rs

@@ -18,6 +18,7 @@
 //! `.sig` separately cannot hand them a mismatched pair; `<channel>.json.sig`
 //! stays for `openssl pkeyutl -verify` and for older frontends.
 
+use imgdeploy_common::report::one_line;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -38,7 +39,7 @@ use imgdeploy_common::MAX_MANIFEST_BYTES;
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
     /// The repository directory cannot be used.
-    #[error("repository {path} is not writable: {source}; check the path and its permissions")]
+    #[error("repository {path} is not writable; check the path and its permissions")]
     Repo {
         /// The directory.
         path: PathBuf,
@@ -72,7 +73,7 @@ pub enum PublishError {
     /// A manifest in the repository is not signed by the key in use: the
     /// repository was changed outside imgbuild (a bucket, a mirror), so
     /// nothing in it may be signed again.
-    #[error("{path} does not verify with the signing key ({source}); the repository was changed outside imgbuild: restore it from a trusted copy (or, after a key rotation, pass `--trust OLD.pub`)")]
+    #[error("{path} does not verify with the signing key; the repository was changed outside imgbuild: restore it from a trusted copy (or, after a key rotation, pass `--trust OLD.pub`)")]
     Untrusted {
         /// The manifest.
         path: PathBuf,
@@ -213,7 +214,7 @@ fn parse_own_manifest(bytes: &[u8]) -> Result<Manifest, String> {
         return Err(format!("larger than {MAX_MANIFEST_BYTES} bytes"));
     }
     // Expired manifests are still valid for finding the serial.
-    Manifest::parse(bytes).map_err(|e| e.to_string())
+    Manifest::parse(bytes).map_err(|e| one_line(&e))
 }
 
 /// What to publish.

@@ -36,7 +36,7 @@ pub enum WalkError {
     #[error("{0} is not a directory; give the root of the tree to pack")]
     NotADirectory(PathBuf),
     /// An entry could not be examined or read.
-    #[error("cannot read {path}: {source}; fix its permissions or leave it out with --exclude")]
+    #[error("cannot read {path}; fix its permissions or leave it out with --exclude")]
     Read {
         /// The entry.
         path: PathBuf,
@@ -70,7 +70,7 @@ pub enum WalkError {
         minor: u64,
     },
     /// A bad --exclude pattern.
-    #[error("--exclude `{pattern}` is not a valid glob: {source}")]
+    #[error("--exclude `{pattern}` is not a valid glob")]
     Pattern {
         /// The pattern.
         pattern: String,

@@ -36,22 +36,9 @@ pub fn exit_code(result: anyhow::Result<()>) -> ExitCode {
     }
 }
 
-/// The error and its causes joined by `: `, leaving out a cause the text so
-/// far already quotes (our error messages embed their source so that they
-/// read well alone, and then also return it as their `source()`).
+/// The error and its causes on one line ([`crate::report::Chain`]).
 pub fn one_line(e: &anyhow::Error) -> String {
-    let mut line = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        if line.contains(&text) {
-            continue;
-        }
-        if !line.is_empty() {
-            line.push_str(": ");
-        }
-        line.push_str(&text);
-    }
-    line
+    crate::report::one_line(e.as_ref())
 }
 
 #[cfg(test)]
@@ -59,7 +46,7 @@ mod tests {
     use super::*;
 
     #[derive(Debug, thiserror::Error)]
-    #[error("cannot read {path}: {source}; pass --config")]
+    #[error("cannot read {path}; pass --config")]
     struct ReadError {
         path: &'static str,
         #[source]
@@ -67,7 +54,7 @@ mod tests {
     }
 
     #[test]
-    fn each_cause_is_printed_once() {
+    fn the_context_then_each_cause_then_the_advice() {
         let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file or directory");
         let e = anyhow::Error::new(ReadError { path: "/x.toml", source: io }).context("loading the config");
         assert_eq!(one_line(&e), "loading the config: cannot read /x.toml: No such file or directory; pass --config");

@@ -23,6 +23,7 @@ pub mod location;
 pub mod manifest;
 pub mod multipart;
 pub mod netboot;
+pub mod report;
 pub mod rollout;
 pub mod sign;
 pub mod squashfs;

@@ -28,7 +28,7 @@ pub enum FetchError {
         source: io::Error,
     },
     /// The server could not be reached (or its certificate was refused).
-    #[error("cannot fetch {url}: {source}; check the URL and that the server is reachable")]
+    #[error("cannot fetch {url}; check the URL and that the server is reachable")]
     Transport {
         /// The URL.
         url: String,
@@ -37,7 +37,7 @@ pub enum FetchError {
         source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// The transfer broke after the answer began.
-    #[error("cannot fetch {url}: transfer broke ({source}); rerun to resume")]
+    #[error("cannot fetch {url}: transfer broke; rerun to resume")]
     Broken {
         /// The URL.
         url: String,
@@ -62,7 +62,7 @@ pub enum FetchError {
         url: String,
     },
     /// A multi-range answer could not be read.
-    #[error("{url} answered a Range request badly: {source}")]
+    #[error("{url} answered a Range request badly")]
     Multipart {
         /// The URL.
         url: String,
@@ -133,7 +133,7 @@ pub enum ManifestFetchError {
     #[error(transparent)]
     Fetch(#[from] FetchError),
     /// It was refused (signature, contents or expiry).
-    #[error("manifest {source_url}: {err}")]
+    #[error("manifest {source_url}")]
     Trust {
         /// Where it came from.
         source_url: String,

@@ -24,7 +24,7 @@ pub const IMAGE_SUFFIX: &str = ImageFormat::Squashfs.suffix();
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
     /// Not JSON of the expected shape.
-    #[error("manifest is not valid: {0}")]
+    #[error("manifest is not valid")]
     Syntax(#[source] serde_json::Error),
     /// Written by a newer builder.
     #[error(

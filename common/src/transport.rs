@@ -59,7 +59,7 @@ impl PrivateOrigin {
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
     /// A file could not be read.
-    #[error("cannot read the {what} {path}: {source}")]
+    #[error("cannot read the {what} {path}")]
     Read {
         /// What the file is for.
         what: &'static str,

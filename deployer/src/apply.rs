@@ -14,6 +14,7 @@
 //! Until step 6 the active version is untouched; every failure before it
 //! unmounts what it mounted and leaves `link` where it was.
 
+use imgdeploy_common::report::Chain;
 use std::fs::File;
 use std::time::{Duration, Instant};
 
@@ -119,7 +120,7 @@ fn dry_run(t: &Transport, fetched: &crate::fetch::FetchedManifest, layout: &Layo
     let idx = match fetch_index(t, &fetched.location, r, m) {
         Ok(i) => i,
         Err(e) => {
-            tracing::warn!("{e}; an update would download the whole image");
+            tracing::warn!("{}; an update would download the whole image", Chain(&e));
             return Ok(full(0));
         }
     };
@@ -178,7 +179,7 @@ pub fn apply(cfg: &Config, opts: &ApplyOptions) -> Result<Outcome> {
             time: Timestamp::now(),
             result: ApplyResult::Failed,
             serial: None,
-            message: format!("{e:#}"),
+            message: imgdeploy_common::report::one_line(e.as_ref()),
             duration_ms: 0,
             bytes_downloaded: 0,
             bytes_reused: 0,
@@ -192,11 +193,11 @@ pub fn apply(cfg: &Config, opts: &ApplyOptions) -> Result<Outcome> {
         Some(ApplyRecord { duration_ms: started.elapsed().as_millis() as u64, bytes_reused: reused, ..record });
     // Recording the result must not mask the apply's own error.
     if let Err(e) = state.save(&layout) {
-        tracing::warn!("{e}");
+        tracing::warn!("{}", Chain(&e));
     }
     if let Some(path) = &cfg.metrics_file {
         if let Err(e) = crate::metrics::write(cfg, &layout, &state, path) {
-            tracing::warn!("cannot write metrics to {}: {e:#}", path.display());
+            tracing::warn!("cannot write metrics to {}: {}", path.display(), Chain(e.as_ref()));
         }
     }
     result
@@ -222,7 +223,7 @@ fn download_into(
         Some(r) => match fetch_index(t, &fetched.location, r, m) {
             Ok(i) => Some(i),
             Err(e) => {
-                tracing::warn!("{e}; falling back to a full download");
+                tracing::warn!("{}; falling back to a full download", Chain(&e));
                 None
             }
         },
@@ -245,7 +246,7 @@ fn download_into(
                 Ok(done) => delta_done = Some(done),
                 Err(e @ delta::DeltaError::Timeout { .. }) => return Err(e.into()),
                 Err(e) => {
-                    tracing::warn!("delta update failed: {e}; falling back to a full download");
+                    tracing::warn!("delta update failed: {}; falling back to a full download", Chain(&e));
                     for p in [layout.partial(standby), layout.partial_meta(standby)] {
                         // Absent is fine; a real problem shows up in the full download.
                         let _ = std::fs::remove_file(p);
@@ -384,7 +385,7 @@ fn apply_locked(cfg: &Config, opts: &ApplyOptions, layout: &Layout, state: &mut 
         // damaged: it decides nothing (no floor, no up-to-date), and the
         // verified manifest just fetched installs into the other slot.
         Some(Err(e @ SlotError::Manifest { .. })) => {
-            tracing::warn!("{e}; installing the published version beside it");
+            tracing::warn!("{}; installing the published version beside it", Chain(&e));
             None
         }
         Some(Err(e)) => return Err(e.into()),
@@ -418,7 +419,7 @@ fn apply_locked(cfg: &Config, opts: &ApplyOptions, layout: &Layout, state: &mut 
     let standby_inst = match installed(layout, standby, &keys) {
         Ok(i) => i,
         Err(e) => {
-            tracing::info!("{e}; the new image replaces it");
+            tracing::info!("{}; the new image replaces it", Chain(&e));
             None
         }
     };
@@ -429,7 +430,7 @@ fn apply_locked(cfg: &Config, opts: &ApplyOptions, layout: &Layout, state: &mut 
         match open_verified(layout, standby, &i.manifest) {
             Ok(f) => Some(f),
             Err(e) => {
-                tracing::warn!("{e}; downloading it again");
+                tracing::warn!("{}; downloading it again", Chain(&e));
                 None
             }
         }

@@ -27,6 +27,7 @@
 //! client in the initramfs; ship the image as the second (concatenated)
 //! initrd instead, which every PXE/iPXE boot loader can fetch over HTTP.
 
+use imgdeploy_common::report::one_line;
 use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom};
@@ -293,7 +294,7 @@ fn fail(params: &BootParams, shell: Option<&BroughtFile>) -> ! {
                     let sh = CString::new(s.path.as_str()).expect("the boot policy's paths have no NUL");
                     let _ = nix::unistd::execv(&sh, std::slice::from_ref(&sh));
                 }
-                Err(e) => eprintln!("imgdeploy: not running the shell: {e:#}"),
+                Err(e) => eprintln!("imgdeploy: not running the shell: {}", one_line(e.as_ref())),
             },
             None => eprintln!("imgdeploy: no shell: the initrd was built without imgbuild netboot --shell"),
         }
@@ -325,10 +326,10 @@ pub fn boot_main() -> ! {
     let policy = mount_basics().and_then(|()| read_policy());
     let result = match &policy {
         Ok(policy) => prepare(&params, policy).and_then(|init| switch_root(&init).map(|_| ())),
-        Err(e) => Err(anyhow::anyhow!("{e:#}")),
+        Err(e) => Err(anyhow::anyhow!("{}", one_line(e.as_ref()))),
     };
     if let Err(e) = result {
-        eprintln!("imgdeploy: REFUSING TO BOOT: {e:#}");
+        eprintln!("imgdeploy: REFUSING TO BOOT: {}", one_line(e.as_ref()));
     }
     fail(&params, policy.as_ref().ok().and_then(|p| p.shell.as_ref()))
 }

@@ -21,7 +21,7 @@ pub const DEFAULT_CONFIG: &str = "/etc/imgdeploy/imgdeploy.toml";
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("cannot read config file {path}: {source}; pass --config or set IMGDEPLOY_CONFIG")]
+    #[error("cannot read config file {path}; pass --config or set IMGDEPLOY_CONFIG")]
     Read {
         /// The file.
         path: PathBuf,

@@ -49,7 +49,7 @@ pub enum DeltaError {
         what: String,
     },
     /// The index does not parse or does not describe this image.
-    #[error("chunk index {url} is invalid: {err}")]
+    #[error("chunk index {url} is invalid")]
     Index {
         /// Where.
         url: String,
@@ -95,7 +95,7 @@ pub enum DeltaError {
         found: Sha256Digest,
     },
     /// Local I/O.
-    #[error("cannot write the delta image {path}: {source}; free space in state_dir and rerun")]
+    #[error("cannot write the delta image {path}; free space in state_dir and rerun")]
     Disk {
         /// The file.
         path: String,

@@ -163,7 +163,7 @@ pub enum DrainError {
     #[error(transparent)]
     Mount(#[from] MountError),
     /// The mount point could not be examined.
-    #[error("cannot examine {path}: {source}")]
+    #[error("cannot examine {path}")]
     Stat {
         /// The mount point.
         path: PathBuf,

@@ -70,7 +70,7 @@ pub enum DownloadError {
         found: Sha256Digest,
     },
     /// Local disk error (full disk, permissions).
-    #[error("cannot write {path}: {source}; free space in state_dir and rerun (the download resumes)")]
+    #[error("cannot write {path}; free space in state_dir and rerun (the download resumes)")]
     Disk {
         /// The file.
         path: String,

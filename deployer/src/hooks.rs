@@ -16,7 +16,7 @@ use imgdeploy_common::manifest::Manifest;
 #[derive(Debug, thiserror::Error)]
 pub enum HookError {
     /// The hook program could be changed by a user other than root.
-    #[error("refusing to run {name}: {source}")]
+    #[error("refusing to run {name}")]
     Unsafe {
         /// health_check or post_switch.
         name: &'static str,
@@ -25,7 +25,7 @@ pub enum HookError {
         source: crate::safety::UnsafeDir,
     },
     /// The shell could not be started.
-    #[error("cannot run {name} `{command}`: {source}")]
+    #[error("cannot run {name} `{command}`")]
     Spawn {
         /// health_check or post_switch.
         name: &'static str,

@@ -26,7 +26,7 @@ pub enum LockError {
         holder: String,
     },
     /// The lock file could not be opened.
-    #[error("cannot open lock file in {dir}: {source}")]
+    #[error("cannot open lock file in {dir}")]
     Io {
         /// The state directory.
         dir: String,

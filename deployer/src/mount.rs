@@ -4,6 +4,7 @@
 //! guessing from directory contents, and a mounted slot's device number is
 //! what [`crate::drain`] looks for in other processes.
 
+use imgdeploy_common::report::Chain;
 use std::fs::File;
 use std::io;
 use std::os::unix::ffi::OsStringExt;
@@ -20,7 +21,7 @@ use crate::loopdev;
 #[derive(Debug, thiserror::Error)]
 pub enum MountError {
     /// Setting up the loop device failed.
-    #[error("cannot set up a loop device for {image}: {source}; run `modprobe loop` (the imgdeploy package loads it at boot through /usr/lib/modules-load.d/imgdeploy.conf)")]
+    #[error("cannot set up a loop device for {image}; run `modprobe loop` (the imgdeploy package loads it at boot through /usr/lib/modules-load.d/imgdeploy.conf)")]
     Loop {
         /// The image.
         image: PathBuf,
@@ -29,7 +30,7 @@ pub enum MountError {
         source: io::Error,
     },
     /// mount(2) failed.
-    #[error("the kernel refused to mount {image} at {target}: {source}; check that squashfs with zstd is available (`modprobe squashfs`)")]
+    #[error("the kernel refused to mount {image} at {target}; check that squashfs with zstd is available (`modprobe squashfs`)")]
     Mount {
         /// The image.
         image: PathBuf,
@@ -40,7 +41,7 @@ pub enum MountError {
         source: nix::Error,
     },
     /// umount(2) failed.
-    #[error("cannot unmount {target}: {source}")]
+    #[error("cannot unmount {target}")]
     Unmount {
         /// The mount point.
         target: PathBuf,
@@ -49,7 +50,7 @@ pub enum MountError {
         source: nix::Error,
     },
     /// Reading the mount table failed.
-    #[error("cannot read /proc/self/mountinfo: {0}")]
+    #[error("cannot read /proc/self/mountinfo")]
     Table(#[source] io::Error),
 }
 
@@ -129,7 +130,7 @@ impl Drop for MountGuard {
         if self.armed {
             // Already unwinding from the real error: this one is only logged.
             if let Err(e) = unmount(&self.target) {
-                tracing::warn!("{e}");
+                tracing::warn!("{}", Chain(&e));
             }
         }
     }

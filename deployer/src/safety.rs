@@ -10,7 +10,7 @@ use std::path::Path;
 #[derive(Debug, thiserror::Error)]
 pub enum UnsafeDir {
     /// It cannot be examined (only a missing directory is fine: it is created safely).
-    #[error("cannot examine {what} {path}: {source}; fix its permissions or point the config elsewhere")]
+    #[error("cannot examine {what} {path}; fix its permissions or point the config elsewhere")]
     Unreadable {
         /// state_dir or link directory.
         what: &'static str,

@@ -24,7 +24,7 @@ use crate::state::{Layout, SlotId};
 #[derive(Debug, thiserror::Error)]
 pub enum SlotError {
     /// The stored manifest no longer verifies.
-    #[error("slot {slot}: its stored manifest does not verify ({source}); run `imgdeploy apply` to reinstall it")]
+    #[error("slot {slot}: its stored manifest does not verify; run `imgdeploy apply` to reinstall it")]
     Manifest {
         /// The slot.
         slot: SlotId,
@@ -33,7 +33,7 @@ pub enum SlotError {
         source: TrustError,
     },
     /// The image does not match its manifest.
-    #[error("slot {slot}: image {path} {problem}; the file was corrupted or modified on disk, run `imgdeploy apply` to reinstall it")]
+    #[error("slot {slot}: image {path} is not the signed image; the file was corrupted or modified on disk, run `imgdeploy apply` to reinstall it")]
     Image {
         /// The slot.
         slot: SlotId,
@@ -44,7 +44,7 @@ pub enum SlotError {
         problem: ImageCheck,
     },
     /// I/O error.
-    #[error("slot {slot}: cannot read {path}: {source}")]
+    #[error("slot {slot}: cannot read {path}")]
     Io {
         /// The slot.
         slot: SlotId,
@@ -86,7 +86,7 @@ pub fn installed(layout: &Layout, slot: SlotId, keys: &[PublicKey]) -> Result<Op
 #[derive(Debug, thiserror::Error)]
 pub enum ImageCheck {
     /// Reading failed.
-    #[error("cannot be read: {0}")]
+    #[error("cannot be read")]
     Io(#[from] std::io::Error),
     /// Its size is not the signed one.
     #[error("is {found} bytes, its manifest says {expected}")]
@@ -105,7 +105,7 @@ pub enum ImageCheck {
         found: Sha256Digest,
     },
     /// Its superblock is unusable or disagrees with its size.
-    #[error("is not a usable squashfs image: {0}")]
+    #[error("is not a usable squashfs image")]
     Superblock(#[source] SuperblockError),
 }
 

@@ -268,7 +268,7 @@ pub enum StateError {
         why: String,
     },
     /// I/O error.
-    #[error("cannot access state file {path}: {source}")]
+    #[error("cannot access state file {path}")]
     Io {
         /// The file.
         path: PathBuf,

@@ -20,7 +20,7 @@ pub enum SwitchError {
     #[error("{0} exists and is not a symlink; move it away so imgdeploy can manage it (e.g. `mv {0} {0}.orig`)")]
     NotASymlink(PathBuf),
     /// The filesystem refused, or the link's directory is unsafe.
-    #[error("cannot repoint {link}: {source}")]
+    #[error("cannot repoint {link}")]
     Io {
         /// The link.
         link: PathBuf,

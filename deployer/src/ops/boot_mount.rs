@@ -4,6 +4,7 @@
 
 use anyhow::{bail, Result};
 use imgdeploy_common::manifest::Timestamp;
+use imgdeploy_common::report::one_line;
 use imgdeploy_common::sign::PublicKey;
 
 use crate::config::Config;
@@ -63,7 +64,7 @@ pub fn mount_active(cfg: &Config) -> Result<BootMount> {
             if let Some(path) = &cfg.metrics_file {
                 // The boot's outcome is already recorded in the state file; a metrics failure must not mask it.
                 if let Err(e) = crate::metrics::write(cfg, &layout, state, path) {
-                    tracing::warn!("cannot write metrics to {}: {e:#}", path.display());
+                    tracing::warn!("cannot write metrics to {}: {}", path.display(), one_line(e.as_ref()));
                 }
             }
             anyhow::Ok(())

@@ -3,6 +3,7 @@
 //! not reinstall it.
 
 use anyhow::{bail, Result};
+use imgdeploy_common::report::Chain;
 
 use crate::config::Config;
 use crate::drain::{drain_slot, Retired};
@@ -38,7 +39,7 @@ pub fn rollback(cfg: &Config) -> Result<(SlotId, u64, Retired)> {
     let from = match installed(&layout, active, &keys) {
         Ok(i) => i.map(|i| i.manifest.serial),
         Err(e) => {
-            tracing::warn!("{e}; the next apply may install the published version again");
+            tracing::warn!("{}; the next apply may install the published version again", Chain(&e));
             None
         }
     };

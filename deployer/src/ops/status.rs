@@ -2,6 +2,7 @@
 //! last apply and boot did, and which processes still use an old version.
 //! Everything is read from `link`, the slots and the mount table.
 
+use imgdeploy_common::report::one_line;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
@@ -113,7 +114,7 @@ fn slot_status(layout: &Layout, slot: SlotId, keys: &[PublicKey]) -> SlotStatus 
             st.expires = Some(m.expires.to_string());
         }
         Ok(None) => {}
-        Err(e) => st.error = Some(e.to_string()),
+        Err(e) => st.error = Some(one_line(&e)),
     }
     let target = layout.mount_point(slot);
     if let Ok(Some(m)) = mounted_at(&target) {
@@ -131,15 +132,15 @@ pub fn status(cfg: &Config) -> Result<Status> {
     let keys = cfg.trusted_keys()?;
     let mut errors = Vec::new();
     let state = State::load(&layout).unwrap_or_else(|e| {
-        errors.push(e.to_string());
+        errors.push(one_line(&e));
         State::default()
     });
     let link_target = current_target(&cfg.link).unwrap_or_else(|e| {
-        errors.push(e.to_string());
+        errors.push(one_line(&e));
         None
     });
     let active = active_slot(cfg, &layout).unwrap_or_else(|e| {
-        errors.push(format!("{e:#}"));
+        errors.push(one_line(e.as_ref()));
         None
     });
     let (a, s) = match active {

@@ -1,6 +1,7 @@
 //! `imgdeploy verify`: re-hash both slots against their signed manifests.
 
 use anyhow::Result;
+use imgdeploy_common::report::one_line;
 use serde::Serialize;
 
 use crate::config::Config;
@@ -63,10 +64,10 @@ pub fn verify(cfg: &Config) -> Result<Vec<SlotCheck>> {
                     ),
                 },
                 Err(e) => {
-                    SlotCheck { slot, result: SlotHealth::Bad, serial: Some(i.manifest.serial), message: e.to_string() }
+                    SlotCheck { slot, result: SlotHealth::Bad, serial: Some(i.manifest.serial), message: one_line(&e) }
                 }
             },
-            Err(e) => SlotCheck { slot, result: SlotHealth::Bad, serial: None, message: e.to_string() },
+            Err(e) => SlotCheck { slot, result: SlotHealth::Bad, serial: None, message: one_line(&e) },
         })
         .collect())
 }
