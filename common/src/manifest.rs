@@ -135,6 +135,32 @@ impl ImageFormat {
             ImageFormat::Squashfs => "squashfs",
         }
     }
+
+    /// Checks that `image` (of `len` bytes) starts with a header of this
+    /// format that the kernel can mount and that fits in the file.
+    pub fn check_header(self, image: &std::fs::File, len: u64) -> Result<(), HeaderError> {
+        use std::os::unix::fs::FileExt;
+        match self {
+            ImageFormat::Squashfs => {
+                let mut head = [0u8; crate::squashfs::SUPERBLOCK_BYTES];
+                image.read_exact_at(&mut head, 0).map_err(HeaderError::Read)?;
+                crate::squashfs::Superblock::parse(&head)
+                    .and_then(|sb| sb.check_size(len))
+                    .map_err(HeaderError::Squashfs)
+            }
+        }
+    }
+}
+
+/// Why an image's header is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum HeaderError {
+    /// It could not be read.
+    #[error("its header cannot be read")]
+    Read(#[source] std::io::Error),
+    /// The squashfs superblock is invalid or claims more than the file holds.
+    #[error("is not a usable squashfs image")]
+    Squashfs(#[source] crate::squashfs::SuperblockError),
 }
 
 impl std::fmt::Display for ImageFormat {

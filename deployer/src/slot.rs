@@ -5,13 +5,11 @@
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
 use imgdeploy_common::digest::Sha256Digest;
-use imgdeploy_common::manifest::Manifest;
+use imgdeploy_common::manifest::{HeaderError, Manifest};
 use imgdeploy_common::sign::PublicKey;
-use imgdeploy_common::squashfs::{Superblock, SuperblockError, SUPERBLOCK_BYTES};
 use imgdeploy_common::trust::{verify_signed, TrustError};
 
 use anyhow::Context;
@@ -104,9 +102,9 @@ pub enum ImageCheck {
         /// On disk.
         found: Sha256Digest,
     },
-    /// Its superblock is unusable or disagrees with its size.
-    #[error("is not a usable squashfs image")]
-    Superblock(#[source] SuperblockError),
+    /// Its header is unusable or disagrees with its size.
+    #[error(transparent)]
+    Header(HeaderError),
 }
 
 /// Checks an open image against `manifest`: size, sha256, then the superblock.
@@ -124,10 +122,7 @@ pub fn check_image(f: &mut File, manifest: &Manifest) -> Result<(), ImageCheck> 
     if sha != manifest.image.sha256 {
         return Err(ImageCheck::Digest { expected: manifest.image.sha256, found: sha });
     }
-    f.seek(SeekFrom::Start(0))?;
-    let mut head = [0u8; SUPERBLOCK_BYTES];
-    f.read_exact(&mut head)?;
-    Superblock::parse(&head).and_then(|sb| sb.check_size(len)).map_err(ImageCheck::Superblock)
+    manifest.image.format.check_header(f, len).map_err(ImageCheck::Header)
 }
 
 /// Opens the slot's image and checks size, sha256 and superblock against
@@ -152,11 +147,11 @@ pub fn ensure_mounted(cfg: &Config, layout: &Layout, inst: &Installed, verified:
     }
     let file = match verified {
         Some(f) => {
-            let mut head = [0u8; SUPERBLOCK_BYTES];
-            f.read_exact_at(&mut head, 0)?;
-            Superblock::parse(&head)
-                .and_then(|sb| sb.check_size(inst.manifest.image.size))
-                .with_context(|| format!("slot {}: image is not a usable squashfs image", inst.slot))?;
+            inst.manifest
+                .image
+                .format
+                .check_header(&f, inst.manifest.image.size)
+                .with_context(|| format!("slot {}: image {}", inst.slot, layout.image(inst.slot).display()))?;
             f
         }
         None => open_verified(layout, inst.slot, &inst.manifest)?,
