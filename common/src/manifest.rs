@@ -340,6 +340,21 @@ impl Manifest {
 pub(crate) mod tests {
     use super::*;
 
+    #[test]
+    fn the_header_check_refuses_what_the_kernel_could_not_mount() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |bytes: &[u8]| {
+            let p = dir.path().join("img");
+            std::fs::write(&p, bytes).unwrap();
+            std::fs::File::open(&p).unwrap()
+        };
+        let check = |bytes: &[u8]| ImageFormat::Squashfs.check_header(&file(bytes), bytes.len() as u64);
+        assert!(matches!(check(b"hsqs"), Err(HeaderError::Read(_))));
+        let e = check(&[0u8; 4096]).unwrap_err();
+        assert!(matches!(e, HeaderError::Squashfs(crate::squashfs::SuperblockError::Magic(0))), "{e:?}");
+        assert_eq!(e.to_string(), "is not a usable squashfs image");
+    }
+
     /// What each format means to the kernel and on disk, and its JSON name.
     #[test]
     fn image_formats() {
