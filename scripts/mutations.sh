@@ -102,9 +102,19 @@ mutation 'hook-failure-ignored' \
   'deployer::privileged_hooks_gate_and_follow_the_switch'
 mutation 'netboot-any-key' \
   'boot mode trusts keys an earlier archive added' \
-  'deployer/src/boot.rs' \
+  'deployer/src/boot/mod.rs' \
   's/let keys = trusted_keys\(policy\)\?;/let mut keys = trusted_keys(policy)?;\n    for e in fs::read_dir(\"\/etc\/imgdeploy\/keys\").into_iter().flatten().flatten() { if let Ok(k) = PublicKey::read(\&e.path()) { keys.push(k); } }/' \
   'netboot::privileged_netboot_boots_only_what_the_trusted_initrd_allows'
+mutation 'netboot-net-image-unchecked' \
+  'network mode boots a downloaded image without its sha256' \
+  'deployer/src/boot/download.rs' \
+  's/if let Err\(e\) = check_image\(&mut file, &m\) \{/if let Some(e) = check_image(\&mut file, \&m).err().filter(|_| false) {/' \
+  'netboot::privileged_netboot_network_mode_boots_the_channels_current_image'
+mutation 'netboot-net-any-signature' \
+  'network mode boots a manifest whatever its signature' \
+  'deployer/src/boot/download.rs' \
+  's/let v = verify_signed\(&bytes, &sig, keys\)/let v = verify_signed(\&bytes, \&sig, keys).or_else(|_| Manifest::parse(\&bytes).map(|manifest| imgdeploy_common::trust::VerifiedManifest { manifest, key_id: "unchecked".into() }).map_err(imgdeploy_common::trust::TrustError::from))/' \
+  'netboot::privileged_netboot_network_mode_boots_the_channels_current_image'
 
 selected=("$@")
 want() {

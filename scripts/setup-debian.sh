@@ -18,7 +18,7 @@ packages=(
   cpio binutils                 # initramfs checks; objcopy strips /init for netboot
   linux-image-amd64             # a real kernel and modules for the netboot qemu test
   qemu-system-x86               # boots the netboot artifacts (TCG)
-  busybox-static                # /sbin/init of the image the netboot test boots
+  busybox-static                # /sbin/init of the netboot test image; udhcpc and ip for network mode
   mmdebstrap gpg e2fsprogs kmod # the Debian frontend VM of the field test (root fs, ext4 image, depmod)
   dpkg-dev                      # dpkg-shlibdeps: Depends of the .debs built by scripts/package-deb.sh
 )

@@ -70,9 +70,22 @@ pub enum Command {
     },
     /// Build PXE/iPXE artifacts that boot a machine from the image in RAM.
     Netboot {
-        /// The channel manifest (path or http(s) URL); verified before use.
-        #[arg(long)]
-        manifest: String,
+        /// The channel manifest (path or http(s) URL); verified before use. Its channel and serial are bound
+        /// into the initrd. Default with --channel-url: the first channel URL.
+        #[arg(long, required_unless_present = "channel_url")]
+        manifest: Option<String>,
+        /// Network mode: /init fetches the channel's current manifest and image from this URL at boot (repeat
+        /// for mirrors, tried in order; imgdeploy.url= on the kernel command line replaces them). No image.cpio
+        /// is written.
+        #[arg(long = "channel-url", value_name = "URL")]
+        channel_url: Vec<String>,
+        /// Network mode: a statically linked busybox for udhcpc and ip (default /bin/busybox, from busybox-static).
+        #[arg(long, requires = "channel_url")]
+        busybox: Option<PathBuf>,
+        /// Network mode: more network driver modules to include, beyond virtio_net, e1000, e1000e, igb, ixgbe
+        /// and mlx5_core (repeatable or comma-separated).
+        #[arg(long = "net-modules", value_name = "NAME", value_delimiter = ',', requires = "channel_url")]
+        net_modules: Vec<String>,
         /// Trusted public key, checked now and embedded for boot-time checks (repeatable).
         #[arg(long = "pub", value_name = "PREFIX.pub", required = true)]
         public: Vec<PathBuf>,
@@ -366,9 +379,28 @@ pub fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
-        Command::Netboot { manifest, public, kernel, modules, out, init, shell, cmdline, json, origin } => {
+        Command::Netboot {
+            manifest,
+            channel_url,
+            busybox,
+            net_modules,
+            public,
+            kernel,
+            modules,
+            out,
+            init,
+            shell,
+            cmdline,
+            json,
+            origin,
+        } => {
+            let manifest =
+                manifest.or_else(|| channel_url.first().cloned()).context("--manifest or --channel-url is required")?;
             let r = crate::netboot::netboot(&crate::netboot::NetbootRequest {
                 manifest,
+                channel_urls: channel_url,
+                busybox,
+                net_modules,
                 keys: public,
                 kernel,
                 modules,
@@ -384,11 +416,13 @@ pub fn run(cli: Cli) -> Result<()> {
                 for (name, size) in &r.files {
                     println!("{} ({size} bytes)", r.out.join(name).display());
                 }
+                let boots = match r.policy.network.as_ref() {
+                    Some(n) => format!("the channel's current image from {}", n.urls.join(" ")),
+                    None => format!("serial {} ({})", r.manifest.serial, r.manifest.version),
+                };
                 tracing::info!(
-                    "serial {} ({}); modules: {}; boot with boot.ipxe, needs at least {} MiB of RAM",
-                    r.manifest.serial,
-                    r.manifest.version,
-                    r.modules.join(" "),
+                    "boots {boots}; modules: {}; boot with boot.ipxe, needs at least {} MiB of RAM",
+                    r.modules.iter().chain(&r.net_modules).cloned().collect::<Vec<_>>().join(" "),
                     r.min_memory_mib
                 );
             }

@@ -34,7 +34,8 @@ use imgdeploy_common::digest::{HashingReader, Sha256Digest};
 use imgdeploy_common::location::Location;
 use imgdeploy_common::manifest::{ImageFormat, Manifest, Timestamp};
 use imgdeploy_common::netboot::{
-    member, BootPolicy, BroughtFile, BOOT_POLICY_PATH, IMAGE_PATH, MANIFEST_PATH, SIGNATURE_PATH,
+    member, BootPolicy, BroughtFile, NetworkPolicy, BOOT_POLICY_PATH, BUSYBOX_PATH, IMAGE_PATH, MANIFEST_PATH,
+    SIGNATURE_PATH,
 };
 use imgdeploy_common::sign::PublicKey;
 use imgdeploy_common::transport::{PrivateOrigin, Transport};
@@ -45,6 +46,12 @@ use crate::cpio::CpioWriter;
 pub fn boot_modules(format: ImageFormat) -> [&'static str; 3] {
     ["loop", format.kernel_module(), "overlay"]
 }
+/// Network drivers network mode brings when the kernel has them as modules:
+/// virtual machines' and the common server NICs'.
+pub const DEFAULT_NET_MODULES: [&str; 7] = ["virtio_pci", "virtio_net", "e1000", "e1000e", "igb", "ixgbe", "mlx5_core"];
+/// Where Debian's busybox-static installs busybox (`--busybox` overrides it).
+pub const DEFAULT_BUSYBOX: &str = "/bin/busybox";
+
 /// Where the Debian package installs the static `/init` (`--init` overrides it).
 pub const DEFAULT_INIT: &str = "/usr/lib/imgdeploy/netboot-init";
 
@@ -69,6 +76,13 @@ pub struct NetbootRequest {
     pub cmdline: String,
     /// Credentials for a private origin.
     pub origin: PrivateOrigin,
+    /// Network mode: the channel manifest URLs `/init` fetches at boot, in
+    /// order. Empty: offline mode (the image travels in `image.cpio`).
+    pub channel_urls: Vec<String>,
+    /// Network mode: a static busybox (default [`DEFAULT_BUSYBOX`]).
+    pub busybox: Option<PathBuf>,
+    /// Network mode: more network drivers, beyond [`DEFAULT_NET_MODULES`].
+    pub net_modules: Vec<String>,
 }
 
 /// What was written.
@@ -84,9 +98,23 @@ pub struct NetbootReport {
     pub policy: BootPolicy,
     /// The image's manifest.
     pub manifest: Manifest,
-    /// A floor for the machine's memory: the kernel unpacks the initramfs
-    /// while still holding it, so about twice the image plus room to run.
+    /// Network drivers included (network mode), in load order.
+    pub net_modules: Vec<String>,
+    /// A floor for the machine's memory. Offline: the kernel unpacks the
+    /// initramfs while still holding it, so about twice the image plus room
+    /// to run. Network mode: the image once, plus room to run.
     pub min_memory_mib: u64,
+}
+
+/// The network drivers for network mode: the defaults this kernel has, and
+/// every one asked for (which must exist), with their dependencies, minus
+/// what `already` loads.
+pub fn net_modules(modules_dir: &Path, extra: &[String], already: &[String]) -> Result<Vec<String>> {
+    let mut wanted: Vec<&str> =
+        DEFAULT_NET_MODULES.into_iter().filter(|m| resolve_modules(modules_dir, &[m]).is_ok()).collect();
+    wanted.extend(extra.iter().map(String::as_str));
+    let all = resolve_modules(modules_dir, &wanted)?;
+    Ok(all.into_iter().filter(|m| !already.contains(m)).collect())
 }
 
 /// Resolves `wanted` modules and their dependencies from `modules.dep`,
@@ -130,7 +158,7 @@ pub fn resolve_modules(modules_dir: &Path, wanted: &[&str]) -> Result<Vec<String
         let n = norm(w);
         if !by_name.contains_key(&n) && !builtin.contains(&n) {
             bail!(
-                "kernel module `{w}` is neither in {} nor built in; this kernel cannot loop-mount squashfs",
+                "kernel module `{w}` is neither in {} nor built in; check its name, and that --modules belongs to --kernel",
                 dep_path.display()
             );
         }
@@ -143,7 +171,8 @@ pub fn resolve_modules(modules_dir: &Path, wanted: &[&str]) -> Result<Vec<String
 pub fn shared_libraries(binary: &Path) -> Result<Vec<PathBuf>> {
     let out = Command::new("ldd").arg(binary).output().context("running ldd (package libc-bin)")?;
     let text = String::from_utf8_lossy(&out.stdout);
-    if text.contains("not a dynamic executable") || text.contains("statically linked") {
+    let said = format!("{text}{}", String::from_utf8_lossy(&out.stderr));
+    if said.contains("not a dynamic executable") || said.contains("statically linked") {
         return Ok(Vec::new());
     }
     if !out.status.success() {
@@ -230,6 +259,33 @@ pub fn netboot(req: &NetbootRequest) -> Result<NetbootReport> {
         bail!("kernel {} does not exist", req.kernel.display());
     }
     let modules = resolve_modules(&req.modules, &boot_modules(m.image.format))?;
+    let network_mode = !req.channel_urls.is_empty();
+    for u in &req.channel_urls {
+        if !(u.starts_with("http://") || u.starts_with("https://")) || u.chars().any(char::is_whitespace) {
+            bail!("--channel-url {u} is not an http:// or https:// URL");
+        }
+    }
+    let (nics, busybox) = if network_mode {
+        if req.origin.files().next().is_some() {
+            bail!(
+                "--channel-url with private-origin credentials: network mode fetches from public origins only \
+                 (an initrd is no place for a secret); serve the channel without them, or use the offline mode"
+            );
+        }
+        let bb = req.busybox.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_BUSYBOX));
+        if !bb.is_file() {
+            bail!("busybox {} does not exist; install busybox-static or pass --busybox", bb.display());
+        }
+        if !shared_libraries(&bb)?.is_empty() {
+            bail!("busybox {} is dynamically linked; use the static one (package busybox-static)", bb.display());
+        }
+        (net_modules(&req.modules, &req.net_modules, &modules)?, Some(bb))
+    } else {
+        if !req.net_modules.is_empty() || req.busybox.is_some() {
+            bail!("--net-modules and --busybox are for network mode; add --channel-url");
+        }
+        (Vec::new(), None)
+    };
     fs::create_dir_all(&req.out).with_context(|| format!("creating {}", req.out.display()))?;
     let out = fs::canonicalize(&req.out)?;
     let scratch = tempfile::tempdir_in(&out)?;
@@ -266,8 +322,30 @@ pub fn netboot(req: &NetbootRequest) -> Result<NetbootReport> {
             Some(sh) => Some(BroughtFile { path: "/bin/sh".into(), sha256: add_file(&mut c, "bin/sh", sh, 0o755)? }),
             None => None,
         };
-        let p =
-            BootPolicy { channel: m.channel.clone(), min_serial: m.serial, keys: key_pems, modules: brought, shell };
+        let network = match &busybox {
+            Some(bb) => {
+                let busybox = BroughtFile {
+                    path: BUSYBOX_PATH.into(),
+                    sha256: add_file(&mut c, member(BUSYBOX_PATH), bb, 0o755)?,
+                };
+                let mut drivers = Vec::new();
+                for rel in &nics {
+                    let path = format!("/lib/modules/{rel}");
+                    let sha256 = add_file(&mut c, member(&path), &req.modules.join(rel), 0o644)?;
+                    drivers.push(BroughtFile { path, sha256 });
+                }
+                Some(NetworkPolicy { urls: req.channel_urls.clone(), busybox, modules: drivers })
+            }
+            None => None,
+        };
+        let p = BootPolicy {
+            channel: m.channel.clone(),
+            min_serial: m.serial,
+            keys: key_pems,
+            modules: brought,
+            shell,
+            network,
+        };
         let json = serde_json::to_vec_pretty(&p)?;
         c.file(member(BOOT_POLICY_PATH), 0o644, json.len() as u64, &json[..])?;
         policy = Some(p);
@@ -279,38 +357,44 @@ pub fn netboot(req: &NetbootRequest) -> Result<NetbootReport> {
     })?;
     files.push(("initrd.img".to_owned(), initrd_len));
 
-    // 2. The image cpio, hashing the image as it is packed.
+    // 2. The image cpio, hashing the image as it is packed (offline mode only).
     let img_loc = loc.sibling(&m.image.path);
-    let image_len = write_out(&out, "image.cpio", |w| {
-        let mut c = CpioWriter::new(w);
-        c.dir("imgdeploy", 0o755)?;
-        c.file(member(MANIFEST_PATH), 0o644, manifest_bytes.len() as u64, &manifest_bytes[..])?;
-        c.file(member(SIGNATURE_PATH), 0o644, sig.len() as u64, &sig[..])?;
-        let (reader, _) = img_loc.open(&transport, 0)?;
-        let mut h = HashingReader::new(reader.take(m.image.size + 1));
-        c.file(member(IMAGE_PATH), 0o444, m.image.size, &mut h).with_context(|| format!("packing image {img_loc}"))?;
-        let mut extra = [0u8; 1];
-        if h.read(&mut extra)? != 0 {
-            bail!("image {img_loc} is longer than its manifest says");
-        }
-        let (sha, _) = h.finish();
-        if sha != m.image.sha256 {
-            bail!("image {img_loc} has sha256 {sha} but the manifest signs {}; refusing to package it", m.image.sha256);
-        }
-        c.finish()?;
-        Ok(())
-    })?;
-    files.push(("image.cpio".to_owned(), image_len));
+    if !network_mode {
+        let image_len = write_out(&out, "image.cpio", |w| {
+            let mut c = CpioWriter::new(w);
+            c.dir("imgdeploy", 0o755)?;
+            c.file(member(MANIFEST_PATH), 0o644, manifest_bytes.len() as u64, &manifest_bytes[..])?;
+            c.file(member(SIGNATURE_PATH), 0o644, sig.len() as u64, &sig[..])?;
+            let (reader, _) = img_loc.open(&transport, 0)?;
+            let mut h = HashingReader::new(reader.take(m.image.size + 1));
+            c.file(member(IMAGE_PATH), 0o444, m.image.size, &mut h)
+                .with_context(|| format!("packing image {img_loc}"))?;
+            let mut extra = [0u8; 1];
+            if h.read(&mut extra)? != 0 {
+                bail!("image {img_loc} is longer than its manifest says");
+            }
+            let (sha, _) = h.finish();
+            if sha != m.image.sha256 {
+                bail!(
+                    "image {img_loc} has sha256 {sha} but the manifest signs {}; refusing to package it",
+                    m.image.sha256
+                );
+            }
+            c.finish()?;
+            Ok(())
+        })?;
+        files.push(("image.cpio".to_owned(), image_len));
 
-    // 3. Both in one file: the uncompressed archive first, as with early
-    //    microcode, so the kernel never has to find an archive after a compressed stream.
-    let combined_len = write_out(&out, "initrd-combined.img", |w| {
-        for part in ["image.cpio", "initrd.img"] {
-            io::copy(&mut File::open(out.join(part))?, w)?;
-        }
-        Ok(())
-    })?;
-    files.push(("initrd-combined.img".to_owned(), combined_len));
+        // 3. Both in one file: the uncompressed archive first, as with early
+        //    microcode, so the kernel never has to find an archive after a compressed stream.
+        let combined_len = write_out(&out, "initrd-combined.img", |w| {
+            for part in ["image.cpio", "initrd.img"] {
+                io::copy(&mut File::open(out.join(part))?, w)?;
+            }
+            Ok(())
+        })?;
+        files.push(("initrd-combined.img".to_owned(), combined_len));
+    }
 
     let kernel_len = write_out(&out, "vmlinuz", |w| {
         io::copy(&mut File::open(&req.kernel)?, w)?;
@@ -319,11 +403,22 @@ pub fn netboot(req: &NetbootRequest) -> Result<NetbootReport> {
     files.push(("vmlinuz".to_owned(), kernel_len));
 
     let cmdline = format!("console=tty0 console=ttyS0 {}", req.cmdline).trim().to_owned();
-    let ipxe = format!(
-        "#!ipxe\n# Boots channel {} serial {} ({}) from RAM. Files are fetched relative to this script's URL.\n\
-         kernel vmlinuz initrd=image.cpio initrd=initrd.img {cmdline}\ninitrd image.cpio\ninitrd initrd.img\nboot\n",
-        m.channel, m.serial, m.version
-    );
+    let ipxe = if network_mode {
+        format!(
+            "#!ipxe\n# Boots channel {}'s current image (serial {} or later) from {}, into RAM.\n\
+             # Files are fetched relative to this script's URL.\n\
+             kernel vmlinuz initrd=initrd.img {cmdline}\ninitrd initrd.img\nboot\n",
+            m.channel,
+            m.serial,
+            req.channel_urls.join(" ")
+        )
+    } else {
+        format!(
+            "#!ipxe\n# Boots channel {} serial {} ({}) from RAM. Files are fetched relative to this script's URL.\n\
+             kernel vmlinuz initrd=image.cpio initrd=initrd.img {cmdline}\ninitrd image.cpio\ninitrd initrd.img\nboot\n",
+            m.channel, m.serial, m.version
+        )
+    };
     let ipxe_len = write_out(&out, "boot.ipxe", |w| Ok(w.write_all(ipxe.as_bytes())?))?;
     files.push(("boot.ipxe".to_owned(), ipxe_len));
 
@@ -332,7 +427,8 @@ pub fn netboot(req: &NetbootRequest) -> Result<NetbootReport> {
         files,
         modules: modules.clone(),
         policy: policy.expect("the policy is written with the initrd"),
-        min_memory_mib: (2 * m.image.size + initrd_len) / (1 << 20) + 256,
+        net_modules: nics,
+        min_memory_mib: ((if network_mode { 1 } else { 2 }) * m.image.size + initrd_len) / (1 << 20) + 256,
         manifest: m,
     };
     let summary = serde_json::to_vec_pretty(&report)?;

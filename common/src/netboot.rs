@@ -36,6 +36,12 @@ pub const IMAGE_PATH: &str = "/imgdeploy/image.squashfs";
 pub fn member(path: &str) -> &str {
     path.trim_start_matches('/')
 }
+/// Network mode: where the downloaded image is kept (a tmpfs of its own,
+/// moved into the booted system with the rest of `/run`).
+pub const NET_IMAGE_DIR: &str = "/run/imgdeploy/net";
+/// Network mode: the static busybox that brings the network up (`udhcpc`, `ip`).
+pub const BUSYBOX_PATH: &str = "/bin/busybox";
+
 /// Upper bound on the policy's size; a larger file is refused unread.
 pub const MAX_BOOT_POLICY_BYTES: u64 = 1 << 20;
 
@@ -63,6 +69,25 @@ pub struct BootPolicy {
     pub modules: Vec<BroughtFile>,
     /// The rescue shell for `imgdeploy.onfail=shell`, if one was packed.
     pub shell: Option<BroughtFile>,
+    /// Network mode, if the initrd was built for it (`imgbuild netboot
+    /// --channel-url`): `/init` fetches the channel's current image instead
+    /// of booting one from an archive.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkPolicy>,
+}
+
+/// What network mode brings and where it looks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkPolicy {
+    /// The channel's manifest URLs, tried in order (mirrors).
+    /// `imgdeploy.url=` on the kernel command line replaces them.
+    pub urls: Vec<String>,
+    /// A static busybox at [`BUSYBOX_PATH`] for `udhcpc` and `ip`.
+    pub busybox: BroughtFile,
+    /// Network drivers, loaded after [`BootPolicy::modules`]; one that does
+    /// not load only warns (the machine may have another NIC).
+    pub modules: Vec<BroughtFile>,
 }
 
 impl BootPolicy {
@@ -84,11 +109,25 @@ mod tests {
             keys: vec!["-----BEGIN PUBLIC KEY-----\n...\n-----END PUBLIC KEY-----\n".into()],
             modules: vec![BroughtFile { path: "/lib/modules/loop.ko".into(), sha256: Sha256Digest::of_bytes(b"x") }],
             shell: None,
+            network: None,
         };
         let json = serde_json::to_vec(&p).unwrap();
         assert_eq!(BootPolicy::from_json(&json).unwrap(), p);
         let mut v: serde_json::Value = serde_json::from_slice(&json).unwrap();
         v["extra_keys_dir"] = "/etc/imgdeploy/keys".into();
         assert!(BootPolicy::from_json(v.to_string().as_bytes()).is_err());
+        // A policy written before network mode existed still reads.
+        v.as_object_mut().unwrap().remove("extra_keys_dir");
+        assert!(v.get("network").is_none());
+        assert_eq!(BootPolicy::from_json(v.to_string().as_bytes()).unwrap(), p);
+        let net = BootPolicy {
+            network: Some(NetworkPolicy {
+                urls: vec!["http://10.0.2.100/stable.json".into()],
+                busybox: BroughtFile { path: BUSYBOX_PATH.into(), sha256: Sha256Digest::of_bytes(b"b") },
+                modules: vec![],
+            }),
+            ..p
+        };
+        assert_eq!(BootPolicy::from_json(&serde_json::to_vec(&net).unwrap()).unwrap(), net);
     }
 }

@@ -8,7 +8,7 @@ fn main() -> std::process::ExitCode {
     // config and no command line: boot the image. Being PID 1 alone (a
     // container, `unshare -pf`) is not enough.
     if started_as_init(std::env::args_os().next().as_deref()) {
-        imgdeploy_deployer::boot::boot_main();
+        imgdeploy_deployer::boot::init_main();
     }
     let cli = Cli::parse();
     init_logging("IMGDEPLOY_LOG", cli.global.quiet, cli.global.verbose);

@@ -363,13 +363,25 @@ _imgbuild() {
             return 0
             ;;
         imgbuild__subcmd__netboot)
-            opts="-v -q -h --manifest --pub --kernel --modules --out --init --shell --cmdline --json --http-headers-file --tls-ca-bundle --tls-client-cert --tls-client-key --verbose --quiet --help"
+            opts="-v -q -h --manifest --channel-url --busybox --net-modules --pub --kernel --modules --out --init --shell --cmdline --json --http-headers-file --tls-ca-bundle --tls-client-cert --tls-client-key --verbose --quiet --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
                 --manifest)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --channel-url)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --busybox)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --net-modules)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -71,7 +71,10 @@ complete -c imgbuild -n "__fish_imgbuild_using_subcommand inspect" -l json -d 'P
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand inspect" -s v -l verbose -d 'More log output (repeat for more)'
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand inspect" -s q -l quiet -d 'Only errors on stderr'
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand inspect" -s h -l help -d 'Print help'
-complete -c imgbuild -n "__fish_imgbuild_using_subcommand netboot" -l manifest -d 'The channel manifest (path or http(s) URL); verified before use' -r
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand netboot" -l manifest -d 'The channel manifest (path or http(s) URL); verified before use. Its channel and serial are bound into the initrd. Default with --channel-url: the first channel URL' -r
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand netboot" -l channel-url -d 'Network mode: /init fetches the channel\'s current manifest and image from this URL at boot (repeat for mirrors, tried in order; imgdeploy.url= on the kernel command line replaces them). No image.cpio is written' -r
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand netboot" -l busybox -d 'Network mode: a statically linked busybox for udhcpc and ip (default /bin/busybox, from busybox-static)' -r -F
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand netboot" -l net-modules -d 'Network mode: more network driver modules to include, beyond virtio_net, e1000, e1000e, igb, ixgbe and mlx5_core (repeatable or comma-separated)' -r
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand netboot" -l pub -d 'Trusted public key, checked now and embedded for boot-time checks (repeatable)' -r -F
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand netboot" -l kernel -d 'Kernel image to boot (e.g. /boot/vmlinuz-6.1.0-28-amd64)' -r -F
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand netboot" -l modules -d 'That kernel\'s module directory (e.g. /lib/modules/6.1.0-28-amd64)' -r -F

@@ -311,3 +311,162 @@ fn netboot_refuses_a_tampered_image_and_writes_nothing() {
     let left: Vec<_> = fs::read_dir(&out).map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
     assert!(!left.iter().any(|n| n == "image.cpio" || n == "initrd-combined.img"), "left {left:?}");
 }
+
+/// qemu arguments for a guest whose only network is user-mode networking
+/// with `restrict=on`: it can reach nothing but 10.0.2.100:80, which carries
+/// each connection to 127.0.0.1:`port` on the host.
+fn guest_net(port: u16) -> Vec<String> {
+    vec![
+        "-netdev".into(),
+        format!("user,id=n0,restrict=on,guestfwd=tcp:10.0.2.100:80-cmd:busybox nc 127.0.0.1 {port}"),
+        "-device".into(),
+        "virtio-net-pci,netdev=n0".into(),
+    ]
+}
+
+fn boot_net(kernel: &Path, initrd: &Path, append: &str, port: u16) -> String {
+    let net = guest_net(port);
+    qemu::boot(kernel, initrd, append, &net.iter().map(String::as_str).collect::<Vec<_>>(), 150)
+}
+
+/// Network mode: one fixed set of boot files follows the channel. The
+/// origin is nginx on the host, reached only through qemu's user network.
+/// Whoever controls that origin (or the path to it) but not the key can stop
+/// the boot, never change what boots: a tampered image and a manifest signed
+/// by another key are refused attempt after attempt, then `onfail` applies.
+#[test]
+fn privileged_netboot_network_mode_boots_the_channels_current_image() {
+    let Some((kernel, modules)) = prerequisites("privileged_netboot_network_mode_boots_the_channels_current_image")
+    else {
+        return;
+    };
+    let work = tempfile::tempdir().unwrap();
+    let web = work.path().join("web");
+    let repo = web.join("repo");
+    let keys = Keys::generate();
+    build_image(&marker_tree(work.path(), "net-1"), &keys, "stable", &repo, &["--version", "net-1"]);
+    let nginx = imgdeploy_tests::nginx::Nginx::serve(&web);
+    let out = work.path().join("out");
+    let r = netboot(
+        &repo.join("stable.json"),
+        &keys.public,
+        &kernel,
+        &modules,
+        &out,
+        &["--channel-url", "http://10.0.2.100/repo/stable.json"],
+    );
+    assert_eq!(r["policy"]["network"]["urls"][0], "http://10.0.2.100/repo/stable.json", "{r}");
+    assert!(
+        r["net_modules"].as_array().unwrap().iter().any(|m| m.as_str().unwrap().contains("virtio_net")),
+        "no virtio_net driver: {r}"
+    );
+    assert!(!out.join("image.cpio").exists(), "network mode needs no image.cpio");
+    let ipxe = fs::read_to_string(out.join("boot.ipxe")).unwrap();
+    assert!(ipxe.contains("initrd initrd.img") && !ipxe.contains("image.cpio"), "{ipxe}");
+    let (vmlinuz, initrd) = (out.join("vmlinuz"), out.join("initrd.img"));
+
+    // Serial 1, from the URL the initrd was built with, over DHCP.
+    let log = boot_net(&vmlinuz, &initrd, "imgdeploy.timeout=60", nginx.port);
+    // (qemu's DHCP server offers no router under restrict=on; 10.0.2.100 is on the link.)
+    assert!(log.lines().any(|l| l.trim_end() == "imgdeploy: network: eth0 10.0.2.15/24"), "{log}");
+    assert!(log.contains("imgdeploy: verified channel stable serial 1 (net-1)"), "{log}");
+    assert!(log.contains("IMGDEPLOY-MARKER version=net-1 write=ok"), "{log}");
+
+    // Publish serial 2; the same files boot it. A first mirror that has
+    // nothing is passed over; a static address from ip= works as well.
+    build_image(&marker_tree(work.path(), "net-2"), &keys, "stable", &repo, &["--version", "net-2"]);
+    let log = boot_net(
+        &vmlinuz,
+        &initrd,
+        "imgdeploy.timeout=60 ip=10.0.2.77::10.0.2.2:255.255.255.0::eth0:off \
+         imgdeploy.url=http://10.0.2.100/gone/stable.json imgdeploy.url=http://10.0.2.100/repo/stable.json",
+        nginx.port,
+    );
+    assert!(log.contains("imgdeploy: network: eth0 10.0.2.77/24 via 10.0.2.2"), "{log}");
+    assert!(log.contains("attempt 1: http://10.0.2.100/gone/stable.json") && log.contains("404"), "{log}");
+    assert!(log.contains("IMGDEPLOY-MARKER version=net-2 write=ok"), "{log}");
+
+    // The origin's image is tampered with: refused on every attempt, then onfail.
+    let m: serde_json::Value = serde_json::from_slice(&read(&repo.join("stable.json"))).unwrap();
+    let image = repo.join(m["image"]["path"].as_str().unwrap());
+    let good = read(&image);
+    let mut bad = good.clone();
+    bad[good.len() / 2] ^= 1;
+    fs::write(&image, &bad).unwrap();
+    let log = boot_net(&vmlinuz, &initrd, "imgdeploy.timeout=8", nginx.port);
+    fs::write(&image, &good).unwrap();
+    assert!(log.contains("attempt 1: http://10.0.2.100/repo/stable.json") && log.contains("sha256"), "{log}");
+    assert!(log.contains("attempt 2:"), "no retry:\n{log}");
+    assert!(log.contains("REFUSING TO BOOT: no verified image after"), "{log}");
+    assert!(log.contains("imgdeploy: powering off"), "{log}");
+    assert!(!log.contains("IMGDEPLOY-MARKER"), "a tampered image was booted:\n{log}");
+
+    // A manifest signed by a key the initrd does not trust (same channel, higher serial).
+    let theirs = Keys::generate();
+    build_image(
+        &marker_tree(work.path(), "evil"),
+        &theirs,
+        "stable",
+        &web.join("evil"),
+        &["--version", "evil", "--serial", "99"],
+    );
+    let log =
+        boot_net(&vmlinuz, &initrd, "imgdeploy.timeout=5 imgdeploy.url=http://10.0.2.100/evil/stable.json", nginx.port);
+    assert!(log.contains("does not verify with the keys this initrd trusts"), "{log}");
+    assert!(!log.contains("IMGDEPLOY-MARKER"), "an image signed by another key was booted:\n{log}");
+
+    // The origin is unreachable: a message per attempt, then onfail=reboot.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let started = std::time::Instant::now();
+    let log = boot_net(&vmlinuz, &initrd, "imgdeploy.timeout=10 imgdeploy.onfail=reboot", closed);
+    assert!(log.contains("attempt 1: http://10.0.2.100/repo/stable.json"), "{log}");
+    assert!(log.contains("attempt 3:"), "too few retries in 10 s:\n{log}");
+    assert!(log.contains("REFUSING TO BOOT: no verified image after") && log.contains("imgdeploy: rebooting"), "{log}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(120), "onfail came too late");
+    drop(nginx);
+}
+
+/// Network mode's options are checked when the initrd is built.
+#[test]
+fn netboot_network_mode_refuses_bad_options() {
+    let work = tempfile::tempdir().unwrap();
+    let (keys, repo) = one_file_repo(work.path());
+    let (kernel, modules) = fake_kernel(work.path());
+    let out = work.path().join("out");
+    let m = repo.join("stable.json");
+    let init = netboot_init();
+    netboot_run(&m, &keys.public, &kernel, &modules, &out, &init, &["--channel-url", "ftp://mirror/stable.json"])
+        .fails_with("is not an http:// or https:// URL");
+    netboot_run(
+        &m,
+        &keys.public,
+        &kernel,
+        &modules,
+        &out,
+        &init,
+        &["--channel-url", "http://mirror/stable.json", "--net-modules", "no_such_nic"],
+    )
+    .fails_with("`no_such_nic`");
+    let dynamic = bin("imgdeploy");
+    netboot_run(
+        &m,
+        &keys.public,
+        &kernel,
+        &modules,
+        &out,
+        &init,
+        &["--channel-url", "http://mirror/stable.json", "--busybox", dynamic.to_str().unwrap()],
+    )
+    .fails_with("dynamically linked");
+    let r = run_bin(
+        "imgbuild",
+        ["netboot", "--pub", "k.pub", "--kernel", "k", "--modules", "m", "--out", "o", "--busybox", "/bin/busybox"],
+    )
+    .fails_with("required arguments were not provided");
+    assert!(r.stderr.contains("--channel-url"), "{}", r.stderr);
+    assert!(!out.join("initrd.img").exists());
+    // Good options: the initrd carries busybox and the URL, nothing else changes.
+    let r = netboot(&m, &keys.public, &kernel, &modules, &out, &["--channel-url", "http://mirror/stable.json"]);
+    assert_eq!(r["policy"]["network"]["busybox"]["path"], "/bin/busybox", "{r}");
+    assert!(!out.join("image.cpio").exists());
+}

@@ -22,10 +22,21 @@
 //!   needs `imgbuild netboot --shell`)
 //! - `imgdeploy.allow_expired=1` boots a manifest past its expiry (default:
 //!   refused, since an expired manifest is what a mirror replays)
+//! - network mode (an initrd built with `imgbuild netboot --channel-url`):
+//!   `imgdeploy.url=URL` (repeatable: mirrors, tried in order; replaces the
+//!   built-in URLs), `ip=` (the kernel's syntax; DHCP by default),
+//!   `imgdeploy.timeout=SECONDS` (how long to keep retrying, default 600)
 //!
-//! Network mode (`imgdeploy.url=`) is not supported: it would need a DHCP
-//! client in the initramfs; ship the image as the second (concatenated)
-//! initrd instead, which every PXE/iPXE boot loader can fetch over HTTP.
+//! Two ways to get the image:
+//! - offline: from `image.cpio`, an archive the boot loader loaded before
+//!   the initrd;
+//! - network ([`download`]): the channel's current manifest and image,
+//!   fetched at boot over a network brought up by busybox ([`network`]),
+//!   so one fixed set of boot files follows the channel.
+
+mod download;
+pub mod network;
+pub mod params;
 
 use imgdeploy_common::report::one_line;
 use std::ffi::CString;
@@ -37,7 +48,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use imgdeploy_common::digest::Sha256Digest;
-use imgdeploy_common::manifest::Timestamp;
+use imgdeploy_common::manifest::{Manifest, Timestamp};
 use imgdeploy_common::netboot::{
     BootPolicy, BroughtFile, BOOT_POLICY_PATH, IMAGE_PATH as IMAGE, MANIFEST_PATH as MANIFEST, MAX_BOOT_POLICY_BYTES,
     SIGNATURE_PATH as SIGNATURE,
@@ -55,56 +66,14 @@ use crate::slot::check_image;
 /// finit_module flag for .ko.xz/.ko.zst files (the kernel decompresses them).
 const MODULE_INIT_COMPRESSED_FILE: u32 = 4;
 
-/// What to do when the image is refused (`imgdeploy.onfail=`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OnFail {
-    /// Power off (the default: a refused machine stays off until someone looks).
-    PowerOff,
-    /// Reboot (and try the boot loader again).
-    Reboot,
-    /// Run the shell the initrd brought, if any; otherwise power off.
-    Shell,
-}
-
-/// What the kernel command line asks for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BootParams {
-    /// tmpfs overlay for writes.
-    pub overlay: bool,
-    /// Program to exec in the new root.
-    pub init: String,
-    /// What to do when the image is refused.
-    pub onfail: OnFail,
-    /// Boot a manifest past its expiry.
-    pub allow_expired: bool,
-}
-
-impl BootParams {
-    /// Parses `/proc/cmdline`.
-    pub fn parse(cmdline: &str) -> Self {
-        let mut p =
-            BootParams { overlay: true, init: "/sbin/init".into(), onfail: OnFail::PowerOff, allow_expired: false };
-        for word in cmdline.split_whitespace() {
-            match word.split_once('=') {
-                Some(("imgdeploy.overlay", v)) => p.overlay = !matches!(v, "0" | "no" | "off" | "false"),
-                Some(("imgdeploy.allow_expired", v)) => p.allow_expired = matches!(v, "1" | "yes" | "on" | "true"),
-                Some(("imgdeploy.init", v)) if v.starts_with('/') => p.init = v.to_owned(),
-                Some(("imgdeploy.onfail", "poweroff")) => p.onfail = OnFail::PowerOff,
-                Some(("imgdeploy.onfail", "reboot")) => p.onfail = OnFail::Reboot,
-                Some(("imgdeploy.onfail", "shell")) => p.onfail = OnFail::Shell,
-                _ => {}
-            }
-        }
-        p
-    }
-}
+pub use params::{BootParams, OnFail};
 
 fn mkdir(p: &str) {
     // Already there is fine; any real problem surfaces at the mount that follows.
     let _ = fs::create_dir_all(p);
 }
 
-fn mount_fs(src: &str, target: &str, fstype: &str, flags: MsFlags, data: Option<&str>) -> Result<()> {
+pub(crate) fn mount_fs(src: &str, target: &str, fstype: &str, flags: MsFlags, data: Option<&str>) -> Result<()> {
     mkdir(target);
     mount(Some(src), target, Some(fstype), flags, data).with_context(|| format!("mounting {fstype} at {target}"))
 }
@@ -125,7 +94,7 @@ fn open_regular(path: &str) -> Result<File> {
 
 /// Opens a file the trusted initrd brought, checking it against the sha256
 /// the policy recorded; an archive loaded earlier cannot swap it.
-fn open_brought(b: &BroughtFile) -> Result<File> {
+pub(crate) fn open_brought(b: &BroughtFile) -> Result<File> {
     let mut f = open_regular(&b.path)?;
     let (sha, _) = Sha256Digest::of_reader(&mut f).with_context(|| format!("reading {}", b.path))?;
     if sha != b.sha256 {
@@ -150,22 +119,30 @@ fn read_policy() -> Result<BootPolicy> {
         .with_context(|| format!("{path} is not a boot policy; rebuild the initrd with imgbuild netboot"))
 }
 
-fn load_modules(policy: &BootPolicy) -> Result<usize> {
+/// Loads `modules` in order; returns how many were loaded (an already
+/// loaded one is not counted).
+fn load_modules(modules: &[BroughtFile]) -> Result<usize> {
     let mut n = 0;
-    for m in &policy.modules {
-        let f = open_brought(m)?;
-        let flags = if m.path.ends_with(".ko") {
-            ModuleInitFlags::empty()
-        } else {
-            ModuleInitFlags::from_bits_retain(MODULE_INIT_COMPRESSED_FILE)
-        };
-        match finit_module(f.as_fd(), &CString::default(), flags) {
-            Ok(()) => n += 1,
-            Err(nix::Error::EEXIST) => {}
-            Err(e) => bail!("loading kernel module {}: {e}", m.path),
+    for m in modules {
+        if load_module(m)? {
+            n += 1;
         }
     }
     Ok(n)
+}
+
+fn load_module(m: &BroughtFile) -> Result<bool> {
+    let f = open_brought(m)?;
+    let flags = if m.path.ends_with(".ko") {
+        ModuleInitFlags::empty()
+    } else {
+        ModuleInitFlags::from_bits_retain(MODULE_INIT_COMPRESSED_FILE)
+    };
+    match finit_module(f.as_fd(), &CString::default(), flags) {
+        Ok(()) => Ok(true),
+        Err(nix::Error::EEXIST) => Ok(false),
+        Err(e) => bail!("loading kernel module {}: {e}", m.path),
+    }
 }
 
 fn trusted_keys(policy: &BootPolicy) -> Result<Vec<PublicKey>> {
@@ -187,21 +164,14 @@ fn mount_basics() -> Result<()> {
     mount_fs("tmpfs", "/run", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755"))
 }
 
-/// Verifies and mounts the image at /newroot; returns the init to run.
-fn prepare(params: &BootParams, policy: &BootPolicy) -> Result<String> {
-    let n = load_modules(policy)?;
-    eprintln!("imgdeploy: loaded {n} kernel modules");
-
-    let keys = trusted_keys(policy)?;
-    let bytes =
-        fs::read(MANIFEST).with_context(|| format!("reading {MANIFEST}; was image.cpio loaded before initrd.img?"))?;
-    let sig = fs::read(SIGNATURE).with_context(|| format!("reading {SIGNATURE}"))?;
-    let v = verify_signed(&bytes, &sig, &keys)
-        .context("the image's manifest does not verify with the keys this initrd trusts")?;
-    let m = v.manifest;
+/// Whether the trusted initrd allows booting `m`: its channel, no older
+/// than the serial the initrd was built for, and not expired (unless the
+/// command line allows it). The signature was checked before.
+fn accept(params: &BootParams, policy: &BootPolicy, m: &Manifest) -> Result<()> {
     if m.channel != policy.channel {
         bail!(
-            "the image is channel {} serial {}, but this initrd boots channel {} only; ship that channel's image.cpio",
+            "the image is channel {} serial {}, but this initrd boots channel {} only; \
+             ship that channel's image or URL",
             m.channel,
             m.serial,
             policy.channel
@@ -229,18 +199,70 @@ fn prepare(params: &BootParams, policy: &BootPolicy) -> Result<String> {
             m.serial, m.expires
         );
     }
+    Ok(())
+}
+
+/// The image `image.cpio` brought, verified.
+fn from_archive(params: &BootParams, policy: &BootPolicy, keys: &[PublicKey]) -> Result<(File, String, Manifest)> {
+    let bytes =
+        fs::read(MANIFEST).with_context(|| format!("reading {MANIFEST}; was image.cpio loaded before initrd.img?"))?;
+    let sig = fs::read(SIGNATURE).with_context(|| format!("reading {SIGNATURE}"))?;
+    let v = verify_signed(&bytes, &sig, keys)
+        .context("the image's manifest does not verify with the keys this initrd trusts")?;
+    let m = v.manifest;
+    accept(params, policy, &m)?;
     let mut img = open_regular(IMAGE)?;
     check_image(&mut img, &m).with_context(|| format!("image {IMAGE} of serial {}", m.serial))?;
+    Ok((img, v.key_id, m))
+}
+
+/// The image, from the network (if the initrd or the command line names a
+/// URL) or from `image.cpio`, verified and mounted at /newroot; returns the
+/// init to run.
+fn prepare(params: &BootParams, policy: &BootPolicy) -> Result<String> {
+    let n = load_modules(&policy.modules)?;
+    eprintln!("imgdeploy: loaded {n} kernel modules");
+    let keys = trusted_keys(policy)?;
+    let urls: &[String] = match (&params.urls, &policy.network) {
+        (urls, _) if !urls.is_empty() => urls,
+        (_, Some(net)) => &net.urls,
+        (_, None) => &[],
+    };
+    let (img, path, key_id, m) = if urls.is_empty() {
+        let (img, key_id, m) = from_archive(params, policy, &keys)?;
+        (img, IMAGE.to_owned(), key_id, m)
+    } else {
+        let net = policy.network.as_ref().context(
+            "imgdeploy.url= is set, but this initrd has no network support (no busybox, no NIC drivers); \
+             rebuild it with imgbuild netboot --channel-url",
+        )?;
+        let mut loaded = 0;
+        for m in &net.modules {
+            match load_module(m) {
+                Ok(true) => loaded += 1,
+                Ok(false) => {}
+                Err(e) => eprintln!("imgdeploy: warning: {}", one_line(e.as_ref())),
+            }
+        }
+        eprintln!(
+            "imgdeploy: loaded {loaded} network drivers; fetching channel {} from {}",
+            policy.channel,
+            urls.join(" ")
+        );
+        let d = download::fetch_current(params, policy, net, &keys, urls)?;
+        (d.file, d.path.to_string_lossy().into_owned(), d.key_id, d.manifest)
+    };
     eprintln!(
-        "imgdeploy: verified channel {} serial {} ({}) sha256 {} signed by {}",
-        m.channel, m.serial, m.version, m.image.sha256, v.key_id
+        "imgdeploy: verified channel {} serial {} ({}) sha256 {} signed by {key_id}",
+        m.channel, m.serial, m.version, m.image.sha256
     );
 
     let opts = MountOptions::PERMISSIVE;
     let label = format!("imgdeploy:boot:{}", m.serial);
+    let path = Path::new(&path);
     if params.overlay {
         mkdir("/run/imgdeploy/lower");
-        mount_image(&img, m.image.format, Path::new(IMAGE), Path::new("/run/imgdeploy/lower"), opts, &label)?;
+        mount_image(&img, m.image.format, path, Path::new("/run/imgdeploy/lower"), opts, &label)?;
         mkdir("/run/imgdeploy/rw/upper");
         mkdir("/run/imgdeploy/rw/work");
         mount_fs(
@@ -252,7 +274,7 @@ fn prepare(params: &BootParams, policy: &BootPolicy) -> Result<String> {
         )?;
     } else {
         mkdir("/newroot");
-        mount_image(&img, m.image.format, Path::new(IMAGE), Path::new("/newroot"), opts, &label)?;
+        mount_image(&img, m.image.format, path, Path::new("/newroot"), opts, &label)?;
     }
     let init_in_root = format!("/newroot{}", params.init);
     if fs::symlink_metadata(&init_in_root).is_err() {
@@ -311,6 +333,16 @@ fn fail(params: &BootParams, shell: Option<&BroughtFile>) -> ! {
     }
 }
 
+/// `imgdeploy` started as `/init`: boot mode as PID 1, or, when udhcpc runs
+/// `/init` as its lease script, that script ([`network::dhcp_event`]).
+pub fn init_main() -> ! {
+    let args: Vec<String> = std::env::args_os().map(|a| a.to_string_lossy().into_owned()).collect();
+    if let Some(event) = network::dhcp_event(&args) {
+        std::process::exit(network::handle_dhcp_event(event));
+    }
+    boot_main()
+}
+
 /// Runs boot mode. Never returns.
 pub fn boot_main() -> ! {
     let cmdline = {
@@ -321,35 +353,16 @@ pub fn boot_main() -> ! {
         let _ = nix::mount::umount("/proc");
         c
     };
-    let params = BootParams::parse(&cmdline);
+    let (params, bad_words) = BootParams::parse_all(&cmdline);
     eprintln!("imgdeploy {}: netboot, overlay={}, init={}", env!("CARGO_PKG_VERSION"), params.overlay, params.init);
     let policy = mount_basics().and_then(|()| read_policy());
-    let result = match &policy {
-        Ok(policy) => prepare(&params, policy).and_then(|init| switch_root(&init).map(|_| ())),
-        Err(e) => Err(anyhow::anyhow!("{}", one_line(e.as_ref()))),
+    let result = match (&policy, bad_words.first()) {
+        (_, Some(bad)) => Err(anyhow::anyhow!("{bad}")),
+        (Ok(policy), None) => prepare(&params, policy).and_then(|init| switch_root(&init).map(|_| ())),
+        (Err(e), None) => Err(anyhow::anyhow!("{}", one_line(e.as_ref()))),
     };
     if let Err(e) = result {
         eprintln!("imgdeploy: REFUSING TO BOOT: {}", one_line(e.as_ref()));
     }
     fail(&params, policy.as_ref().ok().and_then(|p| p.shell.as_ref()))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn command_line() {
-        assert_eq!(
-            BootParams::parse("quiet console=ttyS0"),
-            BootParams { overlay: true, init: "/sbin/init".into(), onfail: OnFail::PowerOff, allow_expired: false }
-        );
-        assert!(BootParams::parse("imgdeploy.allow_expired=1").allow_expired);
-        assert!(!BootParams::parse("imgdeploy.allow_expired=0").allow_expired);
-        let p = BootParams::parse("imgdeploy.overlay=0 imgdeploy.init=/bin/sh imgdeploy.onfail=shell");
-        assert_eq!((p.overlay, p.init.as_str(), p.onfail), (false, "/bin/sh", OnFail::Shell));
-        assert_eq!(BootParams::parse("imgdeploy.onfail=reboot").onfail, OnFail::Reboot);
-        let p = BootParams::parse("imgdeploy.init=relative imgdeploy.onfail=explode");
-        assert_eq!((p.init.as_str(), p.onfail), ("/sbin/init", OnFail::PowerOff));
-    }
 }
