@@ -7,6 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 srcs=("$@"); ((${#srcs[@]})) || srcs=(/usr/share /usr)
+# zstd level for both tools (15 is what the figures use; smoke runs use 3).
+level=${BENCH_LEVEL:-15}
 bash scripts/setup-debian.sh
 # BENCH_PROFILE=dev (debug binaries, optimised hashing) is for smoke runs only.
 cargo build --profile "${BENCH_PROFILE:-release}" --locked -q -p imgdeploy-builder
@@ -25,8 +27,8 @@ for src in "${srcs[@]}"; do
   sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
   # Warm the page cache once so neither tool pays for the first read.
   tar -cf - -C "$src" . 2>/dev/null | cat >/dev/null || true
-  measure mksquashfs mksquashfs "$src" "$work/mksquashfs.img" -comp zstd -Xcompression-level 15 -b 131072 -noappend -no-progress -quiet
-  measure imgbuild "$imgbuild" -q build "$src" --key "$work/k.key" --channel bench --repo "$work/repo" --level 15
+  measure mksquashfs mksquashfs "$src" "$work/mksquashfs.img" -comp zstd -Xcompression-level "$level" -b 131072 -noappend -no-progress -quiet
+  measure imgbuild "$imgbuild" -q build "$src" --key "$work/k.key" --channel bench --repo "$work/repo" --level "$level"
   read -r mt mr < "$work/mksquashfs.time"
   read -r it ir < "$work/imgbuild.time"
   ms=$(stat -c %s "$work/mksquashfs.img")

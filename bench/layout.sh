@@ -7,6 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 src=${1:-/usr/share}
+# zstd level of every build (the delta's share barely depends on it; smoke runs use 3).
+level=${BENCH_LEVEL:-15}
 bash scripts/setup-debian.sh
 # BENCH_PROFILE=dev (debug binaries, optimised hashing) is for smoke runs only.
 cargo build --profile "${BENCH_PROFILE:-release}" --locked -q -p imgdeploy-builder -p imgdeploy-deployer
@@ -34,11 +36,11 @@ for layout in fragments no-fragments; do
   for s in a b; do
     d=$work/$layout-$s; mkdir -p "$d"
     cp -a "$work/base" "$d/tree"
-    "$bin/imgbuild" -q build "$d/tree" --key "$work/k.key" --channel c --repo "$d/repo" --level 15 "${flag[@]}" >/dev/null
+    "$bin/imgbuild" -q build "$d/tree" --key "$work/k.key" --channel c --repo "$d/repo" --level "$level" "${flag[@]}" >/dev/null
     printf 'source = "%s/repo/c.json"\ntrusted_keys = ["%s/k.pub"]\nstate_dir = "%s/state"\nlink = "%s/link"\n' "$d" "$work" "$d" "$d" > "$d/cfg.toml"
     "$bin/imgdeploy" -q -c "$d/cfg.toml" apply >/dev/null
     scenario "$s" "$d/tree"
-    out=$("$bin/imgbuild" -q build "$d/tree" --key "$work/k.key" --channel c --repo "$d/repo" --level 15 "${flag[@]}" --json)
+    out=$("$bin/imgbuild" -q build "$d/tree" --key "$work/k.key" --channel c --repo "$d/repo" --level "$level" "${flag[@]}" --json)
     size=$(echo "$out" | python3 -c 'import json,sys; print(json.load(sys.stdin)["size"])')
     plan=$("$bin/imgdeploy" -q -c "$d/cfg.toml" apply --dry-run --json)
     dl=$(echo "$plan" | python3 -c 'import json,sys; print(json.load(sys.stdin)["download_bytes"])')

@@ -152,11 +152,11 @@ pub fn bring_up(net: &NetworkPolicy, mode: &IpMode) -> Result<Ipv4Config> {
     let config = match mode {
         IpMode::Off => bail!("ip=off, but network mode needs the network; remove ip=off or boot an image.cpio"),
         IpMode::Static(c) => {
-            let dev = match &c.device {
-                Some(d) => d.clone(),
-                None => interfaces()?.remove(0),
-            };
-            Ipv4Config { device: Some(dev), ..c.clone() }
+            let mut c = c.clone();
+            if c.device.is_none() {
+                c.device = Some(interfaces()?.remove(0));
+            }
+            c
         }
         IpMode::Dhcp { device } => {
             let candidates = match device {
@@ -291,7 +291,8 @@ mod tests {
         for ok in ["eth0", "enp0s3", "ens1f0np0", "wlan0", "br-lan", "eth0.100"] {
             assert!(valid_interface(ok), "{ok}");
         }
-        for bad in ["", ".", "..", "a/b", "averyveryverylongname", "eth 0"] {
+        assert!(valid_interface("fifteen-chars15"), "IFNAMSIZ allows 15 characters");
+        for bad in ["", ".", "..", "a/b", "sixteen-chars-16", "eth 0"] {
             assert!(!valid_interface(bad), "{bad}");
         }
     }
