@@ -304,7 +304,7 @@ mod tests {
         assert_eq!(fs::read(&path).unwrap(), bytes);
         assert_eq!(path, ram.join(format!("{}.squashfs", m.image.sha256)));
         let left: Vec<_> = fs::read_dir(&ram).unwrap().flatten().map(|e| e.path()).collect();
-        assert_eq!(left, [path.clone()], "other files left in RAM");
+        assert_eq!(left, std::slice::from_ref(&path), "other files left in RAM");
         // Done once is done: the next call does not fetch again.
         fs::remove_file(src.to_string()).unwrap();
         assert_eq!(download(&t(), &src, &m, &ram).unwrap().0, path);
