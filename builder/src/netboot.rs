@@ -204,6 +204,18 @@ fn add_file(w: &mut CpioWriter<impl Write>, name: &str, src: &Path, perm: u32) -
     Ok(hashing.finish().0)
 }
 
+/// Packs the modules `rels` (paths relative to `modules_dir`) under
+/// `/lib/modules/`, each with the sha256 of the bytes packed.
+fn add_modules(w: &mut CpioWriter<impl Write>, modules_dir: &Path, rels: &[String]) -> Result<Vec<BroughtFile>> {
+    rels.iter()
+        .map(|rel| {
+            let path = format!("/lib/modules/{rel}");
+            let sha256 = add_file(w, member(&path), &modules_dir.join(rel), 0o644)?;
+            Ok(BroughtFile { path, sha256 })
+        })
+        .collect()
+}
+
 /// Writes `dir/name` atomically through `f`, returning its size. The
 /// temporary file has a random name and is created exclusively.
 fn write_out(dir: &Path, name: &str, f: impl FnOnce(&mut BufWriter<File>) -> Result<()>) -> Result<u64> {
@@ -261,7 +273,7 @@ pub fn netboot(req: &NetbootRequest) -> Result<NetbootReport> {
     let modules = resolve_modules(&req.modules, &boot_modules(m.image.format))?;
     let network_mode = !req.channel_urls.is_empty();
     for u in &req.channel_urls {
-        if !(u.starts_with("http://") || u.starts_with("https://")) || u.chars().any(char::is_whitespace) {
+        if !Location::is_http_url(u) || u.chars().any(char::is_whitespace) {
             bail!("--channel-url {u} is not an http:// or https:// URL");
         }
     }
@@ -312,12 +324,7 @@ pub fn netboot(req: &NetbootRequest) -> Result<NetbootReport> {
         // The kernel opens /dev/console for PID 1 before anything is mounted.
         c.char_dev("dev/console", 0o600, 5, 1)?;
         add_file(&mut c, "init", &init_bin, 0o755)?;
-        let mut brought = Vec::new();
-        for rel in &modules {
-            let path = format!("/lib/modules/{rel}");
-            let sha256 = add_file(&mut c, member(&path), &req.modules.join(rel), 0o644)?;
-            brought.push(BroughtFile { path, sha256 });
-        }
+        let brought = add_modules(&mut c, &req.modules, &modules)?;
         let shell = match &req.shell {
             Some(sh) => Some(BroughtFile { path: "/bin/sh".into(), sha256: add_file(&mut c, "bin/sh", sh, 0o755)? }),
             None => None,
@@ -328,12 +335,7 @@ pub fn netboot(req: &NetbootRequest) -> Result<NetbootReport> {
                     path: BUSYBOX_PATH.into(),
                     sha256: add_file(&mut c, member(BUSYBOX_PATH), bb, 0o755)?,
                 };
-                let mut drivers = Vec::new();
-                for rel in &nics {
-                    let path = format!("/lib/modules/{rel}");
-                    let sha256 = add_file(&mut c, member(&path), &req.modules.join(rel), 0o644)?;
-                    drivers.push(BroughtFile { path, sha256 });
-                }
+                let drivers = add_modules(&mut c, &req.modules, &nics)?;
                 Some(NetworkPolicy { urls: req.channel_urls.clone(), busybox, modules: drivers })
             }
             None => None,

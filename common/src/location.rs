@@ -162,9 +162,14 @@ impl fmt::Display for Location {
 }
 
 impl Location {
+    /// Whether `s` is an `http://` or `https://` URL (what [`Self::parse`] takes for one).
+    pub fn is_http_url(s: &str) -> bool {
+        s.starts_with("http://") || s.starts_with("https://")
+    }
+
     /// Interprets `s`: `http(s)://` is a URL, `file://` and anything else a path.
     pub fn parse(s: &str) -> Self {
-        if s.starts_with("http://") || s.starts_with("https://") {
+        if Self::is_http_url(s) {
             Location::Url(s.to_owned())
         } else if let Some(p) = s.strip_prefix("file://") {
             Location::Path(PathBuf::from(p))
@@ -435,6 +440,16 @@ impl Read for RangeParts {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn what_is_an_http_url() {
+        for url in ["http://h/s.json", "https://h/s.json"] {
+            assert!(Location::is_http_url(url), "{url}");
+        }
+        for not in ["ftp://h/s.json", "file:///s.json", "/srv/s.json", "HTTP://h", "http:/h"] {
+            assert!(!Location::is_http_url(not), "{not}");
+        }
+    }
 
     #[test]
     fn parse_and_resolve() {

@@ -435,29 +435,16 @@ fn netboot_network_mode_refuses_bad_options() {
     let out = work.path().join("out");
     let m = repo.join("stable.json");
     let init = netboot_init();
-    netboot_run(&m, &keys.public, &kernel, &modules, &out, &init, &["--channel-url", "ftp://mirror/stable.json"])
-        .fails_with("is not an http:// or https:// URL");
-    netboot_run(
-        &m,
-        &keys.public,
-        &kernel,
-        &modules,
-        &out,
-        &init,
-        &["--channel-url", "http://mirror/stable.json", "--net-modules", "no_such_nic"],
-    )
-    .fails_with("`no_such_nic`");
+    let refused = |extra: &[&str], needle: &str| {
+        netboot_run(&m, &keys.public, &kernel, &modules, &out, &init, extra).fails_with(needle);
+    };
+    refused(&["--channel-url", "ftp://mirror/stable.json"], "is not an http:// or https:// URL");
+    refused(&["--channel-url", "http://mirror/stable.json", "--net-modules", "no_such_nic"], "`no_such_nic`");
     let dynamic = bin("imgdeploy");
-    netboot_run(
-        &m,
-        &keys.public,
-        &kernel,
-        &modules,
-        &out,
-        &init,
+    refused(
         &["--channel-url", "http://mirror/stable.json", "--busybox", dynamic.to_str().unwrap()],
-    )
-    .fails_with("dynamically linked");
+        "dynamically linked",
+    );
     let r = run_bin(
         "imgbuild",
         ["netboot", "--pub", "k.pub", "--kernel", "k", "--modules", "m", "--out", "o", "--busybox", "/bin/busybox"],

@@ -44,7 +44,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom};
 use std::os::fd::AsFd;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use imgdeploy_common::digest::Sha256Digest;
@@ -230,7 +230,7 @@ fn prepare(params: &BootParams, policy: &BootPolicy) -> Result<String> {
     };
     let (img, path, key_id, m) = if urls.is_empty() {
         let (img, key_id, m) = from_archive(params, policy, &keys)?;
-        (img, IMAGE.to_owned(), key_id, m)
+        (img, PathBuf::from(IMAGE), key_id, m)
     } else {
         let net = policy.network.as_ref().context(
             "imgdeploy.url= is set, but this initrd has no network support (no busybox, no NIC drivers); \
@@ -250,7 +250,7 @@ fn prepare(params: &BootParams, policy: &BootPolicy) -> Result<String> {
             urls.join(" ")
         );
         let d = download::fetch_current(params, policy, net, &keys, urls)?;
-        (d.file, d.path.to_string_lossy().into_owned(), d.key_id, d.manifest)
+        (d.file, d.path, d.key_id, d.manifest)
     };
     eprintln!(
         "imgdeploy: verified channel {} serial {} ({}) sha256 {} signed by {key_id}",
@@ -259,7 +259,7 @@ fn prepare(params: &BootParams, policy: &BootPolicy) -> Result<String> {
 
     let opts = MountOptions::PERMISSIVE;
     let label = format!("imgdeploy:boot:{}", m.serial);
-    let path = Path::new(&path);
+    let path = path.as_path();
     if params.overlay {
         mkdir("/run/imgdeploy/lower");
         mount_image(&img, m.image.format, path, Path::new("/run/imgdeploy/lower"), opts, &label)?;

@@ -104,9 +104,8 @@ fn valid_interface(name: &str) -> bool {
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.@".contains(&b))
 }
 
-/// Runs a busybox applet, checking busybox against the policy first.
+/// Runs a busybox applet ([`bring_up`] checked busybox against the policy).
 fn busybox(bb: &BroughtFile, args: &[&str]) -> Result<String> {
-    open_brought(bb)?;
     let out = Command::new(&bb.path)
         .args(args)
         .env_clear()
@@ -148,6 +147,8 @@ fn interfaces() -> Result<Vec<String>> {
 /// Brings one interface up as `mode` says; returns what it got.
 pub fn bring_up(net: &NetworkPolicy, mode: &IpMode) -> Result<Ipv4Config> {
     let bb = &net.busybox;
+    // Checked once: nothing else runs in the initramfs until the switch.
+    open_brought(bb)?;
     busybox(bb, &["ip", "link", "set", "dev", "lo", "up"])?;
     let config = match mode {
         IpMode::Off => bail!("ip=off, but network mode needs the network; remove ip=off or boot an image.cpio"),

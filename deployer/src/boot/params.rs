@@ -7,6 +7,8 @@
 //! would otherwise put the machine on the wrong network silently.
 
 use std::net::Ipv4Addr;
+
+use imgdeploy_common::location::Location;
 use std::time::Duration;
 
 /// What to do when no image could be booted (`imgdeploy.onfail=`).
@@ -130,9 +132,7 @@ impl BootParams {
                 Some(("imgdeploy.onfail", "poweroff")) => p.onfail = OnFail::PowerOff,
                 Some(("imgdeploy.onfail", "reboot")) => p.onfail = OnFail::Reboot,
                 Some(("imgdeploy.onfail", "shell")) => p.onfail = OnFail::Shell,
-                Some(("imgdeploy.url", v)) if v.starts_with("http://") || v.starts_with("https://") => {
-                    p.urls.push(v.to_owned())
-                }
+                Some(("imgdeploy.url", v)) if Location::is_http_url(v) => p.urls.push(v.to_owned()),
                 Some(("imgdeploy.url", _)) => {
                     return Err(ParamError { word: word.into(), problem: "must be an http:// or https:// URL" })
                 }
