@@ -370,18 +370,27 @@ fn expired_manifest_is_refused() {
     let src = work.path().join("src");
     fs::create_dir_all(&src).unwrap();
     let keys = Keys::generate();
-    let out = build_image(&src, &keys, "stable", &work.path().join("repo"), &["--expires-in", "1s"]);
-    std::thread::sleep(std::time::Duration::from_millis(2100));
-    run_bin(
-        "imgbuild",
-        [
-            OsStr::new("verify"),
-            OsStr::new(out["manifest"].as_str().unwrap()),
-            OsStr::new("--pub"),
-            keys.public.as_os_str(),
-        ],
-    )
-    .fails_with("expired");
+    // The creation time is whole seconds, so a 1 s lifetime can already be
+    // past when the build signs on a loaded machine: give it 5 s and wait
+    // for the expiry instead of guessing how long the build takes.
+    let out = build_image(&src, &keys, "stable", &work.path().join("repo"), &["--expires-in", "5s"]);
+    let verify = || {
+        run_bin(
+            "imgbuild",
+            [
+                OsStr::new("verify"),
+                OsStr::new(out["manifest"].as_str().unwrap()),
+                OsStr::new("--pub"),
+                keys.public.as_os_str(),
+            ],
+        )
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while verify().code == 0 {
+        assert!(std::time::Instant::now() < deadline, "a manifest with a 5 s lifetime still verifies after 30 s");
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    verify().fails_with("expired");
 }
 
 #[test]

@@ -514,8 +514,11 @@ fn privileged_bad_inputs_leave_the_active_version_serving() {
     fs::write(repo.join("old.json.sig"), &old_sig).unwrap();
     check("downgrade", &["apply", "--source", &d.nginx.url("old.json")], "refusing to go back");
     // Expired manifest.
-    d.publish_to("stable", "v-exp", 0, &["--expires-in", "1s"]);
-    std::thread::sleep(Duration::from_millis(2100));
+    // Expiry is creation (whole seconds, at or before the build's start) plus
+    // 5 s, so 5.1 s after publish returns it is past; a 1 s lifetime could
+    // already be past when a loaded machine signs, and the build refuses that.
+    d.publish_to("stable", "v-exp", 0, &["--expires-in", "5s"]);
+    std::thread::sleep(Duration::from_millis(5100));
     check("expired", &["apply"], "expired");
     // Not squashfs, correctly signed.
     sign_manifest(&d.keys, repo, "stable", 100, &vec![0x5au8; 8192], 3600);
