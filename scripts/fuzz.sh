@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
 command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz@0.13.2
 export RUSTC_BOOTSTRAP=1
-targets=("$@"); ((${#targets[@]})) || targets=(manifest keys config chunk_index multipart)
+targets=("$@"); ((${#targets[@]})) || targets=(manifest keys config chunk_index multipart block_map)
 for t in "${targets[@]}"; do
   mkdir -p "corpus/$t"
   # New inputs go to a scratch corpus so the committed seeds stay small.

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # cargo-mutants on the pure modules: the manifest, signatures and trust,
-# chunk indexes, sources (local and HTTP, against a local test server), the
+# chunk indexes, block maps and the block compressor, sources (local and HTTP, against a local test server), the
 # multipart parser, the transport's credential files, the one-line error
 # report, and rollout waves in common; the deployer's update decision and
 # the netboot /init's pure parts. Every mutant
@@ -19,7 +19,8 @@ args=(--no-shuffle --jobs "${MUTANTS_JOBS:-2}" --profile mutants --output target
 cargo mutants "${args[@]}" -p imgdeploy-common \
   -f common/src/manifest.rs -f common/src/sign.rs -f common/src/trust.rs \
   -f common/src/chunk.rs -f common/src/location.rs -f common/src/rollout.rs \
-  -f common/src/multipart.rs -f common/src/transport.rs -f common/src/report.rs
+  -f common/src/multipart.rs -f common/src/transport.rs -f common/src/report.rs \
+  -f common/src/blockmap.rs -f common/src/compress.rs
 # The deployer: the update decision, and the netboot /init's pure parts (its
 # command line, the DHCP lease, the resolver files, the resumable download
 # and the memory check); what needs a booted machine is the qemu tests' job.

@@ -64,6 +64,9 @@ pub enum Command {
     Inspect {
         /// A manifest (.json) or an image (.squashfs).
         path: PathBuf,
+        /// Also summarise the image's block map (needs a manifest, beside its map).
+        #[arg(long)]
+        blocks: bool,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
@@ -275,6 +278,11 @@ pub struct BuildArgs {
     /// Store each file's tail in its own block instead of shared fragment blocks.
     #[arg(long)]
     pub no_fragments: bool,
+    /// Compress every block, instead of copying the compressed bytes of
+    /// blocks the repository's current images already hold (the image is
+    /// the same either way).
+    #[arg(long)]
+    pub no_reuse: bool,
     /// Publish as a staged rollout to this share of hosts (0-100; default: all).
     #[arg(long, value_parser = clap::value_parser!(u8).range(0..=100))]
     pub rollout: Option<u8>,
@@ -331,6 +339,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 jobs: a.jobs,
                 fragments: !a.no_fragments,
                 rollout: a.rollout.filter(|&p| p < 100),
+                reuse: !a.no_reuse,
             };
             let r = build(&req)?;
             if a.json {
@@ -338,7 +347,7 @@ pub fn run(cli: Cli) -> Result<()> {
             } else {
                 let p = &r.published;
                 println!(
-                    "published {} serial {} ({}) to {}\n  image {} ({} bytes, {} inodes, {} bytes of data)\n  sha256 {}\n  expires {}",
+                    "published {} serial {} ({}) to {}\n  image {} ({} bytes, {} inodes, {} bytes of data)\n  blocks: {} reused ({} bytes), {} compressed ({} bytes)\n  sha256 {}\n  expires {}",
                     p.channel,
                     p.serial,
                     p.version,
@@ -347,6 +356,10 @@ pub fn run(cli: Cli) -> Result<()> {
                     p.size,
                     r.inodes,
                     r.data_bytes,
+                    r.reuse.reused_blocks,
+                    r.reuse.reused_bytes,
+                    r.reuse.compressed_blocks,
+                    r.reuse.compressed_bytes,
                     p.sha256,
                     p.expires
                 );
@@ -365,8 +378,8 @@ pub fn run(cli: Cli) -> Result<()> {
                 );
             }
         }
-        Command::Inspect { path, json } => {
-            let i = crate::inspect::inspect(&path)?;
+        Command::Inspect { path, blocks, json } => {
+            let i = crate::inspect::inspect(&path, blocks)?;
             if json {
                 print_json(&i)?;
             } else {
@@ -376,6 +389,9 @@ pub fn run(cli: Cli) -> Result<()> {
                 }
                 if let (Some(sb), Some(img)) = (&i.superblock, &i.image) {
                     println!("image {img}: {sb}");
+                }
+                if let Some(b) = &i.blocks {
+                    print!("{}", crate::inspect::describe_blocks(b));
                 }
             }
         }

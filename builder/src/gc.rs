@@ -1,4 +1,4 @@
-//! `imgbuild gc`: remove images, chunk indexes and `sigs/` signatures no
+//! `imgbuild gc`: remove images, chunk indexes, block maps and `sigs/` signatures no
 //! channel references, beyond the newest N of each.
 //!
 //! Referenced files are never removed. Of the unreferenced ones, the N most
@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
+use imgdeploy_common::blockmap::MAPS_DIR;
 use imgdeploy_common::digest::Sha256Digest;
 use imgdeploy_common::manifest::{signature_path, IMAGES_DIR, IMAGE_SUFFIX, INDEXES_DIR, SIGS_DIR};
 
@@ -98,6 +99,9 @@ pub fn gc(repo: &Repo, keep: usize, dry_run: bool) -> Result<GcReport> {
     let mut report = GcReport::default();
     prune(&repo.root().join(IMAGES_DIR), IMAGE_SUFFIX, &images, keep, dry_run, &mut report)?;
     prune(&repo.root().join(INDEXES_DIR), ".idx", &indexes, keep, dry_run, &mut report)?;
+    let maps: BTreeSet<PathBuf> =
+        manifests.iter().filter_map(|(_, m)| m.block_map.as_ref()).map(|b| repo.root().join(&b.path)).collect();
+    prune(&repo.root().join(MAPS_DIR), ".map", &maps, keep, dry_run, &mut report)?;
     let sigs: BTreeSet<PathBuf> = manifests
         .iter()
         .map(|(path, _)| {

@@ -11,8 +11,13 @@
 
 use std::ffi::CString;
 use std::io::Read;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
+use imgdeploy_common::blockmap::BlockMap;
+use imgdeploy_common::compress::Compressor;
+
+use crate::blocks::{build_map, MapBuildError, MappedFile, Packer, ReuseIndex, ReuseStats};
 use crate::sqfs::{FileSlot, ImageWriter, Inode, Special, SqfsError, WriterOptions};
 use crate::tree::{classify, Kind, Node, Tree, WalkError};
 
@@ -41,6 +46,12 @@ pub enum ImageError {
     /// A name contains a NUL byte (impossible on Linux, but checked).
     #[error("{0} has a name squashfs cannot store")]
     Name(PathBuf),
+    /// The compressor could not be set up.
+    #[error("cannot set up zstd compression")]
+    Compressor(#[source] std::io::Error),
+    /// The finished image could not be mapped.
+    #[error(transparent)]
+    Map(#[from] MapBuildError),
 }
 
 /// How to write the image.
@@ -58,7 +69,7 @@ pub struct ImageOptions {
 }
 
 /// What was written.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ImageStats {
     /// Image size in bytes (padded to 4 KiB).
     pub size: u64,
@@ -66,6 +77,10 @@ pub struct ImageStats {
     pub inodes: u32,
     /// Regular-file bytes read.
     pub data_bytes: u64,
+    /// Blocks reused from earlier images and blocks compressed.
+    pub reuse: ReuseStats,
+    /// Where every block of the image is.
+    pub map: BlockMap,
 }
 
 /// Children before parents, siblings in name order, root last; each inode
@@ -129,15 +144,18 @@ fn pack_file(
     Ok(())
 }
 
-/// Writes `tree` to a new file at `out`. `progress` is told of every data
-/// byte packed.
+/// Writes `tree` to a new file at `out`, copying the compressed bytes of
+/// every block `reuse` holds instead of compressing it again, and maps the
+/// result. `progress` is told of every data byte packed.
 pub fn write_image(
     tree: &Tree,
     out: &Path,
     opts: &ImageOptions,
+    reuse: ReuseIndex,
     progress: &dyn Fn(u64),
 ) -> Result<ImageStats, ImageError> {
     let newest = tree.nodes.iter().map(|n| n.mtime).max().unwrap_or(0);
+    let (packer, record) = Packer::new(opts.level, reuse).map_err(ImageError::Compressor)?;
     let mut w = ImageWriter::create(
         out,
         &WriterOptions {
@@ -146,11 +164,13 @@ pub fn write_image(
             workers: opts.workers,
             mtime: opts.mtime.unwrap_or(newest),
         },
+        Box::new(packer),
     )?;
 
     // 1. File data, in sorted depth-first (pre-)order so that neighbouring
     //    files in the tree are neighbours in the image.
     let mut slots: Vec<Option<FileSlot>> = vec![None; tree.nodes.len()];
+    let mut packed = Vec::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut stack = vec![0usize];
     while let Some(idx) = stack.pop() {
@@ -158,6 +178,7 @@ pub fn write_image(
         match &node.kind {
             Kind::Dir(children) => stack.extend(children.iter().rev()),
             Kind::File(size) if node.link_of.is_none() => {
+                packed.push(idx);
                 slots[idx] = Some(w.begin_file(!opts.fragments)?);
                 pack_file(&mut w, tree, node, *size, &mut buf, progress)?;
                 w.end_file()?;
@@ -166,6 +187,8 @@ pub fn write_image(
         }
     }
     w.finish_data()?;
+    let fragments = w.fragment_blocks()?;
+    let mut layouts = vec![None; tree.nodes.len()];
 
     // 2. Inode numbers, post-order.
     let order = post_order(tree);
@@ -220,6 +243,7 @@ pub fn write_image(
             Kind::File(_) => {
                 let slot = slots[p].expect("every primary file was packed");
                 let mut inode = w.take_file_inode(slot)?;
+                layouts[p] = inode.file_layout();
                 inode.set_file_nlink(node.nlink)?;
                 inode
             }
@@ -237,8 +261,22 @@ pub fn write_image(
         }
         iref[p] = w.write_inode(&inode)?;
     }
-    let size = w.finalize(inode_count, iref[0])?;
-    Ok(ImageStats { size, inodes: inode_count, data_bytes: tree.data_bytes })
+    let (size, tables) = w.finalize(inode_count, iref[0])?;
+
+    // 4. The block map, from the bytes now in the file.
+    let files = packed
+        .iter()
+        .map(|&idx| {
+            let layout = layouts[idx].take().ok_or_else(|| {
+                MapBuildError::Structure(format!("{} has no file inode", tree.nodes[idx].path.display()))
+            })?;
+            Ok(MappedFile { path: tree.nodes[idx].rel.as_os_str().as_bytes(), layout })
+        })
+        .collect::<Result<Vec<_>, MapBuildError>>()?;
+    let image = std::fs::File::open(out).map_err(|e| ImageError::Map(MapBuildError::Read(e)))?;
+    let map =
+        build_map(&image, size, &tables, BLOCK_SIZE, Compressor::identity(opts.level), &files, &fragments, &record)?;
+    Ok(ImageStats { size, inodes: inode_count, data_bytes: tree.data_bytes, reuse: record.stats(), map })
 }
 
 #[cfg(test)]
@@ -257,8 +295,8 @@ mod tests {
         let tree = read_tree(&src, &compile_excludes(&[]).unwrap()).unwrap();
         let opts = ImageOptions { level: 3, workers: 2, mtime: Some(1_000), fragments: true };
         let (a, b) = (d.path().join("a.sqfs"), d.path().join("b.sqfs"));
-        let st = write_image(&tree, &a, &opts, &|_| {}).unwrap();
-        write_image(&tree, &b, &opts, &|_| {}).unwrap();
+        let st = write_image(&tree, &a, &opts, ReuseIndex::default(), &|_| {}).unwrap();
+        write_image(&tree, &b, &opts, ReuseIndex::default(), &|_| {}).unwrap();
         let bytes = std::fs::read(&a).unwrap();
         assert_eq!(bytes, std::fs::read(&b).unwrap(), "two builds differ");
         assert_eq!(bytes.len() as u64, st.size);
@@ -269,7 +307,7 @@ mod tests {
             (5, 1_000, "zstd", BLOCK_SIZE)
         );
         sb.check_size(st.size).unwrap();
-        assert!(write_image(&tree, &a, &opts, &|_| {}).is_err(), "overwrote an existing file");
+        assert!(write_image(&tree, &a, &opts, ReuseIndex::default(), &|_| {}).is_err(), "overwrote an existing file");
     }
 
     #[test]
@@ -285,16 +323,16 @@ mod tests {
         // recreated below cannot get its number back.
         std::fs::hard_link(src.join("gone"), d.path().join("keep")).unwrap();
         std::fs::remove_file(src.join("gone")).unwrap();
-        let err = write_image(&tree, &d.path().join("a"), &opts, &|_| {}).unwrap_err();
+        let err = write_image(&tree, &d.path().join("a"), &opts, ReuseIndex::default(), &|_| {}).unwrap_err();
         assert!(matches!(&err, ImageError::Walk(WalkError::Vanished(p)) if p.ends_with("gone")), "{err}");
         // Recreated under the same name: another inode, not the file the walk saw.
         std::fs::write(src.join("gone"), b"x").unwrap();
-        let err = write_image(&tree, &d.path().join("b"), &opts, &|_| {}).unwrap_err();
+        let err = write_image(&tree, &d.path().join("b"), &opts, ReuseIndex::default(), &|_| {}).unwrap_err();
         assert!(matches!(&err, ImageError::Walk(WalkError::Replaced(p)) if p.ends_with("gone")), "{err}");
         // The same inode, grown.
         let tree = read_tree(&src, &compile_excludes(&[]).unwrap()).unwrap();
         std::fs::write(src.join("grows"), b"xx").unwrap();
-        let err = write_image(&tree, &d.path().join("c"), &opts, &|_| {}).unwrap_err();
+        let err = write_image(&tree, &d.path().join("c"), &opts, ReuseIndex::default(), &|_| {}).unwrap_err();
         assert!(matches!(&err, ImageError::Changed { expected: 1, found: 2, .. }), "{err}");
     }
 }

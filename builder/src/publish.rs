@@ -9,6 +9,7 @@
 //!                            never pairs a manifest with another's signature
 //!   images/<sha256>.squashfs  immutable, content-addressed images
 //!   indexes/<sha256>.idx      their chunk indexes (delta updates), also immutable
+//!   maps/<sha256>.map         their block maps (incremental builds, static deltas)
 //! ```
 //!
 //! Order on disk: image (temp, fsync, rename) first, then the signatures,
@@ -25,11 +26,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use imgdeploy_common::atomic::{commit_file, create_dir_all_durable, fsync_dir, write_atomic};
+use imgdeploy_common::blockmap::{map_path, BlockMap, MAPS_DIR, MAX_MAP_BYTES};
 use imgdeploy_common::chunk::{ChunkIndex, ChunkParams};
 use imgdeploy_common::digest::Sha256Digest;
 use imgdeploy_common::manifest::{
-    image_path, index_path, signature_path, validate_channel, ImageRef, IndexRef, Manifest, ManifestError, Timestamp,
-    FORMAT_VERSION, IMAGES_DIR, INDEXES_DIR, SIGS_DIR,
+    image_path, index_path, signature_path, validate_channel, BlockMapRef, ImageRef, IndexRef, Manifest, ManifestError,
+    Timestamp, FORMAT_VERSION, IMAGES_DIR, INDEXES_DIR, SIGS_DIR,
 };
 use imgdeploy_common::sign::{PrivateKey, PublicKey};
 use imgdeploy_common::trust::{verify_signed, TrustError};
@@ -249,6 +251,8 @@ pub struct Published {
     pub index: PathBuf,
     /// Number of chunks in the index.
     pub chunks: usize,
+    /// Block map file (absolute).
+    pub block_map: PathBuf,
     /// Image size.
     pub size: u64,
     /// Channel.
@@ -297,6 +301,10 @@ pub struct StoredImage {
     pub index_file: PathBuf,
     /// Number of chunks.
     pub chunks: usize,
+    /// Its published block map.
+    pub block_map: BlockMapRef,
+    /// The block map file (absolute).
+    pub map_file: PathBuf,
 }
 
 /// Whether `path` is a regular file of `size` bytes hashing to `sha`.
@@ -320,24 +328,34 @@ pub fn signer_and(key: &PrivateKey, also: &[PublicKey]) -> Vec<PublicKey> {
     std::iter::once(key.public()).chain(also.iter().cloned()).collect()
 }
 
+/// Writes a content-addressed file (`dir/<name>`) unless it already holds `bytes`.
+fn store_named(repo: &Repo, dir: &str, rel: &str, bytes: &[u8]) -> Result<PathBuf, PublishError> {
+    let err = |source| PublishError::Repo { path: repo.root.join(dir), source };
+    create_dir_all_durable(&repo.root.join(dir), 0o755).map_err(err)?;
+    let file = repo.root.join(rel);
+    // A name is kept only when the content matches it: whoever can write to
+    // the bucket must not get a rebuild to sign other bytes under it.
+    if !holds(&file, Sha256Digest::of_bytes(bytes), bytes.len() as u64) {
+        write_atomic(&file, bytes, 0o644).map_err(err)?;
+    }
+    Ok(file)
+}
+
 /// Moves a finished image (a temp file inside the repo's images directory)
-/// to its content-addressed name, and publishes its chunk index, both
-/// computed in one read of the image.
-pub fn store_image(repo: &Repo, tmp: &Path) -> Result<StoredImage, PublishError> {
+/// to its content-addressed name, and publishes its chunk index (computed
+/// in the same read of the image) and its block map.
+pub fn store_image(repo: &Repo, tmp: &Path, map: &BlockMap) -> Result<StoredImage, PublishError> {
     let err = |source| PublishError::Repo { path: repo.images_dir(), source };
     let reader = std::io::BufReader::with_capacity(1 << 20, fs::File::open(tmp).map_err(err)?);
     let (index, sha, size) = ChunkIndex::build(reader, ChunkParams::default()).map_err(err)?;
     let encoded = index.encode();
     let index_sha = Sha256Digest::of_bytes(&encoded);
     let index_ref = IndexRef { path: index_path(&index_sha), sha256: index_sha, size: encoded.len() as u64 };
-    let index_file = repo.root.join(&index_ref.path);
-    let ierr = |source| PublishError::Repo { path: repo.root.join(INDEXES_DIR), source };
-    create_dir_all_durable(&repo.root.join(INDEXES_DIR), 0o755).map_err(ierr)?;
-    // A name is kept only when the content matches it: whoever can write to
-    // the bucket must not get a rebuild to sign other bytes under it.
-    if !holds(&index_file, index_sha, encoded.len() as u64) {
-        write_atomic(&index_file, &encoded, 0o644).map_err(ierr)?;
-    }
+    let index_file = store_named(repo, INDEXES_DIR, &index_ref.path, &encoded)?;
+    let map_bytes = map.encode();
+    let map_sha = Sha256Digest::of_bytes(&map_bytes);
+    let block_map = BlockMapRef { path: map_path(&map_sha), sha256: map_sha, size: map_bytes.len() as u64 };
+    let map_file = store_named(repo, MAPS_DIR, &block_map.path, &map_bytes)?;
     let dest = repo.root.join(image_path(&sha));
     if holds(&dest, sha, size) {
         // Same bytes already published (content addressing): keep the old file,
@@ -350,7 +368,76 @@ pub fn store_image(repo: &Repo, tmp: &Path) -> Result<StoredImage, PublishError>
         }
         commit_file(tmp, &dest).map_err(err)?;
     }
-    Ok(StoredImage { path: dest, sha256: sha, size, index: index_ref, index_file, chunks: index.chunks.len() })
+    Ok(StoredImage {
+        path: dest,
+        sha256: sha,
+        size,
+        index: index_ref,
+        index_file,
+        chunks: index.chunks.len(),
+        block_map,
+        map_file,
+    })
+}
+
+/// The images the repository's channels currently serve, with their block
+/// maps, for an incremental build to copy blocks from. Only what a
+/// manifest signed by `trusted` names is used, and only when its map has
+/// the signed sha256; anything missing or wrong is left out with a note,
+/// never an error (the build then compresses those blocks itself).
+pub fn earlier_images(repo: &Repo, trusted: &[PublicKey]) -> Vec<crate::blocks::Source> {
+    let manifests = match repo.manifests() {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::warn!("not reusing earlier images: {}", one_line(&e));
+            return Vec::new();
+        }
+    };
+    let mut seen = std::collections::HashSet::new();
+    let mut sources = Vec::new();
+    for (path, _) in manifests {
+        let Some(channel) = path.file_stem().and_then(|s| s.to_str()) else { continue };
+        let m = match current_manifest(repo, channel, trusted) {
+            Ok(Some(m)) => m,
+            Ok(None) => continue,
+            Err(e) => {
+                tracing::warn!("not reusing channel `{channel}`'s image: {}", one_line(&e));
+                continue;
+            }
+        };
+        if !seen.insert(m.image.sha256) {
+            continue;
+        }
+        let Some(r) = &m.block_map else {
+            tracing::info!("not reusing channel `{channel}`'s image: it was built without a block map");
+            continue;
+        };
+        let image = repo.root.join(&m.image.path);
+        match load_map(&repo.root.join(&r.path), r)
+            .and_then(|map| crate::blocks::open_source(&image, map, m.image.size))
+        {
+            Ok(s) => sources.push(s),
+            Err(e) => tracing::warn!("not reusing {} (channel `{channel}`): {e}", image.display()),
+        }
+    }
+    sources
+}
+
+/// Reads a block map that must be the one `r` signs.
+fn load_map(path: &Path, r: &BlockMapRef) -> io::Result<BlockMap> {
+    let bad =
+        |why: String| io::Error::new(io::ErrorKind::InvalidData, format!("its block map {}: {why}", path.display()));
+    let file = fs::File::open(path).map_err(|e| bad(e.to_string()))?;
+    let mut bytes = Vec::new();
+    io::Read::read_to_end(&mut io::Read::take(file, MAX_MAP_BYTES as u64 + 1), &mut bytes)?;
+    let found = (bytes.len() as u64, Sha256Digest::of_bytes(&bytes));
+    if found != (r.size, r.sha256) {
+        return Err(bad(format!(
+            "{} bytes with sha256 {}, signed: {} bytes with sha256 {}",
+            found.0, found.1, r.size, r.sha256
+        )));
+    }
+    BlockMap::decode(&bytes).map_err(|e| bad(e.to_string()))
 }
 
 /// Refuses a manifest that would already be expired when signed (an old
@@ -431,6 +518,9 @@ pub fn verify_stored(repo: &Repo, m: &Manifest) -> Result<(), PublishError> {
     if let Some(i) = &m.index {
         check(&i.path, i.sha256, i.size)?;
     }
+    if let Some(b) = &m.block_map {
+        check(&b.path, b.sha256, b.size)?;
+    }
     Ok(())
 }
 
@@ -461,6 +551,7 @@ pub fn publish_manifest(
         },
         index: Some(image.index.clone()),
         rollout: release.rollout,
+        block_map: Some(image.block_map.clone()),
     };
     let (manifest_path, sig_path) = sign_and_write(repo, key, &manifest)?;
     Ok(Published {
@@ -470,6 +561,7 @@ pub fn publish_manifest(
         sha256,
         index: image.index_file.clone(),
         chunks: image.chunks,
+        block_map: image.map_file.clone(),
         size,
         channel: manifest.channel,
         serial,
@@ -501,8 +593,16 @@ mod tests {
         assert_eq!(next_serial(&repo, &rel(None), &trusted).unwrap(), 1);
         let tmp = repo.images_dir().join(".tmp-x");
         fs::write(&tmp, b"image bytes").unwrap();
-        let stored = store_image(&repo, &tmp).unwrap();
+        let map = BlockMap {
+            compressor: imgdeploy_common::compress::Compressor::identity(15),
+            block_size: 131072,
+            image_size: 11,
+            blocks: vec![],
+            files: vec![],
+        };
+        let stored = store_image(&repo, &tmp, &map).unwrap();
         assert!(stored.index_file.exists());
+        assert_eq!(BlockMap::decode(&fs::read(&stored.map_file).unwrap()).unwrap(), map);
         let published = publish_manifest(&repo, &key, &rel(None), 5, &stored).unwrap();
         assert_eq!(published.version, "r5");
         assert_eq!(next_serial(&repo, &rel(None), &trusted).unwrap(), 6);

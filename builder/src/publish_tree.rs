@@ -10,10 +10,13 @@ use anyhow::{Context, Result};
 use imgdeploy_common::manifest::{validate_channel, validate_version, Timestamp};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use imgdeploy_common::compress::Compressor;
+
+use crate::blocks::{ReuseIndex, ReuseStats};
 use crate::image::{write_image, ImageOptions};
 use crate::keygen::load_private_key;
 use crate::publish::{
-    check_not_expired, next_serial, publish_manifest, signer_and, store_image, Published, Release, Repo,
+    check_not_expired, earlier_images, next_serial, publish_manifest, signer_and, store_image, Published, Release, Repo,
 };
 use crate::tree::{compile_excludes, read_tree};
 
@@ -47,6 +50,9 @@ pub struct BuildRequest {
     pub fragments: bool,
     /// Staged rollout percentage.
     pub rollout: Option<u8>,
+    /// Copy the compressed blocks of the images the repository's channels
+    /// serve instead of compressing their content again.
+    pub reuse: bool,
 }
 
 /// The result of a build.
@@ -59,6 +65,9 @@ pub struct BuildReport {
     pub inodes: u32,
     /// Regular-file bytes packed.
     pub data_bytes: u64,
+    /// Blocks copied from earlier images and blocks compressed.
+    #[serde(flatten)]
+    pub reuse: ReuseStats,
 }
 
 /// Removes a temp file unless it was committed.
@@ -136,18 +145,23 @@ pub fn build(req: &BuildRequest) -> Result<BuildReport> {
         mtime: epoch.map(|e| e.min(u32::MAX as u64) as u32),
         fragments: req.fragments,
     };
+    let sources = if req.reuse { earlier_images(&repo, &trusted) } else { Vec::new() };
+    let reuse = ReuseIndex::new(sources, Compressor::identity(req.level));
+    if !reuse.is_empty() {
+        tracing::info!("{} distinct blocks of earlier images can be reused", reuse.len());
+    }
     let pb = progress_bar(tree.data_bytes);
-    let stats =
-        write_image(&tree, &tmp.0, &opts, &|n| pb.inc(n)).with_context(|| format!("packing {}", req.src.display()))?;
+    let stats = write_image(&tree, &tmp.0, &opts, reuse, &|n| pb.inc(n))
+        .with_context(|| format!("packing {}", req.src.display()))?;
     pb.finish_and_clear();
 
     // From storing the image (which `gc` must not remove before a manifest
     // names it) to signing the manifest.
     let _lock = repo.lock()?;
-    let stored = store_image(&repo, &tmp.0)?;
+    let stored = store_image(&repo, &tmp.0, &stats.map)?;
     let serial = next_serial(&repo, &release, &trusted)?;
     let published = publish_manifest(&repo, &key, &release, serial, &stored)?;
-    Ok(BuildReport { published, inodes: stats.inodes, data_bytes: stats.data_bytes })
+    Ok(BuildReport { published, inodes: stats.inodes, data_bytes: stats.data_bytes, reuse: stats.reuse })
 }
 
 /// For messages: a path relative to the current directory when shorter.

@@ -11,6 +11,12 @@
 //! and take every decision about inodes (numbers, nlink, parents, devices,
 //! ordering, timestamps) ourselves in [`crate::image`].
 //!
+//! The blocks themselves are not compressed by libsquashfs's zstd (Debian's
+//! libzstd) but by a compressor object of ours that libsquashfs calls for
+//! every data, fragment and metadata block ([`BlockPacker`]), so that the
+//! bytes come from [`imgdeploy_common::compress`], the same code a deployer
+//! recompresses with, and an earlier image's block can be reused instead.
+//!
 //! The declarations below mirror `/usr/include/sqfs/*.h` of 1.2.0 by hand
 //! (only what we call); `tests::layouts` pins the struct sizes the C headers
 //! give, and the round-trip tests mount every image with the kernel.
@@ -155,7 +161,17 @@ mod ffi {
         pub data: [u32; 10],
     }
 
+    #[repr(C)]
+    #[derive(Default)]
+    pub struct Fragment {
+        pub start_offset: u64,
+        pub size: u32,
+        pub pad0: u32,
+    }
+
     pub const SQFS_COMP_ZSTD: c_uint = 6;
+    pub const SQFS_ERROR_COMPRESSOR: i32 = -3;
+    pub const SQFS_INODE_EXT_FILE: u16 = 9;
     pub const SQFS_FILE_OPEN_NO_CHARSET_XFRM: u32 = 0x04;
     pub const SQFS_META_WRITER_KEEP_IN_MEMORY: u32 = 0x01;
     pub const SQFS_FLAG_COMPRESSOR_OPTIONS: u16 = 0x0400;
@@ -185,6 +201,8 @@ mod ffi {
         pub fn sqfs_frag_table_create(flags: u32) -> *mut c_void;
         pub fn sqfs_frag_table_write(tbl: *mut c_void, file: *mut File, sup: *mut Super, cmp: *mut Compressor)
             -> c_int;
+        pub fn sqfs_frag_table_lookup(tbl: *mut c_void, index: u32, out: *mut Fragment) -> c_int;
+        pub fn sqfs_frag_table_get_size(tbl: *mut c_void) -> usize;
         pub fn sqfs_block_processor_create_ex(desc: *const BlockProcessorDesc, out: *mut *mut c_void) -> c_int;
         pub fn sqfs_block_processor_begin_file(
             proc_: *mut c_void,
@@ -244,6 +262,140 @@ unsafe fn destroy(obj: *mut c_void) {
         let o = obj as *mut ffi::Object;
         ((*o).destroy)(o);
     }
+}
+
+/// What compresses the blocks libsquashfs hands over: one value per worker
+/// thread, each made by [`BlockPacker::fork`] of the first.
+pub trait BlockPacker: Send {
+    /// Packs `input` into `out` (which holds at least `input.len() - 1`
+    /// bytes), or says it is to be stored as it is.
+    fn pack(&mut self, input: &[u8], out: &mut [u8]) -> std::io::Result<imgdeploy_common::compress::Packed>;
+    /// Another packer for another thread, sharing whatever state this one shares.
+    fn fork(&self) -> std::io::Result<Box<dyn BlockPacker>>;
+}
+
+/// A `sqfs_compressor_t` whose blocks go through a [`BlockPacker`]. The
+/// options block (written once, at the start of the image) comes from
+/// libsquashfs's own zstd compressor of the same level, which it borrows.
+#[repr(C)]
+struct OwnCompressor {
+    base: ffi::Compressor,
+    options: *mut ffi::Compressor,
+    packer: Box<dyn BlockPacker>,
+}
+
+impl OwnCompressor {
+    fn boxed(options: *mut ffi::Compressor, packer: Box<dyn BlockPacker>) -> *mut ffi::Compressor {
+        let this = Box::new(OwnCompressor {
+            base: ffi::Compressor {
+                base: ffi::Object { destroy: own_destroy, copy: Some(own_copy) },
+                get_configuration: own_get_configuration,
+                write_options: own_write_options,
+                read_options: own_read_options,
+                do_block: own_do_block,
+            },
+            options,
+            packer,
+        });
+        Box::into_raw(this).cast()
+    }
+}
+
+/// SAFETY (all `own_*`): libsquashfs calls these only with a pointer
+/// returned by [`OwnCompressor::boxed`] or `own_copy`, which is an
+/// `OwnCompressor` (its first member is the `sqfs_compressor_t`), and with
+/// buffers valid for the sizes it passes. `options` outlives every copy.
+unsafe extern "C" fn own_destroy(obj: *mut ffi::Object) {
+    drop(Box::from_raw(obj.cast::<OwnCompressor>()));
+}
+
+unsafe extern "C" fn own_copy(obj: *const ffi::Object) -> *mut ffi::Object {
+    let this = &*obj.cast::<OwnCompressor>();
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| this.packer.fork())) {
+        Ok(Ok(packer)) => OwnCompressor::boxed(this.options, packer).cast(),
+        _ => ptr::null_mut(),
+    }
+}
+
+unsafe extern "C" fn own_get_configuration(cmp: *const ffi::Compressor, cfg: *mut ffi::CompressorConfig) {
+    let this = &*cmp.cast::<OwnCompressor>();
+    ((*this.options).get_configuration)(this.options, cfg)
+}
+
+unsafe extern "C" fn own_write_options(cmp: *mut ffi::Compressor, file: *mut ffi::File) -> c_int {
+    let this = &*cmp.cast::<OwnCompressor>();
+    ((*this.options).write_options)(this.options, file)
+}
+
+unsafe extern "C" fn own_read_options(cmp: *mut ffi::Compressor, file: *mut ffi::File) -> c_int {
+    let this = &*cmp.cast::<OwnCompressor>();
+    ((*this.options).read_options)(this.options, file)
+}
+
+unsafe extern "C" fn own_do_block(
+    cmp: *mut ffi::Compressor,
+    input: *const u8,
+    size: u32,
+    out: *mut u8,
+    outsize: u32,
+) -> i32 {
+    use imgdeploy_common::compress::Packed;
+    let this = &mut *cmp.cast::<OwnCompressor>();
+    if size == 0 || size >= i32::MAX as u32 {
+        return ffi::SQFS_ERROR_COMPRESSOR;
+    }
+    let input = std::slice::from_raw_parts(input, size as usize);
+    let out = std::slice::from_raw_parts_mut(out, outsize as usize);
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| this.packer.pack(input, out))) {
+        Ok(Ok(Packed::Compressed(n))) if n < size as usize => n as i32,
+        Ok(Ok(_)) => 0,
+        Ok(Err(e)) => {
+            tracing::error!("compressing a block of {size} bytes: {e}");
+            ffi::SQFS_ERROR_COMPRESSOR
+        }
+        Err(_) => ffi::SQFS_ERROR_COMPRESSOR,
+    }
+}
+
+/// Where a file's data went, read from its finished inode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileLayout {
+    /// Offset of its first data block.
+    pub blocks_start: u64,
+    /// File size.
+    pub size: u64,
+    /// The squashfs size word of each full block (bit 24: stored; 0: sparse).
+    pub block_sizes: Vec<u32>,
+    /// Fragment index and offset of its tail, if it has one in a fragment block.
+    pub fragment: Option<(u32, u32)>,
+}
+
+/// A fragment block's location and squashfs size word.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FragmentBlock {
+    /// Offset in the image.
+    pub offset: u64,
+    /// Size word (bit 24: stored).
+    pub size: u32,
+}
+
+/// Where the tables of a finished image are (from its superblock).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Tables {
+    /// Start of the inode table (the end of the data area).
+    pub inode_table_start: u64,
+    /// Start of the fragment table's location array (u64::MAX: none).
+    pub fragment_table_start: u64,
+    /// Fragment table entries.
+    pub fragment_entry_count: u32,
+    /// Start of the id table's location array.
+    pub id_table_start: u64,
+    /// Id table entries.
+    pub id_count: u16,
+    /// Start of the xattr id table header (u64::MAX: none).
+    pub xattr_id_table_start: u64,
+    /// End of the filesystem (before the padding).
+    pub bytes_used: u64,
 }
 
 /// An inode under construction, owned by us (freed with `sqfs_free`).
@@ -322,6 +474,29 @@ impl Inode {
         Ok(inode)
     }
 
+    /// The data layout of a regular file's inode (None for other inodes).
+    pub fn file_layout(&self) -> Option<FileLayout> {
+        let p = self.ptr.as_ptr();
+        // SAFETY: we own the inode; FILE is blocks_start, fragment_index,
+        // fragment_offset, file_size (u32 each); EXT_FILE is blocks_start,
+        // file_size, sparse (u64 each), nlink, fragment_idx, fragment_offset;
+        // the block sizes follow the struct (`payload_bytes_used` bytes).
+        unsafe {
+            let d = &(*p).data;
+            let wide = |lo: u32, hi: u32| lo as u64 | (hi as u64) << 32;
+            let (blocks_start, size, frag_idx, frag_off) = match (*p).base.type_ {
+                ffi::SQFS_INODE_FILE => (d[0] as u64, d[3] as u64, d[1], d[2]),
+                ffi::SQFS_INODE_EXT_FILE => (wide(d[0], d[1]), wide(d[2], d[3]), d[7], d[8]),
+                _ => return None,
+            };
+            let count = (*p).payload_bytes_used as usize / 4;
+            let sizes = (p as *const u8).add(std::mem::size_of::<ffi::InodeGeneric>()).cast::<u32>();
+            let block_sizes = (0..count).map(|i| sizes.add(i).read_unaligned()).collect();
+            let fragment = (frag_idx != u32::MAX).then_some((frag_idx, frag_off));
+            Some(FileLayout { blocks_start, size, block_sizes, fragment })
+        }
+    }
+
     /// Sets the fields every inode has.
     pub fn set_base(&mut self, mode: u16, uid_idx: u16, gid_idx: u16, mtime: u32, number: u32) {
         // SAFETY: we own the allocation.
@@ -389,6 +564,9 @@ pub struct WriterOptions {
 /// Every libsquashfs object needed to write one image, destroyed together.
 pub struct ImageWriter {
     file: *mut ffi::File,
+    /// libsquashfs's zstd compressor, used only for the options block.
+    options_cmp: *mut ffi::Compressor,
+    /// Ours ([`OwnCompressor`]): every block goes through it.
     cmp: *mut ffi::Compressor,
     blkwr: *mut c_void,
     fragtbl: *mut c_void,
@@ -415,6 +593,7 @@ impl Drop for ImageWriter {
                 destroy(obj);
             }
             destroy(self.cmp.cast());
+            destroy(self.options_cmp.cast());
             destroy(self.file.cast());
             for slot in &self.file_slots {
                 if !slot.is_null() {
@@ -431,11 +610,12 @@ pub struct FileSlot(usize);
 
 impl ImageWriter {
     /// Creates `path` (which must not exist) and prepares to write an image.
-    pub fn create(path: &Path, opts: &WriterOptions) -> Result<Self, SqfsError> {
+    pub fn create(path: &Path, opts: &WriterOptions, packer: Box<dyn BlockPacker>) -> Result<Self, SqfsError> {
         let cpath = CString::new(path.as_os_str().as_bytes())
             .map_err(|_| SqfsError { what: "naming the image file", code: -16 })?;
         let mut w = ImageWriter {
             file: ptr::null_mut(),
+            options_cmp: ptr::null_mut(),
             cmp: ptr::null_mut(),
             blkwr: ptr::null_mut(),
             fragtbl: ptr::null_mut(),
@@ -463,7 +643,8 @@ impl ImageWriter {
                 "configuring zstd",
             )?;
             cfg.level = opts.level;
-            check(ffi::sqfs_compressor_create(&cfg, &mut w.cmp), "creating the zstd compressor")?;
+            check(ffi::sqfs_compressor_create(&cfg, &mut w.options_cmp), "creating the zstd compressor")?;
+            w.cmp = OwnCompressor::boxed(w.options_cmp, packer);
             check(
                 ffi::sqfs_super_init(&mut w.sup, opts.block_size as usize, opts.mtime, ffi::SQFS_COMP_ZSTD),
                 "initialising the superblock",
@@ -553,6 +734,21 @@ impl ImageWriter {
         Ok(())
     }
 
+    /// Every fragment block written, by fragment index. Call after `finish_data`.
+    pub fn fragment_blocks(&mut self) -> Result<Vec<FragmentBlock>, SqfsError> {
+        // SAFETY: plain calls on our fragment table.
+        unsafe {
+            let n = ffi::sqfs_frag_table_get_size(self.fragtbl);
+            (0..n as u32)
+                .map(|i| {
+                    let mut f = ffi::Fragment::default();
+                    check(ffi::sqfs_frag_table_lookup(self.fragtbl, i, &mut f), "reading the fragment table")?;
+                    Ok(FragmentBlock { offset: f.start_offset, size: f.size })
+                })
+                .collect()
+        }
+    }
+
     /// Takes ownership of a file's finished inode. Call after `finish_data`.
     pub fn take_file_inode(&mut self, slot: FileSlot) -> Result<Inode, SqfsError> {
         let p = std::mem::replace(&mut *self.file_slots[slot.0], ptr::null_mut());
@@ -627,7 +823,7 @@ impl ImageWriter {
 
     /// Writes the tables and the final superblock. The image is complete
     /// (padded to 4 KiB) when this returns.
-    pub fn finalize(mut self, inode_count: u32, root_ref: u64) -> Result<u64, SqfsError> {
+    pub fn finalize(mut self, inode_count: u32, root_ref: u64) -> Result<(u64, Tables), SqfsError> {
         // SAFETY: plain calls in the order the format requires: inode table,
         // directory table, fragment table, id table, xattrs, superblock.
         unsafe {
@@ -657,7 +853,17 @@ impl ImageWriter {
                     "padding the image",
                 )?;
             }
-            Ok(self.sup.bytes_used + pad)
+            let sup = &self.sup;
+            let tables = Tables {
+                inode_table_start: sup.inode_table_start,
+                fragment_table_start: sup.fragment_table_start,
+                fragment_entry_count: sup.fragment_entry_count,
+                id_table_start: sup.id_table_start,
+                id_count: sup.id_count,
+                xattr_id_table_start: sup.xattr_id_table_start,
+                bytes_used: sup.bytes_used,
+            };
+            Ok((self.sup.bytes_used + pad, tables))
         }
     }
 }
@@ -676,5 +882,6 @@ mod tests {
         assert_eq!(size_of::<ffi::BlockProcessorDesc>(), 56);
         assert_eq!(size_of::<ffi::File>(), 48);
         assert_eq!(size_of::<ffi::Compressor>(), 48);
+        assert_eq!(size_of::<ffi::Fragment>(), 16);
     }
 }

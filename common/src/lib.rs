@@ -15,9 +15,11 @@
 #![deny(missing_docs)]
 
 pub mod atomic;
+pub mod blockmap;
 pub mod chunk;
 #[cfg(feature = "cli")]
 pub mod cli;
+pub mod compress;
 pub mod digest;
 pub mod location;
 pub mod manifest;

@@ -206,6 +206,22 @@ pub struct Manifest {
     /// image (absent: all). See [`crate::rollout`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<u8>,
+    /// The image's block map, for incremental builds and static deltas
+    /// (absent: images built before block maps). See [`crate::blockmap`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block_map: Option<BlockMapRef>,
+}
+
+/// Where the image's block map is (see [`crate::blockmap`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlockMapRef {
+    /// Path relative to the manifest's directory: `maps/<sha256>.map`.
+    pub path: String,
+    /// SHA-256 of the (compressed) map file.
+    pub sha256: Sha256Digest,
+    /// Size of the map file.
+    pub size: u64,
 }
 
 /// The relative path an image with this digest is published under.
@@ -324,6 +340,21 @@ impl Manifest {
                 return Err(ManifestError::Field { field: "index.size", why: format!("{} is out of range", idx.size) });
             }
         }
+        if let Some(map) = &self.block_map {
+            let want = crate::blockmap::map_path(&map.sha256);
+            if map.path != want {
+                return Err(ManifestError::Field {
+                    field: "block_map.path",
+                    why: format!("`{}` must be `{want}`", map.path),
+                });
+            }
+            if map.size == 0 || map.size > crate::blockmap::MAX_MAP_BYTES as u64 {
+                return Err(ManifestError::Field {
+                    field: "block_map.size",
+                    why: format!("{} is out of range", map.size),
+                });
+            }
+        }
         Ok(())
     }
 
@@ -418,6 +449,7 @@ pub(crate) mod tests {
             },
             index: None,
             rollout: None,
+            block_map: None,
         }
     }
 

@@ -165,6 +165,7 @@ mod tests {
             },
             index: None,
             rollout: None,
+            block_map: None,
         }
     }
 

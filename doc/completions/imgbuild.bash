@@ -97,7 +97,7 @@ _imgbuild() {
             return 0
             ;;
         imgbuild__subcmd__build)
-            opts="-v -q -h --key --trust --channel --repo --version --serial --level --exclude --expires-in --jobs --no-fragments --rollout --json --verbose --quiet --help"
+            opts="-v -q -h --key --trust --channel --repo --version --serial --level --exclude --expires-in --jobs --no-fragments --no-reuse --rollout --json --verbose --quiet --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -331,7 +331,7 @@ _imgbuild() {
             return 0
             ;;
         imgbuild__subcmd__inspect)
-            opts="-v -q -h --json --verbose --quiet --help"
+            opts="-v -q -h --blocks --json --verbose --quiet --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0

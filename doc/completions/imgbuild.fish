@@ -54,6 +54,7 @@ complete -c imgbuild -n "__fish_imgbuild_using_subcommand build" -l expires-in -
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand build" -l jobs -d 'Compression threads (default: all cores)' -r
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand build" -l rollout -d 'Publish as a staged rollout to this share of hosts (0-100; default: all)' -r
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand build" -l no-fragments -d 'Store each file\'s tail in its own block instead of shared fragment blocks'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand build" -l no-reuse -d 'Compress every block, instead of copying the compressed bytes of blocks the repository\'s current images already hold (the image is the same either way)'
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand build" -l json -d 'Print the result as one JSON object'
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand build" -s v -l verbose -d 'More log output (repeat for more)'
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand build" -s q -l quiet -d 'Only errors on stderr'
@@ -67,6 +68,7 @@ complete -c imgbuild -n "__fish_imgbuild_using_subcommand verify" -l json -d 'Pr
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand verify" -s v -l verbose -d 'More log output (repeat for more)'
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand verify" -s q -l quiet -d 'Only errors on stderr'
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand verify" -s h -l help -d 'Print help'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand inspect" -l blocks -d 'Also summarise the image\'s block map (needs a manifest, beside its map)'
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand inspect" -l json -d 'Print the result as JSON'
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand inspect" -s v -l verbose -d 'More log output (repeat for more)'
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand inspect" -s q -l quiet -d 'Only errors on stderr'

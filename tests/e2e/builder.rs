@@ -577,7 +577,14 @@ fn gc_removes_only_unreferenced_images_beyond_keep() {
         r["removed"].as_array().unwrap().iter().filter(|p| p.as_str().unwrap().contains("/sigs/")).count();
     // Five manifests were signed; two are current, one more is kept.
     assert_eq!(removed_sigs, 2, "{r}");
-    assert_eq!(r["removed"].as_array().unwrap().len(), 4, "one image, its index and two signatures: {r}");
+    let removed_maps =
+        r["removed"].as_array().unwrap().iter().filter(|p| p.as_str().unwrap().contains("/maps/")).count();
+    assert_eq!(removed_maps, 1, "{r}");
+    assert_eq!(
+        r["removed"].as_array().unwrap().len(),
+        5,
+        "one image, its index, its block map and two signatures: {r}"
+    );
     assert!(images[0].exists() && images[3].exists(), "referenced images must stay");
     assert!(images[2].exists(), "the newest unreferenced image is kept");
     assert!(!images[1].exists(), "older unreferenced image removed");

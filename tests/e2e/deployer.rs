@@ -355,6 +355,7 @@ fn sign_manifest(keys: &Keys, repo: &Path, channel: &str, serial: u64, payload: 
         },
         index: None,
         rollout: None,
+        block_map: None,
     };
     let bytes = m.to_bytes();
     fs::write(repo.join(format!("{channel}.json")), &bytes).unwrap();

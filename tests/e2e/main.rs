@@ -2,6 +2,10 @@
 //! nginx. Privileged tests are named `privileged_*`; they skip without root on
 //! a laptop and fail under `CI=true` instead of skipping.
 //!
+//! - `blocks`: block maps (every block recompresses to the image's bytes,
+//!   every file rebuilds from its blocks) and incremental builds (the same
+//!   image as from scratch after every kind of change; never copied from a
+//!   corrupted, missing or differently compressed earlier image).
 //! - `builder`: imgbuild — faithful round trips through the kernel and
 //!   unsquashfs, reproducibility, signatures with openssl, bad input, gc.
 //! - `deployer`: imgdeploy against nginx — full cycle, drain, switches under
@@ -17,6 +21,7 @@
 //! - `private_origin`: TLS with its own CA, a client certificate and a bearer
 //!   token; refused without each; the token reaches no one else.
 
+mod blocks;
 mod builder;
 mod delta;
 mod deployer;

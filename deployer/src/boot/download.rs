@@ -275,6 +275,7 @@ mod tests {
             },
             index: None,
             rollout: None,
+            block_map: None,
         }
     }
 

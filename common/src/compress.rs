@@ -1,0 +1,166 @@
+//! The one zstd block compressor of the project.
+//!
+//! `imgbuild` hands this compressor to libsquashfs for every block of an
+//! image (data, fragment and metadata), and a deployer that rebuilds an image
+//! from blocks it already has (static deltas) recompresses with the same
+//! function. Both must produce the very bytes the other would, so everything
+//! that decides the output is fixed here: the zstd library is the one the
+//! `zstd` crate bundles (its version is pinned by `Cargo.lock` and recorded
+//! in every block map as [`Compressor::identity`]), the level is the only
+//! parameter, and the output buffer is always `ZSTD_compressBound` long, so
+//! zstd never takes a different path for a tight buffer.
+//!
+//! A block whose compressed form is not smaller than itself is stored
+//! uncompressed, as squashfs requires and libsquashfs does.
+
+use std::io;
+
+/// What compressing a block gave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Packed {
+    /// The first `n` bytes of the output buffer are the compressed block.
+    Compressed(usize),
+    /// Compression does not shrink the block: store it as it is.
+    Stored,
+}
+
+/// The compressor identity recorded in block maps: bytes compressed by one
+/// identity are reproduced only by the same identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Compressor {
+    /// The bundled libzstd's `ZSTD_versionNumber()`.
+    pub zstd_version: u32,
+    /// zstd level, 1..=22.
+    pub level: u32,
+}
+
+impl Compressor {
+    /// This build's compressor at `level`.
+    pub fn identity(level: u32) -> Self {
+        Self { zstd_version: zstd::zstd_safe::version_number(), level }
+    }
+}
+
+/// A compression context (one per thread).
+pub struct BlockCompressor {
+    cctx: zstd::bulk::Compressor<'static>,
+    scratch: Vec<u8>,
+}
+
+impl std::fmt::Debug for BlockCompressor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlockCompressor").finish_non_exhaustive()
+    }
+}
+
+impl BlockCompressor {
+    /// A context compressing at `level` (1..=22).
+    pub fn new(level: u32) -> io::Result<Self> {
+        let level = i32::try_from(level).map_err(|_| io::Error::other("zstd level out of range"))?;
+        Ok(Self { cctx: zstd::bulk::Compressor::new(level)?, scratch: Vec::new() })
+    }
+
+    /// Compresses `input` into `out` (which must hold `input.len() - 1`
+    /// bytes: anything longer is stored instead).
+    pub fn compress(&mut self, input: &[u8], out: &mut [u8]) -> io::Result<Packed> {
+        let bound = zstd::zstd_safe::compress_bound(input.len());
+        self.scratch.resize(bound, 0);
+        let n = self.cctx.compress_to_buffer(input, &mut self.scratch)?;
+        if n >= input.len() {
+            return Ok(Packed::Stored);
+        }
+        let have = out.len();
+        let dst =
+            out.get_mut(..n).ok_or_else(|| io::Error::other(format!("output buffer of {have} bytes is too small")))?;
+        dst.copy_from_slice(&self.scratch[..n]);
+        Ok(Packed::Compressed(n))
+    }
+
+    /// The on-disk form of `input`: compressed bytes, or `input` itself when stored.
+    pub fn pack(&mut self, input: &[u8]) -> io::Result<(Vec<u8>, bool)> {
+        let mut out = vec![0u8; input.len()];
+        match self.compress(input, &mut out)? {
+            Packed::Compressed(n) => {
+                out.truncate(n);
+                Ok((out, false))
+            }
+            Packed::Stored => Ok((input.to_vec(), true)),
+        }
+    }
+}
+
+/// Decompresses one block that must expand to exactly `raw_len` bytes
+/// (bounded: a block claiming more is an error, never an allocation).
+pub fn decompress_block(block: &[u8], raw_len: usize) -> io::Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(raw_len);
+    let mut d = zstd::bulk::Decompressor::new()?;
+    let n = d.decompress_to_buffer(block, &mut out)?;
+    if n != raw_len {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("block expands to {n} bytes, {raw_len} expected"),
+        ));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compressible_blocks_shrink_and_round_trip() {
+        let input: Vec<u8> = (0..131072u32).map(|i| (i % 251) as u8 / 4).collect();
+        let mut c = BlockCompressor::new(15).unwrap();
+        let (packed, stored) = c.pack(&input).unwrap();
+        assert!(!stored && packed.len() < input.len() / 4);
+        assert_eq!(decompress_block(&packed, input.len()).unwrap(), input);
+        assert!(decompress_block(&packed, input.len() - 1).is_err());
+        assert!(decompress_block(&packed, input.len() + 1).is_err());
+        // The same input gives the same bytes from another context, every time.
+        let mut other = BlockCompressor::new(15).unwrap();
+        other.pack(&[1, 2, 3]).unwrap();
+        assert_eq!(other.pack(&input).unwrap(), (packed.clone(), false));
+        // Another level gives other bytes.
+        assert_ne!(BlockCompressor::new(3).unwrap().pack(&input).unwrap().0, packed);
+    }
+
+    #[test]
+    fn incompressible_blocks_are_stored() {
+        let mut x = 0x9e3779b97f4a7c15u64;
+        let input: Vec<u8> = (0..8192)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let mut c = BlockCompressor::new(19).unwrap();
+        assert_eq!(c.pack(&input).unwrap(), (input.clone(), true));
+        let mut small = [0u8; 4];
+        assert_eq!(c.compress(&input, &mut small).unwrap(), Packed::Stored);
+        // A compressible block that does not fit the caller's buffer is an error, not a truncation.
+        assert!(c.compress(&[0u8; 8192], &mut small).is_err());
+        assert_eq!(Compressor::identity(19).level, 19);
+        assert!(Compressor::identity(19).zstd_version >= 10507);
+    }
+
+    #[test]
+    fn a_block_that_compresses_to_its_own_length_is_stored() {
+        // Found by search: 600 noise bytes and 20 more compress, at level 15,
+        // to exactly 620 bytes, which squashfs must store uncompressed.
+        let mut x = 0x1234567u64;
+        let mut input: Vec<u8> = (0..600)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        input.extend_from_slice(&[b'a'; 20]);
+        assert_eq!(zstd::bulk::compress(&input, 15).unwrap().len(), input.len());
+        assert_eq!(BlockCompressor::new(15).unwrap().pack(&input).unwrap(), (input.clone(), true));
+    }
+}
