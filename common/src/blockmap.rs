@@ -466,6 +466,7 @@ mod tests {
         assert_eq!(BlockMap::parse(&m.to_bytes()).unwrap(), m);
         assert_eq!(BlockMap::decode(&m.encode()).unwrap(), m);
         let s = m.summary();
+        assert_eq!((s.zstd_version, s.level, s.block_size), (10507, 15, 131072));
         assert_eq!((s.data.blocks, s.data.stored, s.data.disk_bytes, s.data.raw_bytes), (3, 1, 132572, 262844));
         assert_eq!((s.fragment.blocks, s.metadata.blocks, s.metadata.stored), (1, 2, 1));
         assert_eq!((s.files, s.files_with_tail, s.sparse_blocks, s.duplicate_blocks), (4, 2, 1, 0));
@@ -509,7 +510,35 @@ mod tests {
     }
 
     #[test]
+    fn counts_are_bounded_by_exactly_what_the_bytes_can_hold() {
+        // Block count: one more than the bytes after the header can hold is
+        // refused up front; the padding puts the limit where a careless
+        // bound (plus instead of minus, times instead of divided by) would pass it.
+        let mut b = sample().to_bytes();
+        while (b.len() - HEADER) % BLOCK < 10 {
+            b.push(0);
+        }
+        let fit = ((b.len() - HEADER) / BLOCK) as u32;
+        b[HEADER - 8..HEADER - 4].copy_from_slice(&(fit + 1).to_le_bytes());
+        assert!(BlockMap::parse(&b).unwrap_err().to_string().contains("do not fit"));
+        // A file's block count: exactly what the rest holds is not refused up
+        // front (it fails later, cut short); one more is.
+        let good = sample().to_bytes();
+        let at = HEADER + 6 * BLOCK + 2 + b"a/big".len() + 8;
+        let rest = ((good.len() - at - 4) / 4) as u32;
+        for (count, needle) in [(rest, "cut short"), (rest + 1, "lists more blocks")] {
+            let mut b = good.clone();
+            b[at..at + 4].copy_from_slice(&count.to_le_bytes());
+            let err = BlockMap::parse(&b).unwrap_err().to_string();
+            assert!(err.contains(needle), "{count}: {err}");
+        }
+    }
+
+    #[test]
     fn decompression_bombs_are_refused() {
+        // Exactly the limit decodes (and then fails as a map, not as a bomb).
+        let full = zstd::bulk::compress(&vec![0u8; MAX_MAP_BYTES], 3).unwrap();
+        assert!(matches!(BlockMap::decode(&full), Err(MapError::Invalid(m)) if m.contains("magic")));
         let bomb = zstd::bulk::compress(&vec![0u8; MAX_MAP_BYTES + 1024], 3).unwrap();
         let r = BlockMap::decode(&bomb);
         assert!(matches!(&r, Err(MapError::Compression(m)) if m.contains("beyond")), "{r:?}");

@@ -144,6 +144,7 @@ mod tests {
         assert!(c.compress(&[0u8; 8192], &mut small).is_err());
         assert_eq!(Compressor::identity(19).level, 19);
         assert!(Compressor::identity(19).zstd_version >= 10507);
+        assert!(format!("{c:?}").starts_with("BlockCompressor"));
     }
 
     #[test]
