@@ -11,6 +11,8 @@ cd "$(dirname "$0")/.."
 export BENCH_PROFILE=dev
 # zstd level 3 instead of 15: the smoke run checks that a benchmark works, not its figures.
 export BENCH_LEVEL=3
+# One run of each tool: the smoke run checks the script, not the figures.
+export BENCH_RUNS=1
 # A small tree that every Debian machine has, with package-sized directories.
 small=/usr/share/doc
 runs=(

@@ -59,7 +59,8 @@ struct Candidate {
 /// Blocks of earlier images, by the hash of their uncompressed content.
 #[derive(Debug, Default)]
 pub struct ReuseIndex {
-    sources: Vec<Source>,
+    /// The images (their maps are dropped once indexed).
+    sources: Vec<(PathBuf, File)>,
     by_content: HashMap<Sha256Digest, Candidate>,
 }
 
@@ -87,7 +88,7 @@ impl ReuseIndex {
                     Candidate { source, offset: b.offset, size: b.size, stored: b.stored, disk_sha256: b.disk_sha256 };
                 idx.by_content.entry(b.raw_sha256).or_insert(c);
             }
-            idx.sources.push(s);
+            idx.sources.push((s.path, s.file));
         }
         idx
     }
@@ -171,14 +172,14 @@ impl Packer {
             return None;
         }
         self.scratch.resize(n, 0);
-        let source = &self.shared.reuse.sources[c.source];
-        let ok = source.file.read_exact_at(&mut self.scratch, c.offset).is_ok()
+        let (path, file) = &self.shared.reuse.sources[c.source];
+        let ok = file.read_exact_at(&mut self.scratch, c.offset).is_ok()
             && Sha256Digest::of_bytes(&self.scratch) == c.disk_sha256;
         if !ok {
             if self.shared.rejected_blocks.fetch_add(1, Ordering::Relaxed) == 0 {
                 tracing::warn!(
                     "{} does not hold the block its map names at offset {}; compressing instead of reusing it",
-                    source.path.display(),
+                    path.display(),
                     c.offset
                 );
             }
