@@ -400,7 +400,7 @@ pub fn build_map(
     }
     let map = BlockMap { compressor, block_size, image_size, blocks, files: mapped };
     // What the deployer will parse: check it here, where a bug can be reported.
-    BlockMap::parse(&map.to_bytes()).map_err(|e| structure(e.to_string()))?;
+    map.validate().map_err(|e| structure(e.to_string()))?;
     Ok(map)
 }
 
