@@ -317,14 +317,14 @@ pub fn build_map(
     tables: &Tables,
     block_size: u32,
     compressor: Compressor,
-    files: &[MappedFile<'_>],
+    files: Vec<MappedFile<'_>>,
     fragments: &[FragmentBlock],
     record: &Record,
 ) -> Result<BlockMap, MapBuildError> {
     let structure = |why: String| MapBuildError::Structure(why);
     // offset -> (size, stored, kind)
     let mut located: BTreeMap<u64, (u32, bool, BlockKind)> = BTreeMap::new();
-    for f in files {
+    for f in &files {
         let mut at = f.layout.blocks_start;
         for &w in &f.layout.block_sizes {
             let size = w & !STORED;
@@ -374,17 +374,19 @@ pub fn build_map(
         .iter()
         .map(|fr| index_of.get(&fr.offset).copied().ok_or_else(|| structure(format!("fragment at {} lost", fr.offset))))
         .collect::<Result<_, _>>()?;
+    drop(located);
     let mut mapped = Vec::with_capacity(files.len());
     for f in files {
+        // The size words become block indexes in place: one list per file.
+        let mut list = f.layout.block_sizes;
         let mut at = f.layout.blocks_start;
-        let mut list = Vec::with_capacity(f.layout.block_sizes.len());
-        for &w in &f.layout.block_sizes {
-            let size = w & !STORED;
+        for w in list.iter_mut() {
+            let size = *w & !STORED;
             if size == 0 {
-                list.push(SPARSE);
+                *w = SPARSE;
                 continue;
             }
-            list.push(index_of[&at]);
+            *w = index_of[&at];
             at += size as u64;
         }
         let tail = match f.layout.fragment {

@@ -273,9 +273,12 @@ pub fn write_image(
             Ok(MappedFile { path: tree.nodes[idx].rel.as_os_str().as_bytes(), layout })
         })
         .collect::<Result<Vec<_>, MapBuildError>>()?;
+    // What only the inodes needed: freed before the map is built, the last
+    // and largest allocation of a build.
+    drop((layouts, slots, iref, number, parent, order));
     let image = std::fs::File::open(out).map_err(|e| ImageError::Map(MapBuildError::Read(e)))?;
     let map =
-        build_map(&image, size, &tables, BLOCK_SIZE, Compressor::identity(opts.level), &files, &fragments, &record)?;
+        build_map(&image, size, &tables, BLOCK_SIZE, Compressor::identity(opts.level), files, &fragments, &record)?;
     Ok(ImageStats { size, inodes: inode_count, data_bytes: tree.data_bytes, reuse: record.stats(), map })
 }
 
