@@ -422,6 +422,28 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn block_map_path_and_size_bounds() {
+        let sha = Sha256Digest::of_bytes(b"map");
+        let with = |path: String, size: u64| {
+            let mut m = sample();
+            m.block_map = Some(BlockMapRef { path, sha256: sha, size });
+            m.validate()
+        };
+        let good = crate::blockmap::map_path(&sha);
+        assert!(with(good.clone(), 1).is_ok());
+        assert!(with(good.clone(), crate::blockmap::MAX_MAP_BYTES as u64).is_ok());
+        let other = crate::blockmap::map_path(&Sha256Digest::of_bytes(b"other"));
+        assert!(matches!(with(other, 1), Err(ManifestError::Field { field: "block_map.path", .. })));
+        assert!(matches!(with(good.clone(), 0), Err(ManifestError::Field { field: "block_map.size", .. })));
+        let over = crate::blockmap::MAX_MAP_BYTES as u64 + 1;
+        assert!(matches!(with(good, over), Err(ManifestError::Field { field: "block_map.size", .. })));
+        // It round-trips through the signed bytes.
+        let mut m = sample();
+        m.block_map = Some(BlockMapRef { path: crate::blockmap::map_path(&sha), sha256: sha, size: 7 });
+        assert_eq!(Manifest::parse(&m.to_bytes()).unwrap(), m);
+    }
+
+    #[test]
     fn version_labels() {
         for good in ["a", "v1.2 (build 7)", &"é".repeat(128)] {
             assert!(validate_version(good).is_ok(), "{good:?}");
