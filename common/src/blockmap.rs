@@ -17,7 +17,7 @@
 //! bounded and fuzzed, as the map is untrusted until the manifest's sha256
 //! of it has been checked.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 
 use crate::compress::Compressor;
 use crate::digest::Sha256Digest;
@@ -353,19 +353,7 @@ impl BlockMap {
 
     /// [`BlockMap::decode`] with another bound (the tests use a small one).
     fn decode_within(compressed: &[u8], limit: usize) -> Result<Self, MapError> {
-        const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
-        const WINDOW_LOG_MAX: u32 = 25;
-        if !compressed.starts_with(&ZSTD_MAGIC) {
-            return Err(MapError::Compression("not a zstd frame".into()));
-        }
-        let err = |e: io::Error| MapError::Compression(e.to_string());
-        let mut decoder = zstd::stream::read::Decoder::with_buffer(compressed).map_err(err)?;
-        decoder.window_log_max(WINDOW_LOG_MAX).map_err(err)?;
-        let mut raw = Vec::new();
-        decoder.take(limit as u64 + 1).read_to_end(&mut raw).map_err(err)?;
-        if raw.len() > limit {
-            return Err(MapError::Compression(format!("it expands beyond the {limit}-byte limit")));
-        }
+        let raw = crate::compress::decode_bounded(compressed, limit).map_err(MapError::Compression)?;
         Self::parse(&raw)
     }
 

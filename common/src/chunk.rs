@@ -204,28 +204,10 @@ impl ChunkIndex {
         zstd::bulk::compress(&self.to_bytes(), 19).expect("compressing into memory cannot fail")
     }
 
-    /// Decompresses (at most [`MAX_INDEX_BYTES`]) and parses the published form.
-    ///
-    /// The input is untrusted until the manifest's sha256 of it has been
-    /// checked (and fuzzed regardless): anything that is not a zstd frame is
-    /// refused before a decoder exists, the decoder's window is bounded (a
-    /// frame header may ask for 2 GiB), and the output is streamed into a
-    /// buffer that grows with what was really decoded, up to the limit.
+    /// Decompresses (at most [`MAX_INDEX_BYTES`], bounded as
+    /// [`crate::compress::decode_bounded`] says) and parses the published form.
     pub fn decode(compressed: &[u8]) -> Result<Self, IndexError> {
-        const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
-        /// 32 MiB: level 19 uses at most 8 MiB.
-        const WINDOW_LOG_MAX: u32 = 25;
-        if !compressed.starts_with(&ZSTD_MAGIC) {
-            return Err(IndexError::Compression("not a zstd frame".into()));
-        }
-        let err = |e: io::Error| IndexError::Compression(e.to_string());
-        let mut decoder = zstd::stream::read::Decoder::with_buffer(compressed).map_err(err)?;
-        decoder.window_log_max(WINDOW_LOG_MAX).map_err(err)?;
-        let mut raw = Vec::new();
-        decoder.take(MAX_INDEX_BYTES as u64 + 1).read_to_end(&mut raw).map_err(err)?;
-        if raw.len() > MAX_INDEX_BYTES {
-            return Err(IndexError::Compression(format!("it expands beyond the {MAX_INDEX_BYTES}-byte limit")));
-        }
+        let raw = crate::compress::decode_bounded(compressed, MAX_INDEX_BYTES).map_err(IndexError::Compression)?;
         Self::parse(&raw)
     }
 }

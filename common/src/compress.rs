@@ -89,6 +89,30 @@ impl BlockCompressor {
     }
 }
 
+/// Decompresses a published zstd file (chunk index, block map), which is
+/// untrusted until its signed sha256 was checked (and fuzzed regardless):
+/// anything that is not a zstd frame is refused before a decoder exists,
+/// the window is bounded (a frame header may ask for 2 GiB; level 19 uses
+/// at most 8 MiB), and the output grows with what was really decoded, up to
+/// `limit` bytes. The error is a reason, for the caller's own error type.
+pub fn decode_bounded(compressed: &[u8], limit: usize) -> Result<Vec<u8>, String> {
+    const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+    /// 32 MiB.
+    const WINDOW_LOG_MAX: u32 = 25;
+    if !compressed.starts_with(&ZSTD_MAGIC) {
+        return Err("not a zstd frame".into());
+    }
+    let err = |e: io::Error| e.to_string();
+    let mut decoder = zstd::stream::read::Decoder::with_buffer(compressed).map_err(err)?;
+    decoder.window_log_max(WINDOW_LOG_MAX).map_err(err)?;
+    let mut raw = Vec::new();
+    io::Read::read_to_end(&mut io::Read::take(decoder, limit as u64 + 1), &mut raw).map_err(err)?;
+    if raw.len() > limit {
+        return Err(format!("it expands beyond the {limit}-byte limit"));
+    }
+    Ok(raw)
+}
+
 /// Decompresses one block that must expand to exactly `raw_len` bytes
 /// (bounded: a block claiming more is an error, never an allocation).
 pub fn decompress_block(block: &[u8], raw_len: usize) -> io::Result<Vec<u8>> {
@@ -107,6 +131,18 @@ pub fn decompress_block(block: &[u8], raw_len: usize) -> io::Result<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `n` incompressible bytes (xorshift64 from `seed`).
+    fn noise(n: usize, mut x: u64) -> Vec<u8> {
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
 
     #[test]
     fn compressible_blocks_shrink_and_round_trip() {
@@ -127,15 +163,7 @@ mod tests {
 
     #[test]
     fn incompressible_blocks_are_stored() {
-        let mut x = 0x9e3779b97f4a7c15u64;
-        let input: Vec<u8> = (0..8192)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        let input = noise(8192, 0x9e3779b97f4a7c15);
         let mut c = BlockCompressor::new(19).unwrap();
         assert_eq!(c.pack(&input).unwrap(), (input.clone(), true));
         let mut small = [0u8; 4];
@@ -151,15 +179,7 @@ mod tests {
     fn a_block_that_compresses_to_its_own_length_is_stored() {
         // Found by search: 600 noise bytes and 20 more compress, at level 15,
         // to exactly 620 bytes, which squashfs must store uncompressed.
-        let mut x = 0x1234567u64;
-        let mut input: Vec<u8> = (0..600)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        let mut input = noise(600, 0x1234567);
         input.extend_from_slice(&[b'a'; 20]);
         assert_eq!(zstd::bulk::compress(&input, 15).unwrap().len(), input.len());
         assert_eq!(BlockCompressor::new(15).unwrap().pack(&input).unwrap(), (input.clone(), true));
