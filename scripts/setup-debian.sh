@@ -21,6 +21,7 @@ packages=(
   busybox-static                # /sbin/init of the netboot test image; udhcpc and ip for network mode
   mmdebstrap gpg e2fsprogs kmod # the Debian frontend VM of the field test (root fs, ext4 image, depmod)
   dpkg-dev                      # dpkg-shlibdeps: Depends of the .debs built by scripts/package-deb.sh
+  cryptsetup-bin                # veritysetup: the independent oracle for our dm-verity hash trees
 )
 
 missing=()

@@ -434,13 +434,16 @@ pub fn read_block(image: &File, b: &Block) -> io::Result<Vec<u8>> {
 }
 
 /// Opens the earlier images of a repository whose blocks can be reused.
-pub fn open_source(image: &Path, map: BlockMap, expected_size: u64) -> io::Result<Source> {
+pub fn open_source(image: &Path, map: BlockMap, expected_size: u64, data_size: u64) -> io::Result<Source> {
     let file = File::open(image)?;
     let len = file.metadata()?.len();
-    if len != expected_size || map.image_size != expected_size {
+    if len != expected_size || map.image_size != data_size {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            format!("{len} bytes, its manifest says {expected_size} and its map {}", map.image_size),
+            format!(
+                "{len} bytes of which {} map, its manifest says {expected_size} of which {data_size} squashfs",
+                map.image_size
+            ),
         ));
     }
     Ok(Source { path: image.to_owned(), file, map })

@@ -35,6 +35,7 @@ use imgdeploy_common::manifest::{
 };
 use imgdeploy_common::sign::{PrivateKey, PublicKey};
 use imgdeploy_common::trust::{verify_signed, TrustError};
+use imgdeploy_common::verity::Verity;
 use imgdeploy_common::MAX_MANIFEST_BYTES;
 
 /// Why publishing failed.
@@ -305,6 +306,8 @@ pub struct StoredImage {
     pub block_map: BlockMapRef,
     /// The block map file (absolute).
     pub map_file: PathBuf,
+    /// Its dm-verity hash tree, appended to the image.
+    pub verity: Option<Verity>,
 }
 
 /// Whether `path` is a regular file of `size` bytes hashing to `sha`.
@@ -343,8 +346,14 @@ fn store_named(repo: &Repo, dir: &str, rel: &str, bytes: &[u8]) -> Result<PathBu
 
 /// Moves a finished image (a temp file inside the repo's images directory)
 /// to its content-addressed name, and publishes its chunk index (computed
-/// in the same read of the image) and its block map.
-pub fn store_image(repo: &Repo, tmp: &Path, map: &BlockMap) -> Result<StoredImage, PublishError> {
+/// in the same read of the image) and its block map. `verity` describes the
+/// hash tree already appended to the file, if any.
+pub fn store_image(
+    repo: &Repo,
+    tmp: &Path,
+    map: &BlockMap,
+    verity: Option<Verity>,
+) -> Result<StoredImage, PublishError> {
     let err = |source| PublishError::Repo { path: repo.images_dir(), source };
     let reader = std::io::BufReader::with_capacity(1 << 20, fs::File::open(tmp).map_err(err)?);
     let (index, sha, size) = ChunkIndex::build(reader, ChunkParams::default()).map_err(err)?;
@@ -377,6 +386,7 @@ pub fn store_image(repo: &Repo, tmp: &Path, map: &BlockMap) -> Result<StoredImag
         chunks: index.chunks.len(),
         block_map,
         map_file,
+        verity,
     })
 }
 
@@ -414,7 +424,7 @@ pub fn earlier_images(repo: &Repo, trusted: &[PublicKey]) -> Vec<crate::blocks::
         };
         let image = repo.root.join(&m.image.path);
         match load_map(&repo.root.join(&r.path), r)
-            .and_then(|map| crate::blocks::open_source(&image, map, m.image.size))
+            .and_then(|map| crate::blocks::open_source(&image, map, m.image.size, m.image.data_size()))
         {
             Ok(s) => sources.push(s),
             Err(e) => tracing::warn!("not reusing {} (channel `{channel}`): {e}", image.display()),
@@ -548,6 +558,7 @@ pub fn publish_manifest(
             size,
             format: imgdeploy_common::manifest::ImageFormat::Squashfs,
             compression: "zstd".into(),
+            verity: image.verity.clone(),
         },
         index: Some(image.index.clone()),
         rollout: release.rollout,
@@ -600,7 +611,7 @@ mod tests {
             blocks: vec![],
             files: vec![],
         };
-        let stored = store_image(&repo, &tmp, &map).unwrap();
+        let stored = store_image(&repo, &tmp, &map, None).unwrap();
         assert!(stored.index_file.exists());
         assert_eq!(BlockMap::decode(&fs::read(&stored.map_file).unwrap()).unwrap(), map);
         let published = publish_manifest(&repo, &key, &rel(None), 5, &stored).unwrap();

@@ -11,6 +11,7 @@ use imgdeploy_common::manifest::{validate_channel, validate_version, Timestamp};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use imgdeploy_common::compress::Compressor;
+use imgdeploy_common::verity::Verity;
 
 use crate::blocks::{ReuseIndex, ReuseStats};
 use crate::image::{write_image, ImageOptions};
@@ -154,14 +155,26 @@ pub fn build(req: &BuildRequest) -> Result<BuildReport> {
     let stats = write_image(&tree, &tmp.0, &opts, reuse, &|n| pb.inc(n))
         .with_context(|| format!("packing {}", req.src.display()))?;
     pb.finish_and_clear();
+    let verity = append_verity(&tmp.0)?;
 
     // From storing the image (which `gc` must not remove before a manifest
     // names it) to signing the manifest.
     let _lock = repo.lock()?;
-    let stored = store_image(&repo, &tmp.0, &stats.map)?;
+    let stored = store_image(&repo, &tmp.0, &stats.map, Some(verity))?;
     let serial = next_serial(&repo, &release, &trusted)?;
     let published = publish_manifest(&repo, &key, &release, serial, &stored)?;
     Ok(BuildReport { published, inodes: stats.inodes, data_bytes: stats.data_bytes, reuse: stats.reuse })
+}
+
+/// Appends the dm-verity superblock and hash tree to the packed image and
+/// makes them durable, so that every block a frontend reads can be checked
+/// against the root hash the manifest signs.
+fn append_verity(image: &Path) -> Result<Verity> {
+    let what = || format!("appending the dm-verity hash tree to {}", image.display());
+    let mut file = std::fs::OpenOptions::new().read(true).write(true).open(image).with_context(what)?;
+    let verity = imgdeploy_common::verity::append_tree(&mut file).with_context(what)?;
+    file.sync_all().with_context(what)?;
+    Ok(verity)
 }
 
 /// For messages: a path relative to the current directory when shorter.

@@ -32,6 +32,7 @@ pub mod squashfs;
 pub mod text;
 pub mod transport;
 pub mod trust;
+pub mod verity;
 
 /// Upper bound on a manifest's size; anything larger is refused before it is read.
 pub const MAX_MANIFEST_BYTES: u64 = 64 * 1024;

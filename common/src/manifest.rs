@@ -102,6 +102,18 @@ pub struct ImageRef {
     pub format: ImageFormat,
     /// Compressor inside the filesystem; always `zstd`.
     pub compression: String,
+    /// The dm-verity hash tree appended to the image (absent: images built
+    /// before hash trees, checked at install only). See [`crate::verity`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verity: Option<crate::verity::Verity>,
+}
+
+impl ImageRef {
+    /// Bytes of the file that are the filesystem: all of it, or what comes
+    /// before the dm-verity superblock and tree.
+    pub fn data_size(&self) -> u64 {
+        self.verity.as_ref().map_or(self.size, |v| v.hash_offset)
+    }
 }
 
 /// The filesystem an image holds. One variant today; a new one makes the
@@ -325,6 +337,9 @@ impl Manifest {
         if self.image.size == 0 {
             return Err(ManifestError::Field { field: "image.size", why: "must not be 0".into() });
         }
+        if let Some(v) = &self.image.verity {
+            v.validate(self.image.size).map_err(|e| ManifestError::Field { field: e.field, why: e.why })?;
+        }
         if self.rollout.is_some_and(|p| p > 100) {
             return Err(ManifestError::Field { field: "rollout", why: "must be a percentage from 0 to 100".into() });
         }
@@ -468,6 +483,7 @@ pub(crate) mod tests {
                 size: 4096,
                 format: ImageFormat::Squashfs,
                 compression: "zstd".into(),
+                verity: None,
             },
             index: None,
             rollout: None,

@@ -162,6 +162,7 @@ mod tests {
                 size: 4096,
                 format: imgdeploy_common::manifest::ImageFormat::Squashfs,
                 compression: "zstd".into(),
+                verity: None,
             },
             index: None,
             rollout: None,

@@ -14,6 +14,7 @@ use std::path::Path;
 use imgdeploy_common::blockmap::{BlockMap, SPARSE};
 use imgdeploy_common::compress::{decompress_block, BlockCompressor};
 use imgdeploy_common::digest::Sha256Digest;
+use imgdeploy_common::manifest::Manifest;
 use imgdeploy_tests::{build_image, files_under, noise, run_bin, Keys};
 
 /// Compressible, seed-dependent text.
@@ -233,7 +234,9 @@ fn check_map(src: &Path, repo: &Path, channel: &str, level: u32) -> BlockMap {
     let (image, map_file) = current(repo, channel);
     let map = BlockMap::decode(&fs::read(&map_file).unwrap()).unwrap();
     let image = fs::read(&image).unwrap();
-    assert_eq!(map.image_size, image.len() as u64);
+    let signed = Manifest::parse(&fs::read(repo.join(format!("{channel}.json"))).unwrap()).unwrap();
+    assert_eq!(signed.image.size, image.len() as u64);
+    assert_eq!(map.image_size, signed.image.data_size(), "the map covers the squashfs, not the hash tree");
     assert_eq!(map.compressor.level, level);
     let u64_at = |at: usize| u64::from_le_bytes(image[at..at + 8].try_into().unwrap());
     let inode_table_start = u64_at(64);

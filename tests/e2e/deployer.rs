@@ -352,6 +352,7 @@ fn sign_manifest(keys: &Keys, repo: &Path, channel: &str, serial: u64, payload: 
             size: payload.len() as u64,
             format: imgdeploy_common::manifest::ImageFormat::Squashfs,
             compression: "zstd".into(),
+            verity: None,
         },
         index: None,
         rollout: None,

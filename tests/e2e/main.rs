@@ -20,6 +20,8 @@
 //!   a tampered image is refused at boot.
 //! - `private_origin`: TLS with its own CA, a client certificate and a bearer
 //!   token; refused without each; the token reaches no one else.
+//! - `verity`: the dm-verity hash tree of every image, checked and rewritten
+//!   byte for byte by veritysetup.
 
 mod blocks;
 mod builder;
@@ -33,3 +35,4 @@ mod powerloss;
 mod private_origin;
 mod reliability;
 mod trust;
+mod verity;

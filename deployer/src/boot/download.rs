@@ -272,6 +272,7 @@ mod tests {
                 size: bytes.len() as u64,
                 format: ImageFormat::Squashfs,
                 compression: "zstd".into(),
+                verity: None,
             },
             index: None,
             rollout: None,

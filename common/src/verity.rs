@@ -1,0 +1,443 @@
+//! dm-verity hash trees: every block of a mounted image is checked against
+//! the signed root hash when the kernel reads it, not only once at install.
+//!
+//! `imgbuild build` appends the tree to the image file in exactly the layout
+//! `veritysetup format --hash-offset=OFFSET` writes (a 512-byte verity
+//! superblock at `OFFSET`, padded to a 4096-byte block, then the hash levels,
+//! top level first), so `veritysetup verify IMAGE IMAGE ROOT_HASH
+//! --hash-offset=OFFSET` checks an image with no tool of ours. The squashfs
+//! filesystem ignores what follows its `bytes_used`, so the same file mounts
+//! with or without dm-verity under it.
+//!
+//! Everything is reproducible: the salt is the sha256 of the data area (with
+//! a domain prefix) and the superblock's UUID is derived from the salt, so
+//! the same tree always gives the same image bytes.
+//!
+//! The root hash, salt and offset are in the signed manifest ([`Verity`]);
+//! the deployer builds the dm-verity table from them, never from the
+//! superblock (which, like any byte on the frontend's disk, is untrusted).
+
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom, Write};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::digest::Sha256Digest;
+
+/// Data and hash block size: the page size, as dm-verity and squashfs's
+/// 4 KiB padding both want.
+pub const BLOCK_SIZE: u64 = 4096;
+/// sha256 digests per hash block.
+const HASHES_PER_BLOCK: u64 = BLOCK_SIZE / 32;
+/// The only hash algorithm.
+pub const HASH: &str = "sha256";
+/// What the salt is derived with, so it cannot collide with another use of
+/// the data area's sha256.
+const SALT_DOMAIN: &[u8] = b"imgdeploy dm-verity salt v1\0";
+/// The verity superblock's size on disk (padded to [`BLOCK_SIZE`]).
+const SUPERBLOCK_BYTES: usize = 512;
+
+/// How the image's hash tree is laid out and what its root is: the signed
+/// manifest's `image.verity`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Verity {
+    /// The hash of the tree's top block (with the salt).
+    pub root_hash: Sha256Digest,
+    /// 32 bytes prepended to every hashed block (dm-verity format 1).
+    pub salt: Sha256Digest,
+    /// Where the data area ends and the verity superblock starts; the tree
+    /// starts one block later.
+    pub hash_offset: u64,
+    /// Always [`BLOCK_SIZE`].
+    pub data_block_size: u32,
+    /// Always [`BLOCK_SIZE`].
+    pub hash_block_size: u32,
+    /// Always [`HASH`].
+    pub hash: String,
+}
+
+/// A [`Verity`] that cannot describe an image of the signed size.
+#[derive(Debug, thiserror::Error)]
+#[error("{field}: {why}")]
+pub struct BadVerity {
+    /// The offending field, as the manifest names it (`image.verity.hash`).
+    pub field: &'static str,
+    /// Why.
+    pub why: String,
+}
+
+impl Verity {
+    /// Data blocks the tree covers.
+    pub fn data_blocks(&self) -> u64 {
+        self.hash_offset / BLOCK_SIZE
+    }
+
+    /// The first block of the hash levels, counted from the start of the file
+    /// (the device dm-verity reads hashes from is the image itself).
+    pub fn hash_start_block(&self) -> u64 {
+        self.hash_offset / BLOCK_SIZE + 1
+    }
+
+    /// Checks that the parameters are ours and describe an image of
+    /// exactly `image_size` bytes: data, superblock, then the tree.
+    pub fn validate(&self, image_size: u64) -> Result<(), BadVerity> {
+        let bad = |field, why: String| Err(BadVerity { field, why });
+        if self.hash != HASH {
+            return bad("image.verity.hash", format!("`{}` is not `{HASH}`", self.hash));
+        }
+        if u64::from(self.data_block_size) != BLOCK_SIZE {
+            return bad("image.verity.data_block_size", format!("{} is not {BLOCK_SIZE}", self.data_block_size));
+        }
+        if u64::from(self.hash_block_size) != BLOCK_SIZE {
+            return bad("image.verity.hash_block_size", format!("{} is not {BLOCK_SIZE}", self.hash_block_size));
+        }
+        if self.hash_offset == 0 || self.hash_offset % BLOCK_SIZE != 0 {
+            return bad(
+                "image.verity.hash_offset",
+                format!("{} is not a positive multiple of {BLOCK_SIZE}", self.hash_offset),
+            );
+        }
+        let want = expected_image_size(self.data_blocks());
+        if want != Some(image_size) {
+            return bad(
+                "image.verity.hash_offset",
+                format!(
+                    "{} data bytes and their tree make no image of the signed {image_size} bytes",
+                    self.hash_offset
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    /// The dm-verity target's parameters over `device` (`major:minor`),
+    /// which holds both the data and the tree. No `restart_on_corruption`
+    /// or `panic_on_corruption`: a bad block is an I/O error for the reader.
+    pub fn table_params(&self, device: &str) -> String {
+        format!(
+            "1 {device} {device} {BLOCK_SIZE} {BLOCK_SIZE} {} {} {HASH} {} {}",
+            self.data_blocks(),
+            self.hash_start_block(),
+            self.root_hash,
+            self.salt
+        )
+    }
+}
+
+/// Blocks in each hash level, bottom (leaves) first. Like veritysetup, a
+/// single data block has no level at all: its own hash is the root.
+fn levels(data_blocks: u64) -> Vec<u64> {
+    let mut out = Vec::new();
+    let mut n = data_blocks;
+    while n > 1 {
+        n = n.div_ceil(HASHES_PER_BLOCK);
+        out.push(n);
+    }
+    out
+}
+
+/// The size of an image with `data_blocks` of data and its tree, or `None`
+/// for no data or an absurd count.
+pub fn expected_image_size(data_blocks: u64) -> Option<u64> {
+    if data_blocks == 0 {
+        return None;
+    }
+    let tree: u64 = levels(data_blocks).iter().sum();
+    data_blocks.checked_add(1)?.checked_add(tree)?.checked_mul(BLOCK_SIZE)
+}
+
+fn salted(salt: &Sha256Digest, block: &[u8]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(salt.0);
+    h.update(block);
+    h.finalize().into()
+}
+
+/// The salt of a data area: sha256 over a domain prefix and the data.
+pub fn salt_of(data: impl Read) -> io::Result<Sha256Digest> {
+    let mut h = Sha256::new();
+    h.update(SALT_DOMAIN);
+    let mut data = data;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match data.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => h.update(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(Sha256Digest(h.finalize().into()))
+}
+
+/// The hash levels of `data_blocks` blocks read from `data`, as they are
+/// laid out on disk (top level first), and the root hash.
+pub fn hash_tree(mut data: impl Read, data_blocks: u64, salt: &Sha256Digest) -> io::Result<(Vec<u8>, Sha256Digest)> {
+    let sizes = levels(data_blocks);
+    // The leaves, hashed a batch of blocks at a time across the cores.
+    let mut leaves = Vec::with_capacity(usize::try_from(data_blocks * 32).unwrap_or(0));
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(8);
+    let batch = 1024 * threads;
+    let mut buf = vec![0u8; batch * BLOCK_SIZE as usize];
+    let mut left = data_blocks;
+    while left > 0 {
+        let n = left.min(batch as u64) as usize;
+        let bytes = &mut buf[..n * BLOCK_SIZE as usize];
+        data.read_exact(bytes)?;
+        let mut out = vec![0u8; n * 32];
+        let per = n.div_ceil(threads);
+        std::thread::scope(|s| {
+            for (blocks, hashes) in bytes.chunks(per * BLOCK_SIZE as usize).zip(out.chunks_mut(per * 32)) {
+                s.spawn(move || {
+                    for (block, hash) in blocks.chunks(BLOCK_SIZE as usize).zip(hashes.chunks_mut(32)) {
+                        hash.copy_from_slice(&salted(salt, block));
+                    }
+                });
+            }
+        });
+        leaves.extend_from_slice(&out);
+        left -= n as u64;
+    }
+    if sizes.is_empty() {
+        // One data block: its hash is the root, and there is no tree.
+        return Ok((Vec::new(), Sha256Digest(leaves[..32].try_into().expect("one hash"))));
+    }
+    // Each level: the previous level's hashes packed into zero-padded blocks,
+    // and the hashes of those blocks for the next level up.
+    let mut below = leaves;
+    let mut built: Vec<Vec<u8>> = Vec::with_capacity(sizes.len());
+    for &blocks in &sizes {
+        let mut level = below;
+        level.resize((blocks * BLOCK_SIZE) as usize, 0);
+        below = level.chunks(BLOCK_SIZE as usize).flat_map(|b| salted(salt, b)).collect();
+        built.push(level);
+    }
+    let root = Sha256Digest(below[..32].try_into().expect("the top level is one block"));
+    let tree = built.into_iter().rev().flatten().collect();
+    Ok((tree, root))
+}
+
+/// A UUID for the superblock, derived from the salt (version 4 and variant
+/// bits set, as `veritysetup` would accept from `--uuid`).
+pub fn uuid_of(salt: &Sha256Digest) -> [u8; 16] {
+    let d = Sha256::digest([b"imgdeploy dm-verity uuid v1\0".as_slice(), &salt.0].concat());
+    let mut u: [u8; 16] = d[..16].try_into().expect("16 of 32 bytes");
+    u[6] = (u[6] & 0x0f) | 0x40;
+    u[8] = (u[8] & 0x3f) | 0x80;
+    u
+}
+
+/// The verity superblock `veritysetup format` writes (format 1, sha256).
+pub fn superblock(data_blocks: u64, salt: &Sha256Digest) -> [u8; SUPERBLOCK_BYTES] {
+    let mut sb = [0u8; SUPERBLOCK_BYTES];
+    sb[0..8].copy_from_slice(b"verity\0\0");
+    sb[8..12].copy_from_slice(&1u32.to_le_bytes()); // superblock version
+    sb[12..16].copy_from_slice(&1u32.to_le_bytes()); // hash type: normal (salt first)
+    sb[16..32].copy_from_slice(&uuid_of(salt));
+    sb[32..32 + HASH.len()].copy_from_slice(HASH.as_bytes());
+    sb[64..68].copy_from_slice(&(BLOCK_SIZE as u32).to_le_bytes());
+    sb[68..72].copy_from_slice(&(BLOCK_SIZE as u32).to_le_bytes());
+    sb[72..80].copy_from_slice(&data_blocks.to_le_bytes());
+    sb[80..82].copy_from_slice(&32u16.to_le_bytes());
+    sb[88..120].copy_from_slice(&salt.0);
+    sb
+}
+
+/// Appends the superblock and hash tree to an image whose data fills the
+/// whole file (a multiple of [`BLOCK_SIZE`]) and returns what the manifest
+/// signs. The caller syncs the file.
+pub fn append_tree(file: &mut File) -> io::Result<Verity> {
+    let data_len = file.metadata()?.len();
+    if data_len == 0 || data_len % BLOCK_SIZE != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("an image of {data_len} bytes is not a whole number of {BLOCK_SIZE}-byte blocks"),
+        ));
+    }
+    let data_blocks = data_len / BLOCK_SIZE;
+    file.seek(SeekFrom::Start(0))?;
+    let salt = salt_of(io::BufReader::with_capacity(1 << 20, (&*file).take(data_len)))?;
+    file.seek(SeekFrom::Start(0))?;
+    let (tree, root_hash) = hash_tree((&*file).take(data_len), data_blocks, &salt)?;
+    file.seek(SeekFrom::Start(data_len))?;
+    let mut block = vec![0u8; BLOCK_SIZE as usize];
+    block[..SUPERBLOCK_BYTES].copy_from_slice(&superblock(data_blocks, &salt));
+    file.write_all(&block)?;
+    file.write_all(&tree)?;
+    Ok(Verity {
+        root_hash,
+        salt,
+        hash_offset: data_len,
+        data_block_size: BLOCK_SIZE as u32,
+        hash_block_size: BLOCK_SIZE as u32,
+        hash: HASH.into(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn levels_match_veritysetup() {
+        assert_eq!(levels(1), Vec::<u64>::new());
+        assert_eq!(levels(2), vec![1]);
+        assert_eq!(levels(128), vec![1]);
+        assert_eq!(levels(129), vec![2, 1]);
+        assert_eq!(levels(300), vec![3, 1]);
+        assert_eq!(levels(128 * 128), vec![128, 1]);
+        assert_eq!(levels(128 * 128 + 1), vec![129, 2, 1]);
+        // veritysetup format on 300 blocks: 1 superblock + 4 hash blocks.
+        assert_eq!(expected_image_size(300), Some(305 * 4096));
+        assert_eq!(expected_image_size(1), Some(2 * 4096));
+        assert_eq!(expected_image_size(0), None);
+        // From 64 MiB of data up, the superblock and tree add at most 0.8%.
+        for mib in [64u64, 211, 1024, 5 << 10, 1 << 20] {
+            let blocks = mib << 8;
+            let extra = expected_image_size(blocks).unwrap() - blocks * 4096;
+            assert!(extra * 1000 <= blocks * 4096 * 8, "{mib} MiB: {extra} bytes of tree");
+        }
+        assert_eq!(expected_image_size(u64::MAX / 4096), None);
+    }
+
+    fn noise(blocks: usize) -> Vec<u8> {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        (0..blocks * BLOCK_SIZE as usize)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    /// The tree recomputed naively, level by level, from the definition.
+    fn naive_root(data: &[u8], salt: &Sha256Digest) -> Sha256Digest {
+        let mut level: Vec<u8> = data.chunks(4096).flat_map(|b| salted(salt, b)).collect();
+        if data.len() == 4096 {
+            return Sha256Digest(level[..32].try_into().unwrap());
+        }
+        loop {
+            let blocks = level.len().div_ceil(4096);
+            level.resize(blocks * 4096, 0);
+            let up: Vec<u8> = level.chunks(4096).flat_map(|b| salted(salt, b)).collect();
+            if blocks == 1 {
+                return Sha256Digest(up[..32].try_into().unwrap());
+            }
+            level = up;
+        }
+    }
+
+    #[test]
+    fn root_hash_follows_the_definition() {
+        let salt = Sha256Digest([7; 32]);
+        for blocks in [1usize, 2, 127, 128, 129, 300, 16_385] {
+            let data = noise(blocks);
+            let (tree, root) = hash_tree(&data[..], blocks as u64, &salt).unwrap();
+            assert_eq!(root, naive_root(&data, &salt), "{blocks} blocks");
+            let size = expected_image_size(blocks as u64).unwrap();
+            assert_eq!(tree.len() as u64, size - (blocks as u64 + 1) * 4096, "{blocks} blocks");
+        }
+    }
+
+    #[test]
+    fn top_level_comes_first_and_holds_the_leaf_blocks_hashes() {
+        let salt = Sha256Digest([1; 32]);
+        let data = noise(300);
+        let (tree, root) = hash_tree(&data[..], 300, &salt).unwrap();
+        let (top, leaves) = tree.split_at(4096);
+        assert_eq!(salted(&salt, top), root.0);
+        assert_eq!(&leaves[..32], &salted(&salt, &data[..4096]));
+        for (i, leaf_block) in leaves.chunks(4096).enumerate() {
+            assert_eq!(&top[i * 32..i * 32 + 32], &salted(&salt, leaf_block));
+        }
+        assert!(top[3 * 32..].iter().all(|&b| b == 0), "padding is zeros");
+        // 300 leaves: the last leaf block holds 44 hashes, then zeros.
+        assert!(leaves[300 * 32..].iter().all(|&b| b == 0));
+        assert!(leaves[299 * 32..300 * 32].iter().any(|&b| b != 0));
+    }
+
+    #[test]
+    fn a_changed_byte_changes_the_root_and_the_salt() {
+        let data = noise(200);
+        let salt = salt_of(&data[..]).unwrap();
+        let mut other = data.clone();
+        other[4096 * 150 + 9] ^= 1;
+        assert_ne!(salt_of(&other[..]).unwrap(), salt);
+        let a = hash_tree(&data[..], 200, &salt).unwrap().1;
+        let b = hash_tree(&other[..], 200, &salt).unwrap().1;
+        assert_ne!(a, b);
+        assert_ne!(salt, Sha256Digest::of_bytes(&data), "the salt has its own domain");
+    }
+
+    #[test]
+    fn superblock_fields_are_where_veritysetup_reads_them() {
+        let salt = Sha256Digest([0x11; 32]);
+        let sb = superblock(300, &salt);
+        assert_eq!(&sb[..8], b"verity\0\0");
+        assert_eq!(sb[8..16], [1, 0, 0, 0, 1, 0, 0, 0]);
+        assert_eq!(&sb[32..38], b"sha256");
+        assert_eq!(sb[64..80], [0, 16, 0, 0, 0, 16, 0, 0, 44, 1, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(sb[80..82], [32, 0]);
+        assert_eq!(&sb[88..120], &[0x11; 32]);
+        assert!(sb[120..].iter().all(|&b| b == 0));
+        let u = uuid_of(&salt);
+        assert_eq!((u[6] >> 4, u[8] >> 6), (4, 2));
+        assert_ne!(uuid_of(&Sha256Digest([0x12; 32])), u);
+    }
+
+    #[test]
+    fn validate_accepts_only_our_layout_of_the_signed_size() {
+        let good = Verity {
+            root_hash: Sha256Digest([0; 32]),
+            salt: Sha256Digest([0; 32]),
+            hash_offset: 300 * 4096,
+            data_block_size: 4096,
+            hash_block_size: 4096,
+            hash: HASH.into(),
+        };
+        let size = 305 * 4096;
+        good.validate(size).unwrap();
+        assert_eq!(good.validate(size + 4096).unwrap_err().field, "image.verity.hash_offset");
+        assert_eq!(good.validate(size - 1).unwrap_err().field, "image.verity.hash_offset");
+        let with = |f: &dyn Fn(&mut Verity)| {
+            let mut v = good.clone();
+            f(&mut v);
+            v.validate(size).unwrap_err().field
+        };
+        assert_eq!(with(&|v| v.hash = "sha1".into()), "image.verity.hash");
+        assert_eq!(with(&|v| v.data_block_size = 512), "image.verity.data_block_size");
+        assert_eq!(with(&|v| v.hash_block_size = 8192), "image.verity.hash_block_size");
+        assert_eq!(with(&|v| v.hash_offset = 0), "image.verity.hash_offset");
+        assert_eq!(with(&|v| v.hash_offset = 300 * 4096 + 512), "image.verity.hash_offset");
+        assert_eq!(good.data_blocks(), 300);
+        assert_eq!(good.hash_start_block(), 301);
+        assert_eq!(
+            good.table_params("7:3"),
+            format!("1 7:3 7:3 4096 4096 300 301 sha256 {} {}", good.root_hash, good.salt)
+        );
+    }
+
+    #[test]
+    fn append_tree_refuses_a_partial_block_and_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("img");
+        std::fs::write(&p, vec![1u8; 5000]).unwrap();
+        let mut f = std::fs::OpenOptions::new().read(true).write(true).open(&p).unwrap();
+        assert_eq!(append_tree(&mut f).unwrap_err().kind(), io::ErrorKind::InvalidInput);
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), 5000);
+        let data = noise(129);
+        std::fs::write(&p, &data).unwrap();
+        let mut f = std::fs::OpenOptions::new().read(true).write(true).open(&p).unwrap();
+        let v = append_tree(&mut f).unwrap();
+        let all = std::fs::read(&p).unwrap();
+        v.validate(all.len() as u64).unwrap();
+        assert_eq!(&all[..data.len()], &data[..]);
+        assert_eq!(v.salt, salt_of(&data[..]).unwrap());
+        assert_eq!(v.root_hash, naive_root(&data, &v.salt));
+        assert_eq!(&all[data.len()..data.len() + 512], &superblock(129, &v.salt));
+    }
+}
