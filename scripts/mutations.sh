@@ -70,6 +70,21 @@ mutation 'map-raw-hash-wrong' \
   'builder/src/blocks.rs' \
   's/Some\(c\) => c,/Some(c) => (disk_sha256, c.1),/' \
   'blocks::block_maps_name_every_block_and_recompress_to_the_image'
+mutation 'verity-tree-unsalted' \
+  'the hash tree is computed without the salt the manifest signs: no kernel would accept it' \
+  'common/src/verity.rs' \
+  's/hash\.copy_from_slice\(&salted\(salt, block\)\);/hash.copy_from_slice(\&salted(\&Sha256Digest([0; 32]), block));/' \
+  'verity::veritysetup_verifies_the_tree_and_writes_the_same_bytes'
+mutation 'require-verity-ignored' \
+  'require_verity = true mounts without dm-verity anyway' \
+  'deployer/src/mount.rs' \
+  's/Err\(source\) if req\.required =>/Err(source) if false \&\& req.required =>/' \
+  'verity::privileged_without_dm_verity_slots_say_install_time_and_require_verity_refuses'
+mutation 'repair-sees-no-damage' \
+  'a damaged active image is never repaired' \
+  'deployer/src/apply.rs' \
+  's/if let Some\(why\) = active_damage\(layout, cur, opts\.check_active\)/if let Some(why) = None::<String>/' \
+  'verity::privileged_repair_fetches_only_the_damaged_chunks'
 mutation 'download-hash-unchecked' \
   'a downloaded image is mounted without its sha256' \
   'deployer/src/fetch.rs' \

@@ -102,6 +102,27 @@ pub struct ApplyOptions {
     pub source: Option<String>,
     /// Only report what would be downloaded.
     pub dry_run: bool,
+    /// Re-hash the whole active image first (`imgdeploy repair`); without
+    /// it, only dm-verity's record of corrupted reads counts as damage.
+    pub check_active: bool,
+}
+
+/// Why the active slot needs repair, if it does: dm-verity has failed a
+/// read of it (free to ask, so every apply asks), or, with `full`, its image
+/// no longer hashes to the signed sha256.
+fn active_damage(layout: &Layout, active: &Installed, full: bool) -> Option<String> {
+    let target = layout.mount_point(active.slot);
+    if let Ok(Some(m)) = crate::mount::mounted_at(&target) {
+        if crate::integrity::of_mounted(m.dev).1 {
+            return Some("dm-verity found corrupted blocks in it".into());
+        }
+    }
+    if full {
+        if let Err(e) = open_verified(layout, active.slot, &active.manifest) {
+            return Some(imgdeploy_common::report::one_line(&e));
+        }
+    }
+    None
 }
 
 /// Computes what an update would transfer, changing nothing.
@@ -310,6 +331,25 @@ fn settle(
         Decision::Refuse(r) => return Err(r.into()),
         Decision::UpToDate { resigned } => {
             let cur = active_inst.expect("up to date only with an active slot");
+            if let Some(why) = active_damage(layout, cur, opts.check_active) {
+                // Repair: the same signed image goes into the other slot,
+                // from the good chunks of both slots plus Range requests for
+                // the damaged ones, and the usual switch and drain follow.
+                tracing::warn!(
+                    "slot {} (serial {}) is damaged: {why}; repairing it into slot {}",
+                    cur.slot,
+                    cur.manifest.serial,
+                    cur.slot.other()
+                );
+                return Ok(None);
+            }
+            if opts.check_active {
+                tracing::info!(
+                    "slot {} (serial {}): its image matches the signed sha256",
+                    cur.slot,
+                    cur.manifest.serial
+                );
+            }
             if resigned && !opts.dry_run {
                 // The running image under a newer serial (rollout change,
                 // promotion): the slot's record and the floor follow it.

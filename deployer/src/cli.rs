@@ -53,6 +53,18 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Re-hash the active image and, if it is damaged (or dm-verity has
+    /// failed a read of it), rebuild it in the other slot from the good
+    /// local chunks plus the damaged ones from the origin, then switch to it.
+    /// Otherwise the same as `apply` (a newer published serial is installed).
+    Repair {
+        /// Use this manifest URL or path instead of the configured `source`.
+        #[arg(long)]
+        source: Option<String>,
+        /// Print the outcome as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show both slots, which is active, where `link` points, the last apply.
     Status {
         /// Print the status as JSON (stable schema, see README).
@@ -101,6 +113,28 @@ fn print_retired(r: &crate::drain::Retired) {
     }
 }
 
+/// Prints what an apply (or repair) did.
+fn print_outcome(outcome: &Outcome, json: bool) -> Result<()> {
+    if json {
+        return print_json(outcome);
+    }
+    match outcome {
+        Outcome::UpToDate { message, .. } => println!("up to date: {message}"),
+        Outcome::NotInWave { message, .. } => println!("not in the wave: {message}"),
+        Outcome::WouldUpdate { serial, mode, download_bytes, requests, reused_bytes, image_size, index_bytes } => println!(
+            "would update to serial {serial} ({mode}): download {download_bytes} of {image_size} image bytes in {requests} requests, reuse {reused_bytes} local bytes, plus a {index_bytes}-byte chunk index"
+        ),
+        Outcome::Switched { serial, version, slot, download, retired, .. } => {
+            println!(
+                "switched to serial {serial} ({version}) in slot {slot}; {}: {} bytes fetched, {} reused",
+                download.mode, download.downloaded, download.reused
+            );
+            print_retired(retired);
+        }
+    }
+    Ok(())
+}
+
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
     if matches!(cli.command, Command::Boot) {
@@ -109,25 +143,10 @@ pub fn run(cli: Cli) -> Result<()> {
     let cfg = Config::load(&cli.global.config)?;
     match cli.command {
         Command::Apply { source, dry_run, json } => {
-            let outcome = apply(&cfg, &ApplyOptions { source, dry_run })?;
-            if json {
-                print_json(&outcome)?;
-            } else {
-                match &outcome {
-                    Outcome::UpToDate { message, .. } => println!("up to date: {message}"),
-                    Outcome::NotInWave { message, .. } => println!("not in the wave: {message}"),
-                    Outcome::WouldUpdate { serial, mode, download_bytes, requests, reused_bytes, image_size, index_bytes } => println!(
-                        "would update to serial {serial} ({mode}): download {download_bytes} of {image_size} image bytes in {requests} requests, reuse {reused_bytes} local bytes, plus a {index_bytes}-byte chunk index"
-                    ),
-                    Outcome::Switched { serial, version, slot, download, retired, .. } => {
-                        println!(
-                            "switched to serial {serial} ({version}) in slot {slot}; {}: {} bytes fetched, {} reused",
-                            download.mode, download.downloaded, download.reused
-                        );
-                        print_retired(retired);
-                    }
-                }
-            }
+            print_outcome(&apply(&cfg, &ApplyOptions { source, dry_run, check_active: false })?, json)?
+        }
+        Command::Repair { source, json } => {
+            print_outcome(&apply(&cfg, &ApplyOptions { source, dry_run: false, check_active: true })?, json)?
         }
         Command::Status { json } => {
             let s = crate::ops::status(&cfg)?;
@@ -149,7 +168,15 @@ pub fn run(cli: Cli) -> Result<()> {
                             x.sha256.map(|d| d.to_string()[..16].to_owned()).unwrap_or_default(),
                             x.mounted
                                 .as_ref()
-                                .map(|m| format!("mounted at {}", m.display()))
+                                .map(|m| format!(
+                                    "mounted at {} ({}{})",
+                                    m.display(),
+                                    match x.integrity {
+                                        Some(crate::integrity::Integrity::Verity) => "dm-verity",
+                                        _ => "checked at install only",
+                                    },
+                                    if x.corrupted { ", CORRUPTED blocks found: run imgdeploy apply" } else { "" }
+                                ))
                                 .unwrap_or_else(|| "not mounted".into()),
                             if x.users.is_empty() {
                                 String::new()
@@ -203,7 +230,7 @@ pub fn run(cli: Cli) -> Result<()> {
             let bad: Vec<String> =
                 checks.iter().filter(|c| c.result == crate::ops::SlotHealth::Bad).map(|c| c.slot.to_string()).collect();
             if !bad.is_empty() {
-                bail!("slot {} failed verification; run `imgdeploy apply` to reinstall (or `imgdeploy rollback` if it is the active one)", bad.join(" and "));
+                bail!("slot {} failed verification; run `imgdeploy repair` to rebuild the active slot from its good chunks and the origin (a damaged standby is rewritten by the next update)", bad.join(" and "));
             }
         }
         Command::Rollback => {

@@ -72,6 +72,8 @@ struct RawConfig {
     #[serde(default)]
     allow_devices_and_setuid: bool,
     #[serde(default)]
+    require_verity: bool,
+    #[serde(default)]
     on_drain_timeout: DrainTimeoutAction,
     #[serde(default = "default_drain_timeout")]
     drain_timeout: String,
@@ -187,6 +189,8 @@ pub struct Config {
     pub link: PathBuf,
     /// Mount flags.
     pub mount_options: MountOptions,
+    /// Refuse to mount a slot without a dm-verity device under it.
+    pub require_verity: bool,
     /// How long to wait for processes to leave the old mount.
     pub drain_timeout: Duration,
     /// What happens to an old mount still in use after `drain_timeout`.
@@ -270,6 +274,7 @@ impl Config {
             link,
             mount_options: MountOptions::parse(&raw.mount_options, raw.allow_devices_and_setuid)
                 .map_err(|m| value("mount_options", m))?,
+            require_verity: raw.require_verity,
             drain_timeout: dur("drain_timeout", &raw.drain_timeout)?,
             on_drain_timeout: raw.on_drain_timeout,
             health_check: raw.health_check.filter(|s| !s.trim().is_empty()),

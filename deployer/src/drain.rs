@@ -296,7 +296,13 @@ pub fn detached(layout: &Layout) -> Vec<Detached> {
         if !Path::new(backing.trim()).starts_with(&slots) {
             continue;
         }
-        let Some((maj, min)) = fs::read_to_string(e.path().join("dev"))
+        // A slot mounted through dm-verity is mounted from the dm device
+        // that holds the loop device: that is the one to look for.
+        let top = fs::read_dir(e.path().join("holders"))
+            .ok()
+            .and_then(|mut h| h.find_map(|d| d.ok().map(|d| d.path())))
+            .unwrap_or_else(|| e.path());
+        let Some((maj, min)) = fs::read_to_string(top.join("dev"))
             .ok()
             .and_then(|d| d.trim().split_once(':').and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?))))
         else {

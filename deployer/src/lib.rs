@@ -6,7 +6,8 @@
 //! Modules, in the order an apply uses them: [`config`], [`lock`],
 //! [`state`], [`fetch`], [`decide`] (what to do with a verified manifest: a
 //! pure function), [`slot`] (a slot's verified manifest and image, and
-//! mounting it), [`loopdev`] and [`mount`], [`hooks`], [`switch`] (which
+//! mounting it), [`loopdev`], [`integrity`] (dm-verity under every mount, over
+//! [`devmapper`]) and [`mount`], [`hooks`], [`switch`] (which
 //! slot `link` names, and repointing it), [`drain`] (retiring an old slot:
 //! unmount or detach); [`apply`] strings them together and nothing depends
 //! on it but the command line; [`ops`] holds the other commands (a module each), [`metrics`]
@@ -19,9 +20,11 @@ pub mod cli;
 pub mod config;
 pub mod decide;
 pub mod delta;
+pub mod devmapper;
 pub mod drain;
 pub mod fetch;
 pub mod hooks;
+pub mod integrity;
 pub mod lock;
 pub mod loopdev;
 pub mod metrics;

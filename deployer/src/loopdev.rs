@@ -61,6 +61,13 @@ impl LoopDevice {
     pub fn file(&self) -> &File {
         &self.file
     }
+
+    /// Its device number (major, minor).
+    pub fn number(&self) -> io::Result<(u32, u32)> {
+        use std::os::unix::fs::MetadataExt;
+        let rdev = self.file.metadata()?.rdev() as libc::dev_t;
+        Ok((libc::major(rdev), libc::minor(rdev)))
+    }
 }
 
 /// Binds `backing` read-only to a free loop device. `label` shows up in

@@ -11,6 +11,7 @@ use imgdeploy_common::sign::PublicKey;
 
 use crate::config::Config;
 use crate::drain::{detached, Detached};
+use crate::integrity::{of_mounted, Integrity};
 use crate::slot::installed;
 use crate::state::{Layout, State};
 
@@ -18,21 +19,53 @@ fn escape(v: &str) -> String {
     v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
+/// What the metrics say of the active slot.
+#[derive(Debug, Clone)]
+pub struct Active {
+    /// Its serial.
+    pub serial: u64,
+    /// Its version label.
+    pub version: String,
+    /// How its reads are checked (`None`: not mounted).
+    pub integrity: Option<Integrity>,
+    /// dm-verity found a corrupted block in it.
+    pub corrupted: bool,
+}
+
 /// Renders the metrics text.
-pub fn render(cfg: &Config, state: &State, active: Option<(u64, String)>, detached: &[Detached]) -> String {
+pub fn render(cfg: &Config, state: &State, active: Option<Active>, detached: &[Detached]) -> String {
     let mut out = String::new();
     let mut gauge = |name: &str, help: &str, labels: &str, value: String| {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name}{labels} {value}");
     };
     let ch = format!("{{channel=\"{}\"}}", escape(&cfg.channel));
     match &active {
-        Some((serial, version)) => {
-            gauge("imgdeploy_active_serial", "Serial of the image the active link points at.", &ch, serial.to_string());
+        Some(a) => {
+            gauge(
+                "imgdeploy_active_serial",
+                "Serial of the image the active link points at.",
+                &ch,
+                a.serial.to_string(),
+            );
             gauge(
                 "imgdeploy_active_info",
                 "The active image's version label (value is always 1).",
-                &format!("{{channel=\"{}\",version=\"{}\"}}", escape(&cfg.channel), escape(version)),
+                &format!("{{channel=\"{}\",version=\"{}\"}}", escape(&cfg.channel), escape(&a.version)),
                 "1".into(),
+            );
+            if let Some(i) = a.integrity {
+                gauge(
+                    "imgdeploy_active_integrity",
+                    "How reads of the active slot are checked: verity (every block) or install-time (value is always 1).",
+                    &format!("{{channel=\"{}\",integrity=\"{}\"}}", escape(&cfg.channel), i.as_str()),
+                    "1".into(),
+                );
+            }
+            gauge(
+                "imgdeploy_active_corrupted",
+                "1 if dm-verity found a corrupted block in the active slot (reads of it fail; apply repairs it).",
+                &ch,
+                u8::from(a.corrupted).to_string(),
             );
         }
         None => gauge("imgdeploy_active_serial", "Serial of the image the active link points at.", &ch, "0".into()),
@@ -103,7 +136,17 @@ pub fn render(cfg: &Config, state: &State, active: Option<(u64, String)>, detach
 pub fn write(cfg: &Config, layout: &Layout, state: &State, path: &Path) -> Result<()> {
     let keys: Vec<PublicKey> = cfg.trusted_keys()?;
     let active = match crate::switch::active_slot(cfg, layout)? {
-        Some(slot) => installed(layout, slot, &keys)?.map(|i| (i.manifest.serial, i.manifest.version)),
+        Some(slot) => installed(layout, slot, &keys)?.map(|i| {
+            let mounted = crate::mount::mounted_at(&layout.mount_point(slot)).ok().flatten();
+            let (integrity, corrupted) = match mounted {
+                Some(m) => {
+                    let (i, c) = of_mounted(m.dev);
+                    (Some(i), c)
+                }
+                None => (None, false),
+            };
+            Active { serial: i.manifest.serial, version: i.manifest.version, integrity, corrupted }
+        }),
         None => None,
     };
     write_atomic(path, render(cfg, state, active, &detached(layout)).as_bytes(), 0o644)?;

@@ -14,7 +14,10 @@ use nix::mount::{MntFlags, MsFlags};
 
 use imgdeploy_common::manifest::ImageFormat;
 
+use imgdeploy_common::verity::Verity;
+
 use crate::config::MountOptions;
+use crate::integrity::{open_verity, warn_fallback_once, Integrity, VerityError};
 use crate::loopdev;
 
 /// Why mounting or unmounting failed.
@@ -52,6 +55,39 @@ pub enum MountError {
     /// Reading the mount table failed.
     #[error("cannot read /proc/self/mountinfo")]
     Table(#[source] io::Error),
+    /// No dm-verity device could be made, and `require_verity = true`.
+    #[error("refusing to mount {image} without dm-verity (require_verity = true; set it to false to accept images checked at install only)")]
+    VerityRequired {
+        /// The image.
+        image: PathBuf,
+        /// Why there is none.
+        #[source]
+        source: VerityError,
+    },
+    /// A dm-verity device could not be made for another reason.
+    #[error("cannot set up dm-verity for {image}")]
+    Verity {
+        /// The image.
+        image: PathBuf,
+        /// Why.
+        #[source]
+        source: VerityError,
+    },
+}
+
+/// Whether and how to put a dm-verity device under a mount.
+#[derive(Debug, Clone, Copy)]
+pub struct VerityRequest<'a> {
+    /// The state directory's tag (see [`crate::integrity::instance_tag`]).
+    pub tag: &'a str,
+    /// Names the device: the slot (`a`, `b`).
+    pub slot: &'a str,
+    /// Names the device: the image's serial.
+    pub serial: u64,
+    /// The signed hash tree parameters, if the image has a tree.
+    pub tree: Option<&'a Verity>,
+    /// Refuse to mount without verity (`require_verity = true`).
+    pub required: bool,
 }
 
 /// One line of `/proc/self/mountinfo`.
@@ -142,7 +178,9 @@ pub fn mounted_at(path: &Path) -> Result<Option<MountEntry>, MountError> {
     Ok(parse_mountinfo(&text).into_iter().rev().find(|m| m.mount_point == path))
 }
 
-/// Loop-mounts the already-verified open image `file` (of `format`) read-only at `target`.
+/// Loop-mounts the already-verified open image `file` (of `format`) read-only
+/// at `target`, through a dm-verity device when `verity` asks for one and
+/// the kernel can; says which it did.
 pub fn mount_image(
     file: &File,
     format: ImageFormat,
@@ -150,7 +188,8 @@ pub fn mount_image(
     target: &Path,
     opts: MountOptions,
     label: &str,
-) -> Result<(), MountError> {
+    verity: Option<VerityRequest<'_>>,
+) -> Result<Integrity, MountError> {
     let dev = loopdev::attach(file, label).map_err(|source| MountError::Loop { image: image.to_owned(), source })?;
     let mut flags = MsFlags::MS_RDONLY;
     for (on, flag) in [
@@ -163,11 +202,41 @@ pub fn mount_image(
             flags |= flag;
         }
     }
-    nix::mount::mount(Some(&dev.path), target, Some(format.fstype()), flags, None::<&str>)
-        .map_err(|source| MountError::Mount { image: image.to_owned(), target: target.to_owned(), source })?;
-    // `dev` drops here: the mount now holds the only reference, and with
-    // LO_FLAGS_AUTOCLEAR the device detaches when it is unmounted.
-    Ok(())
+    let checked = match verity {
+        None => None,
+        Some(req) => {
+            let loop_dev = dev.number().map_err(|source| MountError::Loop { image: image.to_owned(), source })?;
+            match open_verity(req.tag, req.slot, req.serial, loop_dev, req.tree) {
+                Ok(v) => Some(v),
+                Err(source) if req.required => {
+                    return Err(MountError::VerityRequired { image: image.to_owned(), source })
+                }
+                Err(e) if e.is_unsupported() => {
+                    warn_fallback_once(&e);
+                    None
+                }
+                Err(source) => return Err(MountError::Verity { image: image.to_owned(), source }),
+            }
+        }
+    };
+    let source = checked.as_ref().map_or_else(|| dev.path.clone(), |v| v.info.node());
+    let mounted = nix::mount::mount(Some(&source), target, Some(format.fstype()), flags, None::<&str>)
+        .map_err(|source| MountError::Mount { image: image.to_owned(), target: target.to_owned(), source });
+    // `dev` drops here: the mount (or the verity device) now holds the only
+    // reference, and with LO_FLAGS_AUTOCLEAR the loop device detaches when
+    // that goes away.
+    match (checked, mounted) {
+        (Some(v), Ok(())) => {
+            v.release_with_mount();
+            Ok(Integrity::Verity)
+        }
+        (Some(v), Err(e)) => {
+            v.discard();
+            Err(e)
+        }
+        (None, Ok(())) => Ok(Integrity::InstallTime),
+        (None, Err(e)) => Err(e),
+    }
 }
 
 /// Unmounts `target` (not lazily: a busy mount stays and the caller is told).

@@ -15,7 +15,7 @@ use imgdeploy_common::trust::{verify_signed, TrustError};
 use anyhow::Context;
 
 use crate::config::Config;
-use crate::mount::{mount_image, mounted_at};
+use crate::mount::{mount_image, mounted_at, VerityRequest};
 use crate::state::{Layout, SlotId};
 
 /// Why a slot cannot be used.
@@ -31,7 +31,7 @@ pub enum SlotError {
         source: TrustError,
     },
     /// The image does not match its manifest.
-    #[error("slot {slot}: image {path} is not the signed image; the file was corrupted or modified on disk, run `imgdeploy apply` to reinstall it")]
+    #[error("slot {slot}: image {path} is not the signed image; the file was corrupted or modified on disk; `imgdeploy repair` rebuilds the active slot from its good chunks and the origin")]
     Image {
         /// The slot.
         slot: SlotId,
@@ -142,6 +142,11 @@ pub fn open_verified(layout: &Layout, slot: SlotId, manifest: &Manifest) -> Resu
 /// its superblock is checked.
 pub fn ensure_mounted(cfg: &Config, layout: &Layout, inst: &Installed, verified: Option<File>) -> anyhow::Result<()> {
     let target = layout.mount_point(inst.slot);
+    let tag = crate::integrity::instance_tag(&layout.root);
+    match crate::integrity::remove_stale(&tag) {
+        Ok(_) => {}
+        Err(e) => tracing::warn!("cannot look for stale dm-verity devices: {e}"),
+    }
     if mounted_at(&target)?.is_some() {
         return Ok(());
     }
@@ -156,14 +161,31 @@ pub fn ensure_mounted(cfg: &Config, layout: &Layout, inst: &Installed, verified:
         }
         None => open_verified(layout, inst.slot, &inst.manifest)?,
     };
-    mount_image(
+    let integrity = mount_image(
         &file,
         inst.manifest.image.format,
         &layout.image(inst.slot),
         &target,
         cfg.mount_options,
         &format!("imgdeploy:{}:{}", inst.slot, inst.manifest.serial),
-    )?;
-    tracing::info!("mounted slot {} (serial {}) at {}", inst.slot, inst.manifest.serial, target.display());
+        Some(VerityRequest {
+            tag: &tag,
+            slot: inst.slot.name(),
+            serial: inst.manifest.serial,
+            tree: inst.manifest.image.verity.as_ref(),
+            required: cfg.require_verity,
+        }),
+    )
+    .with_context(|| format!("slot {}", inst.slot))?;
+    tracing::info!(
+        "mounted slot {} (serial {}) at {} ({})",
+        inst.slot,
+        inst.manifest.serial,
+        target.display(),
+        match integrity {
+            crate::integrity::Integrity::Verity => "every read checked by dm-verity",
+            crate::integrity::Integrity::InstallTime => "checked at install only",
+        }
+    );
     Ok(())
 }

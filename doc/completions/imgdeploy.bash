@@ -31,6 +31,9 @@ _imgdeploy() {
             imgdeploy,mount)
                 cmd="imgdeploy__subcmd__mount"
                 ;;
+            imgdeploy,repair)
+                cmd="imgdeploy__subcmd__repair"
+                ;;
             imgdeploy,rollback)
                 cmd="imgdeploy__subcmd__rollback"
                 ;;
@@ -55,6 +58,9 @@ _imgdeploy() {
             imgdeploy__subcmd__help,mount)
                 cmd="imgdeploy__subcmd__help__subcmd__mount"
                 ;;
+            imgdeploy__subcmd__help,repair)
+                cmd="imgdeploy__subcmd__help__subcmd__repair"
+                ;;
             imgdeploy__subcmd__help,rollback)
                 cmd="imgdeploy__subcmd__help__subcmd__rollback"
                 ;;
@@ -71,7 +77,7 @@ _imgdeploy() {
 
     case "${cmd}" in
         imgdeploy)
-            opts="-c -v -q -h -V --config --verbose --quiet --help --version apply status verify rollback mount drain boot help"
+            opts="-c -v -q -h -V --config --verbose --quiet --help --version apply repair status verify rollback mount drain boot help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -167,7 +173,7 @@ _imgdeploy() {
             return 0
             ;;
         imgdeploy__subcmd__help)
-            opts="apply status verify rollback mount drain boot help"
+            opts="apply repair status verify rollback mount drain boot help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -250,6 +256,20 @@ _imgdeploy() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        imgdeploy__subcmd__help__subcmd__repair)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         imgdeploy__subcmd__help__subcmd__rollback)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
@@ -299,6 +319,32 @@ _imgdeploy() {
                 return 0
             fi
             case "${prev}" in
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -c)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        imgdeploy__subcmd__repair)
+            opts="-c -v -q -h --source --json --config --verbose --quiet --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --source)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --config)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0

@@ -49,6 +49,13 @@ fn tree(dir: &Path, label: &str) {
     fs::create_dir_all(dir.join("cgi-bin")).unwrap();
     fs::write(dir.join("version"), label).unwrap();
     fs::write(dir.join("htdocs/version.txt"), label).unwrap();
+    // Incompressible, so stored as is: the guest finds its bytes in the
+    // image by the marker and corrupts one of them (the dm-verity check).
+    let mut blob = b"FIELDTEST-BLOB-MARKER".to_vec();
+    // Its own bytes in every version: the tampered publish must have to
+    // download its damaged chunk (no version can supply it locally).
+    blob.extend(imgdeploy_tests::noise(256 << 10, label.bytes().fold(7, |a: u64, b| a.wrapping_mul(31) ^ b as u64)));
+    fs::write(dir.join("htdocs/blob.bin"), blob).unwrap();
     let cgi = dir.join("cgi-bin/version.cgi");
     fs::write(
         &cgi,

@@ -35,6 +35,25 @@ want() {
   done
 }
 served() { curl -sf http://127.0.0.1/version.txt; }
+# dm_create NAME UUID: a live device-mapper device (the "error" target, part
+# of dm-mod) with nothing open, as a crash between creating a verity device
+# and mounting it would leave one. Plain ioctls from perl: the guest has no dmsetup.
+dm_create() {
+  perl -e '
+    my ($name, $uuid) = @ARGV;
+    open(my $c, "+<", "/dev/mapper/control") or die "/dev/mapper/control: $!";
+    sub call {
+      my ($nr, $flags, $count, $payload) = @_;
+      my $buf = pack("L3 L L L l L L L Q a128 a129 a7", 4, 0, 0, 16384, 312, $count, 0, $flags, 0, 0, 0, $name, $uuid, "") . $payload;
+      $buf .= "\0" x (16384 - length $buf);
+      ioctl($c, 0xc138fd00 | $nr, $buf) or die "dm ioctl $nr: $!";
+    }
+    call(3, 1, 0, "");
+    call(9, 1, 1, pack("Q Q l L a16", 0, 8, 0, 48, "error") . pack("a8", ""));
+    call(6, 0, 0, "");
+  ' "$1" "$2"
+}
+dm_names() { cat /sys/block/dm-*/dm/name 2>/dev/null; }
 cgi() { curl -sf http://127.0.0.1/cgi-bin/version.cgi; }
 # On failure, the unit's last journal lines say why (they reach the host's report).
 apply() {
@@ -88,6 +107,11 @@ case "$phase" in
   check apply-v1 apply
   expect cgi-v1-as-www-data "v1 v1 www-data" cgi
   expect static-v1 "v1" served
+  # The Debian kernel has dm-verity: every slot is mounted through it.
+  check dm-verity-loaded grep -q '^dm_verity ' /proc/modules
+  expect slot-mounted-through-verity '"integrity": "verity"' imgdeploy status --json
+  expect mount-source-is-dm '/dev/dm-' imgdeploy status --json
+  expect metrics-integrity-verity 'integrity="verity"} 1' metric imgdeploy_active_integrity
 
   want v2
   rm -f /run/stop-client /run/client.log
@@ -133,6 +157,7 @@ case "$phase" in
   systemctl disable --now imgdeploy-apply.timer >/dev/null 2>&1
   target=$(readlink /webroot/cgi)
   slot=${target##*/}
+  expect boot-mount-through-verity '"integrity": "verity"' imgdeploy status --json
   say "CORRUPT slot $slot at $(uptime_s) s"
   printf 'CORRUPTED-BY-THE-FIELD-TEST' | dd of="/var/lib/imgdeploy/slots/$slot/image.squashfs" bs=1 seek=8192 conv=notrunc 2>/dev/null
   next_phase 2
@@ -149,6 +174,37 @@ case "$phase" in
   check apply-repairs apply
   expect serving-v4-again "v4" served
   check verify-both-slots imgdeploy verify
+  # One byte of a served file changes on disk under the mounted slot (as a
+  # failing disk or a root process would do it): reads of that file fail
+  # with EIO and never return other bytes; other files are still served.
+  target=$(readlink /webroot/cgi)
+  image=/var/lib/imgdeploy/slots/${target##*/}/image.squashfs
+  check blob-readable-before sh -c 'runuser -u www-data -- cat /webroot/cgi/htdocs/blob.bin >/dev/null'
+  at=$(grep -obUaF FIELDTEST-BLOB-MARKER "$image" | head -1 | cut -d: -f1)
+  check blob-found-in-image test -n "$at"
+  printf 'X' | dd of="$image" bs=1 seek=$((${at:-0} + 70000)) conv=notrunc 2>/dev/null
+  sync; echo 3 > /proc/sys/vm/drop_caches
+  expect corrupted-block-gives-eio "Input/output error" sh -c 'runuser -u www-data -- cat /webroot/cgi/htdocs/blob.bin 2>&1 >/dev/null'
+  expect other-files-still-served "v4" served
+  expect status-reports-corruption '"corrupted": true' imgdeploy status --json
+  # The next apply notices dm-verity's record and repairs: the same serial
+  # rebuilt in the other slot from local chunks plus the damaged one.
+  check apply-repairs-corruption apply
+  expect journal-names-damage "is damaged: dm-verity found corrupted blocks" journalctl -b --no-pager -u imgdeploy-apply.service
+  check blob-readable-after-repair sh -c 'runuser -u www-data -- cat /webroot/cgi/htdocs/blob.bin >/dev/null'
+  expect serving-v4-after-repair "v4" served
+  check repair-fetched-one-chunk sh -c 'n=$(imgdeploy status --json | grep -o "\"bytes_downloaded\": [0-9]*" | grep -o "[0-9]*$"); echo "fetched $n"; [ "$n" -gt 0 ] && [ "$n" -le 262144 ]'
+  expect repaired-slot-not-corrupted '"corrupted": false' imgdeploy status --json
+  # A stale verity device of ours (same state directory tag as the live
+  # one) is removed by the next apply; another program's device is not.
+  prefix=$(cat /sys/block/dm-*/dm/uuid | grep -m1 '^IMGDEPLOY-VERITY-' | cut -d- -f1-3)
+  check stale-device-created dm_create imgdeploy-a-9-stale "$prefix-imgdeploy-a-9-stale"
+  check other-programs-device-created dm_create other-program-dev "OTHER-PROGRAM-dev"
+  expect stale-device-present "imgdeploy-a-9-stale" dm_names
+  check apply-after-crash apply
+  check stale-device-removed sh -c '! cat /sys/block/dm-*/dm/name | grep -qx imgdeploy-a-9-stale'
+  expect other-programs-device-kept "other-program-dev" dm_names
+  check one-verity-device-per-mounted-slot sh -c 'n=$(cat /sys/block/dm-*/dm/uuid | grep -c "^IMGDEPLOY-VERITY-"); echo "$n devices"; [ "$n" -eq 1 ]'
   say "DONE at $(uptime_s) s"
   sync
   systemctl poweroff

@@ -262,7 +262,7 @@ fn prepare(params: &BootParams, policy: &BootPolicy) -> Result<String> {
     let path = path.as_path();
     if params.overlay {
         mkdir("/run/imgdeploy/lower");
-        mount_image(&img, m.image.format, path, Path::new("/run/imgdeploy/lower"), opts, &label)?;
+        mount_image(&img, m.image.format, path, Path::new("/run/imgdeploy/lower"), opts, &label, None)?;
         mkdir("/run/imgdeploy/rw/upper");
         mkdir("/run/imgdeploy/rw/work");
         mount_fs(
@@ -274,7 +274,7 @@ fn prepare(params: &BootParams, policy: &BootPolicy) -> Result<String> {
         )?;
     } else {
         mkdir("/newroot");
-        mount_image(&img, m.image.format, path, Path::new("/newroot"), opts, &label)?;
+        mount_image(&img, m.image.format, path, Path::new("/newroot"), opts, &label, None)?;
     }
     let init_in_root = format!("/newroot{}", params.init);
     if fs::symlink_metadata(&init_in_root).is_err() {

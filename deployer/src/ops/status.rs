@@ -12,6 +12,7 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::drain::{detached, device_of, holders, Detached, Holder};
+use crate::integrity::{of_mounted, Integrity};
 use crate::mount::mounted_at;
 use crate::slot::installed;
 use crate::state::{ApplyRecord, BootRecord, Layout, SlotId, State};
@@ -39,8 +40,16 @@ pub struct SlotStatus {
     pub expires: Option<String>,
     /// Mount point, when mounted.
     pub mounted: Option<PathBuf>,
-    /// Loop device, when mounted.
+    /// The device it is mounted from, when mounted: `/dev/dm-N` (dm-verity
+    /// over a loop device) or `/dev/loopN`.
     pub device: Option<String>,
+    /// When mounted, how its reads are checked: `verity` (every block read,
+    /// against the signed root hash) or `install-time` (the whole image was
+    /// hashed once, before mounting).
+    pub integrity: Option<Integrity>,
+    /// dm-verity has found a block that does not match the tree (reads of it
+    /// fail); `imgdeploy apply` or a re-download repairs the slot.
+    pub corrupted: bool,
     /// Processes using the mount.
     pub users: Vec<Holder>,
     /// Why the slot is unusable, if it is.
@@ -99,6 +108,8 @@ fn slot_status(layout: &Layout, slot: SlotId, keys: &[PublicKey]) -> SlotStatus 
         expires: None,
         mounted: None,
         device: None,
+        integrity: None,
+        corrupted: false,
         users: Vec::new(),
         error: None,
     };
@@ -121,6 +132,9 @@ fn slot_status(layout: &Layout, slot: SlotId, keys: &[PublicKey]) -> SlotStatus 
         st.users = device_of(&target).map(holders).unwrap_or_default();
         st.mounted = Some(target);
         st.device = Some(m.source);
+        let (integrity, corrupted) = of_mounted(m.dev);
+        st.integrity = Some(integrity);
+        st.corrupted = corrupted;
     }
     st
 }
