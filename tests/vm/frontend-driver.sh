@@ -44,7 +44,9 @@ dm_create() {
     open(my $c, "+<", "/dev/mapper/control") or die "/dev/mapper/control: $!";
     sub call {
       my ($nr, $flags, $count, $payload) = @_;
-      my $buf = pack("L3 L L L l L L L Q a128 a129 a7", 4, 0, 0, 16384, 312, $count, 0, $flags, 0, 0, 0, $name, $uuid, "") . $payload;
+      # The kernel takes a uuid only when creating (name and uuid together: EINVAL).
+      my $u = $nr == 3 ? $uuid : "";
+      my $buf = pack("L3 L L L l L L L Q a128 a129 a7", 4, 0, 0, 16384, 312, $count, 0, $flags, 0, 0, 0, $name, $u, "") . $payload;
       $buf .= "\0" x (16384 - length $buf);
       ioctl($c, 0xc138fd00 | $nr, $buf) or die "dm ioctl $nr: $!";
     }
