@@ -51,7 +51,7 @@ mutation 'chunk-reuse-unchecked' \
   's/read_chunk\(&seeds\[si\]\.file, off, len, &mut buf\)\.is_ok_and\(\|h\| h == c\.hash\)/read_chunk(\&seeds[si].file, off, len, \&mut buf).is_ok()/' \
   'delta::privileged_tampered_chunk_in_local_slot_is_not_reused'
 mutation 'reuse-block-unchecked' \
-  'an incremental build copies an earlier image's block without checking its bytes against the signed map' \
+  'an incremental build copies a block of an earlier image without checking its bytes against the signed map' \
   'builder/src/blocks.rs' \
   's/            && Sha256Digest::of_bytes\(&self\.scratch\) == c\.disk_sha256;/;/' \
   'blocks::corrupted_or_missing_earlier_images_are_never_copied_from'
@@ -66,7 +66,7 @@ mutation 'reuse-any-compressor' \
   's/if s\.map\.compressor != compressor \{/if false {/' \
   'blocks::incremental_builds_equal_builds_from_scratch_after_every_kind_of_change'
 mutation 'map-raw-hash-wrong' \
-  'the block map names a block's bytes on disk as its content, so reuse and deltas look up the wrong thing' \
+  'the block map names the bytes of a block on disk as its content, so reuse and deltas look up the wrong thing' \
   'builder/src/blocks.rs' \
   's/Some\(c\) => c,/Some(c) => (disk_sha256, c.1),/' \
   'blocks::block_maps_name_every_block_and_recompress_to_the_image'
