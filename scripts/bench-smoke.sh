@@ -21,6 +21,7 @@ runs=(
   "delta.sh $small"
   "layout.sh $small"
   "fleet.sh 3 $small"
+  "verity.sh /usr/share/doc/dpkg"
 )
 for r in "${runs[@]}"; do
   read -r -a cmd <<< "$r"
