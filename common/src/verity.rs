@@ -131,7 +131,11 @@ impl Verity {
 fn levels(data_blocks: u64) -> Vec<u64> {
     let mut out = Vec::new();
     let mut n = data_blocks;
-    while n > 1 {
+    // A u64 count of blocks shrinks 128-fold per level: 10 levels at most.
+    for _ in 0..64 {
+        if n <= 1 {
+            break;
+        }
         n = n.div_ceil(HASHES_PER_BLOCK);
         out.push(n);
     }
@@ -157,19 +161,7 @@ fn salted(salt: &Sha256Digest, block: &[u8]) -> [u8; 32] {
 
 /// The salt of a data area: sha256 over a domain prefix and the data.
 pub fn salt_of(data: impl Read) -> io::Result<Sha256Digest> {
-    let mut h = Sha256::new();
-    h.update(SALT_DOMAIN);
-    let mut data = data;
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        match data.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => h.update(&buf[..n]),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(Sha256Digest(h.finalize().into()))
+    Sha256Digest::of_reader(SALT_DOMAIN.chain(data)).map(|(d, _)| d)
 }
 
 /// The hash levels of `data_blocks` blocks read from `data`, as they are
@@ -177,7 +169,7 @@ pub fn salt_of(data: impl Read) -> io::Result<Sha256Digest> {
 pub fn hash_tree(mut data: impl Read, data_blocks: u64, salt: &Sha256Digest) -> io::Result<(Vec<u8>, Sha256Digest)> {
     let sizes = levels(data_blocks);
     // The leaves, hashed a batch of blocks at a time across the cores.
-    let mut leaves = Vec::with_capacity(usize::try_from(data_blocks * 32).unwrap_or(0));
+    let mut leaves = Vec::new();
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(8);
     let batch = 1024 * threads;
     let mut buf = vec![0u8; batch * BLOCK_SIZE as usize];
@@ -224,8 +216,9 @@ pub fn hash_tree(mut data: impl Read, data_blocks: u64, salt: &Sha256Digest) -> 
 pub fn uuid_of(salt: &Sha256Digest) -> [u8; 16] {
     let d = Sha256::digest([b"imgdeploy dm-verity uuid v1\0".as_slice(), &salt.0].concat());
     let mut u: [u8; 16] = d[..16].try_into().expect("16 of 32 bytes");
-    u[6] = (u[6] & 0x0f) | 0x40;
-    u[8] = (u[8] & 0x3f) | 0x80;
+    // The high bits are cleared first, so `+` sets them.
+    u[6] = (u[6] & 0x0f) + 0x40;
+    u[8] = (u[8] & 0x3f) + 0x80;
     u
 }
 
@@ -282,7 +275,9 @@ mod tests {
 
     #[test]
     fn levels_match_veritysetup() {
+        assert_eq!(levels(0), Vec::<u64>::new());
         assert_eq!(levels(1), Vec::<u64>::new());
+        assert_eq!(levels(u64::MAX).len(), 10);
         assert_eq!(levels(2), vec![1]);
         assert_eq!(levels(128), vec![1]);
         assert_eq!(levels(129), vec![2, 1]);
@@ -387,6 +382,20 @@ mod tests {
         let u = uuid_of(&salt);
         assert_eq!((u[6] >> 4, u[8] >> 6), (4, 2));
         assert_ne!(uuid_of(&Sha256Digest([0x12; 32])), u);
+    }
+
+    #[test]
+    fn uuid_is_the_salts_digest_with_version_4_and_variant_bits() {
+        // sha256("imgdeploy dm-verity uuid v1\0" || [7; 32]), first 16 bytes,
+        // with the version nibble 4 and the variant bits 10 (by Python's hashlib).
+        let want = "da87bd98507646c987c765459f4e2d20";
+        let got: String = uuid_of(&Sha256Digest([7; 32])).iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(got, want);
+        for seed in 0..64u8 {
+            let u = uuid_of(&Sha256Digest([seed; 32]));
+            assert_eq!(u[6] >> 4, 4, "version");
+            assert_eq!(u[8] >> 6, 0b10, "variant");
+        }
     }
 
     #[test]
