@@ -32,6 +32,9 @@ pub const BLOCK_SIZE: u64 = 4096;
 const HASHES_PER_BLOCK: u64 = BLOCK_SIZE / 32;
 /// The only hash algorithm.
 pub const HASH: &str = "sha256";
+
+/// Data blocks read and hashed per batch by [`hash_tree`].
+const BATCH_BLOCKS: usize = 2048;
 /// What the salt is derived with, so it cannot collide with another use of
 /// the data area's sha256.
 const SALT_DOMAIN: &[u8] = b"imgdeploy dm-verity salt v1\0";
@@ -166,12 +169,14 @@ pub fn salt_of(data: impl Read) -> io::Result<Sha256Digest> {
 
 /// The hash levels of `data_blocks` blocks read from `data`, as they are
 /// laid out on disk (top level first), and the root hash.
+///
+/// Leaves are hashed [`BATCH_BLOCKS`] at a time (8 MiB), split across the cores.
 pub fn hash_tree(mut data: impl Read, data_blocks: u64, salt: &Sha256Digest) -> io::Result<(Vec<u8>, Sha256Digest)> {
     let sizes = levels(data_blocks);
     // The leaves, hashed a batch of blocks at a time across the cores.
     let mut leaves = Vec::new();
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(8);
-    let batch = 1024 * threads;
+    let batch = BATCH_BLOCKS;
     let mut buf = vec![0u8; batch * BLOCK_SIZE as usize];
     let mut left = data_blocks;
     while left > 0 {
