@@ -132,17 +132,7 @@ pub fn decompress_block(block: &[u8], raw_len: usize) -> io::Result<Vec<u8>> {
 mod tests {
     use super::*;
 
-    /// `n` incompressible bytes (xorshift64 from `seed`).
-    fn noise(n: usize, mut x: u64) -> Vec<u8> {
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
+    use crate::test_noise as noise;
 
     #[test]
     fn compressible_blocks_shrink_and_round_trip() {

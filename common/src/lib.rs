@@ -34,6 +34,20 @@ pub mod transport;
 pub mod trust;
 pub mod verity;
 
+/// `n` incompressible, deterministic bytes of the xorshift64 sequence that
+/// starts from state `x` (non-zero): the unit tests' shared test data.
+#[cfg(test)]
+pub(crate) fn test_noise(n: usize, mut x: u64) -> Vec<u8> {
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
 /// Upper bound on a manifest's size; anything larger is refused before it is read.
 pub const MAX_MANIFEST_BYTES: u64 = 64 * 1024;
 /// An Ed25519 signature is exactly this long; the `.sig` file holds nothing else.

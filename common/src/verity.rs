@@ -303,15 +303,7 @@ mod tests {
     }
 
     fn noise(blocks: usize) -> Vec<u8> {
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        (0..blocks * BLOCK_SIZE as usize)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
+        crate::test_noise(blocks * BLOCK_SIZE as usize, 0x9e37_79b9_7f4a_7c15)
     }
 
     /// The tree recomputed naively, level by level, from the definition.
