@@ -162,6 +162,7 @@ pub fn build(req: &BuildRequest) -> Result<BuildReport> {
     let tree_started = std::time::Instant::now();
     let verity = append_verity(&tmp.0)?;
     let verity_ms = tree_started.elapsed().as_millis() as u64;
+    let tree_offset = verity.hash_offset;
 
     // From storing the image (which `gc` must not remove before a manifest
     // names it) to signing the manifest.
@@ -169,7 +170,7 @@ pub fn build(req: &BuildRequest) -> Result<BuildReport> {
     let stored = store_image(&repo, &tmp.0, &stats.map, Some(verity))?;
     let serial = next_serial(&repo, &release, &trusted)?;
     let published = publish_manifest(&repo, &key, &release, serial, &stored)?;
-    let verity_bytes = published.size - published_data_size(&stored);
+    let verity_bytes = published.size - tree_offset;
     tracing::info!("dm-verity hash tree: {verity_bytes} bytes in {verity_ms} ms");
     Ok(BuildReport {
         published,
@@ -179,10 +180,6 @@ pub fn build(req: &BuildRequest) -> Result<BuildReport> {
         verity_bytes,
         verity_ms,
     })
-}
-
-fn published_data_size(stored: &crate::publish::StoredImage) -> u64 {
-    stored.verity.as_ref().map_or(stored.size, |v| v.hash_offset)
 }
 
 /// Appends the dm-verity superblock and hash tree to the packed image and

@@ -111,11 +111,8 @@ pub struct ApplyOptions {
 /// read of it (free to ask, so every apply asks), or, with `full`, its image
 /// no longer hashes to the signed sha256.
 fn active_damage(layout: &Layout, active: &Installed, full: bool) -> Option<String> {
-    let target = layout.mount_point(active.slot);
-    if let Ok(Some(m)) = crate::mount::mounted_at(&target) {
-        if crate::integrity::of_mounted(m.dev).1 {
-            return Some("dm-verity found corrupted blocks in it".into());
-        }
+    if crate::integrity::of_mount_point(&layout.mount_point(active.slot)).is_some_and(|(_, corrupted)| corrupted) {
+        return Some("dm-verity found corrupted blocks in it".into());
     }
     if full {
         if let Err(e) = open_verified(layout, active.slot, &active.manifest) {

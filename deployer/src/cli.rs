@@ -171,10 +171,7 @@ pub fn run(cli: Cli) -> Result<()> {
                                 .map(|m| format!(
                                     "mounted at {} ({}{})",
                                     m.display(),
-                                    match x.integrity {
-                                        Some(crate::integrity::Integrity::Verity) => "dm-verity",
-                                        _ => "checked at install only",
-                                    },
+                                    x.integrity.unwrap_or(crate::integrity::Integrity::InstallTime).describe(),
                                     if x.corrupted { ", CORRUPTED blocks found: run imgdeploy apply" } else { "" }
                                 ))
                                 .unwrap_or_else(|| "not mounted".into()),

@@ -26,7 +26,6 @@ const HEADER: usize = 312;
 const SPEC: usize = 40;
 
 const READONLY: u32 = 1 << 0;
-const STATUS_TABLE: u32 = 1 << 4;
 const BUFFER_FULL: u32 = 1 << 8;
 const DEFERRED_REMOVE: u32 = 1 << 17;
 
@@ -201,12 +200,6 @@ impl Control {
     /// Each target's status line (`STATUSTYPE_INFO`; for verity `V` or `C`).
     pub fn target_status(&self, name: &str) -> io::Result<Vec<String>> {
         let (h, data) = self.call(TABLE_STATUS, Some(name), None, 0, &[])?;
-        Ok(specs(&data, h.target_count))
-    }
-
-    /// Each target's table line, as loaded.
-    pub fn table(&self, name: &str) -> io::Result<Vec<String>> {
-        let (h, data) = self.call(TABLE_STATUS, Some(name), None, STATUS_TABLE, &[])?;
         Ok(specs(&data, h.target_count))
     }
 

@@ -48,6 +48,14 @@ impl Integrity {
             Integrity::InstallTime => "install-time",
         }
     }
+
+    /// For people: what it means for reads.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Integrity::Verity => "every read checked by dm-verity",
+            Integrity::InstallTime => "checked at install only",
+        }
+    }
 }
 
 /// Why a verity device could not be made.
@@ -190,6 +198,12 @@ pub fn remove_stale(tag: &str) -> io::Result<usize> {
         }
     }
     Ok(removed)
+}
+
+/// [`of_mounted`] for whatever is mounted at `mount_point`; `None` when
+/// nothing is (or the mount table cannot be read).
+pub fn of_mount_point(mount_point: &Path) -> Option<(Integrity, bool)> {
+    crate::mount::mounted_at(mount_point).ok().flatten().map(|m| of_mounted(m.dev))
 }
 
 /// What the device a slot is mounted from says about integrity: verity

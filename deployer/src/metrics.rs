@@ -11,7 +11,7 @@ use imgdeploy_common::sign::PublicKey;
 
 use crate::config::Config;
 use crate::drain::{detached, Detached};
-use crate::integrity::{of_mounted, Integrity};
+use crate::integrity::{of_mount_point, Integrity};
 use crate::slot::installed;
 use crate::state::{Layout, State};
 
@@ -137,14 +137,8 @@ pub fn write(cfg: &Config, layout: &Layout, state: &State, path: &Path) -> Resul
     let keys: Vec<PublicKey> = cfg.trusted_keys()?;
     let active = match crate::switch::active_slot(cfg, layout)? {
         Some(slot) => installed(layout, slot, &keys)?.map(|i| {
-            let mounted = crate::mount::mounted_at(&layout.mount_point(slot)).ok().flatten();
-            let (integrity, corrupted) = match mounted {
-                Some(m) => {
-                    let (i, c) = of_mounted(m.dev);
-                    (Some(i), c)
-                }
-                None => (None, false),
-            };
+            let found = of_mount_point(&layout.mount_point(slot));
+            let (integrity, corrupted) = (found.map(|(i, _)| i), found.is_some_and(|(_, c)| c));
             Active { serial: i.manifest.serial, version: i.manifest.version, integrity, corrupted }
         }),
         None => None,

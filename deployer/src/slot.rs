@@ -182,10 +182,7 @@ pub fn ensure_mounted(cfg: &Config, layout: &Layout, inst: &Installed, verified:
         inst.slot,
         inst.manifest.serial,
         target.display(),
-        match integrity {
-            crate::integrity::Integrity::Verity => "every read checked by dm-verity",
-            crate::integrity::Integrity::InstallTime => "checked at install only",
-        }
+        integrity.describe()
     );
     Ok(())
 }
