@@ -245,12 +245,7 @@ fn privileged_fifty_deployers_through_a_caching_edge() {
     for (dir, _) in &hosts {
         assert_eq!(read_as_reader(&dir.join("link/version")).unwrap(), "fleet-1");
     }
-    let bytes = |log: Vec<String>| -> u64 {
-        log.iter()
-            .filter(|l| l.starts_with("GET /images/"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-            .sum()
-    };
+    let bytes = |log: Vec<String>| imgdeploy_tests::nginx::image_bytes_sent(&log).0;
     let (fleet, from_origin) = (bytes(edge.log()), bytes(origin.log()));
     eprintln!(
         "{n} deployers: {fleet} image bytes served by the edge, {from_origin} by the origin (ratio {:.1})",

@@ -147,11 +147,9 @@ fn privileged_without_dm_verity_slots_say_install_time_and_require_verity_refuse
     d.assert_no_leaks();
 }
 
-/// Image bytes nginx sent in the log lines after the first `skip`.
+/// Image bytes nginx sent, and image requests, in its log after line `skip`.
 fn image_bytes_sent(log: &[String], skip: usize) -> (u64, usize) {
-    let lines: Vec<&String> = log.iter().skip(skip).filter(|l| l.starts_with("GET /images/")).collect();
-    let bytes = lines.iter().map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap()).sum();
-    (bytes, lines.len())
+    imgdeploy_tests::nginx::image_bytes_sent(&log[skip.min(log.len())..])
 }
 
 /// `imgdeploy repair` finds a byte changed in the active image on disk,

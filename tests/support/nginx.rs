@@ -103,6 +103,19 @@ impl Nginx {
     }
 }
 
+/// Image bytes sent (`$body_bytes_sent`, the last field of our log format)
+/// and the number of image requests in access-log `lines`.
+pub fn image_bytes_sent(lines: &[String]) -> (u64, usize) {
+    let images: Vec<&String> = lines.iter().filter(|l| l.starts_with("GET /images/")).collect();
+    let bytes = images
+        .iter()
+        .map(|l| {
+            l.rsplit(' ').next().and_then(|b| b.parse::<u64>().ok()).unwrap_or_else(|| panic!("no byte count: {l}"))
+        })
+        .sum();
+    (bytes, images.len())
+}
+
 impl Drop for Nginx {
     fn drop(&mut self) {
         // Best effort: the process may already be gone.
