@@ -491,6 +491,25 @@ pub(crate) mod tests {
         }
     }
 
+    /// The filesystem is the whole file without a hash tree, and only what
+    /// precedes the verity superblock with one (the block map, the chunk
+    /// index and the superblock check cover that much and no more).
+    #[test]
+    fn data_size_stops_where_the_hash_tree_starts() {
+        let mut image = sample().image;
+        image.size = 3 * 1024 * 1024;
+        assert_eq!(image.data_size(), 3 * 1024 * 1024);
+        image.verity = Some(crate::verity::Verity {
+            root_hash: Sha256Digest::of_bytes(b"root"),
+            salt: Sha256Digest::of_bytes(b"salt"),
+            hash_offset: 2 * 1024 * 1024,
+            data_block_size: 4096,
+            hash_block_size: 4096,
+            hash: crate::verity::HASH.into(),
+        });
+        assert_eq!(image.data_size(), 2 * 1024 * 1024);
+    }
+
     #[test]
     fn round_trip_is_byte_stable() {
         let m = sample();
