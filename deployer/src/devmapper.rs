@@ -25,9 +25,10 @@ const UUID_LEN: usize = 129;
 const HEADER: usize = 312;
 const SPEC: usize = 40;
 
-const READONLY: u32 = 1 << 0;
-const BUFFER_FULL: u32 = 1 << 8;
-const DEFERRED_REMOVE: u32 = 1 << 17;
+// DM_READONLY_FLAG (1 << 0), DM_BUFFER_FULL_FLAG (1 << 8), DM_DEFERRED_REMOVE (1 << 17).
+const READONLY: u32 = 0x1;
+const BUFFER_FULL: u32 = 0x100;
+const DEFERRED_REMOVE: u32 = 0x2_0000;
 
 const LIST_DEVICES: u8 = 2;
 const DEV_CREATE: u8 = 3;
@@ -60,7 +61,8 @@ const _: () = assert!(std::mem::size_of::<DmIoctl>() == HEADER);
 /// `_IOWR(0xfd, nr, struct dm_ioctl)`.
 const fn request(nr: u8) -> libc::c_ulong {
     const IOC_READ_WRITE: libc::c_ulong = 3;
-    (IOC_READ_WRITE << 30) | ((HEADER as libc::c_ulong) << 16) | (0xfd << 8) | nr as libc::c_ulong
+    // The fields do not overlap, so adding them is or-ing them.
+    (IOC_READ_WRITE << 30) + ((HEADER as libc::c_ulong) << 16) + (0xfd << 8) + nr as libc::c_ulong
 }
 
 /// What the kernel says about one device.
@@ -172,16 +174,7 @@ impl Control {
     pub fn create(&self, name: &str, uuid: &str, sectors: u64, target: &str, params: &str) -> io::Result<DeviceInfo> {
         self.call(DEV_CREATE, Some(name), Some(uuid), READONLY, &[])?;
         let made = (|| {
-            let mut spec = vec![0u8; SPEC];
-            spec[0..8].copy_from_slice(&0u64.to_le_bytes());
-            spec[8..16].copy_from_slice(&sectors.to_le_bytes());
-            put(&mut spec[24..40], target)?;
-            spec.extend_from_slice(params.as_bytes());
-            spec.push(0);
-            spec.resize(spec.len().next_multiple_of(8), 0);
-            let next = spec.len() as u32;
-            spec[20..24].copy_from_slice(&next.to_le_bytes());
-            self.call(TABLE_LOAD, Some(name), None, READONLY, &spec)?;
+            self.call(TABLE_LOAD, Some(name), None, READONLY, &table(sectors, target, params)?)?;
             // Resume (no SUSPEND flag): the loaded table goes live.
             let (h, _) = self.call(DEV_SUSPEND, Some(name), None, 0, &[])?;
             Ok(Self::info(&h))
@@ -214,6 +207,22 @@ impl Control {
         let (_, data) = self.call(LIST_DEVICES, None, None, 0, &[])?;
         Ok(names(&data))
     }
+}
+
+/// A one-target table as `DM_TABLE_LOAD` takes it: a `struct
+/// dm_target_spec` (u64 sector_start, u64 length, i32 status, u32 next,
+/// char target_type[16]) covering sectors 0..`sectors`, then the
+/// parameters as a C string, padded to 8 bytes; `next` is the padded size.
+fn table(sectors: u64, target: &str, params: &str) -> io::Result<Vec<u8>> {
+    let mut spec = vec![0u8; SPEC];
+    spec[8..16].copy_from_slice(&sectors.to_ne_bytes());
+    put(&mut spec[24..40], target)?;
+    spec.extend_from_slice(params.as_bytes());
+    spec.push(0);
+    spec.resize(spec.len().next_multiple_of(8), 0);
+    let next = spec.len() as u32;
+    spec[20..24].copy_from_slice(&next.to_ne_bytes());
+    Ok(spec)
 }
 
 /// Parses a `struct dm_name_list` chain: u64 dev, u32 next (offset to the
@@ -278,6 +287,55 @@ mod tests {
         d.extend_from_slice(&0u32.to_ne_bytes());
         d.extend_from_slice(b"two\0");
         assert_eq!(names(&d), ["one", "two"]);
+        assert_eq!(names(&d[..36]), ["one"], "an entry cut after its header is not read");
+        assert_eq!(names(&d[..37]), ["one", "t"]);
+    }
+
+    #[test]
+    fn a_device_is_mounted_through_its_dev_node() {
+        let info = DeviceInfo { name: "x".into(), uuid: String::new(), dev: (253, 4), open_count: 0 };
+        assert_eq!(info.node(), PathBuf::from("/dev/dm-4"));
+    }
+
+    /// The table bytes, field by field, and what `specs` reads back from a
+    /// status reply laid out the same way.
+    #[test]
+    fn a_table_is_one_spec_and_its_parameters() {
+        let t = table(16, "verity", "1 /dev/loop0").unwrap();
+        assert_eq!(t.len(), 40 + 16, "40-byte spec, 13 bytes of text padded to 16");
+        assert_eq!(&t[0..8], &0u64.to_ne_bytes(), "starts at sector 0");
+        assert_eq!(&t[8..16], &16u64.to_ne_bytes(), "length in sectors");
+        assert_eq!(&t[16..20], &[0; 4], "status");
+        assert_eq!(&t[20..24], &56u32.to_ne_bytes(), "next: the padded size");
+        assert_eq!(&t[24..40], b"verity\0\0\0\0\0\0\0\0\0\0");
+        assert_eq!(&t[40..], b"1 /dev/loop0\0\0\0\0");
+        assert_eq!(table(1, "linear", "1234567").unwrap().len(), 48, "7 bytes and a NUL fill 8");
+        assert!(table(1, "a-target-name-16", "").is_err(), "16 bytes leave no room for the NUL");
+        assert_eq!(specs(&t, 1), ["1 /dev/loop0"]);
+    }
+
+    #[test]
+    fn status_replies_parse() {
+        let mut two = table(8, "verity", "V").unwrap();
+        let first = two.len() as u32;
+        two.extend(table(8, "verity", "C").unwrap());
+        // In a reply, `next` counts from the start of the data.
+        two[first as usize + 20..first as usize + 24].copy_from_slice(&(2 * first).to_ne_bytes());
+        assert_eq!(specs(&two, 2), ["V", "C"]);
+        assert_eq!(specs(&two, 1), ["V"], "no more than the count");
+        assert!(specs(&two, 0).is_empty());
+        assert_eq!(specs(&two[..first as usize + 39], 2), ["V"], "a spec cut short is not read");
+        // A `next` that does not move forward ends the list instead of looping.
+        let mut looped = two.clone();
+        looped[20..24].copy_from_slice(&0u32.to_ne_bytes());
+        assert_eq!(specs(&looped, 2), ["V"]);
+    }
+
+    #[test]
+    fn texts_end_at_the_first_nul_or_the_field() {
+        assert_eq!(text_of(b"abc\0def"), "abc");
+        assert_eq!(text_of(b"abc"), "abc");
+        assert_eq!(text_of(b""), "");
     }
 
     #[test]
