@@ -229,18 +229,22 @@ fn table(sectors: u64, target: &str, params: &str) -> io::Result<Vec<u8>> {
 /// next entry, 0 at the last), then the name. A first dev of 0: no devices.
 fn names(data: &[u8]) -> Vec<String> {
     let mut out = Vec::new();
-    let mut at = 0usize;
-    while at + 12 < data.len() {
-        let dev = u64::from_ne_bytes(data[at..at + 8].try_into().expect("8 bytes"));
-        let next = u32::from_ne_bytes(data[at + 8..at + 12].try_into().expect("4 bytes")) as usize;
+    // Each step moves past at least an entry's header (or stops), so no
+    // `next` the kernel could send makes this loop forever.
+    let mut entry = data;
+    while entry.len() > 12 {
+        let (header, body) = entry.split_at(12);
+        let dev = u64::from_ne_bytes(header[0..8].try_into().expect("8 bytes"));
+        let next = u32::from_ne_bytes(header[8..12].try_into().expect("4 bytes")) as usize;
         if dev == 0 && out.is_empty() && next == 0 {
             break;
         }
-        out.push(text_of(&data[at + 12..]));
-        if next == 0 {
-            break;
-        }
-        at += next;
+        out.push(text_of(body));
+        // `next` counts from the start of this entry; 0 ends the list.
+        entry = match next.checked_sub(12).and_then(|skip| body.get(skip..)) {
+            Some(rest) => rest,
+            None => break,
+        };
     }
     out
 }
@@ -289,6 +293,10 @@ mod tests {
         assert_eq!(names(&d), ["one", "two"]);
         assert_eq!(names(&d[..36]), ["one"], "an entry cut after its header is not read");
         assert_eq!(names(&d[..37]), ["one", "t"]);
+        assert_eq!(names(&d[24..]), ["two"], "one device, the last entry");
+        let mut past_the_end = d.clone();
+        past_the_end[8..12].copy_from_slice(&100u32.to_ne_bytes());
+        assert_eq!(names(&past_the_end), ["one"], "a next past the reply ends it");
     }
 
     #[test]
@@ -312,6 +320,8 @@ mod tests {
         assert_eq!(table(1, "linear", "1234567").unwrap().len(), 48, "7 bytes and a NUL fill 8");
         assert!(table(1, "a-target-name-16", "").is_err(), "16 bytes leave no room for the NUL");
         assert_eq!(specs(&t, 1), ["1 /dev/loop0"]);
+        assert_eq!(specs(&t[..40], 1), [""], "a spec whose text is cut off reads as empty");
+        assert!(specs(&t[..39], 1).is_empty(), "a spec cut short is not read");
     }
 
     #[test]
