@@ -8,7 +8,13 @@ set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
 command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz@0.13.2
 export RUSTC_BOOTSTRAP=1
-targets=("$@"); ((${#targets[@]})) || targets=(manifest keys config chunk_index multipart block_map)
+targets=("$@")
+if ((${#targets[@]} == 0)); then
+  targets=(manifest keys config chunk_index multipart block_map)
+  # Every target in one cargo run, which builds them in parallel; each run
+  # below then starts at once.
+  cargo fuzz build
+fi
 for t in "${targets[@]}"; do
   mkdir -p "corpus/$t"
   # New inputs go to a scratch corpus so the committed seeds stay small.
