@@ -88,6 +88,8 @@ pub enum Outcome {
         requests: u64,
         /// Image bytes found on this host.
         reused_bytes: u64,
+        /// Bytes of the dm-verity hash tree that would be computed here.
+        computed_bytes: u64,
         /// The image's size.
         image_size: u64,
         /// The chunk index's size (fetched in both modes when published).
@@ -131,6 +133,7 @@ fn dry_run(t: &Transport, fetched: &crate::fetch::FetchedManifest, layout: &Layo
         download_bytes: m.image.size,
         requests: 1,
         reused_bytes: 0,
+        computed_bytes: 0,
         image_size: m.image.size,
         index_bytes,
     };
@@ -153,6 +156,7 @@ fn dry_run(t: &Transport, fetched: &crate::fetch::FetchedManifest, layout: &Layo
         download_bytes: st.downloaded,
         requests: st.requests,
         reused_bytes: st.reused,
+        computed_bytes: st.computed,
         image_size: m.image.size,
         index_bytes: r.size,
     })
@@ -279,9 +283,10 @@ fn download_into(
     let (download, file) = match delta_done {
         Some((st, f)) => {
             tracing::info!(
-                "delta: reused {} bytes from local images, {} already in place, downloaded {} bytes in {} requests ({} of {} chunks)",
+                "delta: reused {} bytes from local images, {} already in place, computed {} bytes of hash tree, downloaded {} bytes in {} requests ({} of {} chunks)",
                 st.reused,
                 st.resumed,
+                st.computed,
                 st.downloaded,
                 st.requests,
                 st.chunks_fetched,
@@ -293,6 +298,7 @@ fn download_into(
                     downloaded: st.downloaded,
                     resumed_from: st.resumed,
                     reused: st.reused,
+                    computed: st.computed,
                     requests: st.requests,
                 },
                 f,

@@ -121,8 +121,17 @@ fn print_outcome(outcome: &Outcome, json: bool) -> Result<()> {
     match outcome {
         Outcome::UpToDate { message, .. } => println!("up to date: {message}"),
         Outcome::NotInWave { message, .. } => println!("not in the wave: {message}"),
-        Outcome::WouldUpdate { serial, mode, download_bytes, requests, reused_bytes, image_size, index_bytes } => println!(
-            "would update to serial {serial} ({mode}): download {download_bytes} of {image_size} image bytes in {requests} requests, reuse {reused_bytes} local bytes, plus a {index_bytes}-byte chunk index"
+        Outcome::WouldUpdate {
+            serial,
+            mode,
+            download_bytes,
+            requests,
+            reused_bytes,
+            computed_bytes,
+            image_size,
+            index_bytes,
+        } => println!(
+            "would update to serial {serial} ({mode}): download {download_bytes} of {image_size} image bytes in {requests} requests, reuse {reused_bytes} local bytes, compute {computed_bytes} bytes of hash tree, plus a {index_bytes}-byte chunk index"
         ),
         Outcome::Switched { serial, version, slot, download, retired, .. } => {
             println!(

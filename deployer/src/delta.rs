@@ -11,6 +11,13 @@
 //! ranges, several ranges per request (`multipart/byteranges`); each chunk
 //! from the server is verified too, and the whole image is hashed at the end.
 //!
+//! The dm-verity superblock and hash tree at the end of the image are a
+//! function of the data before them and the signed salt, and a change that
+//! shifts the data renews most of the tree (1/128 of the image). So chunks
+//! of the tree that no local image holds are computed here, not fetched,
+//! checked against the signed root hash and each chunk's signed hash (a
+//! chunk that does not reproduce is fetched after all).
+//!
 //! Any failure here is reported to the caller, which falls back to a full
 //! download; a server that ignores Range is detected on the first request.
 
@@ -25,6 +32,7 @@ use imgdeploy_common::digest::{Sha256Digest, StreamHasher};
 use imgdeploy_common::location::{FetchError, Location};
 use imgdeploy_common::manifest::{IndexRef, Manifest};
 use imgdeploy_common::transport::Transport;
+use imgdeploy_common::verity::{self, Verity};
 use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 use serde::Serialize;
 
@@ -89,6 +97,14 @@ pub enum DeltaError {
     /// The assembled image does not hash to the signed value.
     #[error("the image assembled from chunks has sha256 {found}, the manifest signs {expected}")]
     Digest {
+        /// Signed.
+        expected: Sha256Digest,
+        /// Computed.
+        found: Sha256Digest,
+    },
+    /// The hash tree computed from the assembled data has another root.
+    #[error("the data assembled from chunks has dm-verity root hash {found}, the manifest signs {expected}")]
+    RootHash {
         /// Signed.
         expected: Sha256Digest,
         /// Computed.
@@ -175,6 +191,9 @@ pub struct DeltaStats {
     pub resumed: u64,
     /// Bytes fetched from the server.
     pub downloaded: u64,
+    /// Bytes of the dm-verity superblock and hash tree computed here
+    /// instead of fetched.
+    pub computed: u64,
     /// HTTP requests made (or needed) for chunks.
     pub requests: u64,
     /// Chunks in the image.
@@ -210,6 +229,8 @@ enum Source {
     Local,
     /// From the server.
     Fetch,
+    /// Part of the hash tree: computed from the data before it.
+    Computed,
 }
 
 /// Chunk hash -> where local images (claim to) hold it.
@@ -248,6 +269,39 @@ fn plan(
             })
         })
         .collect()
+}
+
+/// Marks the chunks that lie wholly in the hash tree and would be fetched
+/// as computed instead (a chunk that straddles the tree's start keeps its
+/// source). Returns the bytes marked.
+fn compute_tree(sources: &mut [Source], new: &ChunkIndex, verity: Option<&Verity>) -> u64 {
+    let Some(v) = verity else { return 0 };
+    let mut bytes = 0;
+    for (source, c) in sources.iter_mut().zip(&new.chunks) {
+        if c.offset >= v.hash_offset && *source == Source::Fetch {
+            *source = Source::Computed;
+            bytes += c.len as u64;
+        }
+    }
+    bytes
+}
+
+/// Writes the superblock and hash tree of `v` after the data already in
+/// `out`, once the tree it yields has the signed root hash.
+fn write_tree(out: &File, v: &Verity) -> Result<(), io::Error> {
+    let mut data = out.try_clone()?;
+    io::Seek::seek(&mut data, io::SeekFrom::Start(0))?;
+    let reader = io::BufReader::with_capacity(1 << 20, data.take(v.hash_offset));
+    let (tree, root) = verity::hash_tree(reader, v.data_blocks(), &v.salt)?;
+    if root != v.root_hash {
+        return Err(io::Error::other(DeltaError::RootHash { expected: v.root_hash, found: root }));
+    }
+    let mut block = vec![0u8; verity::BLOCK_SIZE as usize];
+    let superblock = verity::superblock(v.data_blocks(), &v.salt);
+    block[..superblock.len()].copy_from_slice(&superblock);
+    out.write_all_at(&block, v.hash_offset)?;
+    out.write_all_at(&tree, v.hash_offset + verity::BLOCK_SIZE)?;
+    Ok(())
 }
 
 /// Time left for the whole delta, which `download_timeout` bounds as one
@@ -352,7 +406,8 @@ fn progress(total: u64) -> ProgressBar {
 /// What [`build`] would fetch for the image of `m` (described by `new`),
 /// assuming the local images are intact; sends nothing, writes nothing.
 pub fn estimate(m: &Manifest, new: &ChunkIndex, seeds: &[Seed]) -> Result<DeltaStats, DeltaError> {
-    let sources = plan(new, &lookup(seeds), None)?;
+    let mut sources = plan(new, &lookup(seeds), None)?;
+    let computed = compute_tree(&mut sources, new, m.image.verity.as_ref());
     let missing: Vec<usize> = (0..sources.len()).filter(|&i| sources[i] == Source::Fetch).collect();
     let downloaded = missing.iter().map(|&i| new.chunks[i].len as u64).sum();
     Ok(DeltaStats {
@@ -360,7 +415,8 @@ pub fn estimate(m: &Manifest, new: &ChunkIndex, seeds: &[Seed]) -> Result<DeltaS
         requests: coalesce(&missing).len().div_ceil(RANGES_PER_REQUEST) as u64,
         downloaded,
         chunks_fetched: missing.len() as u64,
-        reused: m.image.size - downloaded,
+        computed,
+        reused: m.image.size - downloaded - computed,
         ..Default::default()
     })
 }
@@ -398,7 +454,8 @@ pub fn build(
     let out = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&partial).map_err(disk)?;
     out.set_len(m.image.size).map_err(disk)?;
     let pb = progress(m.image.size);
-    let sources = plan(new, &have, resuming.then_some((&out, &disk as &dyn Fn(io::Error) -> DeltaError)))?;
+    let mut sources = plan(new, &have, resuming.then_some((&out, &disk as &dyn Fn(io::Error) -> DeltaError)))?;
+    compute_tree(&mut sources, new, m.image.verity.as_ref());
 
     // 1. Fetch what no local image has, in coalesced multi-range requests.
     let missing: Vec<usize> = (0..sources.len()).filter(|&i| sources[i] == Source::Fetch).collect();
@@ -417,9 +474,31 @@ pub fn build(
         whole.finish()
     });
     let mut buf = Vec::new();
+    let mut tree_written = false;
     let copy_result = (|| -> Result<(), DeltaError> {
         for (i, c) in new.chunks.iter().enumerate() {
             match sources[i] {
+                Source::Computed => {
+                    // Every chunk before this one is in place, so all the
+                    // data the tree covers is: compute the tree once.
+                    if !tree_written {
+                        let v = m.image.verity.as_ref().expect("computed chunks come from a hash tree");
+                        write_tree(&out, v).map_err(|e| match e.downcast::<DeltaError>() {
+                            Ok(wrong) => wrong,
+                            Err(e) => disk(e),
+                        })?;
+                        tree_written = true;
+                    }
+                    if read_chunk(&out, c.offset, c.len, &mut buf).map_err(disk)? == c.hash {
+                        stats.computed += c.len as u64;
+                        pb.inc(c.len as u64);
+                    } else {
+                        tracing::warn!("the computed hash tree differs at offset {}; fetching it", c.offset);
+                        fetch_ranges(t, budget, image, new, &[(i, i)], &out, &path, &mut stats, &pb)?;
+                        buf.resize(c.len as usize, 0);
+                        out.read_exact_at(&mut buf, c.offset).map_err(disk)?;
+                    }
+                }
                 Source::InPlace | Source::Fetch => {
                     if sources[i] == Source::InPlace {
                         stats.resumed += c.len as u64;
@@ -471,6 +550,65 @@ pub fn build(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn chunk(offset: u64, len: u32) -> Chunk {
+        Chunk { offset, len, hash: ChunkHash::of(&offset.to_le_bytes()) }
+    }
+
+    #[test]
+    fn only_wanted_chunks_wholly_in_the_tree_are_computed() {
+        use imgdeploy_common::chunk::ChunkParams;
+        let new = ChunkIndex {
+            params: ChunkParams::default(),
+            image_size: 400,
+            chunks: vec![chunk(0, 100), chunk(100, 100), chunk(200, 100), chunk(300, 100)],
+        };
+        let v = Verity {
+            root_hash: Sha256Digest([1; 32]),
+            salt: Sha256Digest([2; 32]),
+            hash_offset: 150,
+            data_block_size: 4096,
+            hash_block_size: 4096,
+            hash: verity::HASH.into(),
+        };
+        let mut sources = vec![Source::Fetch, Source::Fetch, Source::Local, Source::Fetch];
+        assert_eq!(compute_tree(&mut sources, &new, None), 0);
+        assert_eq!(sources, [Source::Fetch, Source::Fetch, Source::Local, Source::Fetch], "no tree, nothing computed");
+        assert_eq!(compute_tree(&mut sources, &new, Some(&v)), 100);
+        assert_eq!(
+            sources,
+            [Source::Fetch, Source::Fetch, Source::Local, Source::Computed],
+            "the chunk across the tree's start is fetched, a local one copied"
+        );
+        let at_start = Verity { hash_offset: 200, ..v };
+        let mut sources = vec![Source::Fetch; 4];
+        assert_eq!(compute_tree(&mut sources, &new, Some(&at_start)), 200, "a chunk starting at the tree is in it");
+    }
+
+    /// The tree written after the data is byte for byte what the builder
+    /// appends; a root that differs from the signed one is refused.
+    #[test]
+    fn the_computed_tree_is_the_built_one() {
+        let data: Vec<u8> = (0..5 * verity::BLOCK_SIZE as usize).map(|i| (i * 31 % 251) as u8).collect();
+        let mut built = tempfile::tempfile().unwrap();
+        built.write_all_at(&data, 0).unwrap();
+        let v = verity::append_tree(&mut built).unwrap();
+        let size = built.metadata().unwrap().len();
+        let mut expected = vec![0u8; size as usize];
+        built.read_exact_at(&mut expected, 0).unwrap();
+
+        let out = tempfile::tempfile().unwrap();
+        out.write_all_at(&data, 0).unwrap();
+        out.set_len(size).unwrap();
+        write_tree(&out, &v).unwrap();
+        let mut got = vec![0u8; size as usize];
+        out.read_exact_at(&mut got, 0).unwrap();
+        assert!(got == expected, "the computed tail differs from the built one");
+
+        let wrong = Verity { root_hash: Sha256Digest([9; 32]), ..v };
+        let e = write_tree(&out, &wrong).unwrap_err();
+        assert!(matches!(e.downcast::<DeltaError>(), Ok(DeltaError::RootHash { .. })));
+    }
 
     #[test]
     fn coalesces_consecutive_chunks() {

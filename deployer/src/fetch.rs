@@ -159,6 +159,8 @@ pub struct DownloadStats {
     pub resumed_from: u64,
     /// Bytes copied from images already on this host (delta).
     pub reused: u64,
+    /// Bytes of the dm-verity hash tree computed on this host (delta).
+    pub computed: u64,
     /// HTTP requests for image data.
     pub requests: u64,
 }
@@ -228,8 +230,7 @@ pub fn download_image(
             hasher.update(&buf[..n]);
         }
     }
-    let mut stats =
-        DownloadStats { mode: TransferMode::Full, downloaded: 0, resumed_from: have, reused: 0, requests: 0 };
+    let mut stats = DownloadStats { mode: TransferMode::Full, resumed_from: have, ..Default::default() };
     if have < size {
         let (reader, start) = image.open(t, have)?;
         stats.requests += 1;

@@ -62,6 +62,7 @@ fn privileged_delta_is_byte_identical_and_small() {
     assert_eq!(plan["mode"], "delta");
     assert_eq!(d.status()["active"], status_before["active"], "dry run changed something");
     assert_eq!(d.status()["standby"], status_before["standby"], "dry run changed something");
+    let log_before = d.nginx.log().len();
     let r = d.imgdeploy(&["apply", "--json"]).ok().json();
     let dl = &r["download"];
     assert_eq!(dl["mode"], "delta");
@@ -69,8 +70,25 @@ fn privileged_delta_is_byte_identical_and_small() {
     assert_eq!(dl["requests"], plan["requests"]);
     let downloaded = dl["downloaded"].as_u64().unwrap();
     assert!(downloaded < size / 4, "delta downloaded {downloaded} of {size}");
-    assert_eq!(dl["downloaded"].as_u64().unwrap() + dl["reused"].as_u64().unwrap(), size);
+    let computed = dl["computed"].as_u64().unwrap();
+    assert_eq!(dl["downloaded"].as_u64().unwrap() + dl["reused"].as_u64().unwrap() + computed, size);
+    assert_eq!(dl["computed"], plan["computed_bytes"], "dry run predicted {plan} but apply did {dl}");
     assert_eq!(slot_image(&d, "b"), published_image(&d, &v2), "delta image differs from the published one");
+    // The changed files shift the data after them, so the hash tree is
+    // new: it is computed here, and no chunk of it is fetched (only the one
+    // chunk that straddles the data's end may reach into it).
+    let m = Manifest::parse(&fs::read(d.repo.join("stable.json")).unwrap()).unwrap();
+    let tree = m.image.verity.as_ref().expect("images carry a hash tree").hash_offset;
+    eprintln!("image {size} bytes, tree from {tree}, computed {computed}, downloaded {downloaded}");
+    assert!(computed > 0, "no byte of the {}-byte tree was computed: {dl}", size - tree);
+    let ranges = imgdeploy_tests::nginx::image_ranges(&d.nginx.log()[log_before..]);
+    assert!(!ranges.is_empty(), "{:#?}", d.nginx.log());
+    let mut into_tree = 0;
+    for (start, end) in ranges {
+        assert!(start < tree, "bytes {start}-{end} of the hash tree (from byte {tree}) were fetched");
+        into_tree += end.saturating_add(1).saturating_sub(tree);
+    }
+    assert!(into_tree <= 128 * 1024, "{into_tree} bytes of the hash tree were fetched, more than one chunk");
     assert_eq!(d.active_version().as_deref(), Some("v2"));
     // The server saw multi-range requests answered with 206.
     assert!(

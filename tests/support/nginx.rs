@@ -116,6 +116,25 @@ pub fn image_bytes_sent(lines: &[String]) -> (u64, usize) {
     (bytes, images.len())
 }
 
+/// The byte ranges (first, last) of every image request in access-log
+/// `lines`; a request without a Range header counts as the whole file.
+pub fn image_ranges(lines: &[String]) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    for l in lines.iter().filter(|l| l.starts_with("GET /images/")) {
+        let range = l.split('"').nth(1).unwrap_or_else(|| panic!("no Range field: {l}"));
+        let Some(spec) = range.strip_prefix("bytes=") else {
+            out.push((0, u64::MAX));
+            continue;
+        };
+        for r in spec.split(',') {
+            let (a, b) = r.trim().split_once('-').unwrap_or_else(|| panic!("bad range {r}: {l}"));
+            let first = a.parse().unwrap_or_else(|_| panic!("bad range {r}: {l}"));
+            out.push((first, b.parse().unwrap_or(u64::MAX)));
+        }
+    }
+    out
+}
+
 impl Drop for Nginx {
     fn drop(&mut self) {
         // Best effort: the process may already be gone.
