@@ -18,7 +18,8 @@
 //! superblock (which, like any byte on the frontend's disk, is untrusted).
 
 use std::fs::File;
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -243,6 +244,18 @@ pub fn superblock(data_blocks: u64, salt: &Sha256Digest) -> [u8; SUPERBLOCK_BYTE
     sb
 }
 
+/// Writes the superblock (in a block of its own) and the hash levels
+/// `tree` after `data_blocks` blocks of data, as `veritysetup format
+/// --hash-offset` lays them out: what the builder appends and what a
+/// deployer that computed the tree itself writes.
+pub fn write_tail(file: &File, data_blocks: u64, salt: &Sha256Digest, tree: &[u8]) -> io::Result<()> {
+    let hash_offset = data_blocks * BLOCK_SIZE;
+    let mut block = vec![0u8; BLOCK_SIZE as usize];
+    block[..SUPERBLOCK_BYTES].copy_from_slice(&superblock(data_blocks, salt));
+    file.write_all_at(&block, hash_offset)?;
+    file.write_all_at(tree, hash_offset + BLOCK_SIZE)
+}
+
 /// Appends the superblock and hash tree to an image whose data fills the
 /// whole file (a multiple of [`BLOCK_SIZE`]) and returns what the manifest
 /// signs. The caller syncs the file.
@@ -259,11 +272,7 @@ pub fn append_tree(file: &mut File) -> io::Result<Verity> {
     let salt = salt_of(io::BufReader::with_capacity(1 << 20, (&*file).take(data_len)))?;
     file.seek(SeekFrom::Start(0))?;
     let (tree, root_hash) = hash_tree((&*file).take(data_len), data_blocks, &salt)?;
-    file.seek(SeekFrom::Start(data_len))?;
-    let mut block = vec![0u8; BLOCK_SIZE as usize];
-    block[..SUPERBLOCK_BYTES].copy_from_slice(&superblock(data_blocks, &salt));
-    file.write_all(&block)?;
-    file.write_all(&tree)?;
+    write_tail(file, data_blocks, &salt, &tree)?;
     Ok(Verity {
         root_hash,
         salt,

@@ -288,20 +288,15 @@ fn compute_tree(sources: &mut [Source], new: &ChunkIndex, verity: Option<&Verity
 
 /// Writes the superblock and hash tree of `v` after the data already in
 /// `out`, once the tree it yields has the signed root hash.
-fn write_tree(out: &File, v: &Verity) -> Result<(), io::Error> {
-    let mut data = out.try_clone()?;
-    io::Seek::seek(&mut data, io::SeekFrom::Start(0))?;
+fn write_tree(out: &File, v: &Verity, disk: impl Fn(io::Error) -> DeltaError) -> Result<(), DeltaError> {
+    let mut data = out.try_clone().map_err(&disk)?;
+    io::Seek::seek(&mut data, io::SeekFrom::Start(0)).map_err(&disk)?;
     let reader = io::BufReader::with_capacity(1 << 20, data.take(v.hash_offset));
-    let (tree, root) = verity::hash_tree(reader, v.data_blocks(), &v.salt)?;
+    let (tree, root) = verity::hash_tree(reader, v.data_blocks(), &v.salt).map_err(&disk)?;
     if root != v.root_hash {
-        return Err(io::Error::other(DeltaError::RootHash { expected: v.root_hash, found: root }));
+        return Err(DeltaError::RootHash { expected: v.root_hash, found: root });
     }
-    let mut block = vec![0u8; verity::BLOCK_SIZE as usize];
-    let superblock = verity::superblock(v.data_blocks(), &v.salt);
-    block[..superblock.len()].copy_from_slice(&superblock);
-    out.write_all_at(&block, v.hash_offset)?;
-    out.write_all_at(&tree, v.hash_offset + verity::BLOCK_SIZE)?;
-    Ok(())
+    verity::write_tail(out, v.data_blocks(), &v.salt, &tree).map_err(disk)
 }
 
 /// Time left for the whole delta, which `download_timeout` bounds as one
@@ -483,10 +478,7 @@ pub fn build(
                     // data the tree covers is: compute the tree once.
                     if !tree_written {
                         let v = m.image.verity.as_ref().expect("computed chunks come from a hash tree");
-                        write_tree(&out, v).map_err(|e| match e.downcast::<DeltaError>() {
-                            Ok(wrong) => wrong,
-                            Err(e) => disk(e),
-                        })?;
+                        write_tree(&out, v, disk)?;
                         tree_written = true;
                     }
                     if read_chunk(&out, c.offset, c.len, &mut buf).map_err(disk)? == c.hash {
@@ -600,14 +592,14 @@ mod tests {
         let out = tempfile::tempfile().unwrap();
         out.write_all_at(&data, 0).unwrap();
         out.set_len(size).unwrap();
-        write_tree(&out, &v).unwrap();
+        let disk = |source| DeltaError::Disk { path: "out".into(), source };
+        write_tree(&out, &v, disk).unwrap();
         let mut got = vec![0u8; size as usize];
         out.read_exact_at(&mut got, 0).unwrap();
         assert!(got == expected, "the computed tail differs from the built one");
 
         let wrong = Verity { root_hash: Sha256Digest([9; 32]), ..v };
-        let e = write_tree(&out, &wrong).unwrap_err();
-        assert!(matches!(e.downcast::<DeltaError>(), Ok(DeltaError::RootHash { .. })));
+        assert!(matches!(write_tree(&out, &wrong, disk), Err(DeltaError::RootHash { .. })));
     }
 
     #[test]
