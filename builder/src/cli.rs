@@ -283,6 +283,11 @@ pub struct BuildArgs {
     /// the same either way).
     #[arg(long)]
     pub no_reuse: bool,
+    /// Make static deltas to the new image from the channel's last K
+    /// images (0: none). Deployers older than static deltas refuse a
+    /// manifest that lists any: build with 0 until the fleet is upgraded.
+    #[arg(long, value_name = "K", default_value_t = 3, value_parser = clap::value_parser!(u64).range(0..=16))]
+    pub deltas: u64,
     /// Publish as a staged rollout to this share of hosts (0-100; default: all).
     #[arg(long, value_parser = clap::value_parser!(u8).range(0..=100))]
     pub rollout: Option<u8>,
@@ -340,6 +345,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 fragments: !a.no_fragments,
                 rollout: a.rollout.filter(|&p| p < 100),
                 reuse: !a.no_reuse,
+                deltas: a.deltas as usize,
             };
             let r = build(&req)?;
             if a.json {
@@ -363,6 +369,12 @@ pub fn run(cli: Cli) -> Result<()> {
                     p.sha256,
                     p.expires
                 );
+                for d in &r.deltas {
+                    println!(
+                        "  delta from {}: {} bytes ({} copied, {} patched, {} literal) in {} ms",
+                        d.from, d.size, d.copied, d.patched, d.literal, d.ms
+                    );
+                }
             }
         }
         Command::Verify { manifest, public, json, origin } => {

@@ -16,6 +16,7 @@ pub mod blocks;
 pub mod channel;
 pub mod cli;
 pub mod cpio;
+pub mod deltas;
 pub mod gc;
 pub mod image;
 pub mod inspect;

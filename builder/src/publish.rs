@@ -434,7 +434,7 @@ pub fn earlier_images(repo: &Repo, trusted: &[PublicKey]) -> Vec<crate::blocks::
 }
 
 /// Reads a block map that must be the one `r` signs.
-fn load_map(path: &Path, r: &BlockMapRef) -> io::Result<BlockMap> {
+pub(crate) fn load_map(path: &Path, r: &BlockMapRef) -> io::Result<BlockMap> {
     let bad =
         |why: String| io::Error::new(io::ErrorKind::InvalidData, format!("its block map {}: {why}", path.display()));
     let file = fs::File::open(path).map_err(|e| bad(e.to_string()))?;
@@ -541,6 +541,7 @@ pub fn publish_manifest(
     release: &Release<'_>,
     serial: u64,
     image: &StoredImage,
+    deltas: Vec<imgdeploy_common::manifest::DeltaRef>,
 ) -> Result<Published, PublishError> {
     validate_channel(release.channel)?;
     let version = release.version.map(str::to_owned).unwrap_or_else(|| format!("r{serial}"));
@@ -563,6 +564,7 @@ pub fn publish_manifest(
         index: Some(image.index.clone()),
         rollout: release.rollout,
         block_map: Some(image.block_map.clone()),
+        deltas,
     };
     let (manifest_path, sig_path) = sign_and_write(repo, key, &manifest)?;
     Ok(Published {
@@ -614,7 +616,7 @@ mod tests {
         let stored = store_image(&repo, &tmp, &map, None).unwrap();
         assert!(stored.index_file.exists());
         assert_eq!(BlockMap::decode(&fs::read(&stored.map_file).unwrap()).unwrap(), map);
-        let published = publish_manifest(&repo, &key, &rel(None), 5, &stored).unwrap();
+        let published = publish_manifest(&repo, &key, &rel(None), 5, &stored, Vec::new()).unwrap();
         assert_eq!(published.version, "r5");
         assert_eq!(next_serial(&repo, &rel(None), &trusted).unwrap(), 6);
         assert!(matches!(

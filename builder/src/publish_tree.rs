@@ -54,6 +54,8 @@ pub struct BuildRequest {
     /// Copy the compressed blocks of the images the repository's channels
     /// serve instead of compressing their content again.
     pub reuse: bool,
+    /// Static deltas to make, from the channel's last this many images.
+    pub deltas: usize,
 }
 
 /// The result of a build.
@@ -73,6 +75,10 @@ pub struct BuildReport {
     pub verity_bytes: u64,
     /// Milliseconds spent computing and writing them.
     pub verity_ms: u64,
+    /// The static deltas published with the image.
+    pub deltas: Vec<crate::deltas::DeltaReport>,
+    /// Milliseconds spent making and checking them.
+    pub deltas_ms: u64,
 }
 
 /// Removes a temp file unless it was committed.
@@ -169,7 +175,12 @@ pub fn build(req: &BuildRequest) -> Result<BuildReport> {
     let _lock = repo.lock()?;
     let stored = store_image(&repo, &tmp.0, &stats.map, Some(verity))?;
     let serial = next_serial(&repo, &release, &trusted)?;
-    let published = publish_manifest(&repo, &key, &release, serial, &stored)?;
+    let deltas_started = std::time::Instant::now();
+    let bases = crate::deltas::bases_for(&repo, &req.channel, &trusted, req.deltas);
+    let (delta_refs, delta_reports): (Vec<_>, Vec<_>) =
+        crate::deltas::publish(&repo, &bases, &stored, &stats.map)?.into_iter().unzip();
+    let deltas_ms = deltas_started.elapsed().as_millis() as u64;
+    let published = publish_manifest(&repo, &key, &release, serial, &stored, delta_refs)?;
     let verity_bytes = published.size - tree_offset;
     tracing::info!("dm-verity hash tree: {verity_bytes} bytes in {verity_ms} ms");
     Ok(BuildReport {
@@ -179,6 +190,8 @@ pub fn build(req: &BuildRequest) -> Result<BuildReport> {
         reuse: stats.reuse,
         verity_bytes,
         verity_ms,
+        deltas: delta_reports,
+        deltas_ms,
     })
 }
 

@@ -27,6 +27,7 @@ pub mod multipart;
 pub mod netboot;
 pub mod report;
 pub mod rollout;
+pub mod sdelta;
 pub mod sign;
 pub mod squashfs;
 pub mod text;

@@ -222,6 +222,29 @@ pub struct Manifest {
     /// (absent: images built before block maps). See [`crate::blockmap`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub block_map: Option<BlockMapRef>,
+    /// Static deltas to this image from earlier ones (see [`crate::sdelta`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deltas: Vec<DeltaRef>,
+}
+
+/// Most static deltas one manifest lists.
+pub const MAX_DELTAS: usize = 16;
+
+/// A static delta that makes the manifest's image from an earlier image.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeltaRef {
+    /// sha256 of the image it starts from.
+    pub from: Sha256Digest,
+    /// That image's block map, so the next build can make its delta from
+    /// the same image.
+    pub from_map: BlockMapRef,
+    /// `deltas/<from>-<to>.delta`.
+    pub path: String,
+    /// SHA-256 of the delta file.
+    pub sha256: Sha256Digest,
+    /// Size of the delta file (less than the image's: a larger one is not published).
+    pub size: u64,
 }
 
 /// Where the image's block map is (see [`crate::blockmap`]).
@@ -236,6 +259,19 @@ pub struct BlockMapRef {
     pub size: u64,
 }
 
+impl BlockMapRef {
+    fn validate(&self, path: &'static str, size: &'static str) -> Result<(), ManifestError> {
+        let want = crate::blockmap::map_path(&self.sha256);
+        if self.path != want {
+            return Err(ManifestError::Field { field: path, why: format!("`{}` must be `{want}`", self.path) });
+        }
+        if self.size == 0 || self.size > crate::blockmap::MAX_MAP_BYTES as u64 {
+            return Err(ManifestError::Field { field: size, why: format!("{} is out of range", self.size) });
+        }
+        Ok(())
+    }
+}
+
 /// The relative path an image with this digest is published under.
 pub fn image_path(sha256: &Sha256Digest) -> String {
     format!("{IMAGES_DIR}/{sha256}{IMAGE_SUFFIX}")
@@ -247,6 +283,14 @@ pub const INDEXES_DIR: &str = "indexes";
 /// The relative path an index with this digest is published under.
 pub fn index_path(sha256: &Sha256Digest) -> String {
     format!("{INDEXES_DIR}/{sha256}.idx")
+}
+
+/// Directory of the static deltas.
+pub const DELTAS_DIR: &str = "deltas";
+
+/// The relative path of the static delta from image `from` to image `to`.
+pub fn delta_path(from: &Sha256Digest, to: &Sha256Digest) -> String {
+    format!("{DELTAS_DIR}/{from}-{to}.delta")
 }
 
 /// Directory of the signatures named by what they sign.
@@ -356,19 +400,33 @@ impl Manifest {
             }
         }
         if let Some(map) = &self.block_map {
-            let want = crate::blockmap::map_path(&map.sha256);
-            if map.path != want {
+            map.validate("block_map.path", "block_map.size")?;
+        }
+        if self.deltas.len() > MAX_DELTAS {
+            return Err(ManifestError::Field {
+                field: "deltas",
+                why: format!("{} deltas, at most {MAX_DELTAS}", self.deltas.len()),
+            });
+        }
+        let mut froms = std::collections::HashSet::new();
+        for d in &self.deltas {
+            let want = delta_path(&d.from, &self.image.sha256);
+            if d.path != want {
                 return Err(ManifestError::Field {
-                    field: "block_map.path",
-                    why: format!("`{}` must be `{want}`", map.path),
+                    field: "deltas.path",
+                    why: format!("`{}` must be `{want}`", d.path),
                 });
             }
-            if map.size == 0 || map.size > crate::blockmap::MAX_MAP_BYTES as u64 {
+            if d.from == self.image.sha256 || !froms.insert(d.from) {
                 return Err(ManifestError::Field {
-                    field: "block_map.size",
-                    why: format!("{} is out of range", map.size),
+                    field: "deltas.from",
+                    why: format!("{} is the image itself or listed twice", d.from),
                 });
             }
+            if d.size == 0 || d.size >= self.image.size {
+                return Err(ManifestError::Field { field: "deltas.size", why: format!("{} is out of range", d.size) });
+            }
+            d.from_map.validate("deltas.from_map.path", "deltas.from_map.size")?;
         }
         Ok(())
     }
@@ -437,6 +495,52 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn deltas_are_named_by_both_images_and_bounded() {
+        let m0 = sample();
+        let map_sha = Sha256Digest::of_bytes(b"map");
+        let delta = |from: &[u8], size: u64| {
+            let from = Sha256Digest::of_bytes(from);
+            DeltaRef {
+                from,
+                from_map: BlockMapRef { path: crate::blockmap::map_path(&map_sha), sha256: map_sha, size: 9 },
+                path: delta_path(&from, &m0.image.sha256),
+                sha256: Sha256Digest::of_bytes(b"delta"),
+                size,
+            }
+        };
+        let with = |deltas: Vec<DeltaRef>| {
+            let mut m = sample();
+            m.deltas = deltas;
+            m.validate()
+        };
+        let field = |r: Result<(), ManifestError>| match r {
+            Err(ManifestError::Field { field, .. }) => field,
+            other => panic!("{other:?}"),
+        };
+        assert!(with(vec![delta(b"a", 1), delta(b"b", 4095)]).is_ok());
+        let m = Manifest { deltas: vec![delta(b"a", 100)], ..sample() };
+        assert_eq!(Manifest::parse(&m.to_bytes()).unwrap(), m, "round trip");
+        assert!(!String::from_utf8(sample().to_bytes()).unwrap().contains("deltas"), "none: not written");
+        assert_eq!(field(with(vec![delta(b"a", 0)])), "deltas.size");
+        assert_eq!(field(with(vec![delta(b"a", 4096)])), "deltas.size", "not smaller than the image");
+        assert_eq!(field(with(vec![delta(b"a", 1), delta(b"a", 2)])), "deltas.from", "listed twice");
+        assert_eq!(field(with(vec![delta(b"image", 1)])), "deltas.from", "from the image itself");
+        let mut d = delta(b"a", 1);
+        d.path = delta_path(&m0.image.sha256, &d.from);
+        assert_eq!(field(with(vec![d])), "deltas.path", "the two images swapped");
+        let mut d = delta(b"a", 1);
+        d.from_map.size = 0;
+        assert_eq!(field(with(vec![d])), "deltas.from_map.size");
+        let mut d = delta(b"a", 1);
+        d.from_map.path = "maps/x.map".into();
+        assert_eq!(field(with(vec![d])), "deltas.from_map.path");
+        let many = (0..=MAX_DELTAS as u8).map(|i| delta(&[i], 1)).collect();
+        assert_eq!(field(with(many)), "deltas");
+        let most = (0..MAX_DELTAS as u8).map(|i| delta(&[i], 1)).collect();
+        assert!(with(most).is_ok());
+    }
+
+    #[test]
     fn block_map_path_and_size_bounds() {
         let sha = Sha256Digest::of_bytes(b"map");
         let with = |path: String, size: u64| {
@@ -488,6 +592,7 @@ pub(crate) mod tests {
             index: None,
             rollout: None,
             block_map: None,
+            deltas: Vec::new(),
         }
     }
 

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
 use imgdeploy_common::atomic::{fsync_dir, write_atomic};
+use imgdeploy_common::digest::Sha256Digest;
 use imgdeploy_common::location::Location;
 use imgdeploy_common::manifest::Timestamp;
 use imgdeploy_common::transport::Transport;
@@ -235,6 +236,7 @@ fn download_into(
     t: &Transport,
     fetched: &crate::fetch::FetchedManifest,
     standby: SlotId,
+    held: &[(SlotId, Sha256Digest)],
 ) -> Result<(DownloadStats, File)> {
     let m = &fetched.verified.manifest;
     let image_transport = t.with_timeouts(Duration::from_secs(60), cfg.download_timeout);
@@ -260,8 +262,17 @@ fn download_into(
     // request of a delta, and a full download that falls back from it.
     let budget = delta::Budget::starting_now(cfg.download_timeout);
     let mut full_transport = image_transport.clone();
+    // A static delta from an image a slot holds fills the partial first;
+    // the chunk delta below then checks it chunk by chunk in place.
+    let mut made = None;
+    if let (Some(_), Some((from, d))) = (&index, crate::static_delta::pick(m, held)) {
+        match crate::static_delta::fetch_and_apply(t, budget, &fetched.location, m, d, from, layout, standby) {
+            Ok(st) => made = Some(st),
+            Err(e) => tracing::warn!("static delta not used: {}; going on with the chunk delta", Chain(&e)),
+        }
+    }
     if let Some(idx) = &index {
-        if seeds.is_empty() {
+        if seeds.is_empty() && made.is_none() {
             tracing::info!("no local image to reuse chunks from; downloading the whole image");
         } else {
             match delta::build(&image_transport, budget, &image_loc, m, &idx.index, &seeds, layout, standby) {
@@ -292,17 +303,26 @@ fn download_into(
                 st.chunks_fetched,
                 st.chunks
             );
-            (
-                DownloadStats {
-                    mode: TransferMode::Delta,
-                    downloaded: st.downloaded,
-                    resumed_from: st.resumed,
-                    reused: st.reused,
-                    computed: st.computed,
-                    requests: st.requests,
-                },
-                f,
-            )
+            let mut stats = DownloadStats {
+                mode: TransferMode::Delta,
+                downloaded: st.downloaded,
+                resumed_from: st.resumed,
+                reused: st.reused,
+                computed: st.computed,
+                requests: st.requests,
+                ..Default::default()
+            };
+            if let Some(s) = &made {
+                // What the static delta made is what the chunk delta found in place.
+                stats.mode = TransferMode::StaticDelta;
+                stats.static_delta = s.fetched;
+                stats.downloaded += s.fetched;
+                stats.requests += u64::from(s.fetched > 0);
+                stats.patched = s.applied.patched.min(st.resumed);
+                stats.reused += st.resumed - stats.patched;
+                stats.resumed_from = 0;
+            }
+            (stats, f)
         }
         None => download_image(&full_transport, &image_loc, m, layout, standby)?,
     };
@@ -479,7 +499,13 @@ fn apply_locked(cfg: &Config, opts: &ApplyOptions, layout: &Layout, state: &mut 
         }
     });
     if verified_file.is_none() {
-        let (stats, file) = download_into(cfg, layout, &transport, &fetched, standby)?;
+        // Images a static delta may start from: the active one first.
+        let held: Vec<(SlotId, Sha256Digest)> = [active_inst.as_ref(), standby_inst.as_ref()]
+            .into_iter()
+            .flatten()
+            .map(|i| (i.slot, i.manifest.image.sha256))
+            .collect();
+        let (stats, file) = download_into(cfg, layout, &transport, &fetched, standby, &held)?;
         download = stats;
         verified_file = Some(file);
     } else {
@@ -549,6 +575,7 @@ fn install_verified(
     std::fs::rename(layout.partial(slot), layout.image(slot))?;
     // The partial's bookkeeping goes with it; a leftover would only cause a harmless re-hash.
     let _ = std::fs::remove_file(layout.partial_meta(slot));
+    let _ = std::fs::remove_file(layout.static_delta(slot));
     fsync_dir(&layout.slot_dir(slot))?;
     record_manifest(layout, slot, fetched, index)
 }

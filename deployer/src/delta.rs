@@ -272,13 +272,16 @@ fn plan(
 }
 
 /// Marks the chunks that lie wholly in the hash tree and would be fetched
-/// as computed instead (a chunk that straddles the tree's start keeps its
-/// source). Returns the bytes marked.
-fn compute_tree(sources: &mut [Source], new: &ChunkIndex, verity: Option<&Verity>) -> u64 {
+/// as computed instead. The chunk that straddles the tree's start is
+/// marked too when `straddling` (the partial file already holds the data,
+/// from a static delta or an interrupted run; if its data part turns out
+/// wrong, it is fetched after all). Returns the bytes marked.
+fn compute_tree(sources: &mut [Source], new: &ChunkIndex, verity: Option<&Verity>, straddling: bool) -> u64 {
     let Some(v) = verity else { return 0 };
     let mut bytes = 0;
     for (source, c) in sources.iter_mut().zip(&new.chunks) {
-        if c.offset >= v.hash_offset && *source == Source::Fetch {
+        let in_tree = c.offset >= v.hash_offset || (straddling && c.offset + c.len as u64 > v.hash_offset);
+        if in_tree && *source == Source::Fetch {
             *source = Source::Computed;
             bytes += c.len as u64;
         }
@@ -315,7 +318,8 @@ impl Budget {
         Budget { deadline: Instant::now() + limit, limit }
     }
 
-    fn left(&self) -> Option<Duration> {
+    /// What is left of it, if anything.
+    pub fn left(&self) -> Option<Duration> {
         self.deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero())
     }
 }
@@ -402,7 +406,7 @@ fn progress(total: u64) -> ProgressBar {
 /// assuming the local images are intact; sends nothing, writes nothing.
 pub fn estimate(m: &Manifest, new: &ChunkIndex, seeds: &[Seed]) -> Result<DeltaStats, DeltaError> {
     let mut sources = plan(new, &lookup(seeds), None)?;
-    let computed = compute_tree(&mut sources, new, m.image.verity.as_ref());
+    let computed = compute_tree(&mut sources, new, m.image.verity.as_ref(), false);
     let missing: Vec<usize> = (0..sources.len()).filter(|&i| sources[i] == Source::Fetch).collect();
     let downloaded = missing.iter().map(|&i| new.chunks[i].len as u64).sum();
     Ok(DeltaStats {
@@ -450,7 +454,7 @@ pub fn build(
     out.set_len(m.image.size).map_err(disk)?;
     let pb = progress(m.image.size);
     let mut sources = plan(new, &have, resuming.then_some((&out, &disk as &dyn Fn(io::Error) -> DeltaError)))?;
-    compute_tree(&mut sources, new, m.image.verity.as_ref());
+    compute_tree(&mut sources, new, m.image.verity.as_ref(), resuming);
 
     // 1. Fetch what no local image has, in coalesced multi-range requests.
     let missing: Vec<usize> = (0..sources.len()).filter(|&i| sources[i] == Source::Fetch).collect();
@@ -476,12 +480,26 @@ pub fn build(
                 Source::Computed => {
                     // Every chunk before this one is in place, so all the
                     // data the tree covers is: compute the tree once.
+                    let mut fetched = false;
                     if !tree_written {
                         let v = m.image.verity.as_ref().expect("computed chunks come from a hash tree");
-                        write_tree(&out, v, disk)?;
+                        match write_tree(&out, v, disk) {
+                            // The chunk across the data's end did not hold
+                            // the data after all: fetch it, compute again.
+                            Err(DeltaError::RootHash { .. }) if c.offset < v.hash_offset => {
+                                tracing::info!("the data's last chunk was not in place; fetching it");
+                                fetch_ranges(t, budget, image, new, &[(i, i)], &out, &path, &mut stats, &pb)?;
+                                write_tree(&out, v, disk)?;
+                                fetched = true;
+                            }
+                            other => other?,
+                        }
                         tree_written = true;
                     }
-                    if read_chunk(&out, c.offset, c.len, &mut buf).map_err(disk)? == c.hash {
+                    if fetched {
+                        buf.resize(c.len as usize, 0);
+                        out.read_exact_at(&mut buf, c.offset).map_err(disk)?;
+                    } else if read_chunk(&out, c.offset, c.len, &mut buf).map_err(disk)? == c.hash {
                         stats.computed += c.len as u64;
                         pb.inc(c.len as u64);
                     } else {
@@ -564,17 +582,28 @@ mod tests {
             hash: verity::HASH.into(),
         };
         let mut sources = vec![Source::Fetch, Source::Fetch, Source::Local, Source::Fetch];
-        assert_eq!(compute_tree(&mut sources, &new, None), 0);
+        assert_eq!(compute_tree(&mut sources, &new, None, true), 0);
         assert_eq!(sources, [Source::Fetch, Source::Fetch, Source::Local, Source::Fetch], "no tree, nothing computed");
-        assert_eq!(compute_tree(&mut sources, &new, Some(&v)), 100);
+        let mut with_data = sources.clone();
+        assert_eq!(compute_tree(&mut sources, &new, Some(&v), false), 100);
         assert_eq!(
             sources,
             [Source::Fetch, Source::Fetch, Source::Local, Source::Computed],
             "the chunk across the tree's start is fetched, a local one copied"
         );
+        assert_eq!(compute_tree(&mut with_data, &new, Some(&v), true), 200);
+        assert_eq!(
+            with_data,
+            [Source::Fetch, Source::Computed, Source::Local, Source::Computed],
+            "with the data in place, the chunk across the tree's start is computed too"
+        );
         let at_start = Verity { hash_offset: 200, ..v };
         let mut sources = vec![Source::Fetch; 4];
-        assert_eq!(compute_tree(&mut sources, &new, Some(&at_start)), 200, "a chunk starting at the tree is in it");
+        assert_eq!(
+            compute_tree(&mut sources, &new, Some(&at_start), false),
+            200,
+            "a chunk starting at the tree is in it"
+        );
     }
 
     /// The tree written after the data is byte for byte what the builder

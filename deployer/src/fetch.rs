@@ -134,6 +134,9 @@ pub enum TransferMode {
     Full,
     /// Rebuilt from local chunks plus the missing ones.
     Delta,
+    /// Made from a local image by a static delta (then checked chunk by
+    /// chunk, with any chunk that did not reproduce fetched).
+    StaticDelta,
     /// Nothing to transfer: the standby already held the image.
     None,
 }
@@ -143,6 +146,7 @@ impl std::fmt::Display for TransferMode {
         f.write_str(match self {
             TransferMode::Full => "full download",
             TransferMode::Delta => "delta download",
+            TransferMode::StaticDelta => "static delta",
             TransferMode::None => "nothing downloaded (the standby held the image)",
         })
     }
@@ -163,6 +167,10 @@ pub struct DownloadStats {
     pub computed: u64,
     /// HTTP requests for image data.
     pub requests: u64,
+    /// Bytes of image blocks made here by a static delta's patches.
+    pub patched: u64,
+    /// Bytes of the static delta file fetched (included in `downloaded`).
+    pub static_delta: u64,
 }
 
 fn disk(path: &Path) -> impl Fn(io::Error) -> DownloadError + '_ {

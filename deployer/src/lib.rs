@@ -33,4 +33,5 @@ pub mod ops;
 pub mod safety;
 pub mod slot;
 pub mod state;
+pub mod static_delta;
 pub mod switch;

@@ -143,6 +143,10 @@ impl Layout {
     pub fn partial(&self, s: SlotId) -> PathBuf {
         self.slot_dir(s).join("image.partial")
     }
+    /// A static delta being applied into the slot's partial file.
+    pub fn static_delta(&self, s: SlotId) -> PathBuf {
+        self.slot_dir(s).join("image.delta")
+    }
     /// Which image the partial download is of.
     pub fn partial_meta(&self, s: SlotId) -> PathBuf {
         self.slot_dir(s).join("partial.json")

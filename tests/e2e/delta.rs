@@ -1,4 +1,4 @@
-//! Delta updates: the image is rebuilt from local chunks plus
+//! Chunk delta updates: the image is rebuilt from local chunks plus
 //! multi-range requests, byte-identical to the published one; every way the
 //! delta can go wrong falls back or fails safely.
 
@@ -34,18 +34,24 @@ fn published_image(d: &Deployment, build: &serde_json::Value) -> Vec<u8> {
     fs::read(build["image"].as_str().unwrap()).unwrap()
 }
 
+/// Publishes `tree` without static deltas: these tests are about the
+/// chunk delta (static deltas have their own, `static_delta.rs`).
+fn publish_chunk_delta_only(d: &Deployment, tree: &Path, label: &str) -> serde_json::Value {
+    d.publish_tree_with(tree, label, &["--deltas", "0"])
+}
+
 /// v1 applied in full, then v2 (a few files changed) published: the common start of every test.
 fn two_versions(nginx_extra: &str) -> (Deployment, serde_json::Value) {
     let d = Deployment::new("", nginx_extra);
     let tree = d.dir.path().join("tree");
     make_tree(&tree, 150, 1);
-    d.publish_tree(&tree, "v1");
+    publish_chunk_delta_only(&d, &tree, "v1");
     let r = d.imgdeploy(&["apply", "--json"]).ok().json();
     assert_eq!(r["download"]["mode"], "full");
     for i in [3usize, 77, 140] {
         write_noise(&tree.join(format!("d{}/f{i:04}", i % 7)), 50_000, 999 + i as u64);
     }
-    let b = d.publish_tree(&tree, "v2");
+    let b = publish_chunk_delta_only(&d, &tree, "v2");
     (d, b)
 }
 
@@ -205,13 +211,13 @@ fn privileged_killed_delta_resumes() {
     let d = Deployment::new("", "limit_rate 1m;");
     let tree = d.dir.path().join("tree");
     make_tree(&tree, 150, 1);
-    d.publish_tree(&tree, "v1");
+    publish_chunk_delta_only(&d, &tree, "v1");
     d.imgdeploy(&["apply"]).ok();
     // Change a third of the files: a delta that takes a few seconds at 1 MB/s.
     for i in (0..150).step_by(3) {
         write_noise(&tree.join(format!("d{}/f{i:04}", i % 7)), 60_000, 5000 + i as u64);
     }
-    let v2 = d.publish_tree(&tree, "v2");
+    let v2 = publish_chunk_delta_only(&d, &tree, "v2");
     let mut child = Command::new(bin("imgdeploy"))
         .arg("-c")
         .arg(&d.config)
@@ -264,13 +270,13 @@ fn privileged_a_hostile_range_answer_cannot_stall_the_delta() {
     let d = Deployment::new("", "");
     let tree = d.dir.path().join("tree");
     make_tree(&tree, 400, 1);
-    d.publish_tree(&tree, "v1");
+    publish_chunk_delta_only(&d, &tree, "v1");
     d.imgdeploy(&["apply"]).ok();
     // Every fifth file changes: many separate runs of missing chunks, so several requests.
     for i in (0..400usize).step_by(5) {
         write_noise(&tree.join(format!("d{}/f{i:04}", i % 7)), 30_000, 5000 + i as u64);
     }
-    d.publish_tree(&tree, "v2");
+    publish_chunk_delta_only(&d, &tree, "v2");
     let plan = d.imgdeploy(&["apply", "--dry-run", "--json"]).ok().json();
     let requests = plan["requests"].as_u64().unwrap();
     assert!(requests >= 3, "the test needs several delta requests: {plan}");

@@ -357,6 +357,7 @@ fn sign_manifest(keys: &Keys, repo: &Path, channel: &str, serial: u64, payload: 
         index: None,
         rollout: None,
         block_map: None,
+        deltas: Vec::new(),
     };
     let bytes = m.to_bytes();
     fs::write(repo.join(format!("{channel}.json")), &bytes).unwrap();

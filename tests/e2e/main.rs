@@ -34,5 +34,6 @@ mod netboot;
 mod powerloss;
 mod private_origin;
 mod reliability;
+mod static_delta;
 mod trust;
 mod verity;

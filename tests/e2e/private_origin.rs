@@ -124,7 +124,7 @@ fn privileged_a_private_origin_gets_its_credentials_and_nobody_else_does() {
     let r = d.imgdeploy(&["apply", "--source", &source, "--json"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(d.active_version().as_deref(), Some("v1"));
-    d.publish_to("stable", "v2", 256 * 1024, &[]);
+    d.publish_to("stable", "v2", 256 * 1024, &["--deltas", "0"]);
     let r = d.imgdeploy(&["apply", "--source", &source, "--json"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(r.json()["download"]["mode"], "delta", "{}", r.stdout);

@@ -80,6 +80,14 @@ impl Deployment {
         build_image(tree, &self.keys, "stable", &self.repo, &["--version", label, "--level", "3"])
     }
 
+    /// [`Self::publish_tree`] with more `imgbuild build` arguments.
+    pub fn publish_tree_with(&self, tree: &Path, label: &str, extra: &[&str]) -> serde_json::Value {
+        fs::write(tree.join("version"), label).unwrap();
+        let mut args = vec!["--version", label, "--level", "3"];
+        args.extend_from_slice(extra);
+        build_image(tree, &self.keys, "stable", &self.repo, &args)
+    }
+
     /// Publishes `label` to the `stable` channel.
     pub fn publish(&self, label: &str) -> serde_json::Value {
         self.publish_to("stable", label, 0, &[])

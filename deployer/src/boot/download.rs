@@ -277,6 +277,7 @@ mod tests {
             index: None,
             rollout: None,
             block_map: None,
+            deltas: Vec::new(),
         }
     }
 

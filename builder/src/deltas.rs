@@ -1,0 +1,499 @@
+//! Making the static deltas a build publishes (see
+//! [`imgdeploy_common::sdelta`] for the format and why).
+//!
+//! A build of a channel makes one delta from each of the channel's last K
+//! images: the image its current manifest serves and the `from` images of
+//! that manifest's deltas, newest first. Both images' block maps say where
+//! every block is and what it holds, so each block of the new image
+//! becomes, in order of preference:
+//! - a copy, when an old block has the same bytes on disk;
+//! - a bsdiff patch of its uncompressed bytes against old blocks likely to
+//!   resemble it: an old block with the same content, else the same file's
+//!   blocks around the same position (data), the old fragment block that
+//!   held the same files' tails (fragments), or the metadata blocks around
+//!   the same position in the tables (inodes whose `blocks_start` moved
+//!   differ in a few bytes each, which bsdiff's difference bytes absorb);
+//! - its bytes as a literal, when a patch would not be smaller.
+//!
+//! Every patch is checked with the function a deployer runs
+//! ([`sdelta::reproduce_block`]) before it is written, and the finished
+//! delta is applied to the old image with [`sdelta::apply`], as a deployer
+//! would, and must give the new image's bytes; a delta that does not is
+//! not published.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use imgdeploy_common::blockmap::{Block, BlockKind, BlockMap, SPARSE};
+use imgdeploy_common::compress::{BlockCompressor, Compressor};
+use imgdeploy_common::digest::{Sha256Digest, StreamHasher};
+use imgdeploy_common::sdelta::{self, DeltaReader, DeltaWriter, Header, NewBlock, OldBlock, Op, MAX_LITERAL, MAX_REFS};
+
+use crate::blocks::read_block;
+
+/// What making one delta did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DeltaReport {
+    /// The image it starts from.
+    pub from: Sha256Digest,
+    /// Size of the delta file.
+    pub size: u64,
+    /// Bytes of the new image copied from the old one.
+    pub copied: u64,
+    /// Bytes of blocks made by patches.
+    pub patched: u64,
+    /// Bytes carried as literals.
+    pub literal: u64,
+    /// Blocks patched.
+    pub blocks_patched: u64,
+    /// Time taken, including the check.
+    pub ms: u64,
+}
+
+/// One image to make a delta from.
+#[derive(Debug)]
+pub struct Base<'a> {
+    /// Its sha256.
+    pub sha256: Sha256Digest,
+    /// The image file.
+    pub path: &'a Path,
+    /// Its block map (verified by the caller).
+    pub map: &'a BlockMap,
+}
+
+/// Ops in output order, with runs of copies and literals merged.
+struct Emitter<W: Write> {
+    w: DeltaWriter<W>,
+    pending: Option<Op>,
+}
+
+impl<W: Write> Emitter<W> {
+    fn copy(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        if let Some(Op::Copy { offset: o, len: l }) = &mut self.pending {
+            if *o + *l == offset {
+                *l += len;
+                return Ok(());
+            }
+        }
+        self.emit(Some(Op::Copy { offset, len }))
+    }
+
+    fn literal(&mut self, bytes: &[u8]) -> io::Result<()> {
+        for piece in bytes.chunks(MAX_LITERAL as usize) {
+            if let Some(Op::Literal(v)) = &mut self.pending {
+                if v.len() + piece.len() <= MAX_LITERAL as usize {
+                    v.extend_from_slice(piece);
+                    continue;
+                }
+            }
+            self.emit(Some(Op::Literal(piece.to_vec())))?;
+        }
+        Ok(())
+    }
+
+    /// The old offset right after a pending copy.
+    fn copy_end(&self) -> Option<u64> {
+        match &self.pending {
+            Some(Op::Copy { offset, len }) => Some(offset + len),
+            _ => None,
+        }
+    }
+
+    fn emit(&mut self, next: Option<Op>) -> io::Result<()> {
+        if let Some(op) = std::mem::replace(&mut self.pending, next) {
+            self.w.push(&op)?;
+        }
+        Ok(())
+    }
+}
+
+/// Where each new block's likely look-alikes are in the old image.
+struct Finder<'a> {
+    old: &'a BlockMap,
+    new: &'a BlockMap,
+    old_by_disk: HashMap<Sha256Digest, usize>,
+    old_by_raw: HashMap<Sha256Digest, usize>,
+    /// Old file path -> index in `old.files`.
+    old_files: HashMap<&'a [u8], usize>,
+    /// New block index -> (new file index, position in its block list).
+    new_owner: HashMap<u32, (usize, usize)>,
+    /// New fragment block index -> the files whose tails it holds.
+    new_tails: HashMap<u32, Vec<usize>>,
+    /// Metadata block index -> ordinal among metadata blocks, and back (old).
+    new_meta: HashMap<u32, usize>,
+    old_meta: Vec<usize>,
+}
+
+impl<'a> Finder<'a> {
+    fn new(old: &'a BlockMap, new: &'a BlockMap) -> Self {
+        let mut f = Finder {
+            old,
+            new,
+            old_by_disk: HashMap::new(),
+            old_by_raw: HashMap::new(),
+            old_files: old.files.iter().enumerate().map(|(i, f)| (&f.path[..], i)).collect(),
+            new_owner: HashMap::new(),
+            new_tails: HashMap::new(),
+            new_meta: HashMap::new(),
+            old_meta: Vec::new(),
+        };
+        for (i, b) in old.blocks.iter().enumerate() {
+            f.old_by_disk.entry(b.disk_sha256).or_insert(i);
+            f.old_by_raw.entry(b.raw_sha256).or_insert(i);
+            if b.kind == BlockKind::Metadata {
+                f.old_meta.push(i);
+            }
+        }
+        for (fi, file) in new.files.iter().enumerate() {
+            for (k, &b) in file.blocks.iter().enumerate() {
+                if b != SPARSE {
+                    f.new_owner.entry(b).or_insert((fi, k));
+                }
+            }
+            if let Some(t) = file.tail {
+                f.new_tails.entry(t.block).or_default().push(fi);
+            }
+        }
+        let mut ordinal = 0;
+        for (i, b) in new.blocks.iter().enumerate() {
+            if b.kind == BlockKind::Metadata {
+                f.new_meta.insert(i as u32, ordinal);
+                ordinal += 1;
+            }
+        }
+        f
+    }
+
+    /// Old blocks (indexes) to patch new block `i` against, best first.
+    fn refs(&self, i: usize) -> Vec<usize> {
+        let b = &self.new.blocks[i];
+        if let Some(&o) = self.old_by_raw.get(&b.raw_sha256) {
+            return vec![o];
+        }
+        let around = |list: &[u32], k: usize| -> Vec<usize> {
+            (k.saturating_sub(1)..(k + 2).min(list.len()))
+                .map(|j| list[j])
+                .filter(|&x| x != SPARSE)
+                .map(|x| x as usize)
+                .collect()
+        };
+        match b.kind {
+            BlockKind::Data => {
+                let Some(&(fi, k)) = self.new_owner.get(&(i as u32)) else { return Vec::new() };
+                let Some(&oi) = self.old_files.get(&self.new.files[fi].path[..]) else { return Vec::new() };
+                let list = &self.old.files[oi].blocks;
+                if list.is_empty() {
+                    return Vec::new();
+                }
+                around(list, k.min(list.len() - 1))
+            }
+            BlockKind::Fragment => {
+                // The old fragment block holding most of the same files' tails.
+                let mut votes: HashMap<u32, usize> = HashMap::new();
+                for &fi in self.new_tails.get(&(i as u32)).map(Vec::as_slice).unwrap_or(&[]) {
+                    let old_tail =
+                        self.old_files.get(&self.new.files[fi].path[..]).and_then(|&o| self.old.files[o].tail);
+                    if let Some(t) = old_tail {
+                        *votes.entry(t.block).or_default() += 1;
+                    }
+                }
+                votes
+                    .into_iter()
+                    .max_by_key(|&(b, n)| (n, std::cmp::Reverse(b)))
+                    .map(|(b, _)| vec![b as usize])
+                    .unwrap_or_default()
+            }
+            BlockKind::Metadata => {
+                if self.old_meta.is_empty() {
+                    return Vec::new();
+                }
+                let j = self.new_meta[&(i as u32)].min(self.old_meta.len() - 1);
+                (j.saturating_sub(1)..(j + 2).min(self.old_meta.len())).map(|x| self.old_meta[x]).collect()
+            }
+        }
+    }
+}
+
+fn old_block(b: &Block) -> OldBlock {
+    OldBlock { offset: b.offset, size: b.size, raw_size: b.raw_size, stored: b.stored }
+}
+
+/// Writes the delta from `base` to the new image (`new_path`, whose first
+/// `new_map.image_size` bytes are the squashfs part) into `out`.
+pub fn generate<W: Write>(
+    base: &Base<'_>,
+    new_path: &Path,
+    new_sha256: Sha256Digest,
+    new_map: &BlockMap,
+    out: W,
+) -> io::Result<(W, DeltaReport)> {
+    let old = File::open(base.path)?;
+    let new = File::open(new_path)?;
+    let compressor: Compressor = new_map.compressor;
+    let header = Header { from: base.sha256, to: new_sha256, out_size: new_map.image_size, compressor };
+    let mut comp = BlockCompressor::new(compressor.level)?;
+    let mut e = Emitter { w: DeltaWriter::new(out, &header)?, pending: None };
+    let finder = Finder::new(base.map, new_map);
+    let mut report =
+        DeltaReport { from: base.sha256, size: 0, copied: 0, patched: 0, literal: 0, blocks_patched: 0, ms: 0 };
+    let mut pos = 0u64;
+    let mut gap = Vec::new();
+    let mut old_gap = Vec::new();
+    let next_offsets = new_map.blocks.iter().map(|b| b.offset).chain([new_map.image_size]);
+    for (i, offset) in next_offsets.enumerate() {
+        // The bytes between blocks: copied when the old image has them right
+        // after the copy before, else literal.
+        if offset > pos {
+            gap.resize((offset - pos) as usize, 0);
+            new.read_exact_at(&mut gap, pos)?;
+            let same = e.copy_end().is_some_and(|at| {
+                old_gap.resize(gap.len(), 0);
+                old.read_exact_at(&mut old_gap, at).is_ok() && old_gap == gap
+            });
+            match e.copy_end() {
+                Some(at) if same => e.copy(at, gap.len() as u64)?,
+                _ => e.literal(&gap)?,
+            }
+            report.literal += if same { 0 } else { gap.len() as u64 };
+            report.copied += if same { gap.len() as u64 } else { 0 };
+        }
+        let Some(b) = new_map.blocks.get(i) else { break };
+        pos = b.offset + b.size as u64;
+        if let Some(&o) = finder.old_by_disk.get(&b.disk_sha256) {
+            e.copy(base.map.blocks[o].offset, b.size as u64)?;
+            report.copied += b.size as u64;
+            continue;
+        }
+        let raw = read_block(&new, b)?;
+        let mut disk = vec![0u8; b.size as usize];
+        new.read_exact_at(&mut disk, b.offset)?;
+        match patch_for(&finder, &old, i, &raw, b, &mut comp)? {
+            Some(op) => {
+                e.emit(Some(op))?;
+                report.patched += b.size as u64;
+                report.blocks_patched += 1;
+            }
+            None => {
+                e.literal(&disk)?;
+                report.literal += b.size as u64;
+            }
+        }
+    }
+    e.emit(None)?;
+    Ok((e.w.finish()?, report))
+}
+
+/// A patch op for new block `i`, if one is smaller than the block and
+/// reproduces it.
+fn patch_for(
+    finder: &Finder<'_>,
+    old: &File,
+    i: usize,
+    raw: &[u8],
+    b: &Block,
+    comp: &mut BlockCompressor,
+) -> io::Result<Option<Op>> {
+    let refs = finder.refs(i);
+    if refs.is_empty() {
+        return Ok(None);
+    }
+    let mut base = Vec::new();
+    let mut olds = Vec::with_capacity(MAX_REFS);
+    for &r in refs.iter().take(MAX_REFS) {
+        let ob = &finder.old.blocks[r];
+        // An old block that does not match its map is no base.
+        let Ok(bytes) = read_block(old, ob) else { return Ok(None) };
+        base.extend_from_slice(&bytes);
+        olds.push(old_block(ob));
+    }
+    let patch = sdelta::make_patch(&base, raw);
+    // The file is compressed as a whole: judge the patch by its packed size.
+    let packed = zstd::bulk::compress(&patch, 3)?.len();
+    if packed >= b.size as usize * 9 / 10 {
+        return Ok(None);
+    }
+    let block = NewBlock { size: b.size, raw_size: b.raw_size, stored: b.stored, sha256: b.disk_sha256 };
+    if sdelta::reproduce_block(&base, &patch, &block, comp).is_none() {
+        tracing::warn!("block at {} does not reproduce from its patch; carried as a literal", b.offset);
+        return Ok(None);
+    }
+    Ok(Some(Op::Patch { block, refs: olds, patch }))
+}
+
+/// Applies the delta file at `delta` to `base` as a deployer would and
+/// checks that it gives the first `new_map.image_size` bytes of the image
+/// whose first bytes hash to `want`.
+pub fn check(delta: &Path, base: &Path, scratch: &Path, data_size: u64, want: Sha256Digest) -> io::Result<()> {
+    let old = File::open(base)?;
+    let out = tempfile::tempfile_in(scratch)?;
+    let mut reader = DeltaReader::new(File::open(delta)?).map_err(io::Error::other)?;
+    let stats = sdelta::apply(&mut reader, &old, &out, &|_| ()).map_err(io::Error::other)?;
+    if stats.unreproduced_bytes > 0 {
+        return Err(io::Error::other(format!("{} bytes did not reproduce", stats.unreproduced_bytes)));
+    }
+    let mut h = StreamHasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = 0;
+    while at < data_size {
+        let n = (data_size - at).min(buf.len() as u64) as usize;
+        out.read_exact_at(&mut buf[..n], at)?;
+        h.update(&buf[..n]);
+        at += n as u64;
+    }
+    let (got, _) = h.finish();
+    if got != want {
+        return Err(io::Error::other(format!("it makes bytes with sha256 {got}, not {want}")));
+    }
+    Ok(())
+}
+
+/// sha256 of the first `n` bytes of `path`.
+pub fn prefix_sha256(path: &Path, n: u64) -> io::Result<Sha256Digest> {
+    let f = File::open(path)?;
+    let (d, got) = Sha256Digest::of_reader(io::Read::take(io::BufReader::with_capacity(1 << 20, f), n))?;
+    if got != n {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("{} is shorter than {n} bytes", path.display()),
+        ));
+    }
+    Ok(d)
+}
+
+/// A path for a temporary delta file next to where it will be published.
+pub fn temp_path(dir: &Path) -> PathBuf {
+    dir.join(format!(
+        ".tmp-{}-{}.delta",
+        std::process::id(),
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
+    ))
+}
+
+/// Makes the delta from `base` into a temporary file in `dir`, checks it,
+/// and returns the file with its report; `Ok(None)` when it is not smaller
+/// than `limit` bytes (the image: a full download is as good).
+pub fn make(
+    base: &Base<'_>,
+    new_path: &Path,
+    new_sha256: Sha256Digest,
+    new_map: &BlockMap,
+    dir: &Path,
+    limit: u64,
+) -> io::Result<Option<(PathBuf, DeltaReport)>> {
+    let started = Instant::now();
+    let tmp = temp_path(dir);
+    let result = (|| {
+        let file = File::create_new(&tmp)?;
+        let (w, mut report) = generate(base, new_path, new_sha256, new_map, io::BufWriter::new(file))?;
+        let file = w.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()?;
+        report.size = file.metadata()?.len();
+        if report.size >= limit {
+            return Ok(None);
+        }
+        let want = prefix_sha256(new_path, new_map.image_size)?;
+        check(&tmp, base.path, dir, new_map.image_size, want)?;
+        report.ms = started.elapsed().as_millis() as u64;
+        Ok(Some(report))
+    })();
+    match result {
+        Ok(Some(report)) => Ok(Some((tmp, report))),
+        other => {
+            let _ = std::fs::remove_file(&tmp);
+            other.map(|_| None)
+        }
+    }
+}
+
+/// The images a new build of `channel` makes deltas from, newest first, at
+/// most `k`: the image the channel's current manifest (signed by `trusted`)
+/// serves, then the `from` images of that manifest's deltas. Each comes
+/// with its block map's signed reference.
+pub fn bases_for(
+    repo: &crate::publish::Repo,
+    channel: &str,
+    trusted: &[imgdeploy_common::sign::PublicKey],
+    k: usize,
+) -> Vec<(Sha256Digest, imgdeploy_common::manifest::BlockMapRef)> {
+    if k == 0 {
+        return Vec::new();
+    }
+    let m = match crate::publish::current_manifest(repo, channel, trusted) {
+        Ok(Some(m)) => m,
+        Ok(None) => return Vec::new(),
+        Err(e) => {
+            tracing::warn!("no static deltas: {}", imgdeploy_common::report::one_line(&e));
+            return Vec::new();
+        }
+    };
+    let mut out = Vec::new();
+    if let Some(map) = m.block_map {
+        out.push((m.image.sha256, map));
+    }
+    out.extend(m.deltas.into_iter().map(|d| (d.from, d.from_map)));
+    out.truncate(k);
+    out
+}
+
+/// Makes, checks and stores a delta from each of `bases` to the stored
+/// image `to` (mapped by `to_map`), and returns their manifest entries
+/// with what each took. A base the repository no longer holds, or whose
+/// delta is not smaller than the image, is skipped with a note.
+pub fn publish(
+    repo: &crate::publish::Repo,
+    bases: &[(Sha256Digest, imgdeploy_common::manifest::BlockMapRef)],
+    to: &crate::publish::StoredImage,
+    to_map: &BlockMap,
+) -> Result<Vec<(imgdeploy_common::manifest::DeltaRef, DeltaReport)>, crate::publish::PublishError> {
+    use imgdeploy_common::manifest::{delta_path, image_path, DeltaRef, DELTAS_DIR};
+    let dir = repo.root().join(DELTAS_DIR);
+    let err = |source| crate::publish::PublishError::Repo { path: dir.clone(), source };
+    imgdeploy_common::atomic::create_dir_all_durable(&dir, 0o755).map_err(err)?;
+    let mut out = Vec::new();
+    for (from, map_ref) in bases {
+        if *from == to.sha256 {
+            continue;
+        }
+        let image = repo.root().join(image_path(from));
+        let map = match crate::publish::load_map(&repo.root().join(&map_ref.path), map_ref) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!("no static delta from {from}: {e}");
+                continue;
+            }
+        };
+        if !image.is_file() {
+            tracing::info!("no static delta from {from}: the repository no longer holds that image");
+            continue;
+        }
+        let base = Base { sha256: *from, path: &image, map: &map };
+        let made = make(&base, &to.path, to.sha256, to_map, &dir, to.size).map_err(|e| {
+            // The old image did not give the new one: a bug, or a damaged file in the repository.
+            tracing::warn!("no static delta from {from}: {e}");
+        });
+        let Ok(Some((tmp, report))) = made else {
+            if let Ok(None) = made {
+                tracing::info!("no static delta from {from}: it would not be smaller than the image");
+            }
+            continue;
+        };
+        let sha256 = Sha256Digest::of_reader(io::BufReader::new(File::open(&tmp).map_err(err)?)).map_err(err)?.0;
+        let rel = delta_path(from, &to.sha256);
+        imgdeploy_common::atomic::commit_file(&tmp, &repo.root().join(&rel)).map_err(err)?;
+        tracing::info!(
+            "static delta from {from}: {} bytes ({} copied, {} patched in {} blocks, {} literal) in {} ms",
+            report.size,
+            report.copied,
+            report.patched,
+            report.blocks_patched,
+            report.literal,
+            report.ms
+        );
+        out.push((DeltaRef { from: *from, from_map: map_ref.clone(), path: rel, sha256, size: report.size }, report));
+    }
+    Ok(out)
+}

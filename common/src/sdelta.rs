@@ -1,0 +1,845 @@
+//! Static deltas: a file, made by CI, that turns one published image into
+//! the next on a host that holds the first.
+//!
+//! The chunk-index delta ([`crate::chunk`]) can only reuse compressed bytes
+//! the host already has: a 4 KiB edit re-sends the whole compressed block
+//! around it, and a change that shifts file data rewrites `blocks_start` in
+//! most inodes, so most metadata blocks come down again. A static delta
+//! works on uncompressed bytes instead, as OSTree's static deltas and
+//! Android's update_engine do: a changed block is a bsdiff patch against
+//! uncompressed blocks of the old image, and the host recompresses the
+//! result with the builder's own compressor ([`crate::compress`], whose
+//! identity the delta records), which reproduces the published bytes.
+//!
+//! A delta covers the squashfs part of the new image (the dm-verity tail is
+//! computed from it) as ops in output order:
+//! - **copy** bytes from the old image (unchanged blocks; `copy_file_range`,
+//!   so XFS and btrfs share the extents);
+//! - **patch** one block: bsdiff of its uncompressed bytes against up to
+//!   [`MAX_REFS`] old blocks, recompressed, and checked against the sha256
+//!   of the published bytes the op carries;
+//! - **literal** bytes (superblock, table headers, and blocks a patch does
+//!   not pay for).
+//!
+//! The file is one zstd frame; the manifest signs its sha256 and size, and
+//! nothing here runs before that check. The decoder is still bounded
+//! (fuzzed). A block that does not reproduce (another zstd, a damaged old
+//! block) is not an error: [`apply`] reports its region, and the caller
+//! fetches the chunks around it by Range. Copies are checked the same way,
+//! by the signed chunk index, after the delta is applied.
+
+use std::fs::File;
+use std::io::{self, BufReader, Read, Write};
+use std::os::unix::fs::FileExt;
+
+use crate::compress::{decompress_block, BlockCompressor, Compressor};
+use crate::digest::Sha256Digest;
+
+const MAGIC: &[u8; 8] = b"IMGDLT\x01\0";
+const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+/// The zstd window a delta may ask for (32 MiB; level 19 uses 8 MiB).
+const WINDOW_LOG_MAX: u32 = 25;
+/// Longest literal op; longer runs are split.
+pub const MAX_LITERAL: u32 = 1 << 20;
+/// Largest squashfs block, compressed or not.
+pub const MAX_BLOCK: u32 = 1 << 20;
+/// Most old blocks one patch reads.
+pub const MAX_REFS: usize = 4;
+/// Largest patch of one block: bsdiff's worst case is every new byte as
+/// extra data plus a 24-byte control record per match.
+pub const MAX_PATCH: u32 = 4 * MAX_BLOCK;
+/// zstd level of the delta file itself.
+pub const FILE_LEVEL: i32 = 19;
+
+const OP_END: u8 = 0;
+const OP_COPY: u8 = 1;
+const OP_LITERAL: u8 = 2;
+const OP_PATCH: u8 = 3;
+
+/// Why a delta file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum DeltaFileError {
+    /// The layout is not a valid delta.
+    #[error("static delta is invalid: {0}")]
+    Invalid(String),
+    /// Reading or decompressing it failed.
+    #[error("static delta cannot be read")]
+    Read(#[source] io::Error),
+}
+
+fn invalid(why: impl Into<String>) -> DeltaFileError {
+    DeltaFileError::Invalid(why.into())
+}
+
+/// Why [`apply`] stopped (a block that does not reproduce is not an error).
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// The delta itself.
+    #[error(transparent)]
+    File(#[from] DeltaFileError),
+    /// Writing the new image.
+    #[error("cannot write the image being assembled")]
+    Write(#[source] io::Error),
+}
+
+/// What a delta turns into what.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    /// sha256 of the old image (the whole file).
+    pub from: Sha256Digest,
+    /// sha256 of the new image (the whole file).
+    pub to: Sha256Digest,
+    /// Bytes the ops produce: the new image's squashfs part.
+    pub out_size: u64,
+    /// The compressor that reproduces patched blocks.
+    pub compressor: Compressor,
+}
+
+/// A block of the old image a patch reads (uncompressed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OldBlock {
+    /// Offset in the old image.
+    pub offset: u64,
+    /// Bytes on disk.
+    pub size: u32,
+    /// Bytes uncompressed.
+    pub raw_size: u32,
+    /// Stored uncompressed.
+    pub stored: bool,
+}
+
+/// The block a patch makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NewBlock {
+    /// Bytes on disk.
+    pub size: u32,
+    /// Bytes uncompressed.
+    pub raw_size: u32,
+    /// Stored uncompressed.
+    pub stored: bool,
+    /// sha256 of the bytes on disk.
+    pub sha256: Sha256Digest,
+}
+
+/// One step of a delta.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// `len` bytes of the old image from `offset`.
+    Copy {
+        /// Offset in the old image.
+        offset: u64,
+        /// Bytes.
+        len: u64,
+    },
+    /// These bytes.
+    Literal(Vec<u8>),
+    /// One block made from old blocks.
+    Patch {
+        /// What it must come out as.
+        block: NewBlock,
+        /// The old blocks, concatenated uncompressed, the patch applies to.
+        refs: Vec<OldBlock>,
+        /// bsdiff patch (uncompressed; the file is compressed as a whole).
+        patch: Vec<u8>,
+    },
+}
+
+impl Op {
+    /// Bytes of the new image the op produces.
+    pub fn out_len(&self) -> u64 {
+        match self {
+            Op::Copy { len, .. } => *len,
+            Op::Literal(b) => b.len() as u64,
+            Op::Patch { block, .. } => block.size as u64,
+        }
+    }
+}
+
+fn check_block(size: u32, raw_size: u32, stored: bool, what: &str) -> Result<(), DeltaFileError> {
+    if size == 0 || raw_size > MAX_BLOCK || (stored && size != raw_size) || (!stored && size >= raw_size) {
+        return Err(invalid(format!(
+            "{what} of {size} bytes ({raw_size} uncompressed, stored: {stored}) is impossible"
+        )));
+    }
+    Ok(())
+}
+
+/// Writes a delta file: the header, then ops, then [`DeltaWriter::finish`].
+pub struct DeltaWriter<W: Write> {
+    enc: zstd::stream::write::Encoder<'static, W>,
+    out_size: u64,
+    produced: u64,
+}
+
+impl<W: Write> DeltaWriter<W> {
+    /// Starts a delta described by `header`.
+    pub fn new(w: W, header: &Header) -> io::Result<Self> {
+        let mut enc = zstd::stream::write::Encoder::new(w, FILE_LEVEL)?;
+        enc.write_all(MAGIC)?;
+        enc.write_all(&header.from.0)?;
+        enc.write_all(&header.to.0)?;
+        enc.write_all(&header.out_size.to_le_bytes())?;
+        enc.write_all(&header.compressor.zstd_version.to_le_bytes())?;
+        enc.write_all(&header.compressor.level.to_le_bytes())?;
+        Ok(Self { enc, out_size: header.out_size, produced: 0 })
+    }
+
+    /// Appends `op`; refuses one the reader would refuse.
+    pub fn push(&mut self, op: &Op) -> io::Result<()> {
+        let e = &mut self.enc;
+        let bad = |why: String| io::Error::new(io::ErrorKind::InvalidInput, why);
+        if self.produced + op.out_len() > self.out_size {
+            return Err(bad(format!("op past the end of the {}-byte output", self.out_size)));
+        }
+        match op {
+            Op::Copy { offset, len } => {
+                if *len == 0 {
+                    return Err(bad("empty copy".into()));
+                }
+                e.write_all(&[OP_COPY])?;
+                e.write_all(&offset.to_le_bytes())?;
+                e.write_all(&len.to_le_bytes())?;
+            }
+            Op::Literal(bytes) => {
+                if bytes.is_empty() || bytes.len() > MAX_LITERAL as usize {
+                    return Err(bad(format!("literal of {} bytes", bytes.len())));
+                }
+                e.write_all(&[OP_LITERAL])?;
+                e.write_all(&(bytes.len() as u32).to_le_bytes())?;
+                e.write_all(bytes)?;
+            }
+            Op::Patch { block, refs, patch } => {
+                check_block(block.size, block.raw_size, block.stored, "a patched block").map_err(io::Error::other)?;
+                if refs.is_empty() || refs.len() > MAX_REFS || patch.len() > MAX_PATCH as usize {
+                    return Err(bad(format!("patch with {} refs and {} bytes", refs.len(), patch.len())));
+                }
+                e.write_all(&[OP_PATCH])?;
+                e.write_all(&block.size.to_le_bytes())?;
+                e.write_all(&block.raw_size.to_le_bytes())?;
+                e.write_all(&[u8::from(block.stored), refs.len() as u8])?;
+                e.write_all(&block.sha256.0)?;
+                for r in refs {
+                    check_block(r.size, r.raw_size, r.stored, "an old block").map_err(io::Error::other)?;
+                    e.write_all(&r.offset.to_le_bytes())?;
+                    e.write_all(&r.size.to_le_bytes())?;
+                    e.write_all(&r.raw_size.to_le_bytes())?;
+                    e.write_all(&[u8::from(r.stored)])?;
+                }
+                e.write_all(&(patch.len() as u32).to_le_bytes())?;
+                e.write_all(patch)?;
+            }
+        }
+        self.produced += op.out_len();
+        Ok(())
+    }
+
+    /// Ends the delta; the ops must have produced exactly `out_size` bytes.
+    pub fn finish(mut self) -> io::Result<W> {
+        if self.produced != self.out_size {
+            return Err(io::Error::other(format!("ops produce {} of {} bytes", self.produced, self.out_size)));
+        }
+        self.enc.write_all(&[OP_END])?;
+        self.enc.finish()
+    }
+}
+
+/// Reads a delta file op by op, in bounded memory.
+pub struct DeltaReader<R: Read> {
+    dec: zstd::stream::read::Decoder<'static, BufReader<R>>,
+    header: Header,
+    produced: u64,
+    ended: bool,
+}
+
+impl<R: Read> std::fmt::Debug for DeltaReader<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeltaReader").field("header", &self.header).field("produced", &self.produced).finish()
+    }
+}
+
+impl<R: Read> DeltaReader<R> {
+    /// Opens a delta and reads its header.
+    pub fn new(r: R) -> Result<Self, DeltaFileError> {
+        let mut r = BufReader::new(r);
+        let head = io::BufRead::fill_buf(&mut r).map_err(DeltaFileError::Read)?;
+        if !head.starts_with(&ZSTD_MAGIC) {
+            return Err(invalid("not a zstd frame"));
+        }
+        let mut dec = zstd::stream::read::Decoder::with_buffer(r).map_err(DeltaFileError::Read)?;
+        dec.window_log_max(WINDOW_LOG_MAX).map_err(DeltaFileError::Read)?;
+        let mut me = Self {
+            dec,
+            header: Header {
+                from: Sha256Digest([0; 32]),
+                to: Sha256Digest([0; 32]),
+                out_size: 0,
+                compressor: Compressor { zstd_version: 0, level: 0 },
+            },
+            produced: 0,
+            ended: false,
+        };
+        if me.bytes::<8>("header")? != *MAGIC {
+            return Err(invalid("wrong magic (not an imgdeploy static delta, or a newer format)"));
+        }
+        me.header.from = Sha256Digest(me.bytes("header")?);
+        me.header.to = Sha256Digest(me.bytes("header")?);
+        me.header.out_size = me.u64("header")?;
+        me.header.compressor = Compressor { zstd_version: me.u32("header")?, level: me.u32("header")? };
+        if !(1..=22).contains(&me.header.compressor.level) {
+            return Err(invalid(format!("zstd level {} is not 1-22", me.header.compressor.level)));
+        }
+        Ok(me)
+    }
+
+    /// What the delta turns into what.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    fn fill(&mut self, buf: &mut [u8], what: &str) -> Result<(), DeltaFileError> {
+        self.dec.read_exact(buf).map_err(|e| match e.kind() {
+            io::ErrorKind::UnexpectedEof => invalid(format!("{what} is cut short")),
+            _ => DeltaFileError::Read(e),
+        })
+    }
+    fn bytes<const N: usize>(&mut self, what: &str) -> Result<[u8; N], DeltaFileError> {
+        let mut b = [0u8; N];
+        self.fill(&mut b, what)?;
+        Ok(b)
+    }
+    fn u8(&mut self, what: &str) -> Result<u8, DeltaFileError> {
+        Ok(self.bytes::<1>(what)?[0])
+    }
+    fn u32(&mut self, what: &str) -> Result<u32, DeltaFileError> {
+        Ok(u32::from_le_bytes(self.bytes(what)?))
+    }
+    fn u64(&mut self, what: &str) -> Result<u64, DeltaFileError> {
+        Ok(u64::from_le_bytes(self.bytes(what)?))
+    }
+    fn flag(&mut self, what: &str) -> Result<bool, DeltaFileError> {
+        match self.u8(what)? {
+            0 => Ok(false),
+            1 => Ok(true),
+            f => Err(invalid(format!("{what} has stored flag {f}"))),
+        }
+    }
+    fn vec(&mut self, len: usize, what: &str) -> Result<Vec<u8>, DeltaFileError> {
+        let mut v = Vec::new();
+        let got = (&mut self.dec).take(len as u64).read_to_end(&mut v).map_err(DeltaFileError::Read)?;
+        if got != len {
+            return Err(invalid(format!("{what} is cut short")));
+        }
+        Ok(v)
+    }
+
+    /// The next op, or `None` after the last (checked to end the output
+    /// exactly, with nothing after it).
+    pub fn next_op(&mut self) -> Result<Option<Op>, DeltaFileError> {
+        if self.ended {
+            return Ok(None);
+        }
+        let op = match self.u8("an op")? {
+            OP_END => {
+                if self.produced != self.header.out_size {
+                    return Err(invalid(format!(
+                        "it ends after {} of the {} bytes it makes",
+                        self.produced, self.header.out_size
+                    )));
+                }
+                let mut more = [0u8; 1];
+                if self.dec.read(&mut more).map_err(DeltaFileError::Read)? != 0 {
+                    return Err(invalid("bytes follow its end"));
+                }
+                self.ended = true;
+                return Ok(None);
+            }
+            OP_COPY => {
+                let (offset, len) = (self.u64("a copy")?, self.u64("a copy")?);
+                if len == 0 || offset.checked_add(len).is_none() {
+                    return Err(invalid(format!("a copy of {len} bytes from {offset}")));
+                }
+                Op::Copy { offset, len }
+            }
+            OP_LITERAL => {
+                let len = self.u32("a literal")?;
+                if len == 0 || len > MAX_LITERAL {
+                    return Err(invalid(format!("a literal of {len} bytes")));
+                }
+                Op::Literal(self.vec(len as usize, "a literal")?)
+            }
+            OP_PATCH => {
+                let (size, raw_size) = (self.u32("a patch")?, self.u32("a patch")?);
+                let stored = self.flag("a patch")?;
+                let nrefs = self.u8("a patch")? as usize;
+                check_block(size, raw_size, stored, "a patched block")?;
+                if nrefs == 0 || nrefs > MAX_REFS {
+                    return Err(invalid(format!("a patch reads {nrefs} old blocks")));
+                }
+                let sha256 = Sha256Digest(self.bytes("a patch")?);
+                let mut refs = Vec::with_capacity(nrefs);
+                for _ in 0..nrefs {
+                    let r = OldBlock {
+                        offset: self.u64("a patch")?,
+                        size: self.u32("a patch")?,
+                        raw_size: self.u32("a patch")?,
+                        stored: self.flag("a patch")?,
+                    };
+                    check_block(r.size, r.raw_size, r.stored, "an old block")?;
+                    refs.push(r);
+                }
+                let len = self.u32("a patch")?;
+                if len > MAX_PATCH {
+                    return Err(invalid(format!("a patch of {len} bytes")));
+                }
+                let patch = self.vec(len as usize, "a patch")?;
+                Op::Patch { block: NewBlock { size, raw_size, stored, sha256 }, refs, patch }
+            }
+            t => return Err(invalid(format!("unknown op {t}"))),
+        };
+        if op.out_len() > self.header.out_size - self.produced {
+            return Err(invalid(format!("an op runs past the {}-byte output", self.header.out_size)));
+        }
+        self.produced += op.out_len();
+        Ok(Some(op))
+    }
+}
+
+/// Reads one old block's uncompressed bytes; `None` if the old image does
+/// not hold a block like that there (damaged, or another image).
+pub fn read_old_block(old: &File, b: &OldBlock) -> Option<Vec<u8>> {
+    let mut disk = vec![0u8; b.size as usize];
+    old.read_exact_at(&mut disk, b.offset).ok()?;
+    if b.stored {
+        return Some(disk);
+    }
+    decompress_block(&disk, b.raw_size as usize).ok()
+}
+
+/// Makes the on-disk bytes of a patched block from its old blocks'
+/// uncompressed bytes (concatenated): `None` unless they come out with the
+/// signed sha256. The builder checks every patch it writes with this.
+pub fn reproduce_block(base: &[u8], patch: &[u8], block: &NewBlock, comp: &mut BlockCompressor) -> Option<Vec<u8>> {
+    let mut raw = Vec::with_capacity(block.raw_size as usize);
+    bsdiff::patch(base, &mut &patch[..], &mut raw).ok()?;
+    if raw.len() != block.raw_size as usize {
+        return None;
+    }
+    let (disk, stored) = if block.stored { (raw, true) } else { comp.pack(&raw).ok()? };
+    (stored == block.stored && Sha256Digest::of_bytes(&disk) == block.sha256).then_some(disk)
+}
+
+/// Makes a bsdiff patch turning `base` into `new`.
+pub fn make_patch(base: &[u8], new: &[u8]) -> Vec<u8> {
+    let mut patch = Vec::new();
+    bsdiff::diff(base, new, &mut patch).expect("writing into memory cannot fail");
+    patch
+}
+
+/// What [`apply`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ApplyStats {
+    /// Bytes copied from the old image.
+    pub copied: u64,
+    /// Bytes of blocks made by patches.
+    pub patched: u64,
+    /// Bytes written from the delta itself.
+    pub literal: u64,
+    /// Regions (offset, length) that did not reproduce and were left as
+    /// they were: the caller fetches them.
+    #[serde(skip)]
+    pub unreproduced: Vec<(u64, u64)>,
+    /// Their total length.
+    pub unreproduced_bytes: u64,
+}
+
+impl ApplyStats {
+    fn missed(&mut self, at: u64, len: u64) {
+        self.unreproduced_bytes += len;
+        match self.unreproduced.last_mut() {
+            Some((o, l)) if *o + *l == at => *l += len,
+            _ => self.unreproduced.push((at, len)),
+        }
+    }
+}
+
+/// Copies `len` bytes at `from` in `old` to `to` in `out`, sharing extents
+/// where the filesystem can; returns how many bytes the old image had.
+fn copy_range(old: &File, from: u64, out: &File, to: u64, len: u64) -> io::Result<u64> {
+    let (mut src, mut dst) = (from as i64, to as i64);
+    let mut left = len;
+    while left > 0 {
+        let want = left.min(1 << 30) as usize;
+        match nix::fcntl::copy_file_range(old, Some(&mut src), out, Some(&mut dst), want) {
+            Ok(0) => break,
+            Ok(n) => left -= n as u64,
+            Err(nix::errno::Errno::EINTR) => continue,
+            // Another filesystem or an old kernel: copy through memory.
+            Err(nix::errno::Errno::EXDEV | nix::errno::Errno::ENOSYS | nix::errno::Errno::EINVAL) => {
+                let done = len - left;
+                return Ok(done + copy_through_memory(old, from + done, out, to + done, left)?);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(len - left)
+}
+
+fn copy_through_memory(old: &File, from: u64, out: &File, to: u64, len: u64) -> io::Result<u64> {
+    let mut buf = vec![0u8; len.min(1 << 20) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(buf.len() as u64) as usize;
+        let got = old.read_at(&mut buf[..n], from + done)?;
+        if got == 0 {
+            break;
+        }
+        out.write_all_at(&buf[..got], to + done)?;
+        done += got as u64;
+    }
+    Ok(done)
+}
+
+/// Applies `delta` to `old`, writing the new image's squashfs part at the
+/// start of `out`; `progress` gets the bytes of each op. Regions that do
+/// not reproduce are listed, not errors; a delta that does not parse is.
+pub fn apply<R: Read>(
+    delta: &mut DeltaReader<R>,
+    old: &File,
+    out: &File,
+    progress: &dyn Fn(u64),
+) -> Result<ApplyStats, ApplyError> {
+    let mut stats = ApplyStats::default();
+    let mut comp = BlockCompressor::new(delta.header().compressor.level).map_err(ApplyError::Write)?;
+    let mut at = 0u64;
+    while let Some(op) = delta.next_op()? {
+        let len = op.out_len();
+        match op {
+            Op::Copy { offset, len } => {
+                let got = copy_range(old, offset, out, at, len).map_err(ApplyError::Write)?;
+                stats.copied += got;
+                if got < len {
+                    stats.missed(at + got, len - got);
+                }
+            }
+            Op::Literal(bytes) => {
+                out.write_all_at(&bytes, at).map_err(ApplyError::Write)?;
+                stats.literal += len;
+            }
+            Op::Patch { block, refs, patch } => {
+                let mut base = Vec::new();
+                let made = refs
+                    .iter()
+                    .try_for_each(|r| {
+                        base.extend_from_slice(&read_old_block(old, r)?);
+                        Some(())
+                    })
+                    .and_then(|()| reproduce_block(&base, &patch, &block, &mut comp));
+                match made {
+                    Some(disk) => {
+                        out.write_all_at(&disk, at).map_err(ApplyError::Write)?;
+                        stats.patched += len;
+                    }
+                    None => stats.missed(at, len),
+                }
+            }
+        }
+        progress(len);
+        at += len;
+    }
+    Ok(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_noise;
+
+    fn header(out_size: u64) -> Header {
+        Header { from: Sha256Digest([1; 32]), to: Sha256Digest([2; 32]), out_size, compressor: Compressor::identity(3) }
+    }
+
+    fn encode(h: &Header, ops: &[Op]) -> Vec<u8> {
+        let mut w = DeltaWriter::new(Vec::new(), h).unwrap();
+        for op in ops {
+            w.push(op).unwrap();
+        }
+        w.finish().unwrap()
+    }
+
+    fn decode(bytes: &[u8]) -> Result<(Header, Vec<Op>), DeltaFileError> {
+        let mut r = DeltaReader::new(bytes)?;
+        let mut ops = Vec::new();
+        while let Some(op) = r.next_op()? {
+            ops.push(op);
+        }
+        Ok((*r.header(), ops))
+    }
+
+    /// An old image of three blocks (compressed, stored, compressed) and a
+    /// new one whose middle block changed in 4 KiB: (old file, old blocks,
+    /// new raw blocks).
+    fn images(dir: &std::path::Path) -> (File, Vec<(OldBlock, Vec<u8>)>) {
+        let mut comp = BlockCompressor::new(3).unwrap();
+        let text = |seed: u64| -> Vec<u8> {
+            test_noise(65536, seed).iter().map(|b| b"abcdefgh \n"[(*b % 10) as usize]).collect()
+        };
+        let raws = [text(1), test_noise(8192, 2), text(3)];
+        let mut image = Vec::new();
+        let mut blocks = Vec::new();
+        for raw in raws {
+            let (disk, stored) = comp.pack(&raw).unwrap();
+            blocks.push((
+                OldBlock { offset: image.len() as u64, size: disk.len() as u32, raw_size: raw.len() as u32, stored },
+                raw,
+            ));
+            image.extend_from_slice(&disk);
+        }
+        let path = dir.join("old");
+        std::fs::write(&path, &image).unwrap();
+        (File::open(&path).unwrap(), blocks)
+    }
+
+    fn new_block(raw: &[u8], comp: &mut BlockCompressor) -> (NewBlock, Vec<u8>) {
+        let (disk, stored) = comp.pack(raw).unwrap();
+        let b = NewBlock {
+            size: disk.len() as u32,
+            raw_size: raw.len() as u32,
+            stored,
+            sha256: Sha256Digest::of_bytes(&disk),
+        };
+        (b, disk)
+    }
+
+    #[test]
+    fn ops_round_trip() {
+        let ops = vec![
+            Op::Copy { offset: 7, len: 100 },
+            Op::Literal(b"abc".to_vec()),
+            Op::Patch {
+                block: NewBlock { size: 10, raw_size: 20, stored: false, sha256: Sha256Digest([9; 32]) },
+                refs: vec![
+                    OldBlock { offset: 1, size: 5, raw_size: 5, stored: true },
+                    OldBlock { offset: 9, size: 4, raw_size: 8, stored: false },
+                ],
+                patch: vec![1, 2, 3],
+            },
+        ];
+        let h = header(113);
+        let (h2, ops2) = decode(&encode(&h, &ops)).unwrap();
+        assert_eq!((h2, ops2), (h, ops));
+    }
+
+    #[test]
+    fn the_writer_refuses_what_the_reader_would() {
+        let mut w = DeltaWriter::new(Vec::new(), &header(10)).unwrap();
+        assert!(w.push(&Op::Copy { offset: 0, len: 11 }).is_err(), "past the end");
+        assert!(w.push(&Op::Copy { offset: 0, len: 0 }).is_err(), "empty copy");
+        assert!(w.push(&Op::Literal(Vec::new())).is_err(), "empty literal");
+        w.push(&Op::Literal(vec![0; 9])).unwrap();
+        assert!(w.finish().is_err(), "9 of 10 bytes");
+        let mut w = DeltaWriter::new(Vec::new(), &header(4 << 20)).unwrap();
+        assert!(w.push(&Op::Literal(vec![0; MAX_LITERAL as usize + 1])).is_err());
+        w.push(&Op::Literal(vec![0; MAX_LITERAL as usize])).unwrap();
+        let patch = |size, raw_size, stored, refs: usize| Op::Patch {
+            block: NewBlock { size, raw_size, stored, sha256: Sha256Digest([0; 32]) },
+            refs: vec![OldBlock { offset: 0, size: 4, raw_size: 4, stored: true }; refs],
+            patch: vec![],
+        };
+        assert!(w.push(&patch(10, 10, false, 1)).is_err(), "compressed but not smaller");
+        assert!(w.push(&patch(10, 11, true, 1)).is_err(), "stored with another size");
+        assert!(w.push(&patch(10, 20, false, 0)).is_err(), "no refs");
+        assert!(w.push(&patch(10, 20, false, MAX_REFS + 1)).is_err(), "too many refs");
+        w.push(&patch(10, 20, false, MAX_REFS)).unwrap();
+    }
+
+    #[test]
+    fn bad_files_are_refused_with_a_reason() {
+        let ops = [Op::Literal(b"0123456789".to_vec())];
+        let good = encode(&header(10), &ops);
+        let raw = zstd::decode_all(&good[..]).unwrap();
+        let recode = |raw: &[u8]| zstd::encode_all(raw, 3).unwrap();
+        let err = |bytes: &[u8]| decode(bytes).unwrap_err().to_string();
+        assert!(err(b"not zstd").contains("not a zstd frame"));
+        assert!(err(&good[..good.len() - 3]).contains("cut short"));
+        let mut m = raw.clone();
+        m[0] = b'X';
+        assert!(err(&recode(&m)).contains("wrong magic"));
+        // The level sits after magic, two digests, size and version.
+        let mut m = raw.clone();
+        m[8 + 64 + 8 + 4] = 23;
+        assert!(err(&recode(&m)).contains("zstd level 23"));
+        assert!(err(&recode(&raw[..raw.len() - 1])).contains("an op is cut short"));
+        assert!(err(&recode(&raw[..raw.len() - 3])).contains("a literal is cut short"));
+        let mut m = raw.clone();
+        m.push(0);
+        assert!(err(&recode(&m)).contains("bytes follow its end"));
+        // Declares 11 bytes of output: the one literal ends short of it.
+        let mut m = raw.clone();
+        m[8 + 64] = 11;
+        assert!(err(&recode(&m)).contains("ends after 10 of the 11 bytes"));
+        // Declares 9: the literal runs past it.
+        m[8 + 64] = 9;
+        assert!(err(&recode(&m)).contains("runs past the 9-byte output"));
+        let mut m = raw.clone();
+        m[8 + 64 + 8 + 8] = 9;
+        assert!(err(&recode(&m)).contains("unknown op 9"));
+        // A literal claiming more than the limit, and a copy that wraps.
+        let mut m = raw[..8 + 64 + 8 + 8 + 1].to_vec();
+        m.extend_from_slice(&(MAX_LITERAL + 1).to_le_bytes());
+        assert!(err(&recode(&m)).contains("a literal of 1048577 bytes"));
+        let mut m = raw[..8 + 64 + 8 + 8].to_vec();
+        m.push(OP_COPY);
+        m.extend_from_slice(&u64::MAX.to_le_bytes());
+        m.extend_from_slice(&2u64.to_le_bytes());
+        assert!(err(&recode(&m)).contains("a copy of 2 bytes"));
+    }
+
+    #[test]
+    fn patch_fields_are_bounded() {
+        let base = |nrefs: u8, stored: u8, patch_len: u32| {
+            let h = header(10);
+            let mut raw = encode(&h, &[Op::Literal(vec![0; 10])]);
+            raw = zstd::decode_all(&raw[..]).unwrap();
+            raw.truncate(8 + 64 + 8 + 8);
+            raw.push(OP_PATCH);
+            raw.extend_from_slice(&10u32.to_le_bytes());
+            raw.extend_from_slice(&20u32.to_le_bytes());
+            raw.extend_from_slice(&[0, nrefs]);
+            raw.extend_from_slice(&[0; 32]);
+            for _ in 0..nrefs {
+                raw.extend_from_slice(&0u64.to_le_bytes());
+                raw.extend_from_slice(&4u32.to_le_bytes());
+                raw.extend_from_slice(&4u32.to_le_bytes());
+                raw.push(stored);
+            }
+            raw.extend_from_slice(&patch_len.to_le_bytes());
+            decode(&zstd::encode_all(&raw[..], 3).unwrap()).unwrap_err().to_string()
+        };
+        assert!(base(0, 1, 0).contains("reads 0 old blocks"));
+        assert!(base(5, 1, 0).contains("reads 5 old blocks"));
+        assert!(base(1, 2, 0).contains("stored flag 2"));
+        assert!(base(1, 0, 0).contains("an old block of 4 bytes"));
+        assert!(base(1, 1, MAX_PATCH + 1).contains("a patch of 4194305 bytes"));
+        assert!(base(1, 1, 3).contains("a patch is cut short"));
+    }
+
+    #[test]
+    fn apply_copies_patches_and_writes_literals() {
+        let dir = tempfile::tempdir().unwrap();
+        let (old, blocks) = images(dir.path());
+        let mut comp = BlockCompressor::new(3).unwrap();
+        // Block 0 unchanged; block 2 with 4 KiB overwritten at a third.
+        let mut raw2 = blocks[2].1.clone();
+        raw2[20000..24096].copy_from_slice(&test_noise(4096, 7));
+        let (b2, disk2) = new_block(&raw2, &mut comp);
+        let patch = make_patch(&blocks[2].1, &raw2);
+        let packed = zstd::encode_all(&patch[..], 3).unwrap().len();
+        assert!(packed < 6000 && packed * 3 < b2.size as usize, "a 4 KiB edit's patch packs to {packed} bytes");
+        let ops = vec![
+            Op::Literal(b"head".to_vec()),
+            Op::Copy { offset: blocks[0].0.offset, len: blocks[0].0.size as u64 },
+            Op::Patch { block: b2, refs: vec![blocks[2].0], patch },
+        ];
+        let mut expected = b"head".to_vec();
+        let mut buf = vec![0; blocks[0].0.size as usize];
+        old.read_exact_at(&mut buf, 0).unwrap();
+        expected.extend_from_slice(&buf);
+        expected.extend_from_slice(&disk2);
+        let delta = encode(&header(expected.len() as u64), &ops);
+        let out = tempfile::tempfile().unwrap();
+        let seen = std::cell::Cell::new(0);
+        let stats =
+            apply(&mut DeltaReader::new(&delta[..]).unwrap(), &old, &out, &|n| seen.set(seen.get() + n)).unwrap();
+        let mut got = Vec::new();
+        (&out).read_to_end(&mut got).unwrap();
+        assert!(got == expected, "the output differs");
+        assert_eq!(seen.get(), expected.len() as u64);
+        assert_eq!(
+            stats,
+            ApplyStats {
+                copied: blocks[0].0.size as u64,
+                patched: disk2.len() as u64,
+                literal: 4,
+                unreproduced: vec![],
+                unreproduced_bytes: 0
+            }
+        );
+    }
+
+    #[test]
+    fn a_block_that_does_not_reproduce_is_left_for_the_caller() {
+        let dir = tempfile::tempdir().unwrap();
+        let (old, blocks) = images(dir.path());
+        let mut comp = BlockCompressor::new(3).unwrap();
+        let mut raw = blocks[0].1.clone();
+        raw[100] ^= 1;
+        let (b, _) = new_block(&raw, &mut comp);
+        let patch = make_patch(&blocks[0].1, &raw);
+        // Another compressor level: the recompressed bytes differ, and the region is reported.
+        let mut h = header(4 + b.size as u64 + 10);
+        h.compressor.level = 19;
+        let ops = vec![
+            Op::Literal(b"head".to_vec()),
+            Op::Patch { block: b, refs: vec![blocks[0].0], patch: patch.clone() },
+            // A copy past the end of the old image: only what it has is copied.
+            Op::Copy { offset: std::fs::metadata(dir.path().join("old")).unwrap().len() - 4, len: 10 },
+        ];
+        let out = tempfile::tempfile().unwrap();
+        let stats = apply(&mut DeltaReader::new(&encode(&h, &ops)[..]).unwrap(), &old, &out, &|_| ()).unwrap();
+        let size = b.size as u64;
+        assert_eq!(stats.unreproduced, vec![(4, size), (4 + size + 4, 6)]);
+        assert_eq!((stats.unreproduced_bytes, stats.copied, stats.patched), (size + 6, 4, 0));
+        // At the right level it reproduces; from a damaged old block it does not.
+        let mut comp = BlockCompressor::new(3).unwrap();
+        assert!(reproduce_block(&blocks[0].1, &patch, &b, &mut comp).is_some());
+        let mut damaged = blocks[0].1.clone();
+        damaged[5] ^= 0xff;
+        assert!(reproduce_block(&damaged, &patch, &b, &mut comp).is_none());
+        assert!(reproduce_block(&blocks[0].1, &patch[..patch.len() - 1], &b, &mut comp).is_none(), "cut patch");
+        // An old block that does not decompress, or lies past the end, is no base.
+        let mut wrong = blocks[0].0;
+        wrong.offset += 1;
+        assert!(read_old_block(&old, &wrong).is_none());
+        wrong.offset = 1 << 40;
+        assert!(read_old_block(&old, &blocks[1].0).is_some());
+        assert!(read_old_block(&old, &wrong).is_none());
+    }
+
+    #[test]
+    fn stored_blocks_reproduce_without_the_compressor() {
+        let mut comp = BlockCompressor::new(3).unwrap();
+        let old = test_noise(4096, 5);
+        let mut new = old.clone();
+        new[0] ^= 1;
+        let (b, disk) = new_block(&new, &mut comp);
+        assert!(b.stored);
+        let patch = make_patch(&old, &new);
+        assert_eq!(reproduce_block(&old, &patch, &b, &mut comp), Some(disk));
+        let mut other = b;
+        other.raw_size += 1;
+        assert!(reproduce_block(&old, &patch, &other, &mut comp).is_none(), "wrong raw size");
+    }
+
+    #[test]
+    fn copies_share_or_copy_and_stop_at_the_old_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let old_path = dir.path().join("o");
+        let data = test_noise(3 << 20, 9);
+        std::fs::write(&old_path, &data).unwrap();
+        let old = File::open(&old_path).unwrap();
+        let out = tempfile::tempfile_in(dir.path()).unwrap();
+        assert_eq!(copy_range(&old, 5, &out, 1, (3 << 20) - 5).unwrap(), (3 << 20) - 5);
+        assert_eq!(copy_range(&old, (3 << 20) - 2, &out, 0, 1).unwrap(), 1);
+        assert_eq!(copy_range(&old, (3 << 20) - 2, &out, 0, 10).unwrap(), 2);
+        let mut got = vec![0u8; 3 << 20];
+        out.read_exact_at(&mut got[..(3 << 20) - 4], 0).unwrap();
+        assert!(got[2..(3 << 20) - 4] == data[6..3 << 20], "copied bytes differ");
+        assert_eq!(&got[..2], &data[(3 << 20) - 2..]);
+        let out2 = tempfile::tempfile_in(dir.path()).unwrap();
+        assert_eq!(copy_through_memory(&old, 1, &out2, 0, (2 << 20) + 3).unwrap(), (2 << 20) + 3);
+        let mut got = vec![0u8; (2 << 20) + 3];
+        out2.read_exact_at(&mut got, 0).unwrap();
+        assert!(got[..] == data[1..(2 << 20) + 4], "copied bytes differ");
+        assert_eq!(copy_through_memory(&old, (3 << 20) - 1, &out2, 0, 5).unwrap(), 1);
+    }
+}

@@ -1,0 +1,214 @@
+//! The deployer's side of static deltas ([`imgdeploy_common::sdelta`]):
+//! when the manifest lists a delta from an image a slot holds, fetch it,
+//! check it against its signed sha256, and apply it to that image into
+//! the standby slot's partial file.
+//!
+//! What the delta wrote is then treated like the partial of an interrupted
+//! chunk delta ([`crate::delta::build`]): every chunk is checked in place
+//! against the signed chunk index, and a chunk that is not right (a block
+//! that did not reproduce with this host's zstd, a damaged block of the
+//! old image) is copied from a local image or fetched by Range. So a delta
+//! can only save bytes, never decide what the image holds, and the whole
+//! image's sha256 stays the final check.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::time::{Duration, Instant};
+
+use imgdeploy_common::digest::{Sha256Digest, StreamHasher};
+use imgdeploy_common::location::{FetchError, Location};
+use imgdeploy_common::manifest::{DeltaRef, Manifest};
+use imgdeploy_common::sdelta::{self, ApplyStats, DeltaReader};
+use imgdeploy_common::transport::Transport;
+use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
+
+use crate::delta::Budget;
+use crate::fetch::PartialMeta;
+use crate::state::{Layout, SlotId};
+
+/// Why a static delta was not used (the caller goes on without it).
+#[derive(Debug, thiserror::Error)]
+pub enum StaticDeltaError {
+    /// Fetching it failed.
+    #[error(transparent)]
+    Fetch(#[from] FetchError),
+    /// It is not the file the manifest signs.
+    #[error("static delta {url} {what}; it was truncated or tampered with")]
+    Digest {
+        /// Where.
+        url: String,
+        /// What is wrong.
+        what: String,
+    },
+    /// It does not parse, or describes other images.
+    #[error("static delta {url} is unusable")]
+    Invalid {
+        /// Where.
+        url: String,
+        /// Why.
+        #[source]
+        err: sdelta::DeltaFileError,
+    },
+    /// It was made for other images than the manifest says.
+    #[error("static delta {url} {what}, the manifest says {want}")]
+    WrongImages {
+        /// Where.
+        url: String,
+        /// What its header says.
+        what: String,
+        /// What the manifest says.
+        want: String,
+    },
+    /// The time for the whole transfer ran out.
+    #[error("the static delta from {url} did not arrive within download_timeout")]
+    Timeout {
+        /// Where.
+        url: String,
+    },
+    /// Local I/O.
+    #[error("cannot write {path}; free space in state_dir and rerun")]
+    Disk {
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// The manifest's delta whose `from` image one of `held` (slot, image
+/// sha256) holds, preferring the first slot listed.
+pub fn pick<'m>(m: &'m Manifest, held: &[(SlotId, Sha256Digest)]) -> Option<(SlotId, &'m DeltaRef)> {
+    held.iter().find_map(|(slot, sha)| m.deltas.iter().find(|d| d.from == *sha).map(|d| (*slot, d)))
+}
+
+/// What [`fetch_and_apply`] did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct StaticStats {
+    /// Bytes of the delta file fetched in this run (0 when an earlier run's
+    /// verified copy was reused).
+    pub fetched: u64,
+    /// The delta file's size.
+    pub delta_size: u64,
+    /// What applying it did.
+    #[serde(flatten)]
+    pub applied: ApplyStats,
+}
+
+/// Fetches the delta `d` (relative to the manifest at `base`) into the
+/// standby's state, or reuses a verified copy from an interrupted run;
+/// returns the open, verified file.
+fn fetch_delta(
+    t: &Transport,
+    budget: Budget,
+    base: &Location,
+    d: &DeltaRef,
+    layout: &Layout,
+    standby: SlotId,
+) -> Result<(File, u64), StaticDeltaError> {
+    let loc = base.sibling(&d.path);
+    let url = loc.to_string();
+    let path = layout.static_delta(standby);
+    let disk = |source| StaticDeltaError::Disk { path: path.display().to_string(), source };
+    if let Ok(f) = File::open(&path) {
+        if Sha256Digest::of_reader(io::BufReader::new(&f)).is_ok_and(|found| found == (d.sha256, d.size)) {
+            return Ok((File::open(&path).map_err(disk)?, 0));
+        }
+    }
+    let left = budget.left().ok_or_else(|| StaticDeltaError::Timeout { url: url.clone() })?;
+    let t = t.with_timeouts(Duration::from_secs(60).min(left), left);
+    let (reader, _) = loc.open(&t, 0)?;
+    let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).map_err(disk)?;
+    let mut hasher = StreamHasher::new();
+    let mut limited = reader.take(d.size + 1);
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = match limited.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if budget.left().is_none() => {
+                tracing::debug!("{e}");
+                return Err(StaticDeltaError::Timeout { url });
+            }
+            Err(e) => return Err(loc.read_error(e).into()),
+        };
+        file.write_all(&buf[..n]).map_err(disk)?;
+        hasher.update(&buf[..n]);
+    }
+    let (found, len) = hasher.finish();
+    if (found, len) != (d.sha256, d.size) {
+        let _ = std::fs::remove_file(&path);
+        return Err(StaticDeltaError::Digest {
+            url,
+            what: format!("is {len} bytes with sha256 {found}, the manifest signs {} bytes with {}", d.size, d.sha256),
+        });
+    }
+    file.sync_all().map_err(disk)?;
+    io::Seek::rewind(&mut file).map_err(disk)?;
+    Ok((file, len))
+}
+
+fn progress(total: u64) -> ProgressBar {
+    let pb = ProgressBar::new(total);
+    pb.set_style(
+        ProgressStyle::with_template("{spinner} static delta [{bar:30}] {bytes}/{total_bytes} {msg}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    pb
+}
+
+/// Fetches the static delta `d`, checks it, and applies it to the image in
+/// slot `from` into `standby`'s partial file, which it marks as a chunk
+/// delta's partial of the manifest's image: [`crate::delta::build`] then
+/// checks every chunk of it in place and fetches what is not right.
+#[allow(clippy::too_many_arguments)]
+pub fn fetch_and_apply(
+    t: &Transport,
+    budget: Budget,
+    base: &Location,
+    m: &Manifest,
+    d: &DeltaRef,
+    from: SlotId,
+    layout: &Layout,
+    standby: SlotId,
+) -> Result<StaticStats, StaticDeltaError> {
+    let started = Instant::now();
+    let url = base.sibling(&d.path).to_string();
+    let (file, fetched) = fetch_delta(t, budget, base, d, layout, standby)?;
+    let mut reader = DeltaReader::new(io::BufReader::with_capacity(1 << 20, file))
+        .map_err(|err| StaticDeltaError::Invalid { url: url.clone(), err })?;
+    let h = *reader.header();
+    if (h.from, h.to) != (d.from, m.image.sha256) || h.out_size != m.image.data_size() {
+        return Err(StaticDeltaError::WrongImages {
+            url,
+            what: format!("turns {} into {} ({} bytes)", h.from, h.to, h.out_size),
+            want: format!("{} into {} ({} bytes)", d.from, m.image.sha256, m.image.data_size()),
+        });
+    }
+    let partial = layout.partial(standby);
+    let disk = |source| StaticDeltaError::Disk { path: partial.display().to_string(), source };
+    let old = File::open(layout.image(from))
+        .map_err(|source| StaticDeltaError::Disk { path: layout.image(from).display().to_string(), source })?;
+    // Filled out of order: a full download must never resume it as a prefix.
+    PartialMeta { sha256: m.image.sha256, size: m.image.size, delta: true }.save(layout, standby).map_err(disk)?;
+    let out = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&partial).map_err(disk)?;
+    out.set_len(m.image.size).map_err(disk)?;
+    let pb = progress(h.out_size);
+    let applied = sdelta::apply(&mut reader, &old, &out, &|n| pb.inc(n)).map_err(|e| match e {
+        sdelta::ApplyError::File(err) => StaticDeltaError::Invalid { url: url.clone(), err },
+        sdelta::ApplyError::Write(source) => disk(source),
+    })?;
+    pb.finish_and_clear();
+    tracing::info!(
+        "static delta: {} fetched, {} copied, {} patched, {} literal, {} did not reproduce, in {} ms",
+        HumanBytes(fetched),
+        HumanBytes(applied.copied),
+        HumanBytes(applied.patched),
+        HumanBytes(applied.literal),
+        HumanBytes(applied.unreproduced_bytes),
+        started.elapsed().as_millis()
+    );
+    Ok(StaticStats { fetched, delta_size: d.size, applied })
+}

@@ -1,0 +1,316 @@
+//! Static deltas: CI publishes `deltas/<from>-<to>.delta`, a frontend that
+//! holds `from` makes the new image from it, byte-identical, for every kind
+//! of change; a delta that is tampered with, truncated, made for another
+//! image or recompressed differently never decides what gets installed.
+
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use imgdeploy_common::manifest::Manifest;
+use imgdeploy_tests::deploy::Deployment;
+use imgdeploy_tests::{bin, noise, require_root};
+
+fn manifest(d: &Deployment) -> Manifest {
+    Manifest::parse(&fs::read(d.repo.join("stable.json")).unwrap()).unwrap()
+}
+
+/// Re-signs the channel's manifest with the next serial after `edit`, as
+/// a key holder would (the tests' way of publishing a delta CI would not).
+fn resign(d: &Deployment, edit: impl FnOnce(&mut Manifest)) {
+    let mut m = manifest(d);
+    m.serial += 1;
+    edit(&mut m);
+    let repo = imgdeploy_builder::publish::Repo::open(&d.repo).unwrap();
+    let key = imgdeploy_builder::keygen::load_private_key(&d.keys.key).unwrap();
+    imgdeploy_builder::publish::sign_and_write(&repo, &key, &m).unwrap();
+}
+
+/// Replaces the bytes of the manifest's first delta and re-signs them.
+fn resign_delta(d: &Deployment, bytes: &[u8]) {
+    let path = d.repo.join(&manifest(d).deltas[0].path);
+    fs::write(&path, bytes).unwrap();
+    resign(d, |m| {
+        m.deltas[0].sha256 = imgdeploy_common::digest::Sha256Digest::of_bytes(bytes);
+        m.deltas[0].size = bytes.len() as u64;
+    });
+}
+
+fn write(path: &Path, bytes: &[u8]) {
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    fs::write(path, bytes).unwrap();
+}
+
+/// Text-like (compressible) bytes, deterministic per `seed`.
+fn text(len: usize, seed: u64) -> Vec<u8> {
+    noise(len, seed).iter().map(|b| b"etaoin shrdlu\n"[(*b % 14) as usize]).collect()
+}
+
+fn full_tree(tree: &Path) {
+    for i in 0..60usize {
+        write(&tree.join(format!("lib/d{}/f{i:03}", i % 5)), &text(3_000 + i * 4_099, i as u64));
+    }
+    for i in 0..20usize {
+        write(&tree.join(format!("pkg/share/p{i:02}")), &text(10_000 + i * 1_000, 100 + i as u64));
+    }
+    write(&tree.join("lib/random.bin"), &noise(300_000, 7));
+}
+
+/// Applies and checks the result: installed through the static delta
+/// (unless `mode` says otherwise), byte-identical to what was published;
+/// with `exact`, only the delta was fetched. Returns the
+/// apply's `download` object.
+fn apply_and_check(
+    d: &Deployment,
+    what: &str,
+    built: &serde_json::Value,
+    mode: &str,
+    exact: bool,
+) -> serde_json::Value {
+    let from = active_image(d);
+    let before = d.nginx.log().len();
+    let r = d.imgdeploy(&["apply", "--json"]);
+    assert_eq!(r.code, 0, "{what}: {}", r.stderr);
+    let dl = r.json()["download"].clone();
+    assert_eq!(dl["mode"], mode, "{what}: {dl}\n{}", r.stderr);
+    let label = built["version"].as_str().unwrap();
+    assert_eq!(d.active_version().as_deref(), Some(label), "{what}");
+    let m = manifest(d);
+    let slot = d.status()["active"]["slot"].as_str().unwrap().to_owned();
+    let got = fs::read(d.state.join(format!("slots/{slot}/image.squashfs"))).unwrap();
+    assert!(got == fs::read(d.repo.join(&m.image.path)).unwrap(), "{what}: the installed image differs");
+    if exact {
+        // Everything reproduced: the delta from the image that was active is all that came down.
+        let fetched = imgdeploy_tests::nginx::image_ranges(&d.nginx.log()[before..]);
+        assert!(fetched.is_empty(), "{what}: image bytes fetched beside the delta: {fetched:?}\n{}", r.stderr);
+        let delta = m.deltas.iter().find(|x| x.from == from).map(|x| x.size);
+        assert_eq!(dl["downloaded"].as_u64(), delta, "{what}: {dl}");
+        assert_eq!(dl["static_delta"].as_u64(), delta, "{what}: {dl}");
+        eprintln!("STATIC-DELTA {what}: image {} bytes, delta {delta:?}, {dl}", m.image.size);
+    }
+    dl
+}
+
+/// The sha256 of the image the active slot holds.
+fn active_image(d: &Deployment) -> imgdeploy_common::digest::Sha256Digest {
+    let slot = d.status()["active"]["slot"].as_str().unwrap().to_owned();
+    let bytes = fs::read(d.state.join(format!("slots/{slot}/manifest.json"))).unwrap();
+    Manifest::parse(&bytes).unwrap().image.sha256
+}
+
+/// Every kind of change, one after another on one frontend.
+#[test]
+fn privileged_static_deltas_make_every_kind_of_change_byte_identical() {
+    if !require_root("privileged_static_deltas_make_every_kind_of_change_byte_identical") {
+        return;
+    }
+    let d = Deployment::new("", "");
+    let tree = d.dir.path().join("tree");
+    fs::create_dir_all(&tree).unwrap();
+    d.publish_tree(&tree, "v0");
+    d.imgdeploy(&["apply"]).ok();
+    // An empty tree to a full one: no delta pays, or one does; either way the image is right.
+    full_tree(&tree);
+    let b = d.publish_tree(&tree, "full");
+    let dl = d.imgdeploy(&["apply", "--json"]).ok().json()["download"].clone();
+    assert!(dl["mode"] == "static-delta" || dl["mode"] == "full", "{dl}");
+    assert_eq!(d.active_version().as_deref(), Some("full"));
+    let _ = b;
+
+    let step = |what: &str, change: &dyn Fn(&Path)| {
+        change(&tree);
+        let built = d.publish_tree(&tree, what);
+        let m = manifest(&d);
+        assert!(!m.deltas.is_empty(), "{what}: no delta published: {built}");
+        let dl = apply_and_check(&d, what, &built, "static-delta", true);
+        assert!(
+            dl["downloaded"].as_u64().unwrap() * 4 < m.image.size,
+            "{what}: downloaded {} of {}",
+            dl["downloaded"],
+            m.image.size
+        );
+    };
+    step("edits", &|t| {
+        for i in [3usize, 17, 44] {
+            let p = t.join(format!("lib/d{}/f{i:03}", i % 5));
+            let mut b = fs::read(&p).unwrap();
+            let at = b.len() / 3;
+            let n = 4096.min(b.len() - at);
+            b[at..at + n].copy_from_slice(&text(n, 900 + i as u64));
+            fs::write(&p, b).unwrap();
+        }
+    });
+    step("appends", &|t| {
+        for i in [5usize, 30] {
+            let p = t.join(format!("lib/d{}/f{i:03}", i % 5));
+            let mut b = fs::read(&p).unwrap();
+            b.extend_from_slice(b"one more line\n");
+            fs::write(&p, b).unwrap();
+        }
+    });
+    step("inserts", &|t| {
+        let p = t.join("lib/d2/f057");
+        let mut b = fs::read(&p).unwrap();
+        let at = b.len() / 2;
+        b.splice(at..at, text(1000, 77));
+        fs::write(&p, b).unwrap();
+    });
+    step("deletes", &|t| {
+        for i in [10usize, 11, 12] {
+            fs::remove_file(t.join(format!("lib/d{}/f{i:03}", i % 5))).unwrap();
+        }
+    });
+    step("renames", &|t| {
+        fs::rename(t.join("lib/d0/f000"), t.join("lib/d0/renamed")).unwrap();
+        fs::rename(t.join("lib/d4"), t.join("lib/d4-renamed")).unwrap();
+    });
+    step("hardlinks", &|t| {
+        fs::hard_link(t.join("lib/d1/f001"), t.join("lib/link1")).unwrap();
+        fs::hard_link(t.join("pkg/share/p03"), t.join("lib/link2")).unwrap();
+    });
+    step("xattrs", &|t| {
+        xattr::set(t.join("lib/d1/f001"), "user.origin", b"static delta test").unwrap();
+        xattr::set(t.join("pkg/share/p05"), "user.mime", b"text/plain").unwrap();
+    });
+    step("package-replaced", &|t| {
+        fs::remove_dir_all(t.join("pkg")).unwrap();
+        for i in 0..20usize {
+            write(&t.join(format!("pkg/share/p{i:02}")), &text(10_000 + i * 1_000, 500 + i as u64));
+        }
+    });
+    let hardlinked = d.link.join("lib/link1");
+    assert_eq!(
+        fs::metadata(&hardlinked).unwrap().ino(),
+        fs::metadata(d.link.join("lib/d1/f001")).unwrap().ino(),
+        "hardlink lost"
+    );
+    assert_eq!(xattr::get(d.link.join("pkg/share/p05"), "user.mime").unwrap(), None, "the package was replaced");
+    d.imgdeploy(&["verify"]).ok();
+    d.assert_no_leaks();
+}
+
+/// A delta the key holder did not make, or one made for other images or
+/// another compressor: the image still comes out right, from the chunk
+/// delta or by fetching what did not reproduce.
+#[test]
+fn privileged_bad_static_deltas_fall_back() {
+    if !require_root("privileged_bad_static_deltas_fall_back") {
+        return;
+    }
+    let d = Deployment::new("", "");
+    let tree = d.dir.path().join("tree");
+    full_tree(&tree);
+    d.publish_tree(&tree, "v1");
+    d.imgdeploy(&["apply"]).ok();
+    let mut n = 0;
+    let mut next = |d: &Deployment| {
+        n += 1;
+        for i in [n, n + 20] {
+            let p = tree.join(format!("lib/d{}/f{i:03}", i % 5));
+            let mut b = fs::read(&p).unwrap();
+            b[100..2100].copy_from_slice(&text(2000, 3000 + i as u64));
+            fs::write(&p, b).unwrap();
+        }
+        d.publish_tree(&tree, &format!("v{}", n + 1))
+    };
+
+    // 1. The bucket flips a byte of the delta: its signed sha256 does not match.
+    let built = next(&d);
+    let path = d.repo.join(&manifest(&d).deltas[0].path);
+    let mut bytes = fs::read(&path).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    fs::write(&path, &bytes).unwrap();
+    let dl = apply_and_check(&d, "tampered", &built, "delta", false);
+    assert_eq!(dl["static_delta"], 0);
+
+    // 2. Truncated, and signed that way: it does not parse.
+    let built = next(&d);
+    let good = fs::read(d.repo.join(&manifest(&d).deltas[0].path)).unwrap();
+    resign_delta(&d, &good[..good.len() * 2 / 3]);
+    let r = d.imgdeploy(&["apply", "--json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("static delta not used") && r.stderr.contains("is unusable"), "{}", r.stderr);
+    assert_eq!(d.active_version().as_deref(), built["version"].as_str());
+
+    // 3. The delta of an older image under this one's name, signed: its header names other images.
+    let built = next(&d);
+    let m = manifest(&d);
+    assert!(m.deltas.len() >= 2, "{m:?}");
+    let older = fs::read(d.repo.join(&m.deltas[1].path)).unwrap();
+    resign_delta(&d, &older);
+    let r = d.imgdeploy(&["apply", "--json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("the manifest says"), "{}", r.stderr);
+    assert_eq!(r.json()["download"]["mode"], "delta");
+    assert_eq!(d.active_version().as_deref(), built["version"].as_str());
+
+    // 4. Another compressor level in its header: no patched block
+    //    reproduces; those regions are fetched by Range and the image is right.
+    let built = next(&d);
+    let good = fs::read(d.repo.join(&manifest(&d).deltas[0].path)).unwrap();
+    resign_delta(&d, &with_level(&good, 1));
+    let dl = apply_and_check(&d, "another compressor", &built, "static-delta", false);
+    assert_eq!(dl["patched"], 0, "{dl}");
+    assert!(dl["downloaded"].as_u64().unwrap() > dl["static_delta"].as_u64().unwrap(), "{dl}");
+    d.assert_no_leaks();
+}
+
+/// The delta file with the zstd level of its header (after the magic,
+/// two digests, the size and the zstd version) set to `level`.
+fn with_level(delta: &[u8], level: u32) -> Vec<u8> {
+    let mut raw = zstd::decode_all(delta).unwrap();
+    raw[8 + 64 + 8 + 4..8 + 64 + 8 + 8].copy_from_slice(&level.to_le_bytes());
+    zstd::encode_all(&raw[..], 3).unwrap()
+}
+
+/// Killed after the delta arrived, while the regions that did not
+/// reproduce were being fetched: the rerun uses the verified delta it
+/// already has and ends with the right image.
+#[test]
+fn privileged_killed_static_delta_resumes() {
+    if !require_root("privileged_killed_static_delta_resumes") {
+        return;
+    }
+    let d = Deployment::new("", "limit_rate 300k;");
+    let tree = d.dir.path().join("tree");
+    full_tree(&tree);
+    d.publish_tree(&tree, "v1");
+    d.imgdeploy(&["apply"]).ok();
+    for i in (0..60usize).step_by(4) {
+        let p = tree.join(format!("lib/d{}/f{i:03}", i % 5));
+        let mut b = fs::read(&p).unwrap();
+        b[0..1000].copy_from_slice(&text(1000, 4000 + i as u64));
+        fs::write(&p, b).unwrap();
+    }
+    let built = d.publish_tree(&tree, "v2");
+    let good = fs::read(d.repo.join(&manifest(&d).deltas[0].path)).unwrap();
+    resign_delta(&d, &with_level(&good, 1));
+    let size = manifest(&d).deltas[0].size;
+    let mut child = Command::new(bin("imgdeploy"))
+        .arg("-c")
+        .arg(&d.config)
+        .arg("apply")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let delta_file = d.state.join("slots/b/image.delta");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !fs::metadata(&delta_file).is_ok_and(|m| m.len() == size) {
+        assert!(Instant::now() < deadline, "the delta never arrived");
+        assert!(child.try_wait().unwrap().is_none(), "apply finished before it could be killed");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(child.try_wait().unwrap().is_none(), "apply finished before it could be killed");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    d.assert_link_sound();
+    assert_eq!(d.active_version().as_deref(), Some("v1"));
+    let dl = apply_and_check(&d, "resumed", &built, "static-delta", false);
+    assert_eq!(dl["static_delta"], 0, "the verified delta was fetched again: {dl}");
+    d.assert_no_leaks();
+}
