@@ -10,7 +10,7 @@ command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz@0.13.2
 export RUSTC_BOOTSTRAP=1
 targets=("$@")
 if ((${#targets[@]} == 0)); then
-  targets=(manifest keys config chunk_index multipart block_map)
+  targets=(manifest keys config chunk_index multipart block_map static_delta)
   # Every target in one cargo run, which builds them in parallel; each run
   # below then starts at once.
   cargo fuzz build

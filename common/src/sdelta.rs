@@ -6,7 +6,7 @@
 //! around it, and a change that shifts file data rewrites `blocks_start` in
 //! most inodes, so most metadata blocks come down again. A static delta
 //! works on uncompressed bytes instead, as OSTree's static deltas and
-//! Android's update_engine do: a changed block is a bsdiff patch against
+//! Android's update_engine do: a changed block is a patch against
 //! uncompressed blocks of the old image, and the host recompresses the
 //! result with the builder's own compressor ([`crate::compress`], whose
 //! identity the delta records), which reproduces the published bytes.
@@ -15,9 +15,11 @@
 //! computed from it) as ops in output order:
 //! - **copy** bytes from the old image (unchanged blocks; `copy_file_range`,
 //!   so XFS and btrfs share the extents);
-//! - **patch** one block: bsdiff of its uncompressed bytes against up to
-//!   [`MAX_REFS`] old blocks, recompressed, and checked against the sha256
-//!   of the published bytes the op carries;
+//! - **patch** one block: its uncompressed bytes from up to [`MAX_REFS`]
+//!   old blocks, by a bsdiff patch (metadata, where many bytes change by a
+//!   little) or a zstd frame that uses them as its prefix (data, where
+//!   bsdiff's suffix sort costs too much), recompressed, and checked
+//!   against the sha256 of the published bytes the op carries;
 //! - **literal** bytes (superblock, table headers, and blocks a patch does
 //!   not pay for).
 //!
@@ -121,6 +123,38 @@ pub struct NewBlock {
     pub sha256: Sha256Digest,
 }
 
+/// How a patch turns its base (the old blocks, concatenated uncompressed)
+/// into the new block's uncompressed bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PatchKind {
+    /// A bsdiff patch: small where many bytes change by a little (inodes
+    /// whose data moved), but its suffix sort is slow on large bases.
+    Bsdiff,
+    /// A zstd frame compressed with the base as its prefix (zstd's
+    /// `--patch-from`): fast, and small for edits, inserts and deletes.
+    Zstd,
+}
+
+impl PatchKind {
+    fn code(self) -> u8 {
+        match self {
+            PatchKind::Bsdiff => 0,
+            PatchKind::Zstd => 1,
+        }
+    }
+
+    fn from_code(c: u8) -> Option<Self> {
+        match c {
+            0 => Some(PatchKind::Bsdiff),
+            1 => Some(PatchKind::Zstd),
+            _ => None,
+        }
+    }
+}
+
+/// zstd level of [`PatchKind::Zstd`] patches.
+const ZSTD_PATCH_LEVEL: i32 = 6;
+
 /// One step of a delta.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
@@ -139,7 +173,9 @@ pub enum Op {
         block: NewBlock,
         /// The old blocks, concatenated uncompressed, the patch applies to.
         refs: Vec<OldBlock>,
-        /// bsdiff patch (uncompressed; the file is compressed as a whole).
+        /// How the patch applies.
+        kind: PatchKind,
+        /// The patch.
         patch: Vec<u8>,
     },
 }
@@ -208,7 +244,7 @@ impl<W: Write> DeltaWriter<W> {
                 e.write_all(&(bytes.len() as u32).to_le_bytes())?;
                 e.write_all(bytes)?;
             }
-            Op::Patch { block, refs, patch } => {
+            Op::Patch { block, refs, kind, patch } => {
                 check_block(block.size, block.raw_size, block.stored, "a patched block").map_err(io::Error::other)?;
                 if refs.is_empty() || refs.len() > MAX_REFS || patch.len() > MAX_PATCH as usize {
                     return Err(bad(format!("patch with {} refs and {} bytes", refs.len(), patch.len())));
@@ -216,7 +252,7 @@ impl<W: Write> DeltaWriter<W> {
                 e.write_all(&[OP_PATCH])?;
                 e.write_all(&block.size.to_le_bytes())?;
                 e.write_all(&block.raw_size.to_le_bytes())?;
-                e.write_all(&[u8::from(block.stored), refs.len() as u8])?;
+                e.write_all(&[u8::from(block.stored), refs.len() as u8, kind.code()])?;
                 e.write_all(&block.sha256.0)?;
                 for r in refs {
                     check_block(r.size, r.raw_size, r.stored, "an old block").map_err(io::Error::other)?;
@@ -371,10 +407,12 @@ impl<R: Read> DeltaReader<R> {
                 let (size, raw_size) = (self.u32("a patch")?, self.u32("a patch")?);
                 let stored = self.flag("a patch")?;
                 let nrefs = self.u8("a patch")? as usize;
+                let code = self.u8("a patch")?;
                 check_block(size, raw_size, stored, "a patched block")?;
                 if nrefs == 0 || nrefs > MAX_REFS {
                     return Err(invalid(format!("a patch reads {nrefs} old blocks")));
                 }
+                let kind = PatchKind::from_code(code).ok_or_else(|| invalid(format!("unknown patch kind {code}")))?;
                 let sha256 = Sha256Digest(self.bytes("a patch")?);
                 let mut refs = Vec::with_capacity(nrefs);
                 for _ in 0..nrefs {
@@ -392,7 +430,7 @@ impl<R: Read> DeltaReader<R> {
                     return Err(invalid(format!("a patch of {len} bytes")));
                 }
                 let patch = self.vec(len as usize, "a patch")?;
-                Op::Patch { block: NewBlock { size, raw_size, stored, sha256 }, refs, patch }
+                Op::Patch { block: NewBlock { size, raw_size, stored, sha256 }, refs, kind, patch }
             }
             t => return Err(invalid(format!("unknown op {t}"))),
         };
@@ -418,20 +456,46 @@ pub fn read_old_block(old: &File, b: &OldBlock) -> Option<Vec<u8>> {
 /// Makes the on-disk bytes of a patched block from its old blocks'
 /// uncompressed bytes (concatenated): `None` unless they come out with the
 /// signed sha256. The builder checks every patch it writes with this.
-pub fn reproduce_block(base: &[u8], patch: &[u8], block: &NewBlock, comp: &mut BlockCompressor) -> Option<Vec<u8>> {
-    let mut raw = Vec::with_capacity(block.raw_size as usize);
-    bsdiff::patch(base, &mut &patch[..], &mut raw).ok()?;
-    if raw.len() != block.raw_size as usize {
-        return None;
-    }
+pub fn reproduce_block(
+    base: &[u8],
+    kind: PatchKind,
+    patch: &[u8],
+    block: &NewBlock,
+    comp: &mut BlockCompressor,
+) -> Option<Vec<u8>> {
+    let raw = unpatch(base, kind, patch, block.raw_size)?;
     let (disk, stored) = if block.stored { (raw, true) } else { comp.pack(&raw).ok()? };
     (stored == block.stored && Sha256Digest::of_bytes(&disk) == block.sha256).then_some(disk)
 }
 
-/// Makes a bsdiff patch turning `base` into `new`.
-pub fn make_patch(base: &[u8], new: &[u8]) -> Vec<u8> {
+/// The uncompressed bytes `patch` makes from `base`, if exactly `raw_size` of them.
+fn unpatch(base: &[u8], kind: PatchKind, patch: &[u8], raw_size: u32) -> Option<Vec<u8>> {
+    let mut raw = Vec::with_capacity(raw_size as usize);
+    match kind {
+        PatchKind::Bsdiff => bsdiff::patch(base, &mut &patch[..], &mut raw).ok()?,
+        PatchKind::Zstd => {
+            let mut d = zstd::stream::read::Decoder::with_ref_prefix(patch, base).ok()?;
+            d.window_log_max(WINDOW_LOG_MAX).ok()?;
+            d.take(raw_size as u64 + 1).read_to_end(&mut raw).ok()?;
+        }
+    }
+    (raw.len() == raw_size as usize).then_some(raw)
+}
+
+/// Makes a patch of `kind` turning `base` into `new`.
+pub fn make_patch(kind: PatchKind, base: &[u8], new: &[u8]) -> Vec<u8> {
     let mut patch = Vec::new();
-    bsdiff::diff(base, new, &mut patch).expect("writing into memory cannot fail");
+    match kind {
+        PatchKind::Bsdiff => bsdiff::diff(base, new, &mut patch).expect("writing into memory cannot fail"),
+        PatchKind::Zstd => {
+            let made = (|| {
+                let mut e = zstd::stream::write::Encoder::with_ref_prefix(&mut patch, ZSTD_PATCH_LEVEL, base)?;
+                e.write_all(new)?;
+                e.finish().map(drop)
+            })();
+            made.expect("compressing into memory cannot fail");
+        }
+    }
     patch
 }
 
@@ -465,11 +529,24 @@ impl ApplyStats {
 /// Copies `len` bytes at `from` in `old` to `to` in `out`, sharing extents
 /// where the filesystem can; returns how many bytes the old image had.
 fn copy_range(old: &File, from: u64, out: &File, to: u64, len: u64) -> io::Result<u64> {
+    let mut share = |src: &mut i64, dst: &mut i64, n| nix::fcntl::copy_file_range(old, Some(src), out, Some(dst), n);
+    copy_range_with(&mut share, old, from, out, to, len)
+}
+
+/// [`copy_range`] with the `copy_file_range(2)` call given, for the tests.
+fn copy_range_with(
+    share: &mut dyn FnMut(&mut i64, &mut i64, usize) -> nix::Result<usize>,
+    old: &File,
+    from: u64,
+    out: &File,
+    to: u64,
+    len: u64,
+) -> io::Result<u64> {
     let (mut src, mut dst) = (from as i64, to as i64);
     let mut left = len;
     while left > 0 {
         let want = left.min(1 << 30) as usize;
-        match nix::fcntl::copy_file_range(old, Some(&mut src), out, Some(&mut dst), want) {
+        match share(&mut src, &mut dst, want) {
             Ok(0) => break,
             Ok(n) => left -= n as u64,
             Err(nix::errno::Errno::EINTR) => continue,
@@ -525,7 +602,7 @@ pub fn apply<R: Read>(
                 out.write_all_at(&bytes, at).map_err(ApplyError::Write)?;
                 stats.literal += len;
             }
-            Op::Patch { block, refs, patch } => {
+            Op::Patch { block, refs, kind, patch } => {
                 let mut base = Vec::new();
                 let made = refs
                     .iter()
@@ -533,7 +610,7 @@ pub fn apply<R: Read>(
                         base.extend_from_slice(&read_old_block(old, r)?);
                         Some(())
                     })
-                    .and_then(|()| reproduce_block(&base, &patch, &block, &mut comp));
+                    .and_then(|()| reproduce_block(&base, kind, &patch, &block, &mut comp));
                 match made {
                     Some(disk) => {
                         out.write_all_at(&disk, at).map_err(ApplyError::Write)?;
@@ -621,6 +698,7 @@ mod tests {
                     OldBlock { offset: 1, size: 5, raw_size: 5, stored: true },
                     OldBlock { offset: 9, size: 4, raw_size: 8, stored: false },
                 ],
+                kind: PatchKind::Zstd,
                 patch: vec![1, 2, 3],
             },
         ];
@@ -643,8 +721,20 @@ mod tests {
         let patch = |size, raw_size, stored, refs: usize| Op::Patch {
             block: NewBlock { size, raw_size, stored, sha256: Sha256Digest([0; 32]) },
             refs: vec![OldBlock { offset: 0, size: 4, raw_size: 4, stored: true }; refs],
+            kind: PatchKind::Bsdiff,
             patch: vec![],
         };
+        assert!(w.push(&patch(0, 20, false, 1)).is_err(), "an empty block");
+        assert!(w.push(&patch(10, MAX_BLOCK + 1, false, 1)).is_err(), "larger than squashfs allows");
+        w.push(&patch(10, MAX_BLOCK, false, 1)).unwrap();
+        let sized = |len: usize| Op::Patch {
+            block: NewBlock { size: 10, raw_size: 20, stored: false, sha256: Sha256Digest([0; 32]) },
+            refs: vec![OldBlock { offset: 0, size: 4, raw_size: 4, stored: true }],
+            kind: PatchKind::Bsdiff,
+            patch: vec![0; len],
+        };
+        assert!(w.push(&sized(MAX_PATCH as usize + 1)).is_err(), "a patch over the limit");
+        w.push(&sized(MAX_PATCH as usize)).unwrap();
         assert!(w.push(&patch(10, 10, false, 1)).is_err(), "compressed but not smaller");
         assert!(w.push(&patch(10, 11, true, 1)).is_err(), "stored with another size");
         assert!(w.push(&patch(10, 20, false, 0)).is_err(), "no refs");
@@ -694,9 +784,70 @@ mod tests {
         assert!(err(&recode(&m)).contains("a copy of 2 bytes"));
     }
 
+    /// A delta file of `out_size` bytes of output holding `ops` (raw op
+    /// bytes, the end marker appended), bypassing the writer's checks.
+    fn raw_file(out_size: u64, ops: &[u8]) -> Vec<u8> {
+        let mut raw = MAGIC.to_vec();
+        raw.extend_from_slice(&[1; 32]);
+        raw.extend_from_slice(&[2; 32]);
+        raw.extend_from_slice(&out_size.to_le_bytes());
+        raw.extend_from_slice(&Compressor::identity(3).zstd_version.to_le_bytes());
+        raw.extend_from_slice(&3u32.to_le_bytes());
+        raw.extend_from_slice(ops);
+        raw.push(OP_END);
+        zstd::encode_all(&raw[..], 1).unwrap()
+    }
+
+    fn literal_op(len: usize) -> Vec<u8> {
+        let mut op = vec![OP_LITERAL];
+        op.extend_from_slice(&(len as u32).to_le_bytes());
+        op.extend(std::iter::repeat_n(b'x', len));
+        op
+    }
+
+    fn patch_op(nrefs: usize, patch_len: usize) -> Vec<u8> {
+        let mut op = vec![OP_PATCH];
+        op.extend_from_slice(&10u32.to_le_bytes());
+        op.extend_from_slice(&20u32.to_le_bytes());
+        op.extend_from_slice(&[0, nrefs as u8, 0]);
+        op.extend_from_slice(&[0; 32]);
+        for _ in 0..nrefs {
+            op.extend_from_slice(&0u64.to_le_bytes());
+            op.extend_from_slice(&4u32.to_le_bytes());
+            op.extend_from_slice(&4u32.to_le_bytes());
+            op.push(1);
+        }
+        op.extend_from_slice(&(patch_len as u32).to_le_bytes());
+        op.extend(std::iter::repeat_n(0u8, patch_len));
+        op
+    }
+
+    #[test]
+    fn the_reader_takes_every_limit_itself() {
+        let max = MAX_LITERAL as usize;
+        let (_, ops) = decode(&raw_file(max as u64, &literal_op(max))).unwrap();
+        assert_eq!(ops[0].out_len(), max as u64, "a literal of the largest size");
+        let (_, ops) = decode(&raw_file(10, &patch_op(MAX_REFS, 0))).unwrap();
+        assert!(matches!(&ops[0], Op::Patch { refs, .. } if refs.len() == MAX_REFS), "the most refs");
+        let (_, ops) = decode(&raw_file(10, &patch_op(1, MAX_PATCH as usize))).unwrap();
+        assert!(matches!(&ops[0], Op::Patch { patch, .. } if patch.len() == MAX_PATCH as usize), "the largest patch");
+        // The second op runs past what is left after the first.
+        let mut two = literal_op(6);
+        two.extend_from_slice(&literal_op(6));
+        let e = decode(&raw_file(10, &two)).unwrap_err().to_string();
+        assert!(e.contains("runs past the 10-byte output"), "{e}");
+        let file = raw_file(10, &literal_op(10));
+        let r = DeltaReader::new(&file[..]).unwrap();
+        let shown = format!("{r:?}");
+        assert!(
+            shown.contains("DeltaReader") && shown.contains("out_size: 10") && shown.contains("produced: 0"),
+            "{shown}"
+        );
+    }
+
     #[test]
     fn patch_fields_are_bounded() {
-        let base = |nrefs: u8, stored: u8, patch_len: u32| {
+        let base = |nrefs: u8, stored: u8, kind: u8, patch_len: u32| {
             let h = header(10);
             let mut raw = encode(&h, &[Op::Literal(vec![0; 10])]);
             raw = zstd::decode_all(&raw[..]).unwrap();
@@ -704,7 +855,7 @@ mod tests {
             raw.push(OP_PATCH);
             raw.extend_from_slice(&10u32.to_le_bytes());
             raw.extend_from_slice(&20u32.to_le_bytes());
-            raw.extend_from_slice(&[0, nrefs]);
+            raw.extend_from_slice(&[0, nrefs, kind]);
             raw.extend_from_slice(&[0; 32]);
             for _ in 0..nrefs {
                 raw.extend_from_slice(&0u64.to_le_bytes());
@@ -715,12 +866,13 @@ mod tests {
             raw.extend_from_slice(&patch_len.to_le_bytes());
             decode(&zstd::encode_all(&raw[..], 3).unwrap()).unwrap_err().to_string()
         };
-        assert!(base(0, 1, 0).contains("reads 0 old blocks"));
-        assert!(base(5, 1, 0).contains("reads 5 old blocks"));
-        assert!(base(1, 2, 0).contains("stored flag 2"));
-        assert!(base(1, 0, 0).contains("an old block of 4 bytes"));
-        assert!(base(1, 1, MAX_PATCH + 1).contains("a patch of 4194305 bytes"));
-        assert!(base(1, 1, 3).contains("a patch is cut short"));
+        assert!(base(0, 1, 0, 0).contains("reads 0 old blocks"));
+        assert!(base(5, 1, 0, 0).contains("reads 5 old blocks"));
+        assert!(base(1, 1, 2, 0).contains("unknown patch kind 2"));
+        assert!(base(1, 2, 1, 0).contains("stored flag 2"));
+        assert!(base(1, 0, 1, 0).contains("an old block of 4 bytes"));
+        assert!(base(1, 1, 1, MAX_PATCH + 1).contains("a patch of 4194305 bytes"));
+        assert!(base(1, 1, 0, 3).contains("a patch is cut short"));
     }
 
     #[test]
@@ -732,13 +884,13 @@ mod tests {
         let mut raw2 = blocks[2].1.clone();
         raw2[20000..24096].copy_from_slice(&test_noise(4096, 7));
         let (b2, disk2) = new_block(&raw2, &mut comp);
-        let patch = make_patch(&blocks[2].1, &raw2);
+        let patch = make_patch(PatchKind::Zstd, &blocks[2].1, &raw2);
         let packed = zstd::encode_all(&patch[..], 3).unwrap().len();
         assert!(packed < 6000 && packed * 3 < b2.size as usize, "a 4 KiB edit's patch packs to {packed} bytes");
         let ops = vec![
             Op::Literal(b"head".to_vec()),
             Op::Copy { offset: blocks[0].0.offset, len: blocks[0].0.size as u64 },
-            Op::Patch { block: b2, refs: vec![blocks[2].0], patch },
+            Op::Patch { block: b2, refs: vec![blocks[2].0], kind: PatchKind::Zstd, patch },
         ];
         let mut expected = b"head".to_vec();
         let mut buf = vec![0; blocks[0].0.size as usize];
@@ -774,28 +926,32 @@ mod tests {
         let mut raw = blocks[0].1.clone();
         raw[100] ^= 1;
         let (b, _) = new_block(&raw, &mut comp);
-        let patch = make_patch(&blocks[0].1, &raw);
+        let patch = make_patch(PatchKind::Bsdiff, &blocks[0].1, &raw);
         // Another compressor level: the recompressed bytes differ, and the region is reported.
-        let mut h = header(4 + b.size as u64 + 10);
+        let mut h = header(4 + b.size as u64 + 15);
         h.compressor.level = 19;
         let ops = vec![
             Op::Literal(b"head".to_vec()),
-            Op::Patch { block: b, refs: vec![blocks[0].0], patch: patch.clone() },
+            Op::Patch { block: b, refs: vec![blocks[0].0], kind: PatchKind::Bsdiff, patch: patch.clone() },
             // A copy past the end of the old image: only what it has is copied.
             Op::Copy { offset: std::fs::metadata(dir.path().join("old")).unwrap().len() - 4, len: 10 },
+            // Wholly past it, right after: one region with the copy's missing end.
+            Op::Copy { offset: 1 << 40, len: 5 },
         ];
         let out = tempfile::tempfile().unwrap();
         let stats = apply(&mut DeltaReader::new(&encode(&h, &ops)[..]).unwrap(), &old, &out, &|_| ()).unwrap();
         let size = b.size as u64;
-        assert_eq!(stats.unreproduced, vec![(4, size), (4 + size + 4, 6)]);
-        assert_eq!((stats.unreproduced_bytes, stats.copied, stats.patched), (size + 6, 4, 0));
+        assert_eq!(stats.unreproduced, vec![(4, size), (4 + size + 4, 11)]);
+        assert_eq!((stats.unreproduced_bytes, stats.copied, stats.patched), (size + 11, 4, 0));
         // At the right level it reproduces; from a damaged old block it does not.
         let mut comp = BlockCompressor::new(3).unwrap();
-        assert!(reproduce_block(&blocks[0].1, &patch, &b, &mut comp).is_some());
+        assert!(reproduce_block(&blocks[0].1, PatchKind::Bsdiff, &patch, &b, &mut comp).is_some());
         let mut damaged = blocks[0].1.clone();
         damaged[5] ^= 0xff;
-        assert!(reproduce_block(&damaged, &patch, &b, &mut comp).is_none());
-        assert!(reproduce_block(&blocks[0].1, &patch[..patch.len() - 1], &b, &mut comp).is_none(), "cut patch");
+        assert!(reproduce_block(&damaged, PatchKind::Bsdiff, &patch, &b, &mut comp).is_none());
+        let cut = &patch[..patch.len() - 1];
+        assert!(reproduce_block(&blocks[0].1, PatchKind::Bsdiff, cut, &b, &mut comp).is_none(), "cut patch");
+        assert!(reproduce_block(&blocks[0].1, PatchKind::Zstd, &patch, &b, &mut comp).is_none(), "another kind");
         // An old block that does not decompress, or lies past the end, is no base.
         let mut wrong = blocks[0].0;
         wrong.offset += 1;
@@ -813,11 +969,59 @@ mod tests {
         new[0] ^= 1;
         let (b, disk) = new_block(&new, &mut comp);
         assert!(b.stored);
-        let patch = make_patch(&old, &new);
-        assert_eq!(reproduce_block(&old, &patch, &b, &mut comp), Some(disk));
-        let mut other = b;
-        other.raw_size += 1;
-        assert!(reproduce_block(&old, &patch, &other, &mut comp).is_none(), "wrong raw size");
+        for kind in [PatchKind::Bsdiff, PatchKind::Zstd] {
+            let patch = make_patch(kind, &old, &new);
+            assert_eq!(reproduce_block(&old, kind, &patch, &b, &mut comp), Some(disk.clone()), "{kind:?}");
+            let mut other = b;
+            other.raw_size += 1;
+            assert!(reproduce_block(&old, kind, &patch, &other, &mut comp).is_none(), "{kind:?}: too long");
+            other.raw_size -= 2;
+            assert!(reproduce_block(&old, kind, &patch, &other, &mut comp).is_none(), "{kind:?}: too short");
+        }
+    }
+
+    /// Where `copy_file_range` is refused (another filesystem, an old
+    /// kernel, a file it cannot take), the rest goes through memory; an
+    /// interrupted call is retried; any other error is the caller's.
+    #[test]
+    fn copies_fall_back_to_memory_where_sharing_is_refused() {
+        use nix::errno::Errno;
+        let dir = tempfile::tempdir().unwrap();
+        let old_path = dir.path().join("o");
+        let data = test_noise(1 << 20, 13);
+        std::fs::write(&old_path, &data).unwrap();
+        let old = File::open(&old_path).unwrap();
+        for refusal in [Errno::EXDEV, Errno::ENOSYS, Errno::EINVAL] {
+            let out = tempfile::tempfile_in(dir.path()).unwrap();
+            let mut calls = 0;
+            // Interrupted once, then 1000 bytes shared, then refused.
+            let mut share = |src: &mut i64, dst: &mut i64, n: usize| {
+                calls += 1;
+                match calls {
+                    1 => Err(Errno::EINTR),
+                    2 => {
+                        let n = n.min(1000);
+                        let got = nix::fcntl::copy_file_range(&old, Some(src), &out, Some(dst), n)?;
+                        assert_eq!(got, n);
+                        Ok(got)
+                    }
+                    _ => Err(refusal),
+                }
+            };
+            let copied = copy_range_with(&mut share, &old, 5, &out, 2, 600_000).unwrap();
+            assert_eq!(copied, 600_000, "{refusal}");
+            let mut got = vec![0u8; 600_000];
+            out.read_exact_at(&mut got, 2).unwrap();
+            assert!(got[..] == data[5..600_005], "{refusal}: the copied bytes differ");
+            assert_eq!(out.metadata().unwrap().len(), 600_002, "{refusal}");
+            // Past the old end: what is there.
+            let mut refused = |_: &mut i64, _: &mut i64, _: usize| Err(refusal);
+            assert_eq!(copy_range_with(&mut refused, &old, (1 << 20) - 3, &out, 0, 10).unwrap(), 3);
+        }
+        let out = tempfile::tempfile_in(dir.path()).unwrap();
+        let mut failing = |_: &mut i64, _: &mut i64, _: usize| Err(Errno::EIO);
+        let e = copy_range_with(&mut failing, &old, 0, &out, 0, 10).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(Errno::EIO as i32));
     }
 
     #[test]
