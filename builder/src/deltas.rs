@@ -7,8 +7,9 @@
 //! every block is and what it holds, so each block of the new image
 //! becomes, in order of preference:
 //! - a copy, when an old block has the same bytes on disk;
-//! - a bsdiff patch of its uncompressed bytes against old blocks likely to
-//!   resemble it: an old block with the same content, else the same file's
+//! - a patch of its uncompressed bytes against old blocks likely to
+//!   resemble it (bsdiff for metadata, zstd with the old blocks as its
+//!   prefix for data): an old block with the same content, else the same file's
 //!   blocks around the same position (data), the old fragment block that
 //!   held the same files' tails (fragments), or the metadata blocks around
 //!   the same position in the tables (inodes whose `blocks_start` moved
@@ -31,9 +32,14 @@ use std::time::Instant;
 use imgdeploy_common::blockmap::{Block, BlockKind, BlockMap, SPARSE};
 use imgdeploy_common::compress::{BlockCompressor, Compressor};
 use imgdeploy_common::digest::{Sha256Digest, StreamHasher};
-use imgdeploy_common::sdelta::{self, DeltaReader, DeltaWriter, Header, NewBlock, OldBlock, Op, MAX_LITERAL, MAX_REFS};
+use imgdeploy_common::sdelta::{
+    self, DeltaReader, DeltaWriter, Header, NewBlock, OldBlock, Op, PatchKind, MAX_LITERAL, MAX_REFS,
+};
 
 use crate::blocks::read_block;
+
+/// Old fragment blocks one new fragment block is patched against.
+const FRAGMENT_REFS: usize = 3;
 
 /// What making one delta did.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -192,7 +198,9 @@ impl<'a> Finder<'a> {
                 around(list, k.min(list.len() - 1))
             }
             BlockKind::Fragment => {
-                // The old fragment block holding most of the same files' tails.
+                // The old fragment blocks that held most of the same files'
+                // tails (tails move between blocks when files come or go),
+                // in image order.
                 let mut votes: HashMap<u32, usize> = HashMap::new();
                 for &fi in self.new_tails.get(&(i as u32)).map(Vec::as_slice).unwrap_or(&[]) {
                     let old_tail =
@@ -201,11 +209,11 @@ impl<'a> Finder<'a> {
                         *votes.entry(t.block).or_default() += 1;
                     }
                 }
-                votes
-                    .into_iter()
-                    .max_by_key(|&(b, n)| (n, std::cmp::Reverse(b)))
-                    .map(|(b, _)| vec![b as usize])
-                    .unwrap_or_default()
+                let mut ranked: Vec<(u32, usize)> = votes.into_iter().collect();
+                ranked.sort_by_key(|&(b, n)| (std::cmp::Reverse(n), b));
+                let mut best: Vec<usize> = ranked.into_iter().take(FRAGMENT_REFS).map(|(b, _)| b as usize).collect();
+                best.sort_unstable();
+                best
             }
             BlockKind::Metadata => {
                 if self.old_meta.is_empty() {
@@ -310,18 +318,22 @@ fn patch_for(
         base.extend_from_slice(&bytes);
         olds.push(old_block(ob));
     }
-    let patch = sdelta::make_patch(&base, raw);
+    // bsdiff where many bytes change by a little (inodes whose data moved);
+    // zstd with the old blocks as its prefix on data, where bsdiff's suffix
+    // sort of a 384 KiB base would dominate the build.
+    let kind = if b.kind == BlockKind::Metadata { PatchKind::Bsdiff } else { PatchKind::Zstd };
+    let patch = sdelta::make_patch(kind, &base, raw);
     // The file is compressed as a whole: judge the patch by its packed size.
     let packed = zstd::bulk::compress(&patch, 3)?.len();
     if packed >= b.size as usize * 9 / 10 {
         return Ok(None);
     }
     let block = NewBlock { size: b.size, raw_size: b.raw_size, stored: b.stored, sha256: b.disk_sha256 };
-    if sdelta::reproduce_block(&base, &patch, &block, comp).is_none() {
+    if sdelta::reproduce_block(&base, kind, &patch, &block, comp).is_none() {
         tracing::warn!("block at {} does not reproduce from its patch; carried as a literal", b.offset);
         return Ok(None);
     }
-    Ok(Some(Op::Patch { block, refs: olds, patch }))
+    Ok(Some(Op::Patch { block, refs: olds, kind, patch }))
 }
 
 /// Applies the delta file at `delta` to `base` as a deployer would and
@@ -496,4 +508,153 @@ pub fn publish(
         out.push((DeltaRef { from: *from, from_map: map_ref.clone(), path: rel, sha256, size: report.size }, report));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use imgdeploy_common::blockmap::{FileBlocks, Tail};
+
+    fn block(offset: u64, kind: BlockKind, content: u8) -> Block {
+        Block {
+            offset,
+            size: 10,
+            raw_size: 20,
+            kind,
+            stored: false,
+            raw_sha256: Sha256Digest([content; 32]),
+            disk_sha256: Sha256Digest([content ^ 0x80; 32]),
+        }
+    }
+
+    fn file(path: &str, blocks: Vec<u32>, tail: Option<u32>) -> FileBlocks {
+        FileBlocks {
+            path: path.as_bytes().to_vec(),
+            size: 131072 * blocks.len() as u64 + 1,
+            blocks,
+            tail: tail.map(|block| Tail { block, offset: 0 }),
+        }
+    }
+
+    fn map(blocks: Vec<Block>, files: Vec<FileBlocks>) -> BlockMap {
+        BlockMap { compressor: Compressor::identity(3), block_size: 131072, image_size: 1000, blocks, files }
+    }
+
+    #[test]
+    fn look_alikes_are_found_by_content_file_tails_and_position() {
+        use BlockKind::*;
+        let old = map(
+            vec![
+                block(0, Data, 1),
+                block(10, Data, 2),
+                block(20, Data, 3),
+                block(30, Data, 4),
+                block(40, Fragment, 5),
+                block(50, Fragment, 6),
+                block(60, Metadata, 7),
+                block(70, Metadata, 8),
+                block(80, Metadata, 9),
+            ],
+            vec![file("a", vec![0, 1, 2, 3], Some(4)), file("b", vec![], Some(5)), file("c", vec![], Some(5))],
+        );
+        let new = map(
+            vec![
+                block(0, Data, 1),
+                block(10, Data, 22),
+                block(20, Data, 4),
+                block(30, Data, 40),
+                block(40, Fragment, 50),
+                block(50, Metadata, 70),
+                block(60, Metadata, 80),
+                block(70, Metadata, 90),
+                block(80, Metadata, 91),
+            ],
+            vec![
+                file("a", vec![0, 1, 2], None),
+                file("new", vec![3], None),
+                file("b", vec![], Some(4)),
+                file("c", vec![], Some(4)),
+                file("a-tail", vec![], Some(4)),
+            ],
+        );
+        let f = Finder::new(&old, &new);
+        assert_eq!(f.refs(0), vec![0], "same content");
+        assert_eq!(f.refs(1), vec![0, 1, 2], "the same file's blocks around position 1");
+        assert_eq!(f.refs(2), vec![3], "same content beats position");
+        assert_eq!(f.refs(3), Vec::<usize>::new(), "a new file has nothing to patch against");
+        assert_eq!(f.refs(4), vec![5], "the fragment block that held b's and c's tails");
+        assert_eq!(f.refs(5), vec![6, 7], "the first metadata blocks");
+        assert_eq!(f.refs(6), vec![6, 7, 8]);
+        assert_eq!(f.refs(8), vec![7, 8], "past the old tables' end: their last blocks");
+    }
+
+    #[test]
+    fn fragment_refs_rank_by_tails_then_keep_image_order() {
+        use BlockKind::*;
+        let old = map(
+            (0..5).map(|i| block(i * 10, Fragment, i as u8)).collect(),
+            vec![
+                file("a", vec![], Some(4)),
+                file("b", vec![], Some(4)),
+                file("c", vec![], Some(1)),
+                file("d", vec![], Some(1)),
+                file("e", vec![], Some(1)),
+                file("f", vec![], Some(3)),
+                file("g", vec![], Some(0)),
+                file("h", vec![], Some(0)),
+            ],
+        );
+        let new = map(
+            vec![block(0, Fragment, 99)],
+            ["a", "b", "c", "d", "e", "f", "g", "h"].iter().map(|p| file(p, vec![], Some(0))).collect(),
+        );
+        assert_eq!(Finder::new(&old, &new).refs(0), vec![0, 1, 4], "the three most voted, in image order");
+    }
+
+    #[test]
+    fn copies_and_literals_merge_into_runs() {
+        let h = Header {
+            from: Sha256Digest([1; 32]),
+            to: Sha256Digest([2; 32]),
+            out_size: MAX_LITERAL as u64 + 36,
+            compressor: Compressor::identity(3),
+        };
+        let mut e = Emitter { w: DeltaWriter::new(Vec::new(), &h).unwrap(), pending: None };
+        e.copy(100, 10).unwrap();
+        assert_eq!(e.copy_end(), Some(110));
+        e.copy(110, 5).unwrap();
+        e.copy(200, 5).unwrap();
+        e.literal(&vec![7; MAX_LITERAL as usize - 2]).unwrap();
+        e.literal(b"abcd").unwrap();
+        e.literal(b"efgh").unwrap();
+        assert_eq!(e.copy_end(), None);
+        e.copy(300, 10).unwrap();
+        e.emit(None).unwrap();
+        let bytes = e.w.finish().unwrap();
+        let mut r = DeltaReader::new(&bytes[..]).unwrap();
+        let mut ops = Vec::new();
+        while let Some(op) = r.next_op().unwrap() {
+            ops.push(op);
+        }
+        // Described by kind and length: a failure must not print a megabyte.
+        let shape: Vec<String> = ops
+            .iter()
+            .map(|op| match op {
+                Op::Copy { offset, len } => format!("copy {offset}+{len}"),
+                Op::Literal(b) => format!("literal {} ending {:?}", b.len(), &b[b.len() - 2..]),
+                Op::Patch { .. } => "patch".into(),
+            })
+            .collect();
+        assert_eq!(
+            shape,
+            [
+                "copy 100+15".to_string(),
+                "copy 200+5".into(),
+                // "abcd" does not fit the first literal: it starts the next.
+                format!("literal {} ending [7, 7]", MAX_LITERAL - 2),
+                "literal 8 ending [103, 104]".into(),
+                "copy 300+10".into(),
+            ]
+        );
+    }
 }

@@ -1,7 +1,8 @@
-//! `imgbuild gc`: remove images, chunk indexes, block maps and `sigs/` signatures no
-//! channel references, beyond the newest N of each.
+//! `imgbuild gc`: remove images, chunk indexes, block maps, static deltas and
+//! `sigs/` signatures no channel references, beyond the newest N of each.
 //!
-//! Referenced files are never removed. Of the unreferenced ones, the N most
+//! Referenced files are never removed. A static delta's `from` image and its
+//! block map count as referenced: the next build makes its deltas from them. Of the unreferenced ones, the N most
 //! recently published stay, so frontends still downloading (or rolling back
 //! to) a recent image are not cut off. Leftover temp files of crashed builds
 //! older than a day go too. If any manifest cannot be read, nothing is removed.
@@ -14,7 +15,9 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, Result};
 use imgdeploy_common::blockmap::MAPS_DIR;
 use imgdeploy_common::digest::Sha256Digest;
-use imgdeploy_common::manifest::{signature_path, IMAGES_DIR, IMAGE_SUFFIX, INDEXES_DIR, SIGS_DIR};
+use imgdeploy_common::manifest::{
+    image_path, signature_path, DELTAS_DIR, IMAGES_DIR, IMAGE_SUFFIX, INDEXES_DIR, SIGS_DIR,
+};
 
 use crate::publish::Repo;
 
@@ -93,15 +96,26 @@ pub fn gc(repo: &Repo, keep: usize, dry_run: bool) -> Result<GcReport> {
     // A publish in progress has stored an image no manifest names yet.
     let _lock = repo.lock()?;
     let manifests = repo.manifests()?;
-    let images: BTreeSet<PathBuf> = manifests.iter().map(|(_, m)| repo.root().join(&m.image.path)).collect();
+    let froms = || manifests.iter().flat_map(|(_, m)| &m.deltas);
+    let images: BTreeSet<PathBuf> = manifests
+        .iter()
+        .map(|(_, m)| repo.root().join(&m.image.path))
+        .chain(froms().map(|d| repo.root().join(image_path(&d.from))))
+        .collect();
     let indexes: BTreeSet<PathBuf> =
         manifests.iter().filter_map(|(_, m)| m.index.as_ref()).map(|i| repo.root().join(&i.path)).collect();
     let mut report = GcReport::default();
     prune(&repo.root().join(IMAGES_DIR), IMAGE_SUFFIX, &images, keep, dry_run, &mut report)?;
     prune(&repo.root().join(INDEXES_DIR), ".idx", &indexes, keep, dry_run, &mut report)?;
-    let maps: BTreeSet<PathBuf> =
-        manifests.iter().filter_map(|(_, m)| m.block_map.as_ref()).map(|b| repo.root().join(&b.path)).collect();
+    let maps: BTreeSet<PathBuf> = manifests
+        .iter()
+        .filter_map(|(_, m)| m.block_map.as_ref())
+        .chain(froms().map(|d| &d.from_map))
+        .map(|b| repo.root().join(&b.path))
+        .collect();
     prune(&repo.root().join(MAPS_DIR), ".map", &maps, keep, dry_run, &mut report)?;
+    let deltas: BTreeSet<PathBuf> = froms().map(|d| repo.root().join(&d.path)).collect();
+    prune(&repo.root().join(DELTAS_DIR), ".delta", &deltas, keep, dry_run, &mut report)?;
     let sigs: BTreeSet<PathBuf> = manifests
         .iter()
         .map(|(path, _)| {
