@@ -125,8 +125,15 @@ fn active_damage(layout: &Layout, active: &Installed, full: bool) -> Option<Stri
     None
 }
 
-/// Computes what an update would transfer, changing nothing.
-fn dry_run(t: &Transport, fetched: &crate::fetch::FetchedManifest, layout: &Layout) -> Result<Outcome> {
+/// Computes what an update would transfer, changing nothing: a static
+/// delta from an image in `held` if the manifest lists one (assuming it
+/// reproduces, as the builder checked), else the chunk delta.
+fn dry_run(
+    t: &Transport,
+    fetched: &crate::fetch::FetchedManifest,
+    layout: &Layout,
+    held: &[(SlotId, Sha256Digest)],
+) -> Result<Outcome> {
     let m = &fetched.verified.manifest;
     let full = |index_bytes| Outcome::WouldUpdate {
         serial: m.serial,
@@ -146,6 +153,19 @@ fn dry_run(t: &Transport, fetched: &crate::fetch::FetchedManifest, layout: &Layo
             return Ok(full(0));
         }
     };
+    if let Some((_, d)) = crate::static_delta::pick(m, held) {
+        let data = m.image.data_size();
+        return Ok(Outcome::WouldUpdate {
+            serial: m.serial,
+            mode: TransferMode::StaticDelta,
+            download_bytes: d.size,
+            requests: 1,
+            reused_bytes: data,
+            computed_bytes: m.image.size - data,
+            image_size: m.image.size,
+            index_bytes: r.size,
+        });
+    }
     let seeds = local_seeds(layout);
     if seeds.is_empty() {
         return Ok(full(r.size));
@@ -269,6 +289,30 @@ fn download_into(
         match crate::static_delta::fetch_and_apply(t, budget, &fetched.location, m, d, from, layout, standby) {
             Ok(st) => made = Some(st),
             Err(e) => tracing::warn!("static delta not used: {}; going on with the chunk delta", Chain(&e)),
+        }
+    }
+    // Everything reproduced: one read of the data checks it all (the
+    // chunk-by-chunk check is only needed when something did not).
+    if let Some(st) = made.as_mut().filter(|s| s.applied.unreproduced_bytes == 0) {
+        let out = st.out.take().expect("a static delta returns its output");
+        match crate::static_delta::finish(&out, m) {
+            Ok(true) => {
+                let stats = DownloadStats {
+                    mode: TransferMode::StaticDelta,
+                    downloaded: st.fetched,
+                    static_delta: st.fetched,
+                    requests: u64::from(st.fetched > 0),
+                    patched: st.applied.patched,
+                    reused: st.applied.copied,
+                    computed: m.image.size - m.image.data_size(),
+                    ..Default::default()
+                };
+                install_verified(layout, standby, fetched, index.as_ref().map(|i| i.bytes.as_slice()))?;
+                tracing::info!("slot {standby}: installed serial {} from the static delta", m.serial);
+                return Ok((stats, out));
+            }
+            Ok(false) => tracing::warn!("the static delta's image is not the signed one; checking it chunk by chunk"),
+            Err(e) => tracing::warn!("cannot finish the static delta's image ({e}); checking it chunk by chunk"),
         }
     }
     if let Some(idx) = &index {
@@ -471,8 +515,15 @@ fn apply_locked(cfg: &Config, opts: &ApplyOptions, layout: &Layout, state: &mut 
 
     // 2. Standby slot.
     let standby = active.map(SlotId::other).unwrap_or(SlotId::A);
+    // Images a static delta may start from: the active one first.
+    let standby_held = installed(layout, standby, &keys).ok().flatten();
+    let held: Vec<(SlotId, Sha256Digest)> = [active_inst.as_ref(), standby_held.as_ref()]
+        .into_iter()
+        .flatten()
+        .map(|i| (i.slot, i.manifest.image.sha256))
+        .collect();
     if opts.dry_run {
-        return dry_run(&transport, &fetched, layout);
+        return dry_run(&transport, &fetched, layout, &held);
     }
     release_slot(layout, standby, cfg.on_drain_timeout)?;
 
@@ -499,12 +550,6 @@ fn apply_locked(cfg: &Config, opts: &ApplyOptions, layout: &Layout, state: &mut 
         }
     });
     if verified_file.is_none() {
-        // Images a static delta may start from: the active one first.
-        let held: Vec<(SlotId, Sha256Digest)> = [active_inst.as_ref(), standby_inst.as_ref()]
-            .into_iter()
-            .flatten()
-            .map(|i| (i.slot, i.manifest.image.sha256))
-            .collect();
         let (stats, file) = download_into(cfg, layout, &transport, &fetched, standby, &held)?;
         download = stats;
         verified_file = Some(file);

@@ -83,7 +83,7 @@ pub fn pick<'m>(m: &'m Manifest, held: &[(SlotId, Sha256Digest)]) -> Option<(Slo
 }
 
 /// What [`fetch_and_apply`] did.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Default, serde::Serialize)]
 pub struct StaticStats {
     /// Bytes of the delta file fetched in this run (0 when an earlier run's
     /// verified copy was reused).
@@ -93,6 +93,9 @@ pub struct StaticStats {
     /// What applying it did.
     #[serde(flatten)]
     pub applied: ApplyStats,
+    /// The partial file it was applied into.
+    #[serde(skip)]
+    pub out: Option<File>,
 }
 
 /// Fetches the delta `d` (relative to the manifest at `base`) into the
@@ -210,5 +213,62 @@ pub fn fetch_and_apply(
         HumanBytes(applied.unreproduced_bytes),
         started.elapsed().as_millis()
     );
-    Ok(StaticStats { fetched, delta_size: d.size, applied })
+    Ok(StaticStats { fetched, delta_size: d.size, applied, out: Some(out) })
+}
+
+/// Sends a copy of everything read through it to another thread.
+struct Tee<R> {
+    inner: R,
+    tx: std::sync::mpsc::SyncSender<Vec<u8>>,
+}
+
+impl<R: Read> Read for Tee<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n > 0 {
+            // The hasher only goes away when this reader is dropped.
+            let _ = self.tx.send(buf[..n].to_vec());
+        }
+        Ok(n)
+    }
+}
+
+/// Completes an image whose data a static delta reproduced in full: one
+/// read of the data feeds both the dm-verity tree (whose root must be the
+/// signed one) and the whole-image sha256 (which must be the signed one,
+/// tree included), on separate threads; then the file is made durable.
+/// `Ok(false)` when either differs: the caller checks it chunk by chunk.
+pub fn finish(out: &File, m: &Manifest) -> io::Result<bool> {
+    use imgdeploy_common::verity;
+    use std::os::unix::fs::FileExt;
+    let Some(v) = &m.image.verity else { return Ok(false) };
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(8);
+    let hasher = std::thread::spawn(move || {
+        let mut whole = StreamHasher::new();
+        for buf in rx {
+            whole.update(&buf);
+        }
+        whole
+    });
+    let mut data = out.try_clone()?;
+    io::Seek::rewind(&mut data)?;
+    let reader = io::BufReader::with_capacity(1 << 20, data.take(v.hash_offset));
+    let tree = verity::hash_tree(Tee { inner: reader, tx }, v.data_blocks(), &v.salt);
+    let mut whole = hasher.join().expect("the hashing thread does not panic");
+    let (tree, root) = tree?;
+    if root != v.root_hash {
+        tracing::warn!("the static delta's data has dm-verity root {root}, the manifest signs {}", v.root_hash);
+        return Ok(false);
+    }
+    verity::write_tail(out, v.data_blocks(), &v.salt, &tree)?;
+    let mut tail = vec![0u8; (m.image.size - v.hash_offset) as usize];
+    out.read_exact_at(&mut tail, v.hash_offset)?;
+    whole.update(&tail);
+    let (found, len) = whole.finish();
+    if (found, len) != (m.image.sha256, m.image.size) {
+        tracing::warn!("the image made by the static delta has sha256 {found}, the manifest signs {}", m.image.sha256);
+        return Ok(false);
+    }
+    out.sync_all()?;
+    Ok(true)
 }
