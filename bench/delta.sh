@@ -6,10 +6,13 @@
 #   (b) one package's worth of files replaced (~1% of the bytes)
 #   (c) ~10% of the files changed
 #
-# Tools: `imgdeploy apply` (delta, nginx), rsync -a --delete over an rsync
+# Tools: `imgdeploy apply` (the static delta CI published, else the chunk
+# delta; nginx), rsync -a --delete over an rsync
 # daemon (--stats), casync (make of the image into a chunk store served by
 # nginx, extract --seed=OLD), zsync (zsyncmake + zsync -i OLD), and a full
-# image download. HTTP bytes come from nginx's access log.
+# image download. HTTP bytes come from nginx's access log. Also printed: the
+# build's time and how much of it went into the static deltas, and
+# imgdeploy's client CPU seconds.
 #
 #   bash bench/delta.sh [SRC...]   default: /usr/share /usr/lib/x86_64-linux-gnu
 set -euo pipefail
@@ -60,6 +63,11 @@ reset_log() { : > "$work/access.log"; }
 
 build() { "$bin/imgbuild" -q build "$work/master" --key "$work/k.key" --channel bench --repo "$work/srv/repo" --json; }
 field() { python3 -c "import json,sys; print(json.load(sys.stdin)$1)"; }
+deltas_summary() {
+  python3 -c 'import json, sys
+ds = json.load(sys.stdin)["deltas"]
+print(", ".join("%d B (%d copied, %d patched in %d blocks, %d literal)" % (d["size"], d["copied"], d["patched"], d["blocks_patched"], d["literal"]) for d in ds) or "none")'
+}
 cat > "$work/imgdeploy.toml" <<TOML
 source = "http://127.0.0.1:$port/repo/bench.json"
 trusted_keys = ["$work/k.pub"]
@@ -95,7 +103,8 @@ summary=()
 printf '\n%-4s %-22s %14s %9s %9s\n' chg tool "bytes" "vs rsync" "wall s"
 for s in a b c; do
   change "$s"
-  v=$(build); img=$(echo "$v" | field '["image"]'); size=$(echo "$v" | field '["size"]')
+  tb0=$(now); v=$(build); tb1=$(now); img=$(echo "$v" | field '["image"]'); size=$(echo "$v" | field '["size"]')
+  echo "($s) imgbuild build: $(echo "$tb1 - $tb0" | bc -l | xargs printf '%.1f') s, of which static deltas $(echo "$v" | field '["deltas_ms"]') ms: $(echo "$v" | deltas_summary)" >&2
   # casync store and zsync control file for the new image (server-side preparation, not timed).
   rm -rf "$work/srv/store.castr"; casync make --store="$work/srv/store.castr" "$work/srv/image.caibx" "$img" >/dev/null
   cp "$img" "$work/srv/new.img"; (cd "$work/srv" && zsyncmake -u new.img -o new.img.zsync new.img >/dev/null 2>&1)
@@ -105,8 +114,14 @@ for s in a b c; do
   rb=$(echo "$out" | awk -F': ' '/Total bytes sent/ {gsub(",","",$2); s=$2} /Total bytes received/ {gsub(",","",$2); r=$2} END {print s+r}')
   rt=$(echo "$t1 - $t0" | bc -l)
   # imgdeploy delta.
-  reset_log; t0=$(now); "$bin/imgdeploy" -q -c "$work/imgdeploy.toml" apply >/dev/null; t1=$(now)
+  reset_log; t0=$(now)
+  TIMEFORMAT='%U %S'
+  { time "$bin/imgdeploy" -q -c "$work/imgdeploy.toml" apply --json > "$work/apply.json"; } 2> "$work/apply.time"
+  t1=$(now)
   ib=$(http_bytes); it=$(echo "$t1 - $t0" | bc -l)
+  mode=$(field '["download"]["mode"]' < "$work/apply.json"); patched=$(field '["download"]["patched"]' < "$work/apply.json")
+  cpu=$(tail -1 "$work/apply.time" | awk '{printf "%.2f s (user %s, sys %s)", $1 + $2, $1, $2}')
+  echo "($s) imgdeploy: $mode, $patched bytes patched, client CPU $cpu" >&2
   # casync.
   reset_log; rm -f "$work/casync.img"; t0=$(now)
   casync extract --seed="$work/old.img" --store="http://127.0.0.1:$port/store.castr" "http://127.0.0.1:$port/image.caibx" "$work/casync.img" >/dev/null 2>&1; t1=$(now)

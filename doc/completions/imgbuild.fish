@@ -52,6 +52,7 @@ complete -c imgbuild -n "__fish_imgbuild_using_subcommand build" -l level -d 'zs
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand build" -l exclude -d 'Leave out paths matching this glob, relative to SRC (repeatable; `*` stays within a component, `**` crosses)' -r
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand build" -l expires-in -d 'How long the manifest stays valid (e.g. 7d, 12h). Shorter limits how long a mirror can hold hosts on an old manifest; `imgbuild refresh` on a CI schedule keeps it from running out' -r
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand build" -l jobs -d 'Compression threads (default: all cores)' -r
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand build" -l deltas -d 'Make static deltas to the new image from the channel\'s last K images (0: none). Deployers older than static deltas refuse a manifest that lists any: build with 0 until the fleet is upgraded' -r
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand build" -l rollout -d 'Publish as a staged rollout to this share of hosts (0-100; default: all)' -r
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand build" -l no-fragments -d 'Store each file\'s tail in its own block instead of shared fragment blocks'
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand build" -l no-reuse -d 'Compress every block, instead of copying the compressed bytes of blocks the repository\'s current images already hold (the image is the same either way)'

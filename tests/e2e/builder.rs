@@ -550,7 +550,7 @@ fn gc_removes_only_unreferenced_images_beyond_keep() {
     };
     for i in 0..4 {
         write_version(i);
-        images.push(image_of(&build_image(&src, &keys, "stable", &repo, &[])));
+        images.push(image_of(&build_image(&src, &keys, "stable", &repo, &["--deltas", "0"])));
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     // beta pins the first image.
@@ -588,6 +588,29 @@ fn gc_removes_only_unreferenced_images_beyond_keep() {
     assert!(images[0].exists() && images[3].exists(), "referenced images must stay");
     assert!(images[2].exists(), "the newest unreferenced image is kept");
     assert!(!images[1].exists(), "older unreferenced image removed");
+    // A static delta keeps the image it starts from (and its block map):
+    // the next build makes its delta from there.
+    write_version(4);
+    let newest = image_of(&build_image(&src, &keys, "stable", &repo, &["--deltas", "1"]));
+    let m = imgdeploy_common::manifest::Manifest::parse(&fs::read(repo.join("stable.json")).unwrap()).unwrap();
+    assert_eq!(m.deltas.len(), 1, "{m:?}");
+    let gc0 = || {
+        run_bin(
+            "imgbuild",
+            [OsStr::new("gc"), OsStr::new("--repo"), repo.as_os_str(), OsStr::new("--keep"), OsStr::new("0")],
+        )
+        .ok()
+    };
+    gc0();
+    assert!(newest.exists() && images[3].exists(), "the image and its delta's from must stay");
+    assert!(repo.join(&m.deltas[0].path).exists() && repo.join(&m.deltas[0].from_map.path).exists());
+    assert!(!images[2].exists(), "unreferenced beyond --keep 0");
+    // Once no manifest lists the delta, it goes too.
+    write_version(5);
+    build_image(&src, &keys, "stable", &repo, &["--deltas", "0"]);
+    gc0();
+    assert!(!repo.join(&m.deltas[0].path).exists(), "an unreferenced delta stayed");
+    assert!(!images[3].exists());
     // A corrupt manifest stops gc before it removes anything.
     fs::write(repo.join("broken.json"), b"{").unwrap();
     run_bin(
@@ -595,7 +618,7 @@ fn gc_removes_only_unreferenced_images_beyond_keep() {
         [OsStr::new("gc"), OsStr::new("--repo"), repo.as_os_str(), OsStr::new("--keep"), OsStr::new("0")],
     )
     .fails_with("broken.json");
-    assert!(images[2].exists());
+    assert!(images[0].exists(), "beta's image must stay");
 }
 
 #[test]

@@ -294,7 +294,7 @@ fn privileged_interrupted_download_resumes_with_range() {
     d.imgdeploy(&["apply"]).ok();
     // Without a local chunk index there is nothing to reuse: a plain (full) download.
     fs::remove_file(d.state.join("slots/a/index.idx")).unwrap();
-    let out = d.publish_to("stable", "v2", 4_000_000, &["--level", "1"]);
+    let out = d.publish_to("stable", "v2", 4_000_000, &["--level", "1", "--deltas", "0"]);
     let size = out["size"].as_u64().unwrap();
     let mut child = Command::new(bin("imgdeploy"))
         .arg("-c")
@@ -453,7 +453,8 @@ fn privileged_bad_inputs_leave_the_active_version_serving() {
         assert_eq!(d.active_version().as_deref(), Some(want), "{what}: active version changed")
     };
 
-    d.publish("v3");
+    // Without static deltas: the faults below are in the image download.
+    d.publish_to("stable", "v3", 0, &["--deltas", "0"]);
     let faults = FaultServer::start();
     let unreachable = "http://127.0.0.1:9/stable.json".to_string();
     check("unreachable", &["apply", "--source", &unreachable], "cannot fetch");
@@ -788,12 +789,13 @@ fn privileged_refused_update_keeps_the_rollback_target() {
     d.publish("v2");
     d.imgdeploy(&["apply"]).ok();
     // v3's image is tampered with on the server: refused after download.
-    let v3 = d.publish("v3");
+    // (Without static deltas: with one, the image file is never fetched.)
+    let v3 = d.publish_to("stable", "v3", 0, &["--deltas", "0"]);
     flip_byte(Path::new(v3["image"].as_str().unwrap()), 777);
     d.assert_refused("tampered image", &["apply"], "sha256", "v2");
     assert_eq!(d.status()["standby"]["serial"], 1, "the refused update cost the rollback target");
     // A download cut short by the server, too.
-    let v4 = d.publish("v4");
+    let v4 = d.publish_to("stable", "v4", 0, &["--deltas", "0"]);
     let image = Path::new(v4["image"].as_str().unwrap()).to_owned();
     let full = fs::read(&image).unwrap();
     fs::write(&image, &full[..full.len() / 2]).unwrap();
@@ -926,17 +928,29 @@ fn privileged_a_query_string_reaches_every_request() {
     let d = Deployment::new("", "");
     d.publish("v1");
     d.imgdeploy(&["apply"]).ok();
-    d.publish("v2");
     let faults = FaultServer::start();
-    for entry in imgdeploy_tests::files_under(&d.repo) {
-        let rel = entry.strip_prefix(&d.repo).unwrap().to_str().unwrap().to_owned();
-        faults.route(&format!("/{rel}?token=s3cr3t"), Reply::Body(fs::read(&entry).unwrap()));
-    }
+    let serve_all = || {
+        for entry in imgdeploy_tests::files_under(&d.repo) {
+            let rel = entry.strip_prefix(&d.repo).unwrap().to_str().unwrap().to_owned();
+            faults.route(&format!("/{rel}?token=s3cr3t"), Reply::Body(fs::read(&entry).unwrap()));
+        }
+    };
+    let with_token = |rel: &str| faults.requests_for(&format!("/{rel}?token=s3cr3t"));
+    // v2 through its static delta.
+    d.publish("v2");
+    serve_all();
     let r = d.imgdeploy(&["apply", "--source", &faults.url("/stable.json?token=s3cr3t"), "--json"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
-    assert_eq!(d.active_version().as_deref(), Some("v2"));
+    assert_eq!(r.json()["download"]["mode"], "static-delta");
     let m = Manifest::parse(&fs::read(d.repo.join("stable.json")).unwrap()).unwrap();
-    let with_token = |rel: &str| faults.requests_for(&format!("/{rel}?token=s3cr3t"));
+    assert!(with_token(&m.deltas[0].path) > 0, "the static delta was not requested with the token");
+    // v3 through the image itself.
+    d.publish_to("stable", "v3", 0, &["--deltas", "0"]);
+    serve_all();
+    let r = d.imgdeploy(&["apply", "--source", &faults.url("/stable.json?token=s3cr3t"), "--json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(d.active_version().as_deref(), Some("v3"));
+    let m = Manifest::parse(&fs::read(d.repo.join("stable.json")).unwrap()).unwrap();
     assert!(with_token(&m.image.path) > 0, "the image was not requested with the token");
     assert!(with_token(&m.index.as_ref().unwrap().path) > 0, "the chunk index was not requested with the token");
     let sig = format!("sigs/{}.sig", Sha256Digest::of_bytes(&fs::read(d.repo.join("stable.json")).unwrap()));

@@ -180,12 +180,17 @@ fn privileged_debian_frontend_vm() {
         tree(&t, label);
         let out = d.publish_tree(&t, label);
         if label == "bad" {
-            // Someone with the bucket but not the key: the image's bytes change.
+            // Someone with the bucket but not the key: the bytes of the image
+            // and of every static delta to it change.
+            let m =
+                imgdeploy_common::manifest::Manifest::parse(&fs::read(d.repo.join("stable.json")).unwrap()).unwrap();
             let image = PathBuf::from(out["image"].as_str().unwrap());
-            let mut b = fs::read(&image).unwrap();
-            let i = b.len() / 2;
-            b[i] ^= 0xff;
-            fs::write(&image, b).unwrap();
+            for file in std::iter::once(image).chain(m.deltas.iter().map(|x| d.repo.join(&x.path))) {
+                let mut b = fs::read(&file).unwrap();
+                let i = b.len() / 2;
+                b[i] ^= 0xff;
+                fs::write(&file, b).unwrap();
+            }
         }
         fs::write(d.repo.join(format!("ready-{label}")), "").unwrap();
     };

@@ -70,6 +70,7 @@ fn apply_and_check(
     exact: bool,
 ) -> serde_json::Value {
     let from = active_image(d);
+    let plan = d.imgdeploy(&["apply", "--dry-run", "--json"]).ok().json();
     let before = d.nginx.log().len();
     let r = d.imgdeploy(&["apply", "--json"]);
     assert_eq!(r.code, 0, "{what}: {}", r.stderr);
@@ -88,6 +89,8 @@ fn apply_and_check(
         let delta = m.deltas.iter().find(|x| x.from == from).map(|x| x.size);
         assert_eq!(dl["downloaded"].as_u64(), delta, "{what}: {dl}");
         assert_eq!(dl["static_delta"].as_u64(), delta, "{what}: {dl}");
+        assert_eq!(plan["mode"], "static-delta", "{what}: {plan}");
+        assert_eq!(plan["download_bytes"], dl["downloaded"], "{what}: the dry run said {plan}, apply did {dl}");
         eprintln!("STATIC-DELTA {what}: image {} bytes, delta {delta:?}, {dl}", m.image.size);
     }
     dl
