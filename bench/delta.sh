@@ -12,7 +12,7 @@
 # nginx, extract --seed=OLD), zsync (zsyncmake + zsync -i OLD), and a full
 # image download. HTTP bytes come from nginx's access log. Also printed: the
 # build's time and how much of it went into the static deltas, and
-# imgdeploy's client CPU seconds.
+# imgdeploy's client CPU seconds and peak RSS.
 #
 #   bash bench/delta.sh [SRC...]   default: /usr/share /usr/lib/x86_64-linux-gnu
 set -euo pipefail
@@ -63,6 +63,14 @@ reset_log() { : > "$work/access.log"; }
 
 build() { "$bin/imgbuild" -q build "$work/master" --key "$work/k.key" --channel bench --repo "$work/srv/repo" --json; }
 field() { python3 -c "import json,sys; print(json.load(sys.stdin)$1)"; }
+# Runs a command; its last stderr line is its CPU time and peak RSS.
+measured() {
+  python3 -c 'import resource, subprocess, sys
+rc = subprocess.run(sys.argv[1:]).returncode
+u = resource.getrusage(resource.RUSAGE_CHILDREN)
+print("client CPU %.2f s (user %.2f, sys %.2f), peak RSS %.1f MiB" % (u.ru_utime + u.ru_stime, u.ru_utime, u.ru_stime, u.ru_maxrss / 1024), file=sys.stderr)
+sys.exit(rc)' "$@"
+}
 deltas_summary() {
   python3 -c 'import json, sys
 ds = json.load(sys.stdin)["deltas"]
@@ -115,13 +123,11 @@ for s in a b c; do
   rt=$(echo "$t1 - $t0" | bc -l)
   # imgdeploy delta.
   reset_log; t0=$(now)
-  TIMEFORMAT='%U %S'
-  { time "$bin/imgdeploy" -q -c "$work/imgdeploy.toml" apply --json > "$work/apply.json"; } 2> "$work/apply.time"
+  usage=$(measured "$bin/imgdeploy" -q -c "$work/imgdeploy.toml" apply --json 2>&1 > "$work/apply.json" | tail -1)
   t1=$(now)
   ib=$(http_bytes); it=$(echo "$t1 - $t0" | bc -l)
   mode=$(field '["download"]["mode"]' < "$work/apply.json"); patched=$(field '["download"]["patched"]' < "$work/apply.json")
-  cpu=$(tail -1 "$work/apply.time" | awk '{printf "%.2f s (user %s, sys %s)", $1 + $2, $1, $2}')
-  echo "($s) imgdeploy: $mode, $patched bytes patched, client CPU $cpu" >&2
+  echo "($s) imgdeploy: $mode, $patched bytes patched, $usage" >&2
   # casync.
   reset_log; rm -f "$work/casync.img"; t0=$(now)
   casync extract --seed="$work/old.img" --store="http://127.0.0.1:$port/store.castr" "http://127.0.0.1:$port/image.caibx" "$work/casync.img" >/dev/null 2>&1; t1=$(now)

@@ -11,15 +11,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 src=${1:-/usr}
 bash scripts/setup-debian.sh
-cargo build --release --locked -q -p imgdeploy-builder
-bin=$PWD/target/release
+# BENCH_PROFILE=dev (debug binaries, optimised hashing) is for smoke runs only.
+cargo build --profile "${BENCH_PROFILE:-release}" --locked -q -p imgdeploy-builder
+bin=$PWD/target/$([[ ${BENCH_PROFILE:-release} == dev ]] && echo debug || echo release)
 work=$(mktemp -d /var/tmp/imgpub.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 now() { date +%s.%N; }
 cp -a "$src" "$work/master"
 echo "tree: $src: $(du -sh --apparent-size "$work/master" | cut -f1), $(find "$work/master" -type f | wc -l) files; $(nproc) cores" >&2
 "$bin/imgbuild" -q keygen --out "$work/k" >/dev/null
-build() { "$bin/imgbuild" -q build "$work/master" --key "$work/k.key" --channel bench --repo "$1" --level 15 --json "${@:2}"; }
+build() { "$bin/imgbuild" -q build "$work/master" --key "$work/k.key" --channel bench --repo "$1" --level "${BENCH_LEVEL:-15}" --json "${@:2}"; }
 change() {
   find "$work/master" -type f | sort | awk -v k="$1" 'NR % 100 == k' | while read -r f; do
     s=$(stat -c %s "$f"); [ "$s" -gt 0 ] || continue
@@ -44,4 +45,5 @@ r = json.load(open(sys.argv[1]))
 print(r["deltas_ms"], " ".join(str(d["size"]) for d in r["deltas"]) or "-")' "$work/build$i.json")
   printf '%-6s %10.1f %12.1f %s\n' "$i" "$wall" "$(echo "$ms / 1000" | bc -l)" "$sizes"
 done
-echo "build 4 without deltas: $(printf '%.1f' "$base") s; with 3 deltas: $(printf '%.1f' "$wall") s ($(echo "$wall / $base" | bc -l | xargs printf '%.2f')x)"
+echo "build 4 without deltas: $(printf '%.1f' "$base") s; with 3 deltas: $(printf '%.1f' "$wall") s"
+echo "ratio build time with 3 deltas / without: $(echo "$wall / $base" | bc -l | xargs printf '%.2f')x"

@@ -19,6 +19,7 @@ runs=(
   "build.sh $small"
   "deploy.sh 8"
   "delta.sh $small"
+  "publish.sh $small"
   "layout.sh $small"
   "fleet.sh 3 $small"
   "verity.sh /usr/share/doc/dpkg"

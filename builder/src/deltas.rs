@@ -16,13 +16,13 @@
 //!   differ in a few bytes each, which bsdiff's difference bytes absorb);
 //! - its bytes as a literal, when a patch would not be smaller.
 //!
-//! Every patch is checked with the function a deployer runs
-//! ([`sdelta::reproduce_block`]) before it is written, and the finished
-//! delta is applied to the old image with [`sdelta::apply`], as a deployer
-//! would, and must give the new image's bytes; a delta that does not is
-//! not published.
+//! The finished delta is applied to the old image with [`sdelta::apply`],
+//! as a deployer would (recompressing every patched block with the
+//! deployer's function), and must give the new image's bytes: a block whose
+//! patch does not reproduce is carried as a literal in a second try, and a
+//! delta that still does not give the image is not published.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
@@ -30,7 +30,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use imgdeploy_common::blockmap::{Block, BlockKind, BlockMap, SPARSE};
-use imgdeploy_common::compress::{BlockCompressor, Compressor};
+use imgdeploy_common::compress::Compressor;
 use imgdeploy_common::digest::{Sha256Digest, StreamHasher};
 use imgdeploy_common::sdelta::{
     self, DeltaReader, DeltaWriter, Header, NewBlock, OldBlock, Op, PatchKind, MAX_LITERAL, MAX_REFS,
@@ -232,18 +232,20 @@ fn old_block(b: &Block) -> OldBlock {
 
 /// Writes the delta from `base` to the new image (`new_path`, whose first
 /// `new_map.image_size` bytes are the squashfs part) into `out`.
+/// Blocks whose offset is in `literal` are carried as literals (they did
+/// not reproduce from their patch in an earlier try).
 pub fn generate<W: Write>(
     base: &Base<'_>,
     new_path: &Path,
     new_sha256: Sha256Digest,
     new_map: &BlockMap,
+    literal: &HashSet<u64>,
     out: W,
 ) -> io::Result<(W, DeltaReport)> {
     let old = File::open(base.path)?;
     let new = File::open(new_path)?;
     let compressor: Compressor = new_map.compressor;
     let header = Header { from: base.sha256, to: new_sha256, out_size: new_map.image_size, compressor };
-    let mut comp = BlockCompressor::new(compressor.level)?;
     let mut e = Emitter { w: DeltaWriter::new(out, &header)?, pending: None };
     let finder = Finder::new(base.map, new_map);
     let mut report =
@@ -276,10 +278,10 @@ pub fn generate<W: Write>(
             report.copied += b.size as u64;
             continue;
         }
-        let raw = read_block(&new, b)?;
         let mut disk = vec![0u8; b.size as usize];
         new.read_exact_at(&mut disk, b.offset)?;
-        match patch_for(&finder, &old, i, &raw, b, &mut comp)? {
+        let patched = if literal.contains(&b.offset) { None } else { patch_for(&finder, &old, i, &new, b)? };
+        match patched {
             Some(op) => {
                 e.emit(Some(op))?;
                 report.patched += b.size as u64;
@@ -295,16 +297,10 @@ pub fn generate<W: Write>(
     Ok((e.w.finish()?, report))
 }
 
-/// A patch op for new block `i`, if one is smaller than the block and
-/// reproduces it.
-fn patch_for(
-    finder: &Finder<'_>,
-    old: &File,
-    i: usize,
-    raw: &[u8],
-    b: &Block,
-    comp: &mut BlockCompressor,
-) -> io::Result<Option<Op>> {
+/// A patch op for new block `i` (block `b` of the image `new`), if one is
+/// smaller than the block. Whether it reproduces is checked by [`check`],
+/// which recompresses each patched block once, as a deployer does.
+fn patch_for(finder: &Finder<'_>, old: &File, i: usize, new: &File, b: &Block) -> io::Result<Option<Op>> {
     let refs = finder.refs(i);
     if refs.is_empty() {
         return Ok(None);
@@ -318,34 +314,46 @@ fn patch_for(
         base.extend_from_slice(&bytes);
         olds.push(old_block(ob));
     }
+    let raw = read_block(new, b)?;
     // bsdiff where many bytes change by a little (inodes whose data moved);
     // zstd with the old blocks as its prefix on data, where bsdiff's suffix
     // sort of a 384 KiB base would dominate the build.
     let kind = if b.kind == BlockKind::Metadata { PatchKind::Bsdiff } else { PatchKind::Zstd };
-    let patch = sdelta::make_patch(kind, &base, raw);
+    let patch = sdelta::make_patch(kind, &base, &raw);
     // The file is compressed as a whole: judge the patch by its packed size.
     let packed = zstd::bulk::compress(&patch, 3)?.len();
     if packed >= b.size as usize * 9 / 10 {
         return Ok(None);
     }
     let block = NewBlock { size: b.size, raw_size: b.raw_size, stored: b.stored, sha256: b.disk_sha256 };
-    if sdelta::reproduce_block(&base, kind, &patch, &block, comp).is_none() {
-        tracing::warn!("block at {} does not reproduce from its patch; carried as a literal", b.offset);
-        return Ok(None);
-    }
     Ok(Some(Op::Patch { block, refs: olds, kind, patch }))
+}
+
+/// Why [`check`] refused a delta.
+#[derive(Debug)]
+pub enum CheckError {
+    /// These regions (offset, length) of the new image did not reproduce.
+    Unreproduced(Vec<(u64, u64)>),
+    /// Anything else.
+    Other(io::Error),
+}
+
+impl From<io::Error> for CheckError {
+    fn from(e: io::Error) -> Self {
+        CheckError::Other(e)
+    }
 }
 
 /// Applies the delta file at `delta` to `base` as a deployer would and
 /// checks that it gives the first `new_map.image_size` bytes of the image
 /// whose first bytes hash to `want`.
-pub fn check(delta: &Path, base: &Path, scratch: &Path, data_size: u64, want: Sha256Digest) -> io::Result<()> {
+pub fn check(delta: &Path, base: &Path, scratch: &Path, data_size: u64, want: Sha256Digest) -> Result<(), CheckError> {
     let old = File::open(base)?;
     let out = tempfile::tempfile_in(scratch)?;
-    let mut reader = DeltaReader::new(File::open(delta)?).map_err(io::Error::other)?;
+    let mut reader = DeltaReader::new(io::BufReader::new(File::open(delta)?)).map_err(io::Error::other)?;
     let stats = sdelta::apply(&mut reader, &old, &out, &|_| ()).map_err(io::Error::other)?;
     if stats.unreproduced_bytes > 0 {
-        return Err(io::Error::other(format!("{} bytes did not reproduce", stats.unreproduced_bytes)));
+        return Err(CheckError::Unreproduced(stats.unreproduced));
     }
     let mut h = StreamHasher::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -358,7 +366,7 @@ pub fn check(delta: &Path, base: &Path, scratch: &Path, data_size: u64, want: Sh
     }
     let (got, _) = h.finish();
     if got != want {
-        return Err(io::Error::other(format!("it makes bytes with sha256 {got}, not {want}")));
+        return Err(io::Error::other(format!("it makes bytes with sha256 {got}, not {want}")).into());
     }
     Ok(())
 }
@@ -387,7 +395,8 @@ pub fn temp_path(dir: &Path) -> PathBuf {
 
 /// Makes the delta from `base` into a temporary file in `dir`, checks it,
 /// and returns the file with its report; `Ok(None)` when it is not smaller
-/// than `limit` bytes (the image: a full download is as good).
+/// than `limit` bytes (the image: a full download is as good). A block
+/// whose patch does not reproduce is carried as a literal in a second try.
 pub fn make(
     base: &Base<'_>,
     new_path: &Path,
@@ -398,19 +407,44 @@ pub fn make(
 ) -> io::Result<Option<(PathBuf, DeltaReport)>> {
     let started = Instant::now();
     let tmp = temp_path(dir);
+    let want = prefix_sha256(new_path, new_map.image_size)?;
+    let mut literal = HashSet::new();
     let result = (|| {
-        let file = File::create_new(&tmp)?;
-        let (w, mut report) = generate(base, new_path, new_sha256, new_map, io::BufWriter::new(file))?;
-        let file = w.into_inner().map_err(|e| e.into_error())?;
-        file.sync_all()?;
-        report.size = file.metadata()?.len();
-        if report.size >= limit {
-            return Ok(None);
+        for attempt in 0..2 {
+            // A fresh file each try, never one planted under the name.
+            if attempt > 0 {
+                std::fs::remove_file(&tmp)?;
+            }
+            let file = File::create_new(&tmp)?;
+            let (w, mut report) = generate(base, new_path, new_sha256, new_map, &literal, io::BufWriter::new(file))?;
+            let file = w.into_inner().map_err(|e| e.into_error())?;
+            file.sync_all()?;
+            report.size = file.metadata()?.len();
+            if report.size >= limit {
+                return Ok(None);
+            }
+            match check(&tmp, base.path, dir, new_map.image_size, want) {
+                Ok(()) => {
+                    report.ms = started.elapsed().as_millis() as u64;
+                    return Ok(Some(report));
+                }
+                Err(CheckError::Unreproduced(regions)) if attempt == 0 => {
+                    let blocks = new_map.blocks.iter().filter(|b| {
+                        regions.iter().any(|&(at, len)| b.offset < at + len && at < b.offset + b.size as u64)
+                    });
+                    literal.extend(blocks.map(|b| b.offset));
+                    tracing::warn!(
+                        "{} blocks do not reproduce from their patches; carrying them as literals",
+                        literal.len()
+                    );
+                }
+                Err(CheckError::Unreproduced(regions)) => {
+                    return Err(io::Error::other(format!("{} regions still do not reproduce", regions.len())))
+                }
+                Err(CheckError::Other(e)) => return Err(e),
+            }
         }
-        let want = prefix_sha256(new_path, new_map.image_size)?;
-        check(&tmp, base.path, dir, new_map.image_size, want)?;
-        report.ms = started.elapsed().as_millis() as u64;
-        Ok(Some(report))
+        unreachable!("the second attempt returns")
     })();
     match result {
         Ok(Some(report)) => Ok(Some((tmp, report))),
@@ -609,6 +643,85 @@ mod tests {
             ["a", "b", "c", "d", "e", "f", "g", "h"].iter().map(|p| file(p, vec![], Some(0))).collect(),
         );
         assert_eq!(Finder::new(&old, &new).refs(0), vec![0, 1, 4], "the three most voted, in image order");
+    }
+
+    /// An "image" of one file's data blocks compressed at `level`, and its
+    /// map, which says `map_level`.
+    fn image(dir: &Path, name: &str, raws: &[Vec<u8>], level: u32, map_level: u32) -> (PathBuf, BlockMap) {
+        let mut comp = imgdeploy_common::compress::BlockCompressor::new(level).unwrap();
+        let mut bytes = Vec::new();
+        let mut blocks = Vec::new();
+        for raw in raws {
+            let (disk, stored) = comp.pack(raw).unwrap();
+            blocks.push(Block {
+                offset: bytes.len() as u64,
+                size: disk.len() as u32,
+                raw_size: raw.len() as u32,
+                kind: BlockKind::Data,
+                stored,
+                raw_sha256: Sha256Digest::of_bytes(raw),
+                disk_sha256: Sha256Digest::of_bytes(&disk),
+            });
+            bytes.extend_from_slice(&disk);
+        }
+        let path = dir.join(name);
+        std::fs::write(&path, &bytes).unwrap();
+        let files = vec![FileBlocks {
+            path: b"f".to_vec(),
+            size: raws.iter().map(|r| r.len() as u64).sum(),
+            blocks: (0..raws.len() as u32).collect(),
+            tail: None,
+        }];
+        let map = BlockMap {
+            compressor: Compressor::identity(map_level),
+            block_size: 131072,
+            image_size: bytes.len() as u64,
+            blocks,
+            files,
+        };
+        (path, map)
+    }
+
+    fn text(seed: u8) -> Vec<u8> {
+        (0..131072u32).map(|i| b"abcdefgh \n"[((i.wrapping_mul(2654435761) >> 7) as u8 ^ seed) as usize % 10]).collect()
+    }
+
+    /// A delta is checked by applying it as a deployer would; blocks whose
+    /// patches do not reproduce (here: the map names another zstd level
+    /// than the blocks were compressed at) are carried as literals instead.
+    #[test]
+    fn make_checks_the_delta_and_falls_back_to_literals() {
+        let dir = tempfile::tempdir().unwrap();
+        let raws: Vec<Vec<u8>> = (0..4).map(text).collect();
+        let mut edited = raws.clone();
+        edited[2][5000..9096].copy_from_slice(&[b'#'; 4096]);
+        for (level, map_level, patched) in [(3, 3, true), (3, 9, false)] {
+            let (old, old_map) = image(dir.path(), "old", &raws, level, map_level);
+            let (new, new_map) = image(dir.path(), "new", &edited, level, map_level);
+            let new_sha = Sha256Digest::of_bytes(&std::fs::read(&new).unwrap());
+            let base = Base { sha256: Sha256Digest([1; 32]), path: &old, map: &old_map };
+            let size = std::fs::metadata(&new).unwrap().len();
+            let (file, report) = make(&base, &new, new_sha, &new_map, dir.path(), size).unwrap().unwrap();
+            let block = new_map.blocks[2].size as u64;
+            assert_eq!(report.copied, size - block, "the three unchanged blocks are copied");
+            if patched {
+                assert_eq!((report.patched, report.blocks_patched, report.literal), (block, 1, 0));
+                assert!(report.size < block / 4, "a 4 KiB edit made a {}-byte delta", report.size);
+            } else {
+                assert_eq!((report.patched, report.literal), (0, block), "not reproduced: a literal");
+            }
+            // What a deployer makes from it is the new image.
+            let out = dir.path().join("out");
+            let mut r = DeltaReader::new(File::open(&file).unwrap()).unwrap();
+            let (o, w) = (File::open(&old).unwrap(), File::create(&out).unwrap());
+            sdelta::apply(&mut r, &o, &w, &|_| ()).unwrap();
+            assert!(std::fs::read(&out).unwrap() == std::fs::read(&new).unwrap(), "level {map_level}: differs");
+            // Not smaller than the limit: not made.
+            assert!(make(&base, &new, new_sha, &new_map, dir.path(), report.size).unwrap().is_none());
+            std::fs::remove_file(&file).unwrap();
+        }
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(left.len(), 3, "temporary files left behind: {left:?}");
     }
 
     #[test]
