@@ -562,28 +562,26 @@ fn copy_range_with(
 }
 
 fn copy_through_memory(old: &File, from: u64, out: &File, to: u64, len: u64) -> io::Result<u64> {
-    let mut buf = vec![0u8; len.min(1 << 20) as usize];
-    let mut done = 0;
-    while done < len {
-        let n = (len - done).min(buf.len() as u64) as usize;
-        let got = old.read_at(&mut buf[..n], from + done)?;
-        if got == 0 {
-            break;
-        }
-        out.write_all_at(&buf[..got], to + done)?;
-        done += got as u64;
+    const PIECE: u64 = 1 << 20;
+    // What the old image has of the range; a bounded walk over it.
+    let len = len.min(old.metadata()?.len().saturating_sub(from));
+    let mut buf = vec![0u8; len.min(PIECE) as usize];
+    for start in (0..len).step_by(PIECE as usize) {
+        let n = (len - start).min(PIECE) as usize;
+        old.read_exact_at(&mut buf[..n], from + start)?;
+        out.write_all_at(&buf[..n], to + start)?;
     }
-    Ok(done)
+    Ok(len)
 }
 
 /// Applies `delta` to `old`, writing the new image's squashfs part at the
-/// start of `out`; `progress` gets the bytes of each op. Regions that do
+/// start of `out`; `progress` gets the totals after each op. Regions that do
 /// not reproduce are listed, not errors; a delta that does not parse is.
 pub fn apply<R: Read>(
     delta: &mut DeltaReader<R>,
     old: &File,
     out: &File,
-    progress: &dyn Fn(u64),
+    progress: &dyn Fn(&ApplyStats),
 ) -> Result<ApplyStats, ApplyError> {
     let mut stats = ApplyStats::default();
     let mut comp = BlockCompressor::new(delta.header().compressor.level).map_err(ApplyError::Write)?;
@@ -620,8 +618,8 @@ pub fn apply<R: Read>(
                 }
             }
         }
-        progress(len);
         at += len;
+        progress(&stats);
     }
     Ok(stats)
 }
@@ -701,8 +699,14 @@ mod tests {
                 kind: PatchKind::Zstd,
                 patch: vec![1, 2, 3],
             },
+            Op::Patch {
+                block: NewBlock { size: 6, raw_size: 6, stored: true, sha256: Sha256Digest([8; 32]) },
+                refs: vec![OldBlock { offset: 3, size: 5, raw_size: 5, stored: true }],
+                kind: PatchKind::Bsdiff,
+                patch: vec![4],
+            },
         ];
-        let h = header(113);
+        let h = header(119);
         let (h2, ops2) = decode(&encode(&h, &ops)).unwrap();
         assert_eq!((h2, ops2), (h, ops));
     }
@@ -899,13 +903,13 @@ mod tests {
         expected.extend_from_slice(&disk2);
         let delta = encode(&header(expected.len() as u64), &ops);
         let out = tempfile::tempfile().unwrap();
-        let seen = std::cell::Cell::new(0);
-        let stats =
-            apply(&mut DeltaReader::new(&delta[..]).unwrap(), &old, &out, &|n| seen.set(seen.get() + n)).unwrap();
+        let seen = std::cell::Cell::new((0, 0));
+        let progress = |s: &ApplyStats| seen.set((seen.get().0 + 1, s.copied + s.patched + s.literal));
+        let stats = apply(&mut DeltaReader::new(&delta[..]).unwrap(), &old, &out, &progress).unwrap();
         let mut got = Vec::new();
         (&out).read_to_end(&mut got).unwrap();
         assert!(got == expected, "the output differs");
-        assert_eq!(seen.get(), expected.len() as u64);
+        assert_eq!(seen.get(), (3, expected.len() as u64), "after each of the 3 ops, the totals");
         assert_eq!(
             stats,
             ApplyStats {
@@ -977,6 +981,12 @@ mod tests {
             assert!(reproduce_block(&old, kind, &patch, &other, &mut comp).is_none(), "{kind:?}: too long");
             other.raw_size -= 2;
             assert!(reproduce_block(&old, kind, &patch, &other, &mut comp).is_none(), "{kind:?}: too short");
+            // A patch that makes more bytes than the block has is refused
+            // before anything is hashed, whatever it makes after them.
+            let n = new.len() as u32;
+            assert_eq!(unpatch(&old, kind, &patch, n).as_deref(), Some(&new[..]), "{kind:?}");
+            assert_eq!(unpatch(&old, kind, &patch, n - 1), None, "{kind:?}: a byte too many");
+            assert_eq!(unpatch(&old, kind, &patch, n + 1), None, "{kind:?}: a byte short");
         }
     }
 

@@ -199,7 +199,17 @@ pub fn fetch_and_apply(
     let out = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&partial).map_err(disk)?;
     out.set_len(m.image.size).map_err(disk)?;
     let pb = progress(h.out_size);
-    let applied = sdelta::apply(&mut reader, &old, &out, &|n| pb.inc(n)).map_err(|e| match e {
+    let shown = |s: &ApplyStats| {
+        pb.set_position(s.copied + s.patched + s.literal + s.unreproduced_bytes);
+        pb.set_message(format!(
+            "copied {}, patched {}, from the delta {}, left to fetch {}",
+            HumanBytes(s.copied),
+            HumanBytes(s.patched),
+            HumanBytes(s.literal),
+            HumanBytes(s.unreproduced_bytes)
+        ));
+    };
+    let applied = sdelta::apply(&mut reader, &old, &out, &shown).map_err(|e| match e {
         sdelta::ApplyError::File(err) => StaticDeltaError::Invalid { url: url.clone(), err },
         sdelta::ApplyError::Write(source) => disk(source),
     })?;
