@@ -145,14 +145,7 @@ fn dry_run(
         image_size: m.image.size,
         index_bytes,
     };
-    let Some(r) = &m.index else { return Ok(full(0)) };
-    let idx = match fetch_index(t, &fetched.location, r, m) {
-        Ok(i) => i,
-        Err(e) => {
-            tracing::warn!("{}; an update would download the whole image", Chain(&e));
-            return Ok(full(0));
-        }
-    };
+    // A static delta needs no chunk index (nothing is fetched by chunk).
     if let Some((_, d)) = crate::static_delta::pick(m, held) {
         let data = m.image.data_size();
         return Ok(Outcome::WouldUpdate {
@@ -163,10 +156,18 @@ fn dry_run(
             reused_bytes: data,
             computed_bytes: m.image.size - data,
             image_size: m.image.size,
-            index_bytes: r.size,
+            index_bytes: 0,
         });
     }
-    let seeds = local_seeds(layout);
+    let Some(r) = &m.index else { return Ok(full(0)) };
+    let idx = match fetch_index(t, &fetched.location, r, m) {
+        Ok(i) => i,
+        Err(e) => {
+            tracing::warn!("{}; an update would download the whole image", Chain(&e));
+            return Ok(full(0));
+        }
+    };
+    let seeds = local_seeds(layout, idx.index.params, true);
     if seeds.is_empty() {
         return Ok(full(r.size));
     }
@@ -261,38 +262,20 @@ fn download_into(
     let m = &fetched.verified.manifest;
     let image_transport = t.with_timeouts(Duration::from_secs(60), cfg.download_timeout);
     let image_loc = fetched.location.sibling(&m.image.path);
-    // The chunk index is fetched whenever one is published: for this
-    // delta, and stored with the slot as the seed of the next one.
-    let index = match &m.index {
-        Some(r) => match fetch_index(t, &fetched.location, r, m) {
-            Ok(i) => Some(i),
-            Err(e) => {
-                tracing::warn!("{}; falling back to a full download", Chain(&e));
-                None
-            }
-        },
-        None => None,
-    };
-    // The standby's old image stays installed (a rollback target, and a
-    // seed of this delta) until the new image has been verified; only
-    // then does one replace the other (`install_verified`).
-    let seeds = if index.is_some() { local_seeds(layout) } else { Vec::new() };
-    let mut delta_done = None;
-    // download_timeout bounds the image transfer as a whole: every Range
-    // request of a delta, and a full download that falls back from it.
+    // download_timeout bounds the image transfer as a whole: the static
+    // delta, every Range request of a chunk delta, and a full download
+    // that falls back from them.
     let budget = delta::Budget::starting_now(cfg.download_timeout);
-    let mut full_transport = image_transport.clone();
-    // A static delta from an image a slot holds fills the partial first;
-    // the chunk delta below then checks it chunk by chunk in place.
+    // A static delta from an image a slot holds fills the partial first.
     let mut made = None;
-    if let (Some(_), Some((from, d))) = (&index, crate::static_delta::pick(m, held)) {
+    if let Some((from, d)) = crate::static_delta::pick(m, held) {
         match crate::static_delta::fetch_and_apply(t, budget, &fetched.location, m, d, from, layout, standby) {
             Ok(st) => made = Some(st),
             Err(e) => tracing::warn!("static delta not used: {}; going on with the chunk delta", Chain(&e)),
         }
     }
-    // Everything reproduced: one read of the data checks it all (the
-    // chunk-by-chunk check is only needed when something did not).
+    // Everything reproduced: one read of the data checks it all, and no
+    // chunk index is needed (the next chunk delta computes this slot's).
     if let Some(st) = made.as_mut().filter(|s| s.applied.unreproduced_bytes == 0) {
         let out = st.out.take().expect("a static delta returns its output");
         match crate::static_delta::finish(&out, m) {
@@ -307,7 +290,7 @@ fn download_into(
                     computed: m.image.size - m.image.data_size(),
                     ..Default::default()
                 };
-                install_verified(layout, standby, fetched, index.as_ref().map(|i| i.bytes.as_slice()))?;
+                install_verified(layout, standby, fetched, None)?;
                 tracing::info!("slot {standby}: installed serial {} from the static delta", m.serial);
                 return Ok((stats, out));
             }
@@ -315,6 +298,28 @@ fn download_into(
             Err(e) => tracing::warn!("cannot finish the static delta's image ({e}); checking it chunk by chunk"),
         }
     }
+    // The chunk index is fetched whenever one is published: for this
+    // delta (and what a static delta left to check), and stored with the
+    // slot as the seed of the next one.
+    let index = match &m.index {
+        Some(r) => match fetch_index(t, &fetched.location, r, m) {
+            Ok(i) => Some(i),
+            Err(e) => {
+                tracing::warn!("{}; falling back to a full download", Chain(&e));
+                None
+            }
+        },
+        None => None,
+    };
+    // The standby's old image stays installed (a rollback target, and a
+    // seed of this delta) until the new image has been verified; only
+    // then does one replace the other (`install_verified`).
+    let seeds = match &index {
+        Some(i) => local_seeds(layout, i.index.params, false),
+        None => Vec::new(),
+    };
+    let mut delta_done = None;
+    let mut full_transport = image_transport.clone();
     if let Some(idx) = &index {
         if seeds.is_empty() && made.is_none() {
             tracing::info!("no local image to reuse chunks from; downloading the whole image");

@@ -27,7 +27,7 @@ use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
-use imgdeploy_common::chunk::{Chunk, ChunkHash, ChunkIndex, IndexError};
+use imgdeploy_common::chunk::{Chunk, ChunkHash, ChunkIndex, ChunkParams, IndexError};
 use imgdeploy_common::digest::{Sha256Digest, StreamHasher};
 use imgdeploy_common::location::{FetchError, Location};
 use imgdeploy_common::manifest::{IndexRef, Manifest};
@@ -167,19 +167,51 @@ pub struct Seed {
     index: ChunkIndex,
 }
 
-/// Every slot image with a stored index. A seed whose index no longer parses is skipped.
-pub fn local_seeds(layout: &Layout) -> Vec<Seed> {
+/// Every slot image, with its stored index. A slot whose image arrived by a
+/// static delta has none (it was never fetched): its index is computed here
+/// with `params` (the new index's), and stored unless `dry_run`. Seeds are
+/// never trusted, so a computed index is as good as a fetched one.
+pub fn local_seeds(layout: &Layout, params: ChunkParams, dry_run: bool) -> Vec<Seed> {
     let mut seeds = Vec::new();
     for slot in SlotId::ALL {
-        let (Ok(file), Ok(bytes)) = (File::open(layout.image(slot)), std::fs::read(layout.index(slot))) else {
-            continue;
+        let Ok(file) = File::open(layout.image(slot)) else { continue };
+        let stored = match std::fs::read(layout.index(slot)) {
+            Ok(bytes) => Some(ChunkIndex::decode(&bytes)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => Some(Err(IndexError::Invalid(e.to_string()))),
         };
-        match ChunkIndex::decode(&bytes) {
-            Ok(index) => seeds.push(Seed { name: format!("slot {slot}"), file, index }),
-            Err(e) => tracing::warn!("slot {slot}: stored chunk index unusable ({e}); not used for deltas"),
-        }
+        let index = match stored {
+            Some(Ok(index)) => index,
+            Some(Err(e)) => {
+                tracing::warn!("slot {slot}: stored chunk index unusable ({e}); not used for deltas");
+                continue;
+            }
+            None => match compute_index(layout, slot, &file, params, dry_run) {
+                Ok(index) => index,
+                Err(e) => {
+                    tracing::warn!("slot {slot}: cannot compute its chunk index ({e}); not used for deltas");
+                    continue;
+                }
+            },
+        };
+        seeds.push(Seed { name: format!("slot {slot}"), file, index });
     }
     seeds
+}
+
+fn compute_index(
+    layout: &Layout,
+    slot: SlotId,
+    file: &File,
+    params: ChunkParams,
+    dry_run: bool,
+) -> io::Result<ChunkIndex> {
+    tracing::info!("slot {slot}: computing its chunk index (its image came by a static delta)");
+    let (index, _, _) = ChunkIndex::build(io::BufReader::with_capacity(1 << 20, file.try_clone()?), params)?;
+    if !dry_run {
+        imgdeploy_common::atomic::write_atomic(&layout.index(slot), &index.encode(), 0o600)?;
+    }
+    Ok(index)
 }
 
 /// What a delta did (or, in a dry run, would do).

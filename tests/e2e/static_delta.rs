@@ -84,8 +84,10 @@ fn apply_and_check(
     assert!(got == fs::read(d.repo.join(&m.image.path)).unwrap(), "{what}: the installed image differs");
     if exact {
         // Everything reproduced: the delta from the image that was active is all that came down.
-        let fetched = imgdeploy_tests::nginx::image_ranges(&d.nginx.log()[before..]);
+        let log = d.nginx.log()[before..].to_vec();
+        let fetched = imgdeploy_tests::nginx::image_ranges(&log);
         assert!(fetched.is_empty(), "{what}: image bytes fetched beside the delta: {fetched:?}\n{}", r.stderr);
+        assert!(!log.iter().any(|l| l.contains("/indexes/")), "{what}: the chunk index was fetched: {log:#?}");
         let delta = m.deltas.iter().find(|x| x.from == from).map(|x| x.size);
         assert_eq!(dl["downloaded"].as_u64(), delta, "{what}: {dl}");
         assert_eq!(dl["static_delta"].as_u64(), delta, "{what}: {dl}");
@@ -183,6 +185,15 @@ fn privileged_static_deltas_make_every_kind_of_change_byte_identical() {
             write(&t.join(format!("pkg/share/p{i:02}")), &text(10_000 + i * 1_000, 500 + i as u64));
         }
     });
+    // No static delta: a chunk delta, from slots whose images came by
+    // static deltas (their chunk indexes were never fetched: computed now).
+    for slot in ["a", "b"] {
+        assert!(!d.state.join(format!("slots/{slot}/index.idx")).exists(), "slot {slot} fetched an index");
+    }
+    write(&tree.join("lib/d1/f006"), &text(9_000, 4242));
+    let built = d.publish_tree_with(&tree, "chunk-delta", &["--deltas", "0"]);
+    let dl = apply_and_check(&d, "chunk delta", &built, "delta", false);
+    assert!(dl["downloaded"].as_u64().unwrap() * 4 < manifest(&d).image.size, "nothing reused: {dl}");
     let hardlinked = d.link.join("lib/link1");
     assert_eq!(
         fs::metadata(&hardlinked).unwrap().ino(),
