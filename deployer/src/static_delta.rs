@@ -234,7 +234,10 @@ struct Tee<R> {
 
 impl<R: Read> Read for Tee<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
+        // At most 1 MiB a time: the copies in flight stay small (the tree
+        // reads 8 MiB batches).
+        let len = buf.len().min(1 << 20);
+        let n = self.inner.read(&mut buf[..len])?;
         if n > 0 {
             // The hasher only goes away when this reader is dropped.
             let _ = self.tx.send(buf[..n].to_vec());
@@ -252,7 +255,7 @@ pub fn finish(out: &File, m: &Manifest) -> io::Result<bool> {
     use imgdeploy_common::verity;
     use std::os::unix::fs::FileExt;
     let Some(v) = &m.image.verity else { return Ok(false) };
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(8);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
     let hasher = std::thread::spawn(move || {
         let mut whole = StreamHasher::new();
         for buf in rx {
