@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Measures how squashfs layout choices affect delta size: for each layout,
 # build v1 of a tree, deploy it, change the tree, build v2, and ask
-# `imgdeploy apply --dry-run` how many image bytes a delta would fetch.
+# `imgdeploy apply --dry-run` how many image bytes a chunk delta would fetch
+# (v2 is built with `--deltas 0`: static deltas are measured by delta.sh).
 #
 #   bash bench/layout.sh [SRC]     default SRC: /usr/share (many small files)
 set -euo pipefail
@@ -40,7 +41,7 @@ for layout in fragments no-fragments; do
     printf 'source = "%s/repo/c.json"\ntrusted_keys = ["%s/k.pub"]\nstate_dir = "%s/state"\nlink = "%s/link"\n' "$d" "$work" "$d" "$d" > "$d/cfg.toml"
     "$bin/imgdeploy" -q -c "$d/cfg.toml" apply >/dev/null
     scenario "$s" "$d/tree"
-    out=$("$bin/imgbuild" -q build "$d/tree" --key "$work/k.key" --channel c --repo "$d/repo" --level "$level" "${flag[@]}" --json)
+    out=$("$bin/imgbuild" -q build "$d/tree" --key "$work/k.key" --channel c --repo "$d/repo" --level "$level" --deltas 0 "${flag[@]}" --json)
     size=$(echo "$out" | python3 -c 'import json,sys; print(json.load(sys.stdin)["size"])')
     plan=$("$bin/imgdeploy" -q -c "$d/cfg.toml" apply --dry-run --json)
     dl=$(echo "$plan" | python3 -c 'import json,sys; print(json.load(sys.stdin)["download_bytes"])')

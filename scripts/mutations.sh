@@ -90,6 +90,16 @@ mutation 'delta-fetches-the-tree' \
   'deployer/src/delta.rs' \
   's/let Some\(v\) = verity else \{ return 0 \};/let Some(v) = verity.filter(|_| false) else { return 0 };/' \
   'delta::privileged_delta_is_byte_identical_and_small'
+mutation 'static-delta-unchecked' \
+  'a static delta is parsed and applied without its signed sha256' \
+  'deployer/src/static_delta.rs' \
+  's/if \(found, len\) != \(d\.sha256, d\.size\) \{/if false {/' \
+  'static_delta::privileged_bad_static_deltas_fall_back'
+mutation 'static-delta-fetches-the-index' \
+  'a static delta that reproduced still fetches the chunk index and checks every chunk (200 KB more than the 48 KB delta on the bench)' \
+  'deployer/src/apply.rs' \
+  's/filter\(\|s\| s\.applied\.unreproduced_bytes == 0\)/filter(|s| s.applied.unreproduced_bytes == u64::MAX)/' \
+  'static_delta::privileged_static_deltas_make_every_kind_of_change_byte_identical'
 mutation 'download-hash-unchecked' \
   'a downloaded image is mounted without its sha256' \
   'deployer/src/fetch.rs' \

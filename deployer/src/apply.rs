@@ -145,8 +145,10 @@ fn dry_run(
         image_size: m.image.size,
         index_bytes,
     };
-    // A static delta needs no chunk index (nothing is fetched by chunk).
-    if let Some((_, d)) = crate::static_delta::pick(m, held) {
+    // A static delta needs no chunk index (nothing is fetched by chunk); a
+    // repair (a slot holds this very image) never takes one.
+    let repairing = held.iter().any(|(_, sha)| *sha == m.image.sha256);
+    if let Some((_, d)) = crate::static_delta::pick(m, held).filter(|_| !repairing) {
         let data = m.image.data_size();
         return Ok(Outcome::WouldUpdate {
             serial: m.serial,
@@ -167,7 +169,7 @@ fn dry_run(
             return Ok(full(0));
         }
     };
-    let seeds = local_seeds(layout, idx.index.params, true);
+    let seeds = local_seeds(layout, &idx.index, &m.image.sha256, true);
     if seeds.is_empty() {
         return Ok(full(r.size));
     }
@@ -266,9 +268,13 @@ fn download_into(
     // delta, every Range request of a chunk delta, and a full download
     // that falls back from them.
     let budget = delta::Budget::starting_now(cfg.download_timeout);
-    // A static delta from an image a slot holds fills the partial first.
+    // A static delta from an image a slot holds fills the partial first,
+    // unless a slot holds this very image (a repair): the chunk delta then
+    // fetches only the damaged chunks, where a delta would carry every
+    // change since its `from`.
+    let repairing = held.iter().any(|(_, sha)| *sha == m.image.sha256);
     let mut made = None;
-    if let Some((from, d)) = crate::static_delta::pick(m, held) {
+    if let Some((from, d)) = crate::static_delta::pick(m, held).filter(|_| !repairing) {
         match crate::static_delta::fetch_and_apply(t, budget, &fetched.location, m, d, from, layout, standby) {
             Ok(st) => made = Some(st),
             Err(e) => tracing::warn!("static delta not used: {}; going on with the chunk delta", Chain(&e)),
@@ -315,7 +321,7 @@ fn download_into(
     // seed of this delta) until the new image has been verified; only
     // then does one replace the other (`install_verified`).
     let seeds = match &index {
-        Some(i) => local_seeds(layout, i.index.params, false),
+        Some(i) => local_seeds(layout, &i.index, &m.image.sha256, false),
         None => Vec::new(),
     };
     let mut delta_done = None;

@@ -168,10 +168,13 @@ pub struct Seed {
 }
 
 /// Every slot image, with its stored index. A slot whose image arrived by a
-/// static delta has none (it was never fetched): its index is computed here
-/// with `params` (the new index's), and stored unless `dry_run`. Seeds are
-/// never trusted, so a computed index is as good as a fetched one.
-pub fn local_seeds(layout: &Layout, params: ChunkParams, dry_run: bool) -> Vec<Seed> {
+/// static delta has none (it was never fetched). If it holds the very image
+/// `new` (of sha256 `new_sha256`) describes (a repair), that index is its
+/// own: a damaged chunk is then the only one that fails. Otherwise its
+/// index is computed here from the image with `new`'s parameters, and
+/// stored unless `dry_run`. Seeds are never trusted: every chunk copied
+/// from one is checked against `new`.
+pub fn local_seeds(layout: &Layout, new: &ChunkIndex, new_sha256: &Sha256Digest, dry_run: bool) -> Vec<Seed> {
     let mut seeds = Vec::new();
     for slot in SlotId::ALL {
         let Ok(file) = File::open(layout.image(slot)) else { continue };
@@ -186,7 +189,8 @@ pub fn local_seeds(layout: &Layout, params: ChunkParams, dry_run: bool) -> Vec<S
                 tracing::warn!("slot {slot}: stored chunk index unusable ({e}); not used for deltas");
                 continue;
             }
-            None => match compute_index(layout, slot, &file, params, dry_run) {
+            None if holds(layout, slot, new_sha256) => new.clone(),
+            None => match compute_index(layout, slot, &file, new.params, dry_run) {
                 Ok(index) => index,
                 Err(e) => {
                     tracing::warn!("slot {slot}: cannot compute its chunk index ({e}); not used for deltas");
@@ -197,6 +201,14 @@ pub fn local_seeds(layout: &Layout, params: ChunkParams, dry_run: bool) -> Vec<S
         seeds.push(Seed { name: format!("slot {slot}"), file, index });
     }
     seeds
+}
+
+/// Whether `slot`'s recorded manifest names the image of sha256 `sha256`.
+fn holds(layout: &Layout, slot: SlotId, sha256: &Sha256Digest) -> bool {
+    std::fs::read(layout.manifest(slot))
+        .ok()
+        .and_then(|b| imgdeploy_common::manifest::Manifest::parse(&b).ok())
+        .is_some_and(|m| m.image.sha256 == *sha256)
 }
 
 fn compute_index(

@@ -292,8 +292,9 @@ fn privileged_interrupted_download_resumes_with_range() {
     let d = Deployment::new("", "limit_rate 1m;");
     d.publish("v1");
     d.imgdeploy(&["apply"]).ok();
-    // Without a local chunk index there is nothing to reuse: a plain (full) download.
-    fs::remove_file(d.state.join("slots/a/index.idx")).unwrap();
+    // With an unusable local chunk index there is nothing to reuse: a plain
+    // (full) download. (A missing one would be computed from the image.)
+    fs::write(d.state.join("slots/a/index.idx"), b"not an index").unwrap();
     let out = d.publish_to("stable", "v2", 4_000_000, &["--level", "1", "--deltas", "0"]);
     let size = out["size"].as_u64().unwrap();
     let mut child = Command::new(bin("imgdeploy"))

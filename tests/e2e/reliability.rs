@@ -21,9 +21,10 @@ fn privileged_more_server_faults() {
     let d = Deployment::new("", "");
     d.publish("v1");
     d.imgdeploy(&["apply"]).ok();
-    // Without a local index the next image is a plain (resumable) full download.
-    fs::remove_file(d.state.join("slots/a/index.idx")).unwrap();
-    d.publish_to("stable", "v2", 2_000_000, &["--level", "1"]);
+    // With an unusable local index and no static delta, the next image is
+    // a plain (resumable) full download.
+    fs::write(d.state.join("slots/a/index.idx"), b"not an index").unwrap();
+    d.publish_to("stable", "v2", 2_000_000, &["--level", "1", "--deltas", "0"]);
     let manifest = fs::read(d.repo.join("stable.json")).unwrap();
     let m = Manifest::parse(&manifest).unwrap();
     let image = fs::read(d.repo.join(&m.image.path)).unwrap();

@@ -328,3 +328,40 @@ fn privileged_killed_static_delta_resumes() {
     assert_eq!(dl["static_delta"], 0, "the verified delta was fetched again: {dl}");
     d.assert_no_leaks();
 }
+
+/// A slot whose image came by a static delta has no fetched chunk index;
+/// repairing a damaged byte of it still fetches only the chunk around it
+/// (the signed index is that image's own, not one cut from damaged bytes).
+#[test]
+fn privileged_repairing_a_static_delta_slot_fetches_one_chunk() {
+    if !require_root("privileged_repairing_a_static_delta_slot_fetches_one_chunk") {
+        return;
+    }
+    let d = Deployment::new("", "");
+    d.publish_to("stable", "v1", 4 << 20, &[]);
+    d.imgdeploy(&["apply"]).ok();
+    d.publish_to("stable", "v2", 4 << 20, &[]);
+    let r = d.imgdeploy(&["apply", "--json"]).ok();
+    assert_eq!(r.json()["download"]["mode"], "static-delta", "{}", r.stdout);
+    assert!(!d.state.join("slots/b/index.idx").exists());
+    let image = d.state.join("slots/b/image.squashfs");
+    let good = fs::read(&image).unwrap();
+    let mut bad = good.clone();
+    bad[good.len() / 2] ^= 0x55;
+    fs::write(&image, &bad).unwrap();
+    let before = d.nginx.log().len();
+    let r = d.imgdeploy(&["repair", "--json"]).ok();
+    assert_eq!(r.json()["result"], "switched", "{}", r.stdout);
+    // Not through the delta from slot a's image (it carries every change
+    // since v1): the chunk delta, from the damaged slot itself.
+    let log = d.nginx.log()[before..].to_vec();
+    assert!(!log.iter().any(|l| l.contains("/deltas/")), "a repair fetched a static delta: {log:#?}");
+    let (sent, requests) = imgdeploy_tests::nginx::image_bytes_sent(&log);
+    assert!(requests >= 1 && sent <= 256 << 10, "{sent} bytes in {requests} requests to repair one byte\n{}", r.stderr);
+    assert!(
+        fs::read(d.state.join("slots/a/image.squashfs")).unwrap() == good,
+        "the repaired image is not the signed one"
+    );
+    assert_eq!(d.active_version().as_deref(), Some("v2"));
+    d.assert_no_leaks();
+}
