@@ -574,17 +574,134 @@ fn copy_through_memory(old: &File, from: u64, out: &File, to: u64, len: u64) -> 
     Ok(len)
 }
 
+/// Most blocks recompressed at once. Each worker holds up to [`MAX_REFS`]
+/// old blocks, the patch and the block it makes, so this bounds memory on a
+/// host with many cores; recompression is the slow step (zstd 15 makes
+/// about 4 MB/s on a core), so every core up to it shortens the apply.
+const MAX_WORKERS: usize = 4;
+
+/// A patch op handed to a worker: it writes its block at `at` itself.
+struct PatchJob {
+    at: u64,
+    block: NewBlock,
+    refs: Vec<OldBlock>,
+    kind: PatchKind,
+    patch: Vec<u8>,
+}
+
+/// What a worker did with a [`PatchJob`]: (offset, length, reproduced).
+type PatchDone = io::Result<(u64, u64, bool)>;
+
+/// Makes one patched block and writes it; `false` if it did not reproduce.
+fn patch_one(old: &File, out: &File, job: &PatchJob, comp: &mut BlockCompressor) -> io::Result<bool> {
+    let mut base = Vec::new();
+    let made = job
+        .refs
+        .iter()
+        .try_for_each(|r| {
+            base.extend_from_slice(&read_old_block(old, r)?);
+            Some(())
+        })
+        .and_then(|()| reproduce_block(&base, job.kind, &job.patch, &job.block, comp));
+    match made {
+        Some(disk) => out.write_all_at(&disk, job.at).map(|()| true),
+        None => Ok(false),
+    }
+}
+
+/// Recompresses the jobs it receives until the channel closes. A panic in a
+/// patch library becomes an error, so the ops loop never waits on a worker
+/// that is gone.
+fn patch_worker(
+    jobs: &std::sync::Mutex<std::sync::mpsc::Receiver<PatchJob>>,
+    done: std::sync::mpsc::Sender<PatchDone>,
+    old: &File,
+    out: &File,
+    mut comp: BlockCompressor,
+) {
+    loop {
+        let job = jobs.lock().unwrap_or_else(std::sync::PoisonError::into_inner).recv();
+        let Ok(job) = job else { return };
+        let made = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| patch_one(old, out, &job, &mut comp)))
+            .unwrap_or_else(|_| Err(io::Error::other("recompressing a patched block panicked")));
+        if done.send(made.map(|ok| (job.at, job.block.size as u64, ok))).is_err() {
+            return;
+        }
+    }
+}
+
 /// Applies `delta` to `old`, writing the new image's squashfs part at the
-/// start of `out`; `progress` gets the totals after each op. Regions that do
-/// not reproduce are listed, not errors; a delta that does not parse is.
+/// start of `out`; `progress` gets the totals once for each op (a patched
+/// block's when its worker is done). Regions that do not reproduce are
+/// listed, not errors; a delta that does not parse is.
+///
+/// Copies and literals are written by this thread in op order; patched
+/// blocks are recompressed on up to [`MAX_WORKERS`] threads, each writing
+/// its block where it goes, so the output does not depend on their order.
 pub fn apply<R: Read>(
     delta: &mut DeltaReader<R>,
     old: &File,
     out: &File,
     progress: &dyn Fn(&ApplyStats),
 ) -> Result<ApplyStats, ApplyError> {
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_WORKERS);
+    let level = delta.header().compressor.level;
+    let comps = (0..workers).map(|_| BlockCompressor::new(level)).collect::<io::Result<Vec<_>>>();
+    let comps = comps.map_err(ApplyError::Write)?;
     let mut stats = ApplyStats::default();
-    let mut comp = BlockCompressor::new(delta.header().compressor.level).map_err(ApplyError::Write)?;
+    let (jobs_tx, jobs_rx) = std::sync::mpsc::sync_channel::<PatchJob>(workers);
+    let jobs_rx = std::sync::Mutex::new(jobs_rx);
+    std::thread::scope(|s| {
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<PatchDone>();
+        for comp in comps {
+            let (jobs_rx, done_tx) = (&jobs_rx, done_tx.clone());
+            s.spawn(move || patch_worker(jobs_rx, done_tx, old, out, comp));
+        }
+        drop(done_tx);
+        let absorb = |stats: &mut ApplyStats, done: PatchDone| -> Result<(), ApplyError> {
+            match done.map_err(ApplyError::Write)? {
+                (_, len, true) => stats.patched += len,
+                (at, len, false) => stats.missed(at, len),
+            }
+            progress(stats);
+            Ok(())
+        };
+        let ops = apply_ops(delta, old, out, &jobs_tx, &mut stats, progress, &done_rx, &absorb);
+        drop(jobs_tx);
+        // The workers finish what they hold, whatever happened here.
+        let done = done_rx.iter().try_for_each(|d| absorb(&mut stats, d));
+        ops.and(done)
+    })?;
+    stats.unreproduced = in_offset_order(std::mem::take(&mut stats.unreproduced));
+    Ok(stats)
+}
+
+/// Regions sorted by offset, neighbours merged: the workers report misses
+/// in the order they finish.
+fn in_offset_order(mut regions: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    regions.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(regions.len());
+    for (at, len) in regions {
+        match merged.last_mut() {
+            Some((o, l)) if *o + *l == at => *l += len,
+            _ => merged.push((at, len)),
+        }
+    }
+    merged
+}
+
+/// The ops loop of [`apply`]: copies and literals here, patches to the workers.
+#[allow(clippy::too_many_arguments)]
+fn apply_ops<R: Read>(
+    delta: &mut DeltaReader<R>,
+    old: &File,
+    out: &File,
+    jobs: &std::sync::mpsc::SyncSender<PatchJob>,
+    stats: &mut ApplyStats,
+    progress: &dyn Fn(&ApplyStats),
+    done: &std::sync::mpsc::Receiver<PatchDone>,
+    absorb: &dyn Fn(&mut ApplyStats, PatchDone) -> Result<(), ApplyError>,
+) -> Result<(), ApplyError> {
     let mut at = 0u64;
     while let Some(op) = delta.next_op()? {
         let len = op.out_len();
@@ -595,33 +712,25 @@ pub fn apply<R: Read>(
                 if got < len {
                     stats.missed(at + got, len - got);
                 }
+                progress(stats);
             }
             Op::Literal(bytes) => {
                 out.write_all_at(&bytes, at).map_err(ApplyError::Write)?;
                 stats.literal += len;
+                progress(stats);
             }
             Op::Patch { block, refs, kind, patch } => {
-                let mut base = Vec::new();
-                let made = refs
-                    .iter()
-                    .try_for_each(|r| {
-                        base.extend_from_slice(&read_old_block(old, r)?);
-                        Some(())
-                    })
-                    .and_then(|()| reproduce_block(&base, kind, &patch, &block, &mut comp));
-                match made {
-                    Some(disk) => {
-                        out.write_all_at(&disk, at).map_err(ApplyError::Write)?;
-                        stats.patched += len;
-                    }
-                    None => stats.missed(at, len),
-                }
+                let job = PatchJob { at, block, refs, kind, patch };
+                jobs.send(job)
+                    .map_err(|_| ApplyError::Write(io::Error::other("the recompressing threads are gone")))?;
             }
         }
         at += len;
-        progress(&stats);
+        while let Ok(d) = done.try_recv() {
+            absorb(stats, d)?;
+        }
     }
-    Ok(stats)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -920,6 +1029,67 @@ mod tests {
                 unreproduced_bytes: 0
             }
         );
+    }
+
+    #[test]
+    fn missed_regions_come_out_sorted_and_merged() {
+        assert_eq!(in_offset_order(vec![(30, 5), (10, 10), (40, 1), (20, 10), (35, 2)]), vec![(10, 27), (40, 1)]);
+        assert_eq!(in_offset_order(vec![]), vec![]);
+    }
+
+    #[test]
+    fn many_patches_land_in_place_whatever_order_the_workers_finish_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let (old, blocks) = images(dir.path());
+        let mut comp = BlockCompressor::new(3).unwrap();
+        // 40 patched blocks, more than the workers and their queue hold;
+        // every 5th (and the one after it) made at another level, so it
+        // does not reproduce: pairs of neighbours that must merge into one
+        // region each, in offset order.
+        let mut ops = vec![Op::Literal(b"head".to_vec())];
+        let mut expected = b"head".to_vec();
+        let mut missed = Vec::new();
+        let mut other = BlockCompressor::new(9).unwrap();
+        for i in 0..40u64 {
+            let mut raw = blocks[0].1.clone();
+            raw[(i as usize) * 100..(i as usize) * 100 + 64].copy_from_slice(&test_noise(64, 100 + i));
+            let bad = i % 5 == 0 || i % 5 == 1;
+            let (b, disk) = new_block(&raw, if bad { &mut other } else { &mut comp });
+            if bad {
+                match missed.last_mut() {
+                    Some((o, l)) if *o + *l == expected.len() as u64 => *l += disk.len() as u64,
+                    _ => missed.push((expected.len() as u64, disk.len() as u64)),
+                }
+                expected.extend(std::iter::repeat_n(0u8, disk.len()));
+            } else {
+                expected.extend_from_slice(&disk);
+            }
+            let patch = make_patch(PatchKind::Zstd, &blocks[0].1, &raw);
+            ops.push(Op::Patch { block: b, refs: vec![blocks[0].0], kind: PatchKind::Zstd, patch });
+        }
+        ops.push(Op::Literal(b"tail".to_vec()));
+        expected.extend_from_slice(b"tail");
+        let delta = encode(&header(expected.len() as u64), &ops);
+        let out = tempfile::tempfile().unwrap();
+        let calls = std::cell::Cell::new(0);
+        let stats = apply(&mut DeltaReader::new(&delta[..]).unwrap(), &old, &out, &|_| calls.set(calls.get() + 1));
+        let stats = stats.unwrap();
+        let mut got = Vec::new();
+        (&out).read_to_end(&mut got).unwrap();
+        assert_eq!(got.len(), expected.len());
+        assert!(got == expected, "the output differs");
+        assert_eq!(calls.get(), 42, "one progress call for each op");
+        assert_eq!(missed.len(), 8);
+        assert_eq!(stats.unreproduced, missed);
+        assert_eq!(stats.unreproduced_bytes, missed.iter().map(|m| m.1).sum::<u64>());
+        assert_eq!(stats.patched + stats.unreproduced_bytes + 8, expected.len() as u64);
+        // An image that cannot be written is an error, not a miss.
+        let read_only = File::open(dir.path().join("old")).unwrap();
+        let err = apply(&mut DeltaReader::new(&delta[..]).unwrap(), &old, &read_only, &|_| ()).unwrap_err();
+        assert!(matches!(err, ApplyError::Write(_)), "{err:?}");
+        let only_patches = encode(&header(expected.len() as u64 - 8), &ops[1..41]);
+        let err = apply(&mut DeltaReader::new(&only_patches[..]).unwrap(), &old, &read_only, &|_| ()).unwrap_err();
+        assert!(matches!(err, ApplyError::Write(_)), "a worker's write error: {err:?}");
     }
 
     #[test]
