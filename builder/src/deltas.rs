@@ -253,6 +253,7 @@ pub fn generate<W: Write>(
     let mut pos = 0u64;
     let mut gap = Vec::new();
     let mut old_gap = Vec::new();
+    let mut patches = HashMap::new();
     let next_offsets = new_map.blocks.iter().map(|b| b.offset).chain([new_map.image_size]);
     for (i, offset) in next_offsets.enumerate() {
         // The bytes between blocks: copied when the old image has them right
@@ -278,10 +279,12 @@ pub fn generate<W: Write>(
             report.copied += b.size as u64;
             continue;
         }
+        if !patches.contains_key(&i) {
+            patches = patches_ahead(&finder, &old, &new, new_map, literal, i)?;
+        }
         let mut disk = vec![0u8; b.size as usize];
         new.read_exact_at(&mut disk, b.offset)?;
-        let patched = if literal.contains(&b.offset) { None } else { patch_for(&finder, &old, i, &new, b)? };
-        match patched {
+        match patches.remove(&i).flatten() {
             Some(op) => {
                 e.emit(Some(op))?;
                 report.patched += b.size as u64;
@@ -295,6 +298,53 @@ pub fn generate<W: Write>(
     }
     e.emit(None)?;
     Ok((e.w.finish()?, report))
+}
+
+/// Blocks whose patches [`patches_ahead`] makes at once, per core (at most
+/// 16 cores): enough to keep every core busy, few enough that their patches
+/// (each under 90% of its block) stay small in memory.
+/// (Unit tests use 2, so their small images cross many windows.)
+const PATCH_WINDOW: usize = if cfg!(test) { 2 } else { 64 };
+
+/// Patch ops (`None`: a literal serves) for the blocks from `first` that
+/// need one, up to [`PATCH_WINDOW`] per core of them, made on every core:
+/// patching is most of a delta's making, and blocks are independent.
+fn patches_ahead(
+    finder: &Finder<'_>,
+    old: &File,
+    new: &File,
+    new_map: &BlockMap,
+    literal: &HashSet<u64>,
+    first: usize,
+) -> io::Result<HashMap<usize, Option<Op>>> {
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(16);
+    let wanted: Vec<usize> = (first..new_map.blocks.len())
+        .filter(|&i| !finder.old_by_disk.contains_key(&new_map.blocks[i].disk_sha256))
+        .take(PATCH_WINDOW * workers)
+        .collect();
+    let share = wanted.len().div_ceil(workers).max(1);
+    std::thread::scope(|s| {
+        let made: Vec<_> = wanted
+            .chunks(share)
+            .map(|part| {
+                s.spawn(move || {
+                    part.iter()
+                        .map(|&i| {
+                            let b = &new_map.blocks[i];
+                            let op =
+                                if literal.contains(&b.offset) { None } else { patch_for(finder, old, i, new, b)? };
+                            Ok((i, op))
+                        })
+                        .collect::<io::Result<Vec<_>>>()
+                })
+            })
+            .collect();
+        let mut patches = HashMap::with_capacity(wanted.len());
+        for worker in made {
+            patches.extend(worker.join().map_err(|_| io::Error::other("a patching thread panicked"))??);
+        }
+        Ok(patches)
+    })
 }
 
 /// A patch op for new block `i` (block `b` of the image `new`), if one is
@@ -722,6 +772,32 @@ mod tests {
         }
         let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(left.len(), 3, "temporary files left behind: {left:?}");
+    }
+
+    #[test]
+    fn patches_made_window_by_window_stay_in_image_order() {
+        // 13 blocks, 11 edited: the patches are made several windows at a
+        // time on every core, and must still come out in block order.
+        let dir = tempfile::tempdir().unwrap();
+        let raws: Vec<Vec<u8>> = (0..13).map(text).collect();
+        let mut edited = raws.clone();
+        for (k, raw) in edited.iter_mut().enumerate().filter(|(k, _)| *k != 4 && *k != 9) {
+            raw[300 * k..300 * k + 2048].copy_from_slice(&[b'#'; 2048]);
+        }
+        let (old, old_map) = image(dir.path(), "old", &raws, 3, 3);
+        let (new, new_map) = image(dir.path(), "new", &edited, 3, 3);
+        let new_sha = Sha256Digest::of_bytes(&std::fs::read(&new).unwrap());
+        let base = Base { sha256: Sha256Digest([1; 32]), path: &old, map: &old_map };
+        let size = std::fs::metadata(&new).unwrap().len();
+        let (file, report) = make(&base, &new, new_sha, &new_map, dir.path(), size).unwrap().unwrap();
+        assert_eq!(report.blocks_patched, 11);
+        assert_eq!(report.copied, (new_map.blocks[4].size + new_map.blocks[9].size) as u64);
+        let out = dir.path().join("out");
+        let mut r = DeltaReader::new(File::open(&file).unwrap()).unwrap();
+        let (o, w) = (File::open(&old).unwrap(), File::create(&out).unwrap());
+        let stats = sdelta::apply(&mut r, &o, &w, &|_| ()).unwrap();
+        assert_eq!(stats.patched, report.patched);
+        assert!(std::fs::read(&out).unwrap() == std::fs::read(&new).unwrap(), "the result differs");
     }
 
     #[test]
