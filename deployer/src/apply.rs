@@ -145,10 +145,8 @@ fn dry_run(
         image_size: m.image.size,
         index_bytes,
     };
-    // A static delta needs no chunk index (nothing is fetched by chunk); a
-    // repair (a slot holds this very image) never takes one.
-    let repairing = held.iter().any(|(_, sha)| *sha == m.image.sha256);
-    if let Some((_, d)) = crate::static_delta::pick(m, held).filter(|_| !repairing) {
+    // A static delta needs no chunk index (nothing is fetched by chunk).
+    if let Some((_, d)) = crate::static_delta::pick(m, held) {
         let data = m.image.data_size();
         return Ok(Outcome::WouldUpdate {
             serial: m.serial,
@@ -268,13 +266,9 @@ fn download_into(
     // delta, every Range request of a chunk delta, and a full download
     // that falls back from them.
     let budget = delta::Budget::starting_now(cfg.download_timeout);
-    // A static delta from an image a slot holds fills the partial first,
-    // unless a slot holds this very image (a repair): the chunk delta then
-    // fetches only the damaged chunks, where a delta would carry every
-    // change since its `from`.
-    let repairing = held.iter().any(|(_, sha)| *sha == m.image.sha256);
+    // A static delta from an image a slot holds fills the partial first.
     let mut made = None;
-    if let Some((from, d)) = crate::static_delta::pick(m, held).filter(|_| !repairing) {
+    if let Some((from, d)) = crate::static_delta::pick(m, held) {
         match crate::static_delta::fetch_and_apply(t, budget, &fetched.location, m, d, from, layout, standby) {
             Ok(st) => made = Some(st),
             Err(e) => tracing::warn!("static delta not used: {}; going on with the chunk delta", Chain(&e)),
@@ -526,9 +520,9 @@ fn apply_locked(cfg: &Config, opts: &ApplyOptions, layout: &Layout, state: &mut 
 
     // 2. Standby slot.
     let standby = active.map(SlotId::other).unwrap_or(SlotId::A);
+    let standby_inst = installed(layout, standby, &keys);
     // Images a static delta may start from: the active one first.
-    let standby_held = installed(layout, standby, &keys).ok().flatten();
-    let held: Vec<(SlotId, Sha256Digest)> = [active_inst.as_ref(), standby_held.as_ref()]
+    let held: Vec<(SlotId, Sha256Digest)> = [active_inst.as_ref(), standby_inst.as_ref().ok().and_then(Option::as_ref)]
         .into_iter()
         .flatten()
         .map(|i| (i.slot, i.manifest.image.sha256))
@@ -541,13 +535,10 @@ fn apply_locked(cfg: &Config, opts: &ApplyOptions, layout: &Layout, state: &mut 
     // 3. Download unless the standby already holds exactly this image.
     // A standby whose manifest no longer verifies (a retired key, a damaged
     // file) holds nothing we can reuse: it is simply overwritten.
-    let standby_inst = match installed(layout, standby, &keys) {
-        Ok(i) => i,
-        Err(e) => {
-            tracing::info!("{}; the new image replaces it", Chain(&e));
-            None
-        }
-    };
+    let standby_inst = standby_inst.unwrap_or_else(|e| {
+        tracing::info!("{}; the new image replaces it", Chain(&e));
+        None
+    });
     let mut download = DownloadStats::default();
     // If the standby already holds exactly this image, the file verified here
     // is the one mounted below (no second full read of the image).

@@ -336,14 +336,30 @@ fn compute_tree(sources: &mut [Source], new: &ChunkIndex, verity: Option<&Verity
 /// Writes the superblock and hash tree of `v` after the data already in
 /// `out`, once the tree it yields has the signed root hash.
 fn write_tree(out: &File, v: &Verity, disk: impl Fn(io::Error) -> DeltaError) -> Result<(), DeltaError> {
-    let mut data = out.try_clone().map_err(&disk)?;
-    io::Seek::seek(&mut data, io::SeekFrom::Start(0)).map_err(&disk)?;
-    let reader = io::BufReader::with_capacity(1 << 20, data.take(v.hash_offset));
-    let (tree, root) = verity::hash_tree(reader, v.data_blocks(), &v.salt).map_err(&disk)?;
-    if root != v.root_hash {
-        return Err(DeltaError::RootHash { expected: v.root_hash, found: root });
+    match tree_from(out, data_reader(out, v).map_err(&disk)?, v).map_err(disk)? {
+        Ok(()) => Ok(()),
+        Err(found) => Err(DeltaError::RootHash { expected: v.root_hash, found }),
     }
-    verity::write_tail(out, v.data_blocks(), &v.salt, &tree).map_err(disk)
+}
+
+/// A buffered reader of the image's data: the first `v.hash_offset` bytes
+/// of `out`.
+pub fn data_reader(out: &File, v: &Verity) -> io::Result<impl Read> {
+    let mut data = out.try_clone()?;
+    io::Seek::rewind(&mut data)?;
+    Ok(io::BufReader::with_capacity(1 << 20, data.take(v.hash_offset)))
+}
+
+/// Hashes the image's data, read from `data`, into the dm-verity tree of
+/// `v` and, if its root is the signed one, writes the superblock and tree
+/// after the data in `out`. `Ok(Err(root))`: the data has another root, and
+/// nothing was written.
+pub fn tree_from(out: &File, data: impl Read, v: &Verity) -> io::Result<Result<(), Sha256Digest>> {
+    let (tree, root) = verity::hash_tree(data, v.data_blocks(), &v.salt)?;
+    if root != v.root_hash {
+        return Ok(Err(root));
+    }
+    verity::write_tail(out, v.data_blocks(), &v.salt, &tree).map(Ok)
 }
 
 /// Time left for the whole delta, which `download_timeout` bounds as one

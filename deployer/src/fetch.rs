@@ -191,6 +191,48 @@ fn progress(total: u64, start: u64) -> ProgressBar {
     pb
 }
 
+/// How [`stream_hashed`] stopped early.
+#[derive(Debug)]
+pub enum Streamed {
+    /// Reading the source failed (what came before it is written).
+    Read(io::Error),
+    /// Writing failed.
+    Write(io::Error),
+    /// The source had more than the limit.
+    TooLong,
+}
+
+/// Copies `reader` to `w` to its end, hashing every byte written, never
+/// more than `limit` bytes (one more is an error, and is not written);
+/// `written` gets the running total. Returns the bytes copied. The one
+/// loop behind every signed-size download.
+pub fn stream_hashed(
+    reader: impl Read,
+    w: &mut impl Write,
+    hasher: &mut StreamHasher,
+    limit: u64,
+    mut written: impl FnMut(u64),
+) -> Result<u64, Streamed> {
+    let mut limited = reader.take(limit + 1);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        let n = match limited.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(Streamed::Read(e)),
+        };
+        if total + n as u64 > limit {
+            return Err(Streamed::TooLong);
+        }
+        w.write_all(&buf[..n]).map_err(Streamed::Write)?;
+        hasher.update(&buf[..n]);
+        total += n as u64;
+        written(total);
+    }
+}
+
 /// Downloads the image of `manifest` (at `image`) into `slot`'s partial file,
 /// resuming an earlier partial of the same image. On success the verified
 /// bytes are in `layout.partial(slot)`, fsynced, and that file is returned
@@ -253,33 +295,30 @@ pub fn download_image(
             tracing::info!("resuming download of {image} at byte {have} of {size}");
         }
         let pb = progress(size, have);
-        let mut limited = reader.take(size - have + 1);
         let mut w = io::BufWriter::with_capacity(1 << 20, &file);
         w.seek(SeekFrom::Start(have)).map_err(disk(&partial))?;
-        loop {
-            let n = match limited.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    // Keep what arrived: the next run resumes from here.
-                    w.flush().map_err(disk(&partial))?;
-                    drop(w);
-                    file.sync_all().map_err(disk(&partial))?;
-                    return Err(image.read_error(e).into());
-                }
-            };
-            if have + n as u64 > size {
+        let start = have;
+        let streamed = stream_hashed(reader, &mut w, &mut hasher, size - have, |n| {
+            have = start + n;
+            pb.set_position(have);
+        });
+        stats.downloaded += have - start;
+        match streamed {
+            Ok(_) => {}
+            Err(Streamed::Read(e)) => {
+                // Keep what arrived: the next run resumes from here.
+                w.flush().map_err(disk(&partial))?;
+                drop(w);
+                file.sync_all().map_err(disk(&partial))?;
+                return Err(image.read_error(e).into());
+            }
+            Err(Streamed::Write(e)) => return Err(disk(&partial)(e)),
+            Err(Streamed::TooLong) => {
                 drop(w);
                 // The file is not trustworthy as a resume point either.
                 let _ = std::fs::remove_file(&partial);
                 return Err(DownloadError::TooLong { url: image.to_string(), size });
             }
-            w.write_all(&buf[..n]).map_err(disk(&partial))?;
-            hasher.update(&buf[..n]);
-            have += n as u64;
-            stats.downloaded += n as u64;
-            pb.set_position(have);
         }
         w.flush().map_err(disk(&partial))?;
         drop(w);
@@ -299,4 +338,49 @@ pub fn download_image(
     }
     fsync_dir(&layout.slot_dir(slot)).map_err(disk(&partial))?;
     Ok((stats, file))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A source that gives `data`, then fails.
+    struct Breaks<'a>(&'a [u8]);
+
+    impl Read for Breaks<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if self.0.is_empty() {
+                return Err(io::Error::new(io::ErrorKind::ConnectionReset, "reset"));
+            }
+            let n = self.0.read(buf)?;
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn streams_hash_what_they_write_and_stop_at_the_limit() {
+        let data: Vec<u8> = (0..3u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        let (mut out, mut h, mut seen) = (Vec::new(), StreamHasher::new(), Vec::new());
+        let n = stream_hashed(&data[..], &mut out, &mut h, data.len() as u64, |t| seen.push(t)).unwrap();
+        assert_eq!(n, data.len() as u64);
+        assert!(out == data);
+        assert_eq!(h.finish(), (Sha256Digest::of_bytes(&data), data.len() as u64));
+        assert_eq!(seen.last(), Some(&n));
+        assert!(seen.windows(2).all(|w| w[0] < w[1]), "a running total: {seen:?}");
+        // One byte more than the limit: refused, and not written.
+        let (mut out, mut h) = (Vec::new(), StreamHasher::new());
+        let err = stream_hashed(&data[..], &mut out, &mut h, data.len() as u64 - 1, |_| ()).unwrap_err();
+        assert!(matches!(err, Streamed::TooLong), "{err:?}");
+        assert!(out.len() < data.len());
+        // A broken source: what came before the break is written and hashed.
+        let (mut out, mut h) = (Vec::new(), StreamHasher::new());
+        let err = stream_hashed(Breaks(&data[..1000]), &mut out, &mut h, 1 << 30, |_| ()).unwrap_err();
+        assert!(matches!(err, Streamed::Read(_)), "{err:?}");
+        assert!(out == data[..1000]);
+        assert_eq!(h.finish(), (Sha256Digest::of_bytes(&data[..1000]), 1000));
+        // A sink that fails.
+        let mut full = [0u8; 10];
+        let err = stream_hashed(&data[..], &mut &mut full[..], &mut StreamHasher::new(), 1 << 30, |_| ()).unwrap_err();
+        assert!(matches!(err, Streamed::Write(_)), "{err:?}");
+    }
 }

@@ -12,7 +12,7 @@
 //! image's sha256 stays the final check.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::time::{Duration, Instant};
 
 use imgdeploy_common::digest::{Sha256Digest, StreamHasher};
@@ -23,7 +23,7 @@ use imgdeploy_common::transport::Transport;
 use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 
 use crate::delta::Budget;
-use crate::fetch::PartialMeta;
+use crate::fetch::{PartialMeta, Streamed};
 use crate::state::{Layout, SlotId};
 
 /// Why a static delta was not used (the caller goes on without it).
@@ -77,8 +77,14 @@ pub enum StaticDeltaError {
 }
 
 /// The manifest's delta whose `from` image one of `held` (slot, image
-/// sha256) holds, preferring the first slot listed.
+/// sha256) holds, preferring the first slot listed. None when a slot holds
+/// the manifest's image itself: that is a repair, where the chunk delta
+/// fetches only the damaged chunks and a delta would carry every change
+/// since its `from`.
 pub fn pick<'m>(m: &'m Manifest, held: &[(SlotId, Sha256Digest)]) -> Option<(SlotId, &'m DeltaRef)> {
+    if held.iter().any(|(_, sha)| *sha == m.image.sha256) {
+        return None;
+    }
     held.iter().find_map(|(slot, sha)| m.deltas.iter().find(|d| d.from == *sha).map(|d| (*slot, d)))
 }
 
@@ -123,21 +129,21 @@ fn fetch_delta(
     let (reader, _) = loc.open(&t, 0)?;
     let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).map_err(disk)?;
     let mut hasher = StreamHasher::new();
-    let mut limited = reader.take(d.size + 1);
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = match limited.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) if budget.left().is_none() => {
-                tracing::debug!("{e}");
-                return Err(StaticDeltaError::Timeout { url });
-            }
-            Err(e) => return Err(loc.read_error(e).into()),
-        };
-        file.write_all(&buf[..n]).map_err(disk)?;
-        hasher.update(&buf[..n]);
+    match crate::fetch::stream_hashed(reader, &mut file, &mut hasher, d.size, |_| ()) {
+        Ok(_) => {}
+        Err(Streamed::Read(e)) if budget.left().is_none() => {
+            tracing::debug!("{e}");
+            return Err(StaticDeltaError::Timeout { url });
+        }
+        Err(Streamed::Read(e)) => return Err(loc.read_error(e).into()),
+        Err(Streamed::Write(e)) => return Err(disk(e)),
+        Err(Streamed::TooLong) => {
+            let _ = std::fs::remove_file(&path);
+            return Err(StaticDeltaError::Digest {
+                url,
+                what: format!("is longer than the {} bytes the manifest signs", d.size),
+            });
+        }
     }
     let (found, len) = hasher.finish();
     if (found, len) != (d.sha256, d.size) {
@@ -252,7 +258,6 @@ impl<R: Read> Read for Tee<R> {
 /// tree included), on separate threads; then the file is made durable.
 /// `Ok(false)` when either differs: the caller checks it chunk by chunk.
 pub fn finish(out: &File, m: &Manifest) -> io::Result<bool> {
-    use imgdeploy_common::verity;
     use std::os::unix::fs::FileExt;
     let Some(v) = &m.image.verity else { return Ok(false) };
     let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
@@ -263,20 +268,19 @@ pub fn finish(out: &File, m: &Manifest) -> io::Result<bool> {
         }
         whole
     });
-    let mut data = out.try_clone()?;
-    io::Seek::rewind(&mut data)?;
-    let reader = io::BufReader::with_capacity(1 << 20, data.take(v.hash_offset));
-    let tree = verity::hash_tree(Tee { inner: reader, tx }, v.data_blocks(), &v.salt);
+    let tree = crate::delta::tree_from(out, Tee { inner: crate::delta::data_reader(out, v)?, tx }, v);
     let mut whole = hasher.join().expect("the hashing thread does not panic");
-    let (tree, root) = tree?;
-    if root != v.root_hash {
+    if let Err(root) = tree? {
         tracing::warn!("the static delta's data has dm-verity root {root}, the manifest signs {}", v.root_hash);
         return Ok(false);
     }
-    verity::write_tail(out, v.data_blocks(), &v.salt, &tree)?;
-    let mut tail = vec![0u8; (m.image.size - v.hash_offset) as usize];
-    out.read_exact_at(&mut tail, v.hash_offset)?;
-    whole.update(&tail);
+    // The tail (superblock and tree, about 1% of the image) in pieces.
+    let mut piece = vec![0u8; 1 << 20];
+    for at in (v.hash_offset..m.image.size).step_by(piece.len()) {
+        let n = (m.image.size - at).min(piece.len() as u64) as usize;
+        out.read_exact_at(&mut piece[..n], at)?;
+        whole.update(&piece[..n]);
+    }
     let (found, len) = whole.finish();
     if (found, len) != (m.image.sha256, m.image.size) {
         tracing::warn!("the image made by the static delta has sha256 {found}, the manifest signs {}", m.image.sha256);
@@ -284,4 +288,51 @@ pub fn finish(out: &File, m: &Manifest) -> io::Result<bool> {
     }
     out.sync_all()?;
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use imgdeploy_common::manifest::{image_path, BlockMapRef, ImageFormat, ImageRef, Timestamp, FORMAT_VERSION};
+
+    fn delta_from(from: u8) -> DeltaRef {
+        let map = BlockMapRef { path: "maps/x.map".into(), sha256: Sha256Digest([0; 32]), size: 1 };
+        let sha256 = Sha256Digest([from; 32]);
+        DeltaRef { from: sha256, from_map: map, path: format!("deltas/{from}.delta"), sha256, size: 10 }
+    }
+
+    #[test]
+    fn the_delta_taken_starts_from_a_held_image_the_first_slot_first_and_never_in_a_repair() {
+        let sha256 = Sha256Digest([9; 32]);
+        let m = Manifest {
+            format: FORMAT_VERSION,
+            channel: "stable".into(),
+            serial: 3,
+            version: "v3".into(),
+            created: Timestamp(1_700_000_000),
+            expires: Timestamp(1_700_000_000 + 86400),
+            image: ImageRef {
+                path: image_path(&sha256),
+                sha256,
+                size: 100,
+                format: ImageFormat::Squashfs,
+                compression: "zstd".into(),
+                verity: None,
+            },
+            index: None,
+            rollout: None,
+            block_map: None,
+            deltas: vec![delta_from(1), delta_from(2)],
+        };
+        let (a, b) = (SlotId::A, SlotId::B);
+        let taken = |held: &[(SlotId, Sha256Digest)]| pick(&m, held).map(|(slot, d)| (slot, d.from.0[0]));
+        assert_eq!(taken(&[(a, Sha256Digest([2; 32])), (b, Sha256Digest([1; 32]))]), Some((a, 2)));
+        assert_eq!(taken(&[(b, Sha256Digest([1; 32])), (a, Sha256Digest([2; 32]))]), Some((b, 1)));
+        assert_eq!(taken(&[(a, Sha256Digest([7; 32])), (b, Sha256Digest([1; 32]))]), Some((b, 1)));
+        assert_eq!(taken(&[(a, Sha256Digest([7; 32]))]), None, "no delta from the held image");
+        assert_eq!(taken(&[]), None);
+        // A slot holds the manifest's image: a repair, by the chunk delta.
+        assert_eq!(taken(&[(a, Sha256Digest([1; 32])), (b, sha256)]), None);
+        assert_eq!(taken(&[(a, sha256), (b, Sha256Digest([2; 32]))]), None);
+    }
 }
