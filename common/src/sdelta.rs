@@ -517,12 +517,10 @@ pub struct ApplyStats {
 }
 
 impl ApplyStats {
+    /// A region that did not reproduce ([`apply`] sorts and merges them).
     fn missed(&mut self, at: u64, len: u64) {
         self.unreproduced_bytes += len;
-        match self.unreproduced.last_mut() {
-            Some((o, l)) if *o + *l == at => *l += len,
-            _ => self.unreproduced.push((at, len)),
-        }
+        self.unreproduced.push((at, len));
     }
 }
 
@@ -649,16 +647,20 @@ pub fn apply<R: Read>(
     let comps = (0..workers).map(|_| BlockCompressor::new(level)).collect::<io::Result<Vec<_>>>();
     let comps = comps.map_err(ApplyError::Write)?;
     let mut stats = ApplyStats::default();
-    let (jobs_tx, jobs_rx) = std::sync::mpsc::sync_channel::<PatchJob>(workers);
-    let jobs_rx = std::sync::Mutex::new(jobs_rx);
     std::thread::scope(|s| {
+        let (jobs_tx, jobs_rx) = std::sync::mpsc::sync_channel::<PatchJob>(workers);
+        // Only the workers hold the receiver: were they all gone, a send
+        // would fail rather than wait.
+        let jobs_rx = std::sync::Arc::new(std::sync::Mutex::new(jobs_rx));
         let (done_tx, done_rx) = std::sync::mpsc::channel::<PatchDone>();
         for comp in comps {
-            let (jobs_rx, done_tx) = (&jobs_rx, done_tx.clone());
-            s.spawn(move || patch_worker(jobs_rx, done_tx, old, out, comp));
+            let (jobs_rx, done_tx) = (jobs_rx.clone(), done_tx.clone());
+            s.spawn(move || patch_worker(&jobs_rx, done_tx, old, out, comp));
         }
-        drop(done_tx);
+        drop((jobs_rx, done_tx));
+        let answered = std::cell::Cell::new(0u64);
         let absorb = |stats: &mut ApplyStats, done: PatchDone| -> Result<(), ApplyError> {
+            answered.set(answered.get() + 1);
             match done.map_err(ApplyError::Write)? {
                 (_, len, true) => stats.patched += len,
                 (at, len, false) => stats.missed(at, len),
@@ -670,7 +672,13 @@ pub fn apply<R: Read>(
         drop(jobs_tx);
         // The workers finish what they hold, whatever happened here.
         let done = done_rx.iter().try_for_each(|d| absorb(&mut stats, d));
-        ops.and(done)
+        let sent = ops?;
+        done?;
+        if answered.get() != sent {
+            let lost = io::Error::other(format!("{sent} patched blocks sent, {} made", answered.get()));
+            return Err(ApplyError::Write(lost));
+        }
+        Ok(())
     })?;
     stats.unreproduced = in_offset_order(std::mem::take(&mut stats.unreproduced));
     Ok(stats)
@@ -690,7 +698,8 @@ fn in_offset_order(mut regions: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
     merged
 }
 
-/// The ops loop of [`apply`]: copies and literals here, patches to the workers.
+/// The ops loop of [`apply`]: copies and literals here, patches to the
+/// workers; returns how many patches it sent them.
 #[allow(clippy::too_many_arguments)]
 fn apply_ops<R: Read>(
     delta: &mut DeltaReader<R>,
@@ -701,8 +710,8 @@ fn apply_ops<R: Read>(
     progress: &dyn Fn(&ApplyStats),
     done: &std::sync::mpsc::Receiver<PatchDone>,
     absorb: &dyn Fn(&mut ApplyStats, PatchDone) -> Result<(), ApplyError>,
-) -> Result<(), ApplyError> {
-    let mut at = 0u64;
+) -> Result<u64, ApplyError> {
+    let (mut at, mut sent) = (0u64, 0u64);
     while let Some(op) = delta.next_op()? {
         let len = op.out_len();
         match op {
@@ -723,6 +732,7 @@ fn apply_ops<R: Read>(
                 let job = PatchJob { at, block, refs, kind, patch };
                 jobs.send(job)
                     .map_err(|_| ApplyError::Write(io::Error::other("the recompressing threads are gone")))?;
+                sent += 1;
             }
         }
         at += len;
@@ -730,7 +740,7 @@ fn apply_ops<R: Read>(
             absorb(stats, d)?;
         }
     }
-    Ok(())
+    Ok(sent)
 }
 
 #[cfg(test)]
