@@ -4,13 +4,12 @@
 
 use std::fs;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use imgdeploy_common::manifest::Manifest;
 use imgdeploy_tests::deploy::Deployment;
 use imgdeploy_tests::faults::{FaultServer, Reply};
-use imgdeploy_tests::{bin, noise, require_root};
+use imgdeploy_tests::{noise, require_root};
 
 /// A tree of `n` incompressible files of 20..120 KiB, deterministic per `seed`.
 fn make_tree(dir: &Path, n: usize, seed: u64) {
@@ -218,23 +217,9 @@ fn privileged_killed_delta_resumes() {
         write_noise(&tree.join(format!("d{}/f{i:04}", i % 7)), 60_000, 5000 + i as u64);
     }
     let v2 = publish_chunk_delta_only(&d, &tree, "v2");
-    let mut child = Command::new(bin("imgdeploy"))
-        .arg("-c")
-        .arg(&d.config)
-        .arg("apply")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
     let meta = d.state.join("slots/b/partial.json");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !fs::read_to_string(&meta).is_ok_and(|m| m.contains("\"delta\":true")) {
-        assert!(Instant::now() < deadline, "delta never started");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::thread::sleep(Duration::from_millis(1500));
-    child.kill().unwrap();
-    child.wait().unwrap();
+    let started = || fs::read_to_string(&meta).is_ok_and(|m| m.contains("\"delta\":true"));
+    d.kill_apply_after("the delta started", Duration::from_secs(20), started, Duration::from_millis(1500));
     d.assert_link_sound();
     assert_eq!(d.status()["active"]["version"], "v1");
     let r = d.imgdeploy(&["apply", "--json"]).ok().json();

@@ -297,23 +297,9 @@ fn privileged_interrupted_download_resumes_with_range() {
     fs::write(d.state.join("slots/a/index.idx"), b"not an index").unwrap();
     let out = d.publish_to("stable", "v2", 4_000_000, &["--level", "1", "--deltas", "0"]);
     let size = out["size"].as_u64().unwrap();
-    let mut child = Command::new(bin("imgdeploy"))
-        .arg("-c")
-        .arg(&d.config)
-        .arg("apply")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    // Wait until part of the image arrived, then kill.
-    let deadline = Instant::now() + Duration::from_secs(20);
     let partial = d.state.join("slots/b/image.partial");
-    while fs::metadata(&partial).map(|m| m.len()).unwrap_or(0) < 1_000_000 {
-        assert!(Instant::now() < deadline, "download never progressed");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
+    let progressed = || fs::metadata(&partial).map(|m| m.len()).unwrap_or(0) >= 1_000_000;
+    d.kill_apply_after("1 MB of the image arrived", Duration::from_secs(20), progressed, Duration::ZERO);
     let have = d.status()["pending"]["bytes"].as_u64().unwrap();
     assert!(have > 0 && have < size, "pending {have} of {size}");
     assert_eq!(d.active_version().as_deref(), Some("v1"));

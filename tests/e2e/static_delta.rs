@@ -6,12 +6,11 @@
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use imgdeploy_common::manifest::Manifest;
 use imgdeploy_tests::deploy::Deployment;
-use imgdeploy_tests::{bin, noise, require_root};
+use imgdeploy_tests::{noise, require_root};
 
 fn manifest(d: &Deployment) -> Manifest {
     Manifest::parse(&fs::read(d.repo.join("stable.json")).unwrap()).unwrap()
@@ -303,25 +302,9 @@ fn privileged_killed_static_delta_resumes() {
     let good = fs::read(d.repo.join(&manifest(&d).deltas[0].path)).unwrap();
     resign_delta(&d, &with_level(&good, 1));
     let size = manifest(&d).deltas[0].size;
-    let mut child = Command::new(bin("imgdeploy"))
-        .arg("-c")
-        .arg(&d.config)
-        .arg("apply")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
     let delta_file = d.state.join("slots/b/image.delta");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !fs::metadata(&delta_file).is_ok_and(|m| m.len() == size) {
-        assert!(Instant::now() < deadline, "the delta never arrived");
-        assert!(child.try_wait().unwrap().is_none(), "apply finished before it could be killed");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    std::thread::sleep(Duration::from_millis(300));
-    assert!(child.try_wait().unwrap().is_none(), "apply finished before it could be killed");
-    child.kill().unwrap();
-    child.wait().unwrap();
+    let arrived = || fs::metadata(&delta_file).is_ok_and(|m| m.len() == size);
+    d.kill_apply_after("the delta arrived", Duration::from_secs(30), arrived, Duration::from_millis(300));
     d.assert_link_sound();
     assert_eq!(d.active_version().as_deref(), Some("v1"));
     let dl = apply_and_check(&d, "resumed", &built, "static-delta", false);

@@ -4,7 +4,8 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use crate::nginx::Nginx;
 use crate::{bin, build_image, run, Keys, Run};
@@ -96,6 +97,31 @@ impl Deployment {
     /// Runs `imgdeploy -c CONFIG args...`.
     pub fn imgdeploy(&self, args: &[&str]) -> Run {
         run(Command::new(bin("imgdeploy")).arg("-c").arg(&self.config).args(args))
+    }
+
+    /// Starts `imgdeploy apply` in the background, waits up to `within`
+    /// for `reached` while it still runs, lets it run `then` longer, and
+    /// SIGKILLs it: the interrupted run a resume test starts from. Fails
+    /// the test if the apply ended first (`what` names the point awaited).
+    pub fn kill_apply_after(&self, what: &str, within: Duration, reached: impl Fn() -> bool, then: Duration) {
+        let mut child = Command::new(bin("imgdeploy"))
+            .arg("-c")
+            .arg(&self.config)
+            .arg("apply")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + within;
+        while !reached() {
+            assert!(child.try_wait().unwrap().is_none(), "apply ended before {what}");
+            assert!(Instant::now() < deadline, "{what}: not within {within:?}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(then);
+        assert!(child.try_wait().unwrap().is_none(), "apply ended before it could be killed ({what}, then {then:?})");
+        child.kill().unwrap();
+        child.wait().unwrap();
     }
 
     /// The `version` file as an unprivileged reader (uid 65534, like a web
