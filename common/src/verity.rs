@@ -34,8 +34,9 @@ const HASHES_PER_BLOCK: u64 = BLOCK_SIZE / 32;
 /// The only hash algorithm.
 pub const HASH: &str = "sha256";
 
-/// Data blocks read and hashed per batch by [`hash_tree`].
-const BATCH_BLOCKS: usize = 2048;
+/// Blocks read and hashed per batch by [`write_tree`] (8 MiB; unit tests
+/// use 4, so their trees cross batches on every level).
+const BATCH_BLOCKS: usize = if cfg!(test) { 4 } else { 2048 };
 /// What the salt is derived with, so it cannot collide with another use of
 /// the data area's sha256.
 const SALT_DOMAIN: &[u8] = b"imgdeploy dm-verity salt v1\0";
@@ -168,53 +169,89 @@ pub fn salt_of(data: impl Read) -> io::Result<Sha256Digest> {
     Sha256Digest::of_reader(SALT_DOMAIN.chain(data)).map(|(d, _)| d)
 }
 
-/// The hash levels of `data_blocks` blocks read from `data`, as they are
-/// laid out on disk (top level first), and the root hash.
+/// The salted hashes of `bytes`' blocks, split across `threads`.
+fn hash_blocks(bytes: &[u8], salt: &Sha256Digest, threads: usize) -> Vec<u8> {
+    let n = bytes.len() / BLOCK_SIZE as usize;
+    let mut out = vec![0u8; n * 32];
+    let per = n.div_ceil(threads).max(1);
+    std::thread::scope(|s| {
+        for (blocks, hashes) in bytes.chunks(per * BLOCK_SIZE as usize).zip(out.chunks_mut(per * 32)) {
+            s.spawn(move || {
+                for (block, hash) in blocks.chunks(BLOCK_SIZE as usize).zip(hashes.chunks_mut(32)) {
+                    hash.copy_from_slice(&salted(salt, block));
+                }
+            });
+        }
+    });
+    out
+}
+
+/// Hashes `data_blocks` blocks read from `data` (the image's data area) and
+/// writes the superblock and the hash levels after them in `file`, as
+/// `veritysetup format --hash-offset` lays them out (top level first);
+/// returns the root hash. What the builder appends, and what a deployer
+/// that computes the tree itself writes (whatever bytes the tail held
+/// before, padding included).
 ///
-/// Leaves are hashed [`BATCH_BLOCKS`] at a time (8 MiB), split across the cores.
-pub fn hash_tree(mut data: impl Read, data_blocks: u64, salt: &Sha256Digest) -> io::Result<(Vec<u8>, Sha256Digest)> {
+/// Memory stays the same for any image size: each level is written to its
+/// place as it is hashed, and read back from there to hash the level above,
+/// [`BATCH_BLOCKS`] blocks (8 MiB) at a time, split across the cores.
+pub fn write_tree(file: &File, mut data: impl Read, data_blocks: u64, salt: &Sha256Digest) -> io::Result<Sha256Digest> {
     let sizes = levels(data_blocks);
-    // The leaves, hashed a batch of blocks at a time across the cores.
-    let mut leaves = Vec::new();
+    let hash_offset = data_blocks * BLOCK_SIZE;
+    let mut block = vec![0u8; BLOCK_SIZE as usize];
+    block[..SUPERBLOCK_BYTES].copy_from_slice(&superblock(data_blocks, salt));
+    file.write_all_at(&block, hash_offset)?;
+    // Where each level starts, bottom (the data's hashes) first; the top
+    // level is on disk first.
+    let mut starts = vec![0u64; sizes.len()];
+    let mut at = hash_offset + BLOCK_SIZE;
+    for (start, blocks) in starts.iter_mut().zip(&sizes).rev() {
+        *start = at;
+        at += blocks * BLOCK_SIZE;
+    }
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(8);
-    let batch = BATCH_BLOCKS;
-    let mut buf = vec![0u8; batch * BLOCK_SIZE as usize];
-    let mut left = data_blocks;
-    while left > 0 {
-        let n = left.min(batch as u64) as usize;
+    let mut buf = vec![0u8; BATCH_BLOCKS * BLOCK_SIZE as usize];
+    // The data's hashes: the bottom level, or the root for one block.
+    let mut first = [0u8; 32];
+    let mut done = 0u64;
+    while done < data_blocks {
+        let n = (data_blocks - done).min(BATCH_BLOCKS as u64) as usize;
         let bytes = &mut buf[..n * BLOCK_SIZE as usize];
         data.read_exact(bytes)?;
-        let mut out = vec![0u8; n * 32];
-        let per = n.div_ceil(threads);
-        std::thread::scope(|s| {
-            for (blocks, hashes) in bytes.chunks(per * BLOCK_SIZE as usize).zip(out.chunks_mut(per * 32)) {
-                s.spawn(move || {
-                    for (block, hash) in blocks.chunks(BLOCK_SIZE as usize).zip(hashes.chunks_mut(32)) {
-                        hash.copy_from_slice(&salted(salt, block));
-                    }
-                });
-            }
-        });
-        leaves.extend_from_slice(&out);
-        left -= n as u64;
+        let hashes = hash_blocks(bytes, salt, threads);
+        if done == 0 {
+            first.copy_from_slice(&hashes[..32]);
+        }
+        if let Some(&start) = starts.first() {
+            file.write_all_at(&hashes, start + done * 32)?;
+        }
+        done += n as u64;
     }
-    if sizes.is_empty() {
-        // One data block: its hash is the root, and there is no tree.
-        return Ok((Vec::new(), Sha256Digest(leaves[..32].try_into().expect("one hash"))));
+    // Each level: its hashes padded with zeros to whole blocks, then the
+    // hashes of those blocks written into the level above.
+    let mut hashes_in = data_blocks;
+    for (k, (&start, &blocks)) in starts.iter().zip(&sizes).enumerate() {
+        let end = start + blocks * BLOCK_SIZE;
+        let pad = start + hashes_in * 32;
+        file.write_all_at(&vec![0u8; (end - pad) as usize], pad)?;
+        let Some(&above) = starts.get(k + 1) else {
+            // The top level is one block: its hash is the root.
+            file.read_exact_at(&mut block, start)?;
+            first = salted(salt, &block);
+            break;
+        };
+        let mut done = 0u64;
+        while done < blocks {
+            let n = (blocks - done).min(BATCH_BLOCKS as u64) as usize;
+            let bytes = &mut buf[..n * BLOCK_SIZE as usize];
+            file.read_exact_at(bytes, start + done * BLOCK_SIZE)?;
+            file.write_all_at(&hash_blocks(bytes, salt, threads), above + done * 32)?;
+            done += n as u64;
+        }
+        hashes_in = blocks;
     }
-    // Each level: the previous level's hashes packed into zero-padded blocks,
-    // and the hashes of those blocks for the next level up.
-    let mut below = leaves;
-    let mut built: Vec<Vec<u8>> = Vec::with_capacity(sizes.len());
-    for &blocks in &sizes {
-        let mut level = below;
-        level.resize((blocks * BLOCK_SIZE) as usize, 0);
-        below = level.chunks(BLOCK_SIZE as usize).flat_map(|b| salted(salt, b)).collect();
-        built.push(level);
-    }
-    let root = Sha256Digest(below[..32].try_into().expect("the top level is one block"));
-    let tree = built.into_iter().rev().flatten().collect();
-    Ok((tree, root))
+    Ok(Sha256Digest(first))
 }
 
 /// A UUID for the superblock, derived from the salt (version 4 and variant
@@ -244,18 +281,6 @@ pub fn superblock(data_blocks: u64, salt: &Sha256Digest) -> [u8; SUPERBLOCK_BYTE
     sb
 }
 
-/// Writes the superblock (in a block of its own) and the hash levels
-/// `tree` after `data_blocks` blocks of data, as `veritysetup format
-/// --hash-offset` lays them out: what the builder appends and what a
-/// deployer that computed the tree itself writes.
-pub fn write_tail(file: &File, data_blocks: u64, salt: &Sha256Digest, tree: &[u8]) -> io::Result<()> {
-    let hash_offset = data_blocks * BLOCK_SIZE;
-    let mut block = vec![0u8; BLOCK_SIZE as usize];
-    block[..SUPERBLOCK_BYTES].copy_from_slice(&superblock(data_blocks, salt));
-    file.write_all_at(&block, hash_offset)?;
-    file.write_all_at(tree, hash_offset + BLOCK_SIZE)
-}
-
 /// Appends the superblock and hash tree to an image whose data fills the
 /// whole file (a multiple of [`BLOCK_SIZE`]) and returns what the manifest
 /// signs. The caller syncs the file.
@@ -271,8 +296,8 @@ pub fn append_tree(file: &mut File) -> io::Result<Verity> {
     file.seek(SeekFrom::Start(0))?;
     let salt = salt_of(io::BufReader::with_capacity(1 << 20, (&*file).take(data_len)))?;
     file.seek(SeekFrom::Start(0))?;
-    let (tree, root_hash) = hash_tree((&*file).take(data_len), data_blocks, &salt)?;
-    write_tail(file, data_blocks, &salt, &tree)?;
+    let data = io::BufReader::with_capacity(1 << 20, (&*file).take(data_len));
+    let root_hash = write_tree(file, data, data_blocks, &salt)?;
     Ok(Verity {
         root_hash,
         salt,
@@ -325,6 +350,17 @@ mod tests {
         data
     }
 
+    /// The tree [`write_tree`] writes after `data` (top level first), and
+    /// the root hash.
+    fn hash_tree(data: &[u8], blocks: u64, salt: &Sha256Digest) -> io::Result<(Vec<u8>, Sha256Digest)> {
+        let file = tempfile::tempfile()?;
+        file.write_all_at(data, 0)?;
+        let root = write_tree(&file, data, blocks, salt)?;
+        let mut all = Vec::new();
+        (&file).read_to_end(&mut all)?;
+        Ok((all[(blocks as usize + 1) * 4096..].to_vec(), root))
+    }
+
     /// The tree recomputed naively, level by level, from the definition.
     fn naive_root(data: &[u8], salt: &Sha256Digest) -> Sha256Digest {
         let mut level: Vec<u8> = data.chunks(4096).flat_map(|b| salted(salt, b)).collect();
@@ -352,6 +388,32 @@ mod tests {
             let size = expected_image_size(blocks as u64).unwrap();
             assert_eq!(tree.len() as u64, size - (blocks as u64 + 1) * 4096, "{blocks} blocks");
         }
+    }
+
+    #[test]
+    fn the_tree_overwrites_whatever_the_tail_held() {
+        // A deployer's partial file may hold another image's bytes there.
+        let salt = Sha256Digest([3; 32]);
+        let data = noise(300);
+        let (clean, root) = hash_tree(&data, 300, &salt).unwrap();
+        let file = tempfile::tempfile().unwrap();
+        let size = expected_image_size(300).unwrap();
+        file.write_all_at(&vec![0xa5; size as usize], 0).unwrap();
+        file.write_all_at(&data, 0).unwrap();
+        assert_eq!(write_tree(&file, &data[..], 300, &salt).unwrap(), root);
+        let mut all = Vec::new();
+        (&file).read_to_end(&mut all).unwrap();
+        assert_eq!(all.len() as u64, size);
+        assert!(all[301 * 4096..] == clean[..], "the tree differs from one written into a clean file");
+        assert!(
+            all[300 * 4096..301 * 4096] == {
+                let mut b = vec![0u8; 4096];
+                b[..512].copy_from_slice(&superblock(300, &salt));
+                b
+            }
+        );
+        // Data that ends early is an error.
+        assert!(write_tree(&file, &data[..4096 * 299], 300, &salt).is_err());
     }
 
     #[test]

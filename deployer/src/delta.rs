@@ -351,15 +351,13 @@ pub fn data_reader(out: &File, v: &Verity) -> io::Result<impl Read> {
 }
 
 /// Hashes the image's data, read from `data`, into the dm-verity tree of
-/// `v` and, if its root is the signed one, writes the superblock and tree
-/// after the data in `out`. `Ok(Err(root))`: the data has another root, and
-/// nothing was written.
+/// `v`, written after the data in `out` with its superblock, and checks its
+/// root against the signed one. `Ok(Err(root))`: the data has another root,
+/// so the tail written is wrong too (the image's signed sha256 refuses it
+/// unless a later pass writes it again).
 pub fn tree_from(out: &File, data: impl Read, v: &Verity) -> io::Result<Result<(), Sha256Digest>> {
-    let (tree, root) = verity::hash_tree(data, v.data_blocks(), &v.salt)?;
-    if root != v.root_hash {
-        return Ok(Err(root));
-    }
-    verity::write_tail(out, v.data_blocks(), &v.salt, &tree).map(Ok)
+    let root = verity::write_tree(out, data, v.data_blocks(), &v.salt)?;
+    Ok(if root == v.root_hash { Ok(()) } else { Err(root) })
 }
 
 /// Time left for the whole delta, which `download_timeout` bounds as one
