@@ -171,7 +171,7 @@ pub fn salt_of(data: impl Read) -> io::Result<Sha256Digest> {
 
 /// The salted hashes of `bytes`' blocks, split across `threads`.
 fn hash_blocks(bytes: &[u8], salt: &Sha256Digest, threads: usize) -> Vec<u8> {
-    let n = bytes.len() / BLOCK_SIZE as usize;
+    let n = bytes.chunks(BLOCK_SIZE as usize).len();
     let mut out = vec![0u8; n * 32];
     let per = n.div_ceil(threads).max(1);
     std::thread::scope(|s| {
@@ -214,8 +214,7 @@ pub fn write_tree(file: &File, mut data: impl Read, data_blocks: u64, salt: &Sha
     let mut buf = vec![0u8; BATCH_BLOCKS * BLOCK_SIZE as usize];
     // The data's hashes: the bottom level, or the root for one block.
     let mut first = [0u8; 32];
-    let mut done = 0u64;
-    while done < data_blocks {
+    for done in (0..data_blocks).step_by(BATCH_BLOCKS) {
         let n = (data_blocks - done).min(BATCH_BLOCKS as u64) as usize;
         let bytes = &mut buf[..n * BLOCK_SIZE as usize];
         data.read_exact(bytes)?;
@@ -226,7 +225,6 @@ pub fn write_tree(file: &File, mut data: impl Read, data_blocks: u64, salt: &Sha
         if let Some(&start) = starts.first() {
             file.write_all_at(&hashes, start + done * 32)?;
         }
-        done += n as u64;
     }
     // Each level: its hashes padded with zeros to whole blocks, then the
     // hashes of those blocks written into the level above.
@@ -241,13 +239,11 @@ pub fn write_tree(file: &File, mut data: impl Read, data_blocks: u64, salt: &Sha
             first = salted(salt, &block);
             break;
         };
-        let mut done = 0u64;
-        while done < blocks {
+        for done in (0..blocks).step_by(BATCH_BLOCKS) {
             let n = (blocks - done).min(BATCH_BLOCKS as u64) as usize;
             let bytes = &mut buf[..n * BLOCK_SIZE as usize];
             file.read_exact_at(bytes, start + done * BLOCK_SIZE)?;
             file.write_all_at(&hash_blocks(bytes, salt, threads), above + done * 32)?;
-            done += n as u64;
         }
         hashes_in = blocks;
     }
@@ -356,9 +352,13 @@ mod tests {
         let file = tempfile::tempfile()?;
         file.write_all_at(data, 0)?;
         let root = write_tree(&file, data, blocks, salt)?;
-        let mut all = Vec::new();
-        (&file).read_to_end(&mut all)?;
-        Ok((all[(blocks as usize + 1) * 4096..].to_vec(), root))
+        // The length first: a tree written past its place would be a huge
+        // sparse file to read.
+        let size = expected_image_size(blocks).unwrap();
+        assert_eq!(file.metadata()?.len(), size, "{blocks} blocks: the image's size");
+        let mut tree = vec![0u8; (size - (blocks + 1) * 4096) as usize];
+        file.read_exact_at(&mut tree, (blocks + 1) * 4096)?;
+        Ok((tree, root))
     }
 
     /// The tree recomputed naively, level by level, from the definition.
@@ -401,9 +401,9 @@ mod tests {
         file.write_all_at(&vec![0xa5; size as usize], 0).unwrap();
         file.write_all_at(&data, 0).unwrap();
         assert_eq!(write_tree(&file, &data[..], 300, &salt).unwrap(), root);
-        let mut all = Vec::new();
-        (&file).read_to_end(&mut all).unwrap();
-        assert_eq!(all.len() as u64, size);
+        assert_eq!(file.metadata().unwrap().len(), size);
+        let mut all = vec![0u8; size as usize];
+        file.read_exact_at(&mut all, 0).unwrap();
         assert!(all[301 * 4096..] == clean[..], "the tree differs from one written into a clean file");
         assert!(
             all[300 * 4096..301 * 4096] == {
