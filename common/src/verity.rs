@@ -230,9 +230,8 @@ pub fn write_tree(file: &File, mut data: impl Read, data_blocks: u64, salt: &Sha
     // hashes of those blocks written into the level above.
     let mut hashes_in = data_blocks;
     for (k, (&start, &blocks)) in starts.iter().zip(&sizes).enumerate() {
-        let end = start + blocks * BLOCK_SIZE;
-        let pad = start + hashes_in * 32;
-        file.write_all_at(&vec![0u8; (end - pad) as usize], pad)?;
+        let used = hashes_in * 32;
+        file.write_all_at(&vec![0u8; (blocks * BLOCK_SIZE - used) as usize], start + used)?;
         let Some(&above) = starts.get(k + 1) else {
             // The top level is one block: its hash is the root.
             file.read_exact_at(&mut block, start)?;
