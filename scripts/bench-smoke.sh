@@ -20,6 +20,7 @@ runs=(
   "deploy.sh 8"
   "delta.sh $small"
   "publish.sh $small"
+  "memory.sh 64"
   "layout.sh $small"
   "fleet.sh 3 $small"
   "verity.sh /usr/share/doc/dpkg"
