@@ -8,7 +8,7 @@
 #   sudo bash scripts/mutations.sh [NAME...]     (all by default; slow: a
 #                                                 rebuild and a test run each)
 #
-# Not part of CI (it takes about 10 minutes on 2 cores); RELIABILITY.md carries the table.
+# Not part of CI (a rebuild and a test run for each of 28); RELIABILITY.md carries the table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
