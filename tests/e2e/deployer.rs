@@ -257,14 +257,7 @@ fn privileged_sigkill_at_any_point_keeps_link_sound() {
         let label = format!("k{i}");
         d.publish_to("stable", &label, 1_500_000, &["--level", "1"]);
         let delay = full.mul_f64((i as f64 + 0.5) / rounds as f64 * 1.1);
-        let mut child = Command::new(bin("imgdeploy"))
-            .arg("-c")
-            .arg(&d.config)
-            .arg("apply")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut child = d.spawn_apply();
         std::thread::sleep(delay);
         // SIGKILL: no chance to clean up.
         if child.try_wait().unwrap().is_none() {

@@ -5,7 +5,7 @@
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use imgdeploy_common::manifest::Manifest;
@@ -107,14 +107,7 @@ fn privileged_crash_loop() {
         let before = d.active_version().expect("a version is served before every run");
         let label = format!("c{i}");
         d.publish_to("stable", &label, 800_000, &["--level", "1"]);
-        let mut child = Command::new(bin("imgdeploy"))
-            .arg("-c")
-            .arg(&d.config)
-            .arg("apply")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut child = d.spawn_apply();
         std::thread::sleep(Duration::from_millis(rnd(span_ms)));
         if child.try_wait().unwrap().is_none() {
             live += 1;

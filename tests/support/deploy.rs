@@ -99,19 +99,25 @@ impl Deployment {
         run(Command::new(bin("imgdeploy")).arg("-c").arg(&self.config).args(args))
     }
 
-    /// Starts `imgdeploy apply` in the background, waits up to `within`
-    /// for `reached` while it still runs, lets it run `then` longer, and
-    /// SIGKILLs it: the interrupted run a resume test starts from. Fails
-    /// the test if the apply ended first (`what` names the point awaited).
-    pub fn kill_apply_after(&self, what: &str, within: Duration, reached: impl Fn() -> bool, then: Duration) {
-        let mut child = Command::new(bin("imgdeploy"))
+    /// Starts `imgdeploy -c CONFIG apply` in the background, its output
+    /// discarded: for the tests that kill it mid-way.
+    pub fn spawn_apply(&self) -> std::process::Child {
+        Command::new(bin("imgdeploy"))
             .arg("-c")
             .arg(&self.config)
             .arg("apply")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .unwrap();
+            .unwrap()
+    }
+
+    /// Starts `imgdeploy apply` in the background, waits up to `within`
+    /// for `reached` while it still runs, lets it run `then` longer, and
+    /// SIGKILLs it: the interrupted run a resume test starts from. Fails
+    /// the test if the apply ended first (`what` names the point awaited).
+    pub fn kill_apply_after(&self, what: &str, within: Duration, reached: impl Fn() -> bool, then: Duration) {
+        let mut child = self.spawn_apply();
         let deadline = Instant::now() + within;
         while !reached() {
             assert!(child.try_wait().unwrap().is_none(), "apply ended before {what}");
