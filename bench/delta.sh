@@ -18,21 +18,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 srcs=("$@"); ((${#srcs[@]})) || srcs=(/usr/share /usr/lib/x86_64-linux-gnu)
-bash scripts/setup-debian.sh
-# BENCH_PROFILE=dev (debug binaries, optimised hashing) is for smoke runs only.
-cargo build --profile "${BENCH_PROFILE:-release}" --locked -q -p imgdeploy-builder -p imgdeploy-deployer
-bin=$PWD/target/$([[ ${BENCH_PROFILE:-release} == dev ]] && echo debug || echo release)
-work=$(mktemp -d /var/tmp/imgdelta.XXXXXX)
-chmod 755 "$work"   # the directory of `link`, which imgdeploy checks
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
-  for m in "$work"/state/mnt/*; do umount "$m" 2>/dev/null || true; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
+source bench/lib.sh
+bench_binaries -p imgdeploy-builder -p imgdeploy-deployer
+bench_workdir imgdelta
 now() { date +%s.%N; }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 mkdir -p "$work/master" "$work/srv"
 for s in "${srcs[@]}"; do cp -a "$s" "$work/master/"; done
@@ -40,19 +29,7 @@ echo "tree: ${srcs[*]}: $(du -sh --apparent-size "$work/master" | cut -f1), $(fi
 "$bin/imgbuild" -q keygen --out "$work/k" >/dev/null
 
 # nginx serving the image repository, the casync store and the zsync files.
-# Its temp paths get a directory of their own (nginx chowns them to its
-# worker user), never the work directory that holds `link`.
-port=$(free_port)
-n=$work/nginx
-mkdir "$n"
-cat > "$n/nginx.conf" <<NGINX
-daemon off; master_process off; worker_processes 1; pid $n/nginx.pid; error_log $n/error.log;
-events { worker_connections 256; }
-http { log_format f '\$request_uri \$status \$body_bytes_sent'; access_log $work/access.log f; sendfile on;
-  client_body_temp_path $n; proxy_temp_path $n; fastcgi_temp_path $n; uwsgi_temp_path $n; scgi_temp_path $n;
-  server { listen 127.0.0.1:$port; root $work/srv; } }
-NGINX
-nginx -c "$n/nginx.conf" -p "$n" & pids+=($!)
+serve_static "$work/srv" "log_format f '\$request_uri \$status \$body_bytes_sent'; access_log $work/access.log f;"
 # rsync daemon serving the master tree.
 rport=$(free_port)
 printf 'use chroot = no\nnumeric ids = yes\n[tree]\npath = %s/master\nread only = yes\nuid = root\ngid = root\n' "$work" > "$work/rsyncd.conf"

@@ -13,21 +13,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 n=${1:-20}
 src=${2:-/usr/share}
-bash scripts/setup-debian.sh
-# BENCH_PROFILE=dev (debug binaries, optimised hashing) is for smoke runs only.
-cargo build --profile "${BENCH_PROFILE:-release}" --locked -q -p imgdeploy-builder -p imgdeploy-deployer
-bin=$PWD/target/$([[ ${BENCH_PROFILE:-release} == dev ]] && echo debug || echo release)
-work=$(mktemp -d /var/tmp/imgfleet.XXXXXX)
-chmod 755 "$work"   # holds every frontend's `link`
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
-  for m in "$work"/f*/state/mnt/*; do umount "$m" 2>/dev/null || true; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
+source bench/lib.sh
+bench_binaries -p imgdeploy-builder -p imgdeploy-deployer
+bench_workdir imgfleet   # holds every frontend's `link`
 now() { date +%s.%N; }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 cp -a "$src" "$work/master"
 echo "tree: $src: $(du -sh --apparent-size "$work/master" | cut -f1), $(find "$work/master" -type f | wc -l) files; $n frontends; $(nproc) cores" >&2

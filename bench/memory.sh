@@ -8,20 +8,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mib=${1:-3072}
-bash scripts/setup-debian.sh
-# BENCH_PROFILE=dev (debug binaries, optimised hashing) is for smoke runs only.
-cargo build --profile "${BENCH_PROFILE:-release}" --locked -q -p imgdeploy-builder -p imgdeploy-deployer
-bin=$PWD/target/$([[ ${BENCH_PROFILE:-release} == dev ]] && echo debug || echo release)
-work=$(mktemp -d /var/tmp/imgmem.XXXXXX)
-chmod 755 "$work"   # the directory of `link`, which imgdeploy checks
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
-  for m in "$work"/state/mnt/*; do umount "$m" 2>/dev/null || true; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+source bench/lib.sh
+bench_binaries -p imgdeploy-builder -p imgdeploy-deployer
+bench_workdir imgmem
 
 mkdir -p "$work/master" "$work/srv"
 # Files of up to 128 MiB of random bytes: every block is stored as it is.
@@ -33,17 +22,7 @@ while ((left > 0)); do
   left=$((left - n))
 done
 "$bin/imgbuild" -q keygen --out "$work/k" >/dev/null
-port=$(free_port)
-n=$work/nginx
-mkdir "$n"
-cat > "$n/nginx.conf" <<NGINX
-daemon off; master_process off; worker_processes 1; pid $n/nginx.pid; error_log $n/error.log;
-events { worker_connections 64; }
-http { access_log off; sendfile on;
-  client_body_temp_path $n; proxy_temp_path $n; fastcgi_temp_path $n; uwsgi_temp_path $n; scgi_temp_path $n;
-  server { listen 127.0.0.1:$port; root $work/srv; } }
-NGINX
-nginx -c "$n/nginx.conf" -p "$n" & pids+=($!)
+serve_static "$work/srv" "access_log off;"
 sleep 1
 cat > "$work/imgdeploy.toml" <<TOML
 source = "http://127.0.0.1:$port/repo/bench.json"

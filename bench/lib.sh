@@ -1,0 +1,47 @@
+# Sourced by the scripts in bench/ (from the repository's root): what each of
+# them needs around its measurement.
+
+# Builds the packages named (`-p NAME ...`) in the profile the run asks for
+# and sets `bin` to their directory. BENCH_PROFILE=dev (debug binaries,
+# optimised hashing) is for smoke runs only.
+bench_binaries() {
+  bash scripts/setup-debian.sh
+  cargo build --profile "${BENCH_PROFILE:-release}" --locked -q "$@"
+  bin=$PWD/target/$([[ ${BENCH_PROFILE:-release} == dev ]] && echo debug || echo release)
+}
+
+# Makes the work directory `work` (/var/tmp/NAME.XXXXXX, mode 755: it holds
+# the `link` imgdeploy checks) and, on exit, stops the servers in `pids`,
+# unmounts whatever is mounted under it (deepest first) and removes it.
+bench_workdir() {
+  work=$(mktemp -d "/var/tmp/$1.XXXXXX")
+  chmod 755 "$work"
+  pids=()
+  trap bench_cleanup EXIT
+}
+
+bench_cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+  awk -v w="$work/" 'index($2, w) == 1 {print $2}' /proc/mounts | sort -r | while read -r m; do umount "$m" 2>/dev/null || true; done
+  rm -rf "$work"
+}
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# Serves ROOT over HTTP with nginx on 127.0.0.1, on a free port it puts in
+# `port`, with HTTP_EXTRA (logging directives) in its http block. Its temp
+# paths get a directory of their own (nginx chowns them to its worker user),
+# never the work directory that holds `link`.
+serve_static() {
+  local root=$1 extra=$2 n=$work/nginx
+  port=$(free_port)
+  mkdir "$n"
+  cat > "$n/nginx.conf" <<NGINX
+daemon off; master_process off; worker_processes 1; pid $n/nginx.pid; error_log $n/error.log;
+events { worker_connections 256; }
+http { $extra sendfile on;
+  client_body_temp_path $n; proxy_temp_path $n; fastcgi_temp_path $n; uwsgi_temp_path $n; scgi_temp_path $n;
+  server { listen 127.0.0.1:$port; root $root; } }
+NGINX
+  nginx -c "$n/nginx.conf" -p "$n" & pids+=($!)
+}
