@@ -196,7 +196,24 @@ fn hash_blocks(bytes: &[u8], salt: &Sha256Digest, threads: usize) -> Vec<u8> {
 /// Memory stays the same for any image size: each level is written to its
 /// place as it is hashed, and read back from there to hash the level above,
 /// [`BATCH_BLOCKS`] blocks (8 MiB) at a time, split across the cores.
-pub fn write_tree(file: &File, mut data: impl Read, data_blocks: u64, salt: &Sha256Digest) -> io::Result<Sha256Digest> {
+pub fn write_tree(file: &File, data: impl Read, data_blocks: u64, salt: &Sha256Digest) -> io::Result<Sha256Digest> {
+    write_tree_beside(file, data, data_blocks, salt, None)
+}
+
+/// What sees each batch of the data beside the tree ([`write_tree_beside`]).
+pub type Beside<'a> = &'a mut (dyn FnMut(&[u8]) + Send);
+
+/// [`write_tree`], also handing every batch of the data, in order, to
+/// `beside`, which runs on a core of its own while the batch's blocks are
+/// hashed on the others: a deployer hashes the whole image in the same
+/// read. The next batch is read while one is hashed.
+pub fn write_tree_beside(
+    file: &File,
+    mut data: impl Read,
+    data_blocks: u64,
+    salt: &Sha256Digest,
+    mut beside: Option<Beside<'_>>,
+) -> io::Result<Sha256Digest> {
     let sizes = levels(data_blocks);
     let hash_offset = data_blocks * BLOCK_SIZE;
     let mut block = vec![0u8; BLOCK_SIZE as usize];
@@ -211,14 +228,26 @@ pub fn write_tree(file: &File, mut data: impl Read, data_blocks: u64, salt: &Sha
         at += blocks * BLOCK_SIZE;
     }
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(8);
+    let hashers = if beside.is_some() { threads.saturating_sub(1).max(1) } else { threads };
+    let batch = |done: u64| (data_blocks - done).min(BATCH_BLOCKS as u64) as usize * BLOCK_SIZE as usize;
     let mut buf = vec![0u8; BATCH_BLOCKS * BLOCK_SIZE as usize];
+    let mut next = vec![0u8; buf.len()];
+    data.read_exact(&mut buf[..batch(0)])?;
     // The data's hashes: the bottom level, or the root for one block.
     let mut first = [0u8; 32];
     for done in (0..data_blocks).step_by(BATCH_BLOCKS) {
-        let n = (data_blocks - done).min(BATCH_BLOCKS as u64) as usize;
-        let bytes = &mut buf[..n * BLOCK_SIZE as usize];
-        data.read_exact(bytes)?;
-        let hashes = hash_blocks(bytes, salt, threads);
+        let bytes = &buf[..batch(done)];
+        let ahead = done + BATCH_BLOCKS as u64;
+        let (hashes, read) = std::thread::scope(|s| {
+            if let Some(f) = beside.as_deref_mut() {
+                s.spawn(move || f(bytes));
+            }
+            let hashing = s.spawn(|| hash_blocks(bytes, salt, hashers));
+            let read = data.read_exact(&mut next[..batch(ahead.min(data_blocks))]);
+            (hashing.join().expect("hashing does not panic"), read)
+        });
+        read?;
+        std::mem::swap(&mut buf, &mut next);
         if done == 0 {
             first.copy_from_slice(&hashes[..32]);
         }
@@ -413,6 +442,31 @@ mod tests {
         );
         // Data that ends early is an error.
         assert!(write_tree(&file, &data[..4096 * 299], 300, &salt).is_err());
+    }
+
+    #[test]
+    fn beside_sees_every_byte_of_the_data_in_order_and_the_tree_is_the_same() {
+        let salt = Sha256Digest([5; 32]);
+        for blocks in [1usize, 4, 5, 301] {
+            let data = noise(blocks);
+            let (clean, root) = hash_tree(&data, blocks as u64, &salt).unwrap();
+            let file = tempfile::tempfile().unwrap();
+            file.write_all_at(&data, 0).unwrap();
+            let (mut seen, mut calls) = (Vec::new(), 0);
+            let mut beside = |b: &[u8]| {
+                seen.extend_from_slice(b);
+                calls += 1;
+            };
+            assert_eq!(write_tree_beside(&file, &data[..], blocks as u64, &salt, Some(&mut beside)).unwrap(), root);
+            assert!(seen == data, "{blocks} blocks: beside saw other bytes");
+            assert_eq!(calls, blocks.div_ceil(BATCH_BLOCKS), "one call per batch");
+            let mut tail = vec![0u8; clean.len()];
+            file.read_exact_at(&mut tail, (blocks as u64 + 1) * 4096).unwrap();
+            assert!(tail == clean, "{blocks} blocks: the tree differs");
+            // Data that ends early is an error, in the first batch or a later one.
+            let short = &data[..data.len() - 1];
+            assert!(write_tree_beside(&file, short, blocks as u64, &salt, Some(&mut |_: &[u8]| ())).is_err());
+        }
     }
 
     #[test]
