@@ -122,7 +122,7 @@ pub struct ReuseStats {
 /// What the packers of one build share.
 #[derive(Debug)]
 struct Shared {
-    level: u32,
+    compressor: Compressor,
     reuse: ReuseIndex,
     /// (stored, sha256 on disk) -> (sha256 uncompressed, uncompressed length).
     produced: Mutex<HashMap<(bool, Sha256Digest), (Sha256Digest, u32)>>,
@@ -145,10 +145,12 @@ pub struct Packer {
 pub struct Record(Arc<Shared>);
 
 impl Packer {
-    /// A packer at `level`, reusing from `reuse`, and the handle on its record.
-    pub fn new(level: u32, reuse: ReuseIndex) -> io::Result<(Self, Record)> {
+    /// A packer of data and fragment blocks at `compressor`'s level
+    /// (metadata at its metadata level: [`BlockPacker::for_metadata`]),
+    /// reusing from `reuse`, and the handle on its record.
+    pub fn new(compressor: Compressor, reuse: ReuseIndex) -> io::Result<(Self, Record)> {
         let shared = Arc::new(Shared {
-            level,
+            compressor,
             reuse,
             produced: Mutex::new(HashMap::new()),
             reused_blocks: AtomicU64::new(0),
@@ -157,7 +159,8 @@ impl Packer {
             compressed_bytes: AtomicU64::new(0),
             rejected_blocks: AtomicU64::new(0),
         });
-        let packer = Packer { compressor: BlockCompressor::new(level)?, shared: shared.clone(), scratch: Vec::new() };
+        let packer =
+            Packer { compressor: BlockCompressor::new(compressor.level)?, shared: shared.clone(), scratch: Vec::new() };
         Ok((packer, Record(shared)))
     }
 
@@ -219,7 +222,15 @@ impl BlockPacker for Packer {
 
     fn fork(&self) -> io::Result<Box<dyn BlockPacker>> {
         Ok(Box::new(Packer {
-            compressor: BlockCompressor::new(self.shared.level)?,
+            compressor: BlockCompressor::new(self.shared.compressor.level)?,
+            shared: self.shared.clone(),
+            scratch: Vec::new(),
+        }))
+    }
+
+    fn for_metadata(&self) -> io::Result<Box<dyn BlockPacker>> {
+        Ok(Box::new(Packer {
+            compressor: BlockCompressor::new(self.shared.compressor.metadata_level)?,
             shared: self.shared.clone(),
             scratch: Vec::new(),
         }))

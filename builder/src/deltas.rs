@@ -375,7 +375,8 @@ fn patch_for(finder: &Finder<'_>, old: &File, i: usize, new: &File, b: &Block) -
     if packed >= b.size as usize * 9 / 10 {
         return Ok(None);
     }
-    let block = NewBlock { size: b.size, raw_size: b.raw_size, stored: b.stored, sha256: b.disk_sha256 };
+    let metadata = b.kind == BlockKind::Metadata;
+    let block = NewBlock { size: b.size, raw_size: b.raw_size, stored: b.stored, metadata, sha256: b.disk_sha256 };
     Ok(Some(Op::Patch { block, refs: olds, kind, patch }))
 }
 

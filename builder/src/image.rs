@@ -155,7 +155,8 @@ pub fn write_image(
     progress: &dyn Fn(u64),
 ) -> Result<ImageStats, ImageError> {
     let newest = tree.nodes.iter().map(|n| n.mtime).max().unwrap_or(0);
-    let (packer, record) = Packer::new(opts.level, reuse).map_err(ImageError::Compressor)?;
+    let compressor = Compressor::identity(opts.level);
+    let (packer, record) = Packer::new(compressor, reuse).map_err(ImageError::Compressor)?;
     let mut w = ImageWriter::create(
         out,
         &WriterOptions {
@@ -277,8 +278,7 @@ pub fn write_image(
     // and largest allocation of a build.
     drop((layouts, slots, iref, number, parent, order));
     let image = std::fs::File::open(out).map_err(|e| ImageError::Map(MapBuildError::Read(e)))?;
-    let map =
-        build_map(&image, size, &tables, BLOCK_SIZE, Compressor::identity(opts.level), files, &fragments, &record)?;
+    let map = build_map(&image, size, &tables, BLOCK_SIZE, compressor, files, &fragments, &record)?;
     Ok(ImageStats { size, inodes: inode_count, data_bytes: tree.data_bytes, reuse: record.stats(), map })
 }
 

@@ -68,9 +68,10 @@ pub fn describe_blocks(s: &MapSummary) -> String {
         )
     };
     format!(
-        "block map: zstd {} level {}, {}-byte blocks\n{}{}{}  {} files ({} with a tail in a fragment block), {} sparse blocks, {} blocks repeat earlier content\n",
+        "block map: zstd {} level {} (metadata {}), {}-byte blocks\n{}{}{}  {} files ({} with a tail in a fragment block), {} sparse blocks, {} blocks repeat earlier content\n",
         s.zstd_version,
         s.level,
+        s.metadata_level,
         s.block_size,
         kind("data", &s.data),
         kind("fragment", &s.fragment),

@@ -272,6 +272,9 @@ pub trait BlockPacker: Send {
     fn pack(&mut self, input: &[u8], out: &mut [u8]) -> std::io::Result<imgdeploy_common::compress::Packed>;
     /// Another packer for another thread, sharing whatever state this one shares.
     fn fork(&self) -> std::io::Result<Box<dyn BlockPacker>>;
+    /// The packer of metadata blocks (the inode, directory, fragment, id
+    /// and xattr tables), which may compress at another level.
+    fn for_metadata(&self) -> std::io::Result<Box<dyn BlockPacker>>;
 }
 
 /// A `sqfs_compressor_t` whose blocks go through a [`BlockPacker`]. The
@@ -566,8 +569,10 @@ pub struct ImageWriter {
     file: *mut ffi::File,
     /// libsquashfs's zstd compressor, used only for the options block.
     options_cmp: *mut ffi::Compressor,
-    /// Ours ([`OwnCompressor`]): every block goes through it.
+    /// Ours ([`OwnCompressor`]): every data and fragment block goes through it.
     cmp: *mut ffi::Compressor,
+    /// Ours too, for every metadata block ([`BlockPacker::for_metadata`]).
+    meta_cmp: *mut ffi::Compressor,
     blkwr: *mut c_void,
     fragtbl: *mut c_void,
     proc_: *mut c_void,
@@ -593,6 +598,7 @@ impl Drop for ImageWriter {
                 destroy(obj);
             }
             destroy(self.cmp.cast());
+            destroy(self.meta_cmp.cast());
             destroy(self.options_cmp.cast());
             destroy(self.file.cast());
             for slot in &self.file_slots {
@@ -617,6 +623,7 @@ impl ImageWriter {
             file: ptr::null_mut(),
             options_cmp: ptr::null_mut(),
             cmp: ptr::null_mut(),
+            meta_cmp: ptr::null_mut(),
             blkwr: ptr::null_mut(),
             fragtbl: ptr::null_mut(),
             proc_: ptr::null_mut(),
@@ -644,6 +651,9 @@ impl ImageWriter {
             )?;
             cfg.level = opts.level;
             check(ffi::sqfs_compressor_create(&cfg, &mut w.options_cmp), "creating the zstd compressor")?;
+            let metadata_packer =
+                packer.for_metadata().map_err(|_| SqfsError { what: "creating the metadata compressor", code: 0 })?;
+            w.meta_cmp = OwnCompressor::boxed(w.options_cmp, metadata_packer);
             w.cmp = OwnCompressor::boxed(w.options_cmp, packer);
             check(
                 ffi::sqfs_super_init(&mut w.sup, opts.block_size as usize, opts.mtime, ffi::SQFS_COMP_ZSTD),
@@ -673,9 +683,10 @@ impl ImageWriter {
             check(ffi::sqfs_block_processor_create_ex(&desc, &mut w.proc_), "starting the compression threads")?;
             w.idtbl = nonnull(ffi::sqfs_id_table_create(0), "creating the id table")?.as_ptr();
             w.xwr = nonnull(ffi::sqfs_xattr_writer_create(0), "creating the xattr writer")?.as_ptr();
-            w.im = nonnull(ffi::sqfs_meta_writer_create(w.file, w.cmp, 0), "creating the inode table writer")?.as_ptr();
+            w.im = nonnull(ffi::sqfs_meta_writer_create(w.file, w.meta_cmp, 0), "creating the inode table writer")?
+                .as_ptr();
             w.dm = nonnull(
-                ffi::sqfs_meta_writer_create(w.file, w.cmp, ffi::SQFS_META_WRITER_KEEP_IN_MEMORY),
+                ffi::sqfs_meta_writer_create(w.file, w.meta_cmp, ffi::SQFS_META_WRITER_KEEP_IN_MEMORY),
                 "creating the directory table writer",
             )?
             .as_ptr();
@@ -835,12 +846,15 @@ impl ImageWriter {
             self.sup.directory_table_start = size(self.file);
             check(ffi::sqfs_meta_write_write_to_file(self.dm), "writing the directory table")?;
             check(
-                ffi::sqfs_frag_table_write(self.fragtbl, self.file, &mut self.sup, self.cmp),
+                ffi::sqfs_frag_table_write(self.fragtbl, self.file, &mut self.sup, self.meta_cmp),
                 "writing the fragment table",
             )?;
-            check(ffi::sqfs_id_table_write(self.idtbl, self.file, &mut self.sup, self.cmp), "writing the id table")?;
             check(
-                ffi::sqfs_xattr_writer_flush(self.xwr, self.file, &mut self.sup, self.cmp),
+                ffi::sqfs_id_table_write(self.idtbl, self.file, &mut self.sup, self.meta_cmp),
+                "writing the id table",
+            )?;
+            check(
+                ffi::sqfs_xattr_writer_flush(self.xwr, self.file, &mut self.sup, self.meta_cmp),
                 "writing the xattr table",
             )?;
             self.sup.bytes_used = size(self.file);

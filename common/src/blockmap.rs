@@ -22,8 +22,8 @@ use std::io::{self, Write};
 use crate::compress::Compressor;
 use crate::digest::Sha256Digest;
 
-const MAGIC: &[u8; 8] = b"IMGMAP\x01\0";
-const HEADER: usize = 8 + 4 * 3 + 8 + 4 * 2;
+const MAGIC: &[u8; 8] = b"IMGMAP\x02\0";
+const HEADER: usize = 8 + 4 * 4 + 8 + 4 * 2;
 const BLOCK: usize = 8 + 4 + 4 + 1 + 1 + 32 + 32;
 /// Largest squashfs metadata block (uncompressed).
 pub const METADATA_BLOCK: u32 = 8192;
@@ -153,8 +153,10 @@ pub struct KindSummary {
 pub struct MapSummary {
     /// The bundled zstd's version number that compressed the blocks.
     pub zstd_version: u32,
-    /// zstd level.
+    /// zstd level of data and fragment blocks.
     pub level: u32,
+    /// zstd level of metadata blocks.
+    pub metadata_level: u32,
     /// Data block size.
     pub block_size: u32,
     /// Data blocks.
@@ -225,6 +227,7 @@ impl BlockMap {
         out.write_all(MAGIC)?;
         out.write_all(&self.compressor.zstd_version.to_le_bytes())?;
         out.write_all(&self.compressor.level.to_le_bytes())?;
+        out.write_all(&self.compressor.metadata_level.to_le_bytes())?;
         out.write_all(&self.block_size.to_le_bytes())?;
         out.write_all(&self.image_size.to_le_bytes())?;
         out.write_all(&(self.blocks.len() as u32).to_le_bytes())?;
@@ -260,7 +263,8 @@ impl BlockMap {
         if c.take(8, "header")? != MAGIC {
             return Err(invalid("wrong magic (not an imgdeploy block map, or a newer format)"));
         }
-        let compressor = Compressor { zstd_version: c.u32("header")?, level: c.u32("header")? };
+        let compressor =
+            Compressor { zstd_version: c.u32("header")?, level: c.u32("header")?, metadata_level: c.u32("header")? };
         let block_size = c.u32("header")?;
         let image_size = c.u64("header")?;
         let nblocks = c.u32("header")? as usize;
@@ -362,6 +366,7 @@ impl BlockMap {
         let mut s = MapSummary {
             zstd_version: self.compressor.zstd_version,
             level: self.compressor.level,
+            metadata_level: self.compressor.metadata_level,
             block_size: self.block_size,
             files: self.files.len() as u64,
             ..MapSummary::default()
@@ -393,10 +398,7 @@ fn check_header(block_size: u32, compressor: Compressor) -> Result<(), MapError>
     if !(4096..=1 << 20).contains(&block_size) || !block_size.is_power_of_two() {
         return Err(invalid(format!("block size {block_size} is not a squashfs block size")));
     }
-    if !(1..=22).contains(&compressor.level) {
-        return Err(invalid(format!("zstd level {} is out of range", compressor.level)));
-    }
-    Ok(())
+    compressor.check_levels().map_err(invalid)
 }
 
 /// Sizes within squashfs limits, after the previous block (`end`), inside the image.
@@ -480,7 +482,7 @@ mod tests {
             disk_sha256: digest(n + 100),
         };
         BlockMap {
-            compressor: Compressor { zstd_version: 10507, level: 15 },
+            compressor: Compressor { zstd_version: 10507, level: 15, metadata_level: 3 },
             block_size: 131072,
             image_size: 1 << 20,
             blocks: vec![
@@ -525,7 +527,7 @@ mod tests {
         long.files[0].path.push(b'a');
         assert!(long.validate().unwrap_err().to_string().contains("invalid path"));
         let s = m.summary();
-        assert_eq!((s.zstd_version, s.level, s.block_size), (10507, 15, 131072));
+        assert_eq!((s.zstd_version, s.level, s.metadata_level, s.block_size), (10507, 15, 3, 131072));
         assert_eq!((s.data.blocks, s.data.stored, s.data.disk_bytes, s.data.raw_bytes), (3, 1, 132572, 262844));
         assert_eq!((s.fragment.blocks, s.metadata.blocks, s.metadata.stored), (1, 2, 1));
         assert_eq!((s.files, s.files_with_tail, s.sparse_blocks, s.duplicate_blocks), (4, 2, 1, 0));
@@ -542,10 +544,10 @@ mod tests {
         m.image_size = 142002 + 90;
         m.block_size = 131072;
         assert_eq!(BlockMap::parse(&m.to_bytes()).unwrap(), m);
-        for (bs, level) in [(4096, 1), (1 << 20, 22)] {
+        for (bs, level, metadata_level) in [(4096, 1, 22), (1 << 20, 22, 1)] {
             let m = BlockMap {
                 block_size: bs,
-                compressor: Compressor { zstd_version: 1, level },
+                compressor: Compressor { zstd_version: 1, level, metadata_level },
                 blocks: vec![],
                 files: vec![],
                 image_size: 0,
@@ -633,6 +635,8 @@ mod tests {
         bad(&|m| m.block_size = 1 << 21, "not a squashfs block size");
         bad(&|m| m.compressor.level = 0, "level 0");
         bad(&|m| m.compressor.level = 23, "level 23");
+        bad(&|m| m.compressor.metadata_level = 0, "metadata zstd level 0");
+        bad(&|m| m.compressor.metadata_level = 23, "metadata zstd level 23");
         bad(&|m| m.files[0].blocks.pop().map(|_| ()).unwrap(), "2 blocks");
         bad(&|m| m.files[0].blocks[0] = 9, "block 9 does not exist");
         bad(&|m| m.files[0].blocks[0] = 3, "not a data block");
@@ -658,8 +662,11 @@ mod tests {
         stored[HEADER + 17] = 2;
         assert!(BlockMap::parse(&stored).unwrap_err().to_string().contains("stored flag"));
         let mut magic = good.clone();
-        magic[6] = 2;
-        assert!(BlockMap::parse(&magic).unwrap_err().to_string().contains("magic"));
+        magic[6] = 1;
+        assert!(
+            BlockMap::parse(&magic).unwrap_err().to_string().contains("magic"),
+            "the format before metadata levels"
+        );
         let mut many = good;
         many[HEADER - 8..HEADER - 4].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(BlockMap::parse(&many).unwrap_err().to_string().contains("do not fit"));

@@ -37,7 +37,7 @@ use std::os::unix::fs::FileExt;
 use crate::compress::{decompress_block, BlockCompressor, Compressor};
 use crate::digest::Sha256Digest;
 
-const MAGIC: &[u8; 8] = b"IMGDLT\x01\0";
+const MAGIC: &[u8; 8] = b"IMGDLT\x02\0";
 const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
 /// The zstd window a delta may ask for (32 MiB; level 19 uses 8 MiB).
 const WINDOW_LOG_MAX: u32 = 25;
@@ -119,6 +119,8 @@ pub struct NewBlock {
     pub raw_size: u32,
     /// Stored uncompressed.
     pub stored: bool,
+    /// A metadata block: recompressed at the compressor's metadata level.
+    pub metadata: bool,
     /// sha256 of the bytes on disk.
     pub sha256: Sha256Digest,
 }
@@ -217,6 +219,7 @@ impl<W: Write> DeltaWriter<W> {
         enc.write_all(&header.out_size.to_le_bytes())?;
         enc.write_all(&header.compressor.zstd_version.to_le_bytes())?;
         enc.write_all(&header.compressor.level.to_le_bytes())?;
+        enc.write_all(&header.compressor.metadata_level.to_le_bytes())?;
         Ok(Self { enc, out_size: header.out_size, produced: 0 })
     }
 
@@ -252,7 +255,7 @@ impl<W: Write> DeltaWriter<W> {
                 e.write_all(&[OP_PATCH])?;
                 e.write_all(&block.size.to_le_bytes())?;
                 e.write_all(&block.raw_size.to_le_bytes())?;
-                e.write_all(&[u8::from(block.stored), refs.len() as u8, kind.code()])?;
+                e.write_all(&[u8::from(block.stored), u8::from(block.metadata), refs.len() as u8, kind.code()])?;
                 e.write_all(&block.sha256.0)?;
                 for r in refs {
                     check_block(r.size, r.raw_size, r.stored, "an old block").map_err(io::Error::other)?;
@@ -309,7 +312,7 @@ impl<R: Read> DeltaReader<R> {
                 from: Sha256Digest([0; 32]),
                 to: Sha256Digest([0; 32]),
                 out_size: 0,
-                compressor: Compressor { zstd_version: 0, level: 0 },
+                compressor: Compressor { zstd_version: 0, level: 0, metadata_level: 0 },
             },
             produced: 0,
             ended: false,
@@ -320,10 +323,9 @@ impl<R: Read> DeltaReader<R> {
         me.header.from = Sha256Digest(me.bytes("header")?);
         me.header.to = Sha256Digest(me.bytes("header")?);
         me.header.out_size = me.u64("header")?;
-        me.header.compressor = Compressor { zstd_version: me.u32("header")?, level: me.u32("header")? };
-        if !(1..=22).contains(&me.header.compressor.level) {
-            return Err(invalid(format!("zstd level {} is not 1-22", me.header.compressor.level)));
-        }
+        me.header.compressor =
+            Compressor { zstd_version: me.u32("header")?, level: me.u32("header")?, metadata_level: me.u32("header")? };
+        me.header.compressor.check_levels().map_err(invalid)?;
         Ok(me)
     }
 
@@ -352,11 +354,11 @@ impl<R: Read> DeltaReader<R> {
     fn u64(&mut self, what: &str) -> Result<u64, DeltaFileError> {
         Ok(u64::from_le_bytes(self.bytes(what)?))
     }
-    fn flag(&mut self, what: &str) -> Result<bool, DeltaFileError> {
+    fn flag(&mut self, what: &str, name: &str) -> Result<bool, DeltaFileError> {
         match self.u8(what)? {
             0 => Ok(false),
             1 => Ok(true),
-            f => Err(invalid(format!("{what} has stored flag {f}"))),
+            f => Err(invalid(format!("{what} has {name} flag {f}"))),
         }
     }
     fn vec(&mut self, len: usize, what: &str) -> Result<Vec<u8>, DeltaFileError> {
@@ -405,7 +407,8 @@ impl<R: Read> DeltaReader<R> {
             }
             OP_PATCH => {
                 let (size, raw_size) = (self.u32("a patch")?, self.u32("a patch")?);
-                let stored = self.flag("a patch")?;
+                let stored = self.flag("a patch", "stored")?;
+                let metadata = self.flag("a patch", "metadata")?;
                 let nrefs = self.u8("a patch")? as usize;
                 let code = self.u8("a patch")?;
                 check_block(size, raw_size, stored, "a patched block")?;
@@ -420,7 +423,7 @@ impl<R: Read> DeltaReader<R> {
                         offset: self.u64("a patch")?,
                         size: self.u32("a patch")?,
                         raw_size: self.u32("a patch")?,
-                        stored: self.flag("a patch")?,
+                        stored: self.flag("a patch", "stored")?,
                     };
                     check_block(r.size, r.raw_size, r.stored, "an old block")?;
                     refs.push(r);
@@ -430,7 +433,7 @@ impl<R: Read> DeltaReader<R> {
                     return Err(invalid(format!("a patch of {len} bytes")));
                 }
                 let patch = self.vec(len as usize, "a patch")?;
-                Op::Patch { block: NewBlock { size, raw_size, stored, sha256 }, refs, kind, patch }
+                Op::Patch { block: NewBlock { size, raw_size, stored, metadata, sha256 }, refs, kind, patch }
             }
             t => return Err(invalid(format!("unknown op {t}"))),
         };
@@ -590,8 +593,28 @@ struct PatchJob {
 /// What a worker did with a [`PatchJob`]: (offset, length, reproduced).
 type PatchDone = io::Result<(u64, u64, bool)>;
 
+/// A worker's compression contexts: data and fragment blocks, metadata blocks.
+struct Recompressors {
+    data: BlockCompressor,
+    metadata: BlockCompressor,
+}
+
+impl Recompressors {
+    fn new(c: Compressor) -> io::Result<Self> {
+        Ok(Self { data: BlockCompressor::new(c.level)?, metadata: BlockCompressor::new(c.metadata_level)? })
+    }
+
+    fn of(&mut self, block: &NewBlock) -> &mut BlockCompressor {
+        if block.metadata {
+            &mut self.metadata
+        } else {
+            &mut self.data
+        }
+    }
+}
+
 /// Makes one patched block and writes it; `false` if it did not reproduce.
-fn patch_one(old: &File, out: &File, job: &PatchJob, comp: &mut BlockCompressor) -> io::Result<bool> {
+fn patch_one(old: &File, out: &File, job: &PatchJob, comps: &mut Recompressors) -> io::Result<bool> {
     let mut base = Vec::new();
     let made = job
         .refs
@@ -600,7 +623,7 @@ fn patch_one(old: &File, out: &File, job: &PatchJob, comp: &mut BlockCompressor)
             base.extend_from_slice(&read_old_block(old, r)?);
             Some(())
         })
-        .and_then(|()| reproduce_block(&base, job.kind, &job.patch, &job.block, comp));
+        .and_then(|()| reproduce_block(&base, job.kind, &job.patch, &job.block, comps.of(&job.block)));
     match made {
         Some(disk) => out.write_all_at(&disk, job.at).map(|()| true),
         None => Ok(false),
@@ -615,12 +638,12 @@ fn patch_worker(
     done: std::sync::mpsc::Sender<PatchDone>,
     old: &File,
     out: &File,
-    mut comp: BlockCompressor,
+    mut comps: Recompressors,
 ) {
     loop {
         let job = jobs.lock().unwrap_or_else(std::sync::PoisonError::into_inner).recv();
         let Ok(job) = job else { return };
-        let made = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| patch_one(old, out, &job, &mut comp)))
+        let made = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| patch_one(old, out, &job, &mut comps)))
             .unwrap_or_else(|_| Err(io::Error::other("recompressing a patched block panicked")));
         if done.send(made.map(|ok| (job.at, job.block.size as u64, ok))).is_err() {
             return;
@@ -643,8 +666,8 @@ pub fn apply<R: Read>(
     progress: &dyn Fn(&ApplyStats),
 ) -> Result<ApplyStats, ApplyError> {
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_WORKERS);
-    let level = delta.header().compressor.level;
-    let comps = (0..workers).map(|_| BlockCompressor::new(level)).collect::<io::Result<Vec<_>>>();
+    let compressor = delta.header().compressor;
+    let comps = (0..workers).map(|_| Recompressors::new(compressor)).collect::<io::Result<Vec<_>>>();
     let comps = comps.map_err(ApplyError::Write)?;
     let mut stats = ApplyStats::default();
     std::thread::scope(|s| {
@@ -748,6 +771,9 @@ mod tests {
     use super::*;
     use crate::test_noise;
 
+    /// Where the ops start: after magic, two digests, size, version and two levels.
+    const OPS_AT: usize = 8 + 64 + 8 + 12;
+
     fn header(out_size: u64) -> Header {
         Header { from: Sha256Digest([1; 32]), to: Sha256Digest([2; 32]), out_size, compressor: Compressor::identity(3) }
     }
@@ -799,6 +825,7 @@ mod tests {
             size: disk.len() as u32,
             raw_size: raw.len() as u32,
             stored,
+            metadata: false,
             sha256: Sha256Digest::of_bytes(&disk),
         };
         (b, disk)
@@ -810,7 +837,13 @@ mod tests {
             Op::Copy { offset: 7, len: 100 },
             Op::Literal(b"abc".to_vec()),
             Op::Patch {
-                block: NewBlock { size: 10, raw_size: 20, stored: false, sha256: Sha256Digest([9; 32]) },
+                block: NewBlock {
+                    size: 10,
+                    raw_size: 20,
+                    stored: false,
+                    metadata: true,
+                    sha256: Sha256Digest([9; 32]),
+                },
                 refs: vec![
                     OldBlock { offset: 1, size: 5, raw_size: 5, stored: true },
                     OldBlock { offset: 9, size: 4, raw_size: 8, stored: false },
@@ -819,7 +852,7 @@ mod tests {
                 patch: vec![1, 2, 3],
             },
             Op::Patch {
-                block: NewBlock { size: 6, raw_size: 6, stored: true, sha256: Sha256Digest([8; 32]) },
+                block: NewBlock { size: 6, raw_size: 6, stored: true, metadata: false, sha256: Sha256Digest([8; 32]) },
                 refs: vec![OldBlock { offset: 3, size: 5, raw_size: 5, stored: true }],
                 kind: PatchKind::Bsdiff,
                 patch: vec![4],
@@ -842,7 +875,7 @@ mod tests {
         assert!(w.push(&Op::Literal(vec![0; MAX_LITERAL as usize + 1])).is_err());
         w.push(&Op::Literal(vec![0; MAX_LITERAL as usize])).unwrap();
         let patch = |size, raw_size, stored, refs: usize| Op::Patch {
-            block: NewBlock { size, raw_size, stored, sha256: Sha256Digest([0; 32]) },
+            block: NewBlock { size, raw_size, stored, metadata: false, sha256: Sha256Digest([0; 32]) },
             refs: vec![OldBlock { offset: 0, size: 4, raw_size: 4, stored: true }; refs],
             kind: PatchKind::Bsdiff,
             patch: vec![],
@@ -851,7 +884,7 @@ mod tests {
         assert!(w.push(&patch(10, MAX_BLOCK + 1, false, 1)).is_err(), "larger than squashfs allows");
         w.push(&patch(10, MAX_BLOCK, false, 1)).unwrap();
         let sized = |len: usize| Op::Patch {
-            block: NewBlock { size: 10, raw_size: 20, stored: false, sha256: Sha256Digest([0; 32]) },
+            block: NewBlock { size: 10, raw_size: 20, stored: false, metadata: false, sha256: Sha256Digest([0; 32]) },
             refs: vec![OldBlock { offset: 0, size: 4, raw_size: 4, stored: true }],
             kind: PatchKind::Bsdiff,
             patch: vec![0; len],
@@ -881,6 +914,9 @@ mod tests {
         let mut m = raw.clone();
         m[8 + 64 + 8 + 4] = 23;
         assert!(err(&recode(&m)).contains("zstd level 23"));
+        let mut m = raw.clone();
+        m[8 + 64 + 8 + 8] = 0;
+        assert!(err(&recode(&m)).contains("metadata zstd level 0"));
         assert!(err(&recode(&raw[..raw.len() - 1])).contains("an op is cut short"));
         assert!(err(&recode(&raw[..raw.len() - 3])).contains("a literal is cut short"));
         let mut m = raw.clone();
@@ -894,13 +930,13 @@ mod tests {
         m[8 + 64] = 9;
         assert!(err(&recode(&m)).contains("runs past the 9-byte output"));
         let mut m = raw.clone();
-        m[8 + 64 + 8 + 8] = 9;
+        m[OPS_AT] = 9;
         assert!(err(&recode(&m)).contains("unknown op 9"));
         // A literal claiming more than the limit, and a copy that wraps.
-        let mut m = raw[..8 + 64 + 8 + 8 + 1].to_vec();
+        let mut m = raw[..OPS_AT + 1].to_vec();
         m.extend_from_slice(&(MAX_LITERAL + 1).to_le_bytes());
         assert!(err(&recode(&m)).contains("a literal of 1048577 bytes"));
-        let mut m = raw[..8 + 64 + 8 + 8].to_vec();
+        let mut m = raw[..OPS_AT].to_vec();
         m.push(OP_COPY);
         m.extend_from_slice(&u64::MAX.to_le_bytes());
         m.extend_from_slice(&2u64.to_le_bytes());
@@ -915,6 +951,7 @@ mod tests {
         raw.extend_from_slice(&[2; 32]);
         raw.extend_from_slice(&out_size.to_le_bytes());
         raw.extend_from_slice(&Compressor::identity(3).zstd_version.to_le_bytes());
+        raw.extend_from_slice(&3u32.to_le_bytes());
         raw.extend_from_slice(&3u32.to_le_bytes());
         raw.extend_from_slice(ops);
         raw.push(OP_END);
@@ -932,7 +969,7 @@ mod tests {
         let mut op = vec![OP_PATCH];
         op.extend_from_slice(&10u32.to_le_bytes());
         op.extend_from_slice(&20u32.to_le_bytes());
-        op.extend_from_slice(&[0, nrefs as u8, 0]);
+        op.extend_from_slice(&[0, 0, nrefs as u8, 0]);
         op.extend_from_slice(&[0; 32]);
         for _ in 0..nrefs {
             op.extend_from_slice(&0u64.to_le_bytes());
@@ -970,15 +1007,15 @@ mod tests {
 
     #[test]
     fn patch_fields_are_bounded() {
-        let base = |nrefs: u8, stored: u8, kind: u8, patch_len: u32| {
+        let with_metadata = |metadata: u8, nrefs: u8, stored: u8, kind: u8, patch_len: u32| {
             let h = header(10);
             let mut raw = encode(&h, &[Op::Literal(vec![0; 10])]);
             raw = zstd::decode_all(&raw[..]).unwrap();
-            raw.truncate(8 + 64 + 8 + 8);
+            raw.truncate(OPS_AT);
             raw.push(OP_PATCH);
             raw.extend_from_slice(&10u32.to_le_bytes());
             raw.extend_from_slice(&20u32.to_le_bytes());
-            raw.extend_from_slice(&[0, nrefs, kind]);
+            raw.extend_from_slice(&[0, metadata, nrefs, kind]);
             raw.extend_from_slice(&[0; 32]);
             for _ in 0..nrefs {
                 raw.extend_from_slice(&0u64.to_le_bytes());
@@ -989,10 +1026,12 @@ mod tests {
             raw.extend_from_slice(&patch_len.to_le_bytes());
             decode(&zstd::encode_all(&raw[..], 3).unwrap()).unwrap_err().to_string()
         };
+        let base = |nrefs: u8, stored: u8, kind: u8, patch_len: u32| with_metadata(0, nrefs, stored, kind, patch_len);
         assert!(base(0, 1, 0, 0).contains("reads 0 old blocks"));
         assert!(base(5, 1, 0, 0).contains("reads 5 old blocks"));
         assert!(base(1, 1, 2, 0).contains("unknown patch kind 2"));
         assert!(base(1, 2, 1, 0).contains("stored flag 2"));
+        assert!(with_metadata(2, 1, 1, 1, 0).contains("metadata flag 2"));
         assert!(base(1, 0, 1, 0).contains("an old block of 4 bytes"));
         assert!(base(1, 1, 1, MAX_PATCH + 1).contains("a patch of 4194305 bytes"));
         assert!(base(1, 1, 0, 3).contains("a patch is cut short"));
@@ -1100,6 +1139,34 @@ mod tests {
         let only_patches = encode(&header(expected.len() as u64 - 8), &ops[1..41]);
         let err = apply(&mut DeltaReader::new(&only_patches[..]).unwrap(), &old, &read_only, &|_| ()).unwrap_err();
         assert!(matches!(err, ApplyError::Write(_)), "a worker's write error: {err:?}");
+    }
+
+    #[test]
+    fn metadata_blocks_are_recompressed_at_the_metadata_level() {
+        let dir = tempfile::tempdir().unwrap();
+        let (old, blocks) = images(dir.path());
+        let mut raw = blocks[0].1.clone();
+        raw[100] ^= 1;
+        // Compressed at level 3: what the header names as the metadata level.
+        let (b, disk) = new_block(&raw, &mut BlockCompressor::new(3).unwrap());
+        let patch = make_patch(PatchKind::Zstd, &blocks[0].1, &raw);
+        let run = |metadata: bool, level: u32, metadata_level: u32| {
+            let mut h = header(b.size as u64);
+            h.compressor = Compressor { level, metadata_level, ..h.compressor };
+            let block = NewBlock { metadata, ..b };
+            let ops = [Op::Patch { block, refs: vec![blocks[0].0], kind: PatchKind::Zstd, patch: patch.clone() }];
+            let out = tempfile::tempfile().unwrap();
+            out.set_len(b.size as u64).unwrap();
+            let stats = apply(&mut DeltaReader::new(&encode(&h, &ops)[..]).unwrap(), &old, &out, &|_| ()).unwrap();
+            let mut got = vec![0u8; disk.len()];
+            out.read_exact_at(&mut got, 0).unwrap();
+            (stats.patched, stats.unreproduced_bytes, got == disk)
+        };
+        let size = b.size as u64;
+        assert_eq!(run(true, 19, 3), (size, 0, true), "a metadata block at the metadata level");
+        assert_eq!(run(false, 19, 3), (0, size, false), "the same block taken for data: level 19");
+        assert_eq!(run(false, 3, 19), (size, 0, true), "a data block at the data level");
+        assert_eq!(run(true, 3, 19), (0, size, false), "the same block taken for metadata: level 19");
     }
 
     #[test]

@@ -11,8 +11,8 @@ use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-use imgdeploy_common::blockmap::{BlockMap, SPARSE};
-use imgdeploy_common::compress::{decompress_block, BlockCompressor};
+use imgdeploy_common::blockmap::{BlockKind, BlockMap, SPARSE};
+use imgdeploy_common::compress::{decompress_block, BlockCompressor, METADATA_LEVEL};
 use imgdeploy_common::digest::Sha256Digest;
 use imgdeploy_common::manifest::Manifest;
 use imgdeploy_tests::{build_image, files_under, noise, run_bin, Keys};
@@ -237,10 +237,14 @@ fn check_map(src: &Path, repo: &Path, channel: &str, level: u32) -> BlockMap {
     let signed = Manifest::parse(&fs::read(repo.join(format!("{channel}.json"))).unwrap()).unwrap();
     assert_eq!(signed.image.size, image.len() as u64);
     assert_eq!(map.image_size, signed.image.data_size(), "the map covers the squashfs, not the hash tree");
-    assert_eq!(map.compressor.level, level);
+    assert_eq!((map.compressor.level, map.compressor.metadata_level), (level, level.min(METADATA_LEVEL)));
     let u64_at = |at: usize| u64::from_le_bytes(image[at..at + 8].try_into().unwrap());
     let inode_table_start = u64_at(64);
-    let mut compressor = BlockCompressor::new(level).unwrap();
+    let mut data_compressor = BlockCompressor::new(level).unwrap();
+    let mut metadata_compressor = BlockCompressor::new(level.min(METADATA_LEVEL)).unwrap();
+    // Whether some metadata block's bytes are not what the data's level
+    // makes: the metadata level is really used, not only recorded.
+    let mut metadata_differs = false;
     let mut raws = Vec::with_capacity(map.blocks.len());
     let mut data_end = None::<u64>;
     for b in &map.blocks {
@@ -248,7 +252,13 @@ fn check_map(src: &Path, repo: &Path, channel: &str, level: u32) -> BlockMap {
         assert_eq!(Sha256Digest::of_bytes(disk), b.disk_sha256, "block at {}", b.offset);
         let raw = if b.stored { disk.to_vec() } else { decompress_block(disk, b.raw_size as usize).unwrap() };
         assert_eq!(Sha256Digest::of_bytes(&raw), b.raw_sha256, "block at {}", b.offset);
-        // The deployer's compressor gives the very bytes in the image.
+        // The deployer's compressor gives the very bytes in the image, at
+        // the level of the block's kind.
+        let metadata = b.kind == BlockKind::Metadata;
+        if metadata && !b.stored {
+            metadata_differs |= data_compressor.pack(&raw).unwrap().0 != disk;
+        }
+        let compressor = if metadata { &mut metadata_compressor } else { &mut data_compressor };
         assert_eq!(
             compressor.pack(&raw).unwrap(),
             (disk.to_vec(), b.stored),
@@ -274,6 +284,7 @@ fn check_map(src: &Path, repo: &Path, channel: &str, level: u32) -> BlockMap {
         raws.push(raw);
     }
     assert_eq!(data_end, Some(inode_table_start), "the data area is not covered up to the inode table");
+    assert_eq!(metadata_differs, level > METADATA_LEVEL, "metadata blocks at level {level}");
     // Every regular file (one per inode) is in the map and rebuilds from it.
     let mut inodes = HashSet::new();
     let expected: Vec<_> = files_under(src)
@@ -327,7 +338,11 @@ fn block_maps_name_every_block_and_recompress_to_the_image() {
             run_bin("imgbuild", [OsStr::new("inspect"), OsStr::new("--blocks"), repo.join("stable.json").as_os_str()])
                 .ok();
         assert!(
-            text.stdout.contains(&format!("block map: zstd {} level {level}", map.compressor.zstd_version)),
+            text.stdout.contains(&format!(
+                "block map: zstd {} level {level} (metadata {})",
+                map.compressor.zstd_version,
+                level.min(METADATA_LEVEL)
+            )),
             "{}",
             text.stdout
         );

@@ -264,18 +264,19 @@ fn privileged_bad_static_deltas_fall_back() {
     //    reproduces; those regions are fetched by Range and the image is right.
     let built = next(&d);
     let good = fs::read(d.repo.join(&manifest(&d).deltas[0].path)).unwrap();
-    resign_delta(&d, &with_level(&good, 1));
+    resign_delta(&d, &with_levels(&good, 1, 19));
     let dl = apply_and_check(&d, "another compressor", &built, "static-delta", false);
     assert_eq!(dl["patched"], 0, "{dl}");
     assert!(dl["downloaded"].as_u64().unwrap() > dl["static_delta"].as_u64().unwrap(), "{dl}");
     d.assert_no_leaks();
 }
 
-/// The delta file with the zstd level of its header (after the magic,
-/// two digests, the size and the zstd version) set to `level`.
-fn with_level(delta: &[u8], level: u32) -> Vec<u8> {
+/// The delta file with the zstd levels of its header (data, then metadata,
+/// after the magic, two digests, the size and the zstd version) replaced.
+fn with_levels(delta: &[u8], level: u32, metadata_level: u32) -> Vec<u8> {
     let mut raw = zstd::decode_all(delta).unwrap();
     raw[8 + 64 + 8 + 4..8 + 64 + 8 + 8].copy_from_slice(&level.to_le_bytes());
+    raw[8 + 64 + 8 + 8..8 + 64 + 8 + 12].copy_from_slice(&metadata_level.to_le_bytes());
     zstd::encode_all(&raw[..], 3).unwrap()
 }
 
@@ -300,7 +301,7 @@ fn privileged_killed_static_delta_resumes() {
     }
     let built = d.publish_tree(&tree, "v2");
     let good = fs::read(d.repo.join(&manifest(&d).deltas[0].path)).unwrap();
-    resign_delta(&d, &with_level(&good, 1));
+    resign_delta(&d, &with_levels(&good, 1, 19));
     let size = manifest(&d).deltas[0].size;
     let delta_file = d.state.join("slots/b/image.delta");
     let arrived = || fs::metadata(&delta_file).is_ok_and(|m| m.len() == size);
