@@ -15,6 +15,7 @@
 # imgdeploy's client CPU seconds and peak RSS.
 #
 #   bash bench/delta.sh [SRC...]   default: /usr/share /usr/lib/x86_64-linux-gnu
+#   BENCH_LEVEL=3 bash bench/delta.sh   images built at `--level 3` (default 15)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 srcs=("$@"); ((${#srcs[@]})) || srcs=(/usr/share /usr/lib/x86_64-linux-gnu)
@@ -25,7 +26,7 @@ now() { date +%s.%N; }
 
 mkdir -p "$work/master" "$work/srv"
 for s in "${srcs[@]}"; do cp -a "$s" "$work/master/"; done
-echo "tree: ${srcs[*]}: $(du -sh --apparent-size "$work/master" | cut -f1), $(find "$work/master" -type f | wc -l) files; $(nproc) cores" >&2
+echo "tree: ${srcs[*]}: $(du -sh --apparent-size "$work/master" | cut -f1), $(find "$work/master" -type f | wc -l) files; $(nproc) cores; zstd level ${BENCH_LEVEL:-15}" >&2
 "$bin/imgbuild" -q keygen --out "$work/k" >/dev/null
 
 # nginx serving the image repository, the casync store and the zsync files.
@@ -38,7 +39,7 @@ sleep 1
 http_bytes() { awk '{s+=$3} END {print s+0}' "$work/access.log"; }
 reset_log() { : > "$work/access.log"; }
 
-build() { "$bin/imgbuild" -q build "$work/master" --key "$work/k.key" --channel bench --repo "$work/srv/repo" --json; }
+build() { "$bin/imgbuild" -q build "$work/master" --key "$work/k.key" --channel bench --repo "$work/srv/repo" --level "${BENCH_LEVEL:-15}" --json; }
 field() { python3 -c "import json,sys; print(json.load(sys.stdin)$1)"; }
 # Runs a command; its last stderr line is its CPU time and peak RSS.
 measured() {
@@ -94,23 +95,25 @@ for s in a b c; do
   rm -rf "$work/srv/store.castr"; casync make --store="$work/srv/store.castr" "$work/srv/image.caibx" "$img" >/dev/null
   cp "$img" "$work/srv/new.img"; (cd "$work/srv" && zsyncmake -u new.img -o new.img.zsync new.img >/dev/null 2>&1)
 
+  # Each tool starts with nothing left to write back: the preparation above
+  # leaves about a GB dirty, which would slow whoever syncs first.
   # rsync, the status quo.
-  t0=$(now); out=$(rsync -a --delete --stats "rsync://127.0.0.1:$rport/tree/" "$work/rsync-copy/"); t1=$(now)
+  sync; t0=$(now); out=$(rsync -a --delete --stats "rsync://127.0.0.1:$rport/tree/" "$work/rsync-copy/"); t1=$(now)
   rb=$(echo "$out" | awk -F': ' '/Total bytes sent/ {gsub(",","",$2); s=$2} /Total bytes received/ {gsub(",","",$2); r=$2} END {print s+r}')
   rt=$(echo "$t1 - $t0" | bc -l)
   # imgdeploy delta.
-  reset_log; t0=$(now)
+  sync; reset_log; t0=$(now)
   usage=$(measured "$bin/imgdeploy" -q -c "$work/imgdeploy.toml" apply --json 2>&1 > "$work/apply.json" | tail -1)
   t1=$(now)
   ib=$(http_bytes); it=$(echo "$t1 - $t0" | bc -l)
   mode=$(field '["download"]["mode"]' < "$work/apply.json"); patched=$(field '["download"]["patched"]' < "$work/apply.json")
   echo "($s) imgdeploy: $mode, $patched bytes patched, $usage" >&2
   # casync.
-  reset_log; rm -f "$work/casync.img"; t0=$(now)
+  sync; reset_log; rm -f "$work/casync.img"; t0=$(now)
   casync extract --seed="$work/old.img" --store="http://127.0.0.1:$port/store.castr" "http://127.0.0.1:$port/image.caibx" "$work/casync.img" >/dev/null 2>&1; t1=$(now)
   cb=$(http_bytes); ct=$(echo "$t1 - $t0" | bc -l); cmp -s "$work/casync.img" "$img" || echo "warning: casync result differs" >&2
   # zsync.
-  reset_log; rm -f "$work/zsync.img"; t0=$(now)
+  sync; reset_log; rm -f "$work/zsync.img"; t0=$(now)
   (cd "$work" && zsync -q -i "$work/old.img" -o "$work/zsync.img" "http://127.0.0.1:$port/new.img.zsync" >/dev/null 2>&1); t1=$(now)
   zb=$(http_bytes); zt=$(echo "$t1 - $t0" | bc -l); cmp -s "$work/zsync.img" "$img" || echo "warning: zsync result differs" >&2
   # full download.
