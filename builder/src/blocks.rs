@@ -2,7 +2,8 @@
 //!
 //! Every block libsquashfs writes goes through a [`Packer`]. It hashes the
 //! uncompressed block; when an earlier image of the repository holds a
-//! block with that content (found through its signed block map), it copies
+//! block with that content (found through its signed block map, and of the
+//! same kind: metadata blocks are compressed at their own level), it copies
 //! that image's compressed bytes instead of compressing again, after
 //! checking them against the map's hash of the bytes on disk, so a
 //! corrupted or swapped earlier image is never copied from. As builder and
@@ -56,12 +57,13 @@ struct Candidate {
     disk_sha256: Sha256Digest,
 }
 
-/// Blocks of earlier images, by the hash of their uncompressed content.
+/// Blocks of earlier images, by whether they are metadata (compressed at
+/// another level than data) and the hash of their uncompressed content.
 #[derive(Debug, Default)]
 pub struct ReuseIndex {
     /// The images (their maps are dropped once indexed).
     sources: Vec<(PathBuf, File)>,
-    by_content: HashMap<Sha256Digest, Candidate>,
+    by_content: HashMap<(bool, Sha256Digest), Candidate>,
 }
 
 impl ReuseIndex {
@@ -72,13 +74,16 @@ impl ReuseIndex {
         let mut idx = ReuseIndex::default();
         for s in sources {
             if s.map.compressor != compressor {
+                let (was, is) = (s.map.compressor, compressor);
                 tracing::info!(
-                    "not reusing {}: compressed by zstd {} at level {}, this build uses zstd {} at level {}",
+                    "not reusing {}: compressed by zstd {} at level {} (metadata {}), this build uses zstd {} at level {} (metadata {})",
                     s.path.display(),
-                    s.map.compressor.zstd_version,
-                    s.map.compressor.level,
-                    compressor.zstd_version,
-                    compressor.level
+                    was.zstd_version,
+                    was.level,
+                    was.metadata_level,
+                    is.zstd_version,
+                    is.level,
+                    is.metadata_level
                 );
                 continue;
             }
@@ -86,7 +91,7 @@ impl ReuseIndex {
             for b in &s.map.blocks {
                 let c =
                     Candidate { source, offset: b.offset, size: b.size, stored: b.stored, disk_sha256: b.disk_sha256 };
-                idx.by_content.entry(b.raw_sha256).or_insert(c);
+                idx.by_content.entry((b.kind == BlockKind::Metadata, b.raw_sha256)).or_insert(c);
             }
             idx.sources.push((s.path, s.file));
         }
@@ -136,6 +141,8 @@ struct Shared {
 /// The [`BlockPacker`] of a build; see the module docs.
 pub struct Packer {
     compressor: BlockCompressor,
+    /// Packs metadata blocks: copies only earlier metadata blocks.
+    metadata: bool,
     shared: Arc<Shared>,
     scratch: Vec<u8>,
 }
@@ -159,15 +166,19 @@ impl Packer {
             compressed_bytes: AtomicU64::new(0),
             rejected_blocks: AtomicU64::new(0),
         });
-        let packer =
-            Packer { compressor: BlockCompressor::new(compressor.level)?, shared: shared.clone(), scratch: Vec::new() };
+        let packer = Packer {
+            compressor: BlockCompressor::new(compressor.level)?,
+            metadata: false,
+            shared: shared.clone(),
+            scratch: Vec::new(),
+        };
         Ok((packer, Record(shared)))
     }
 
     /// Copies an earlier image's block for content `raw` into `out`, if
     /// there is one whose bytes still hash to what its map says.
     fn reuse(&mut self, raw: &Sha256Digest, input: &[u8], out: &mut [u8]) -> Option<Packed> {
-        let c = *self.shared.reuse.by_content.get(raw)?;
+        let c = *self.shared.reuse.by_content.get(&(self.metadata, *raw))?;
         let n = c.size as usize;
         // A stored block is the input itself; a compressed one must be shorter.
         let fits = if c.stored { n == input.len() } else { n < input.len() && n <= out.len() };
@@ -222,7 +233,8 @@ impl BlockPacker for Packer {
 
     fn fork(&self) -> io::Result<Box<dyn BlockPacker>> {
         Ok(Box::new(Packer {
-            compressor: BlockCompressor::new(self.shared.compressor.level)?,
+            compressor: BlockCompressor::new(self.shared.compressor.level_of(self.metadata))?,
+            metadata: self.metadata,
             shared: self.shared.clone(),
             scratch: Vec::new(),
         }))
@@ -231,6 +243,7 @@ impl BlockPacker for Packer {
     fn for_metadata(&self) -> io::Result<Box<dyn BlockPacker>> {
         Ok(Box::new(Packer {
             compressor: BlockCompressor::new(self.shared.compressor.metadata_level)?,
+            metadata: true,
             shared: self.shared.clone(),
             scratch: Vec::new(),
         }))
@@ -458,4 +471,53 @@ pub fn open_source(image: &Path, map: BlockMap, expected_size: u64, data_size: u
         ));
     }
     Ok(Source { path: image.to_owned(), file, map })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_are_copied_only_into_blocks_of_their_kind() {
+        // An earlier image holding one metadata block, compressed at the metadata level.
+        let raw: Vec<u8> = (0..8192u32).map(|i| b"inode table "[(i * 7 % 12) as usize] ^ (i / 97) as u8).collect();
+        let compressor = Compressor::identity(15);
+        let (disk, stored) = BlockCompressor::new(compressor.metadata_level).unwrap().pack(&raw).unwrap();
+        assert!(!stored);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.squashfs");
+        std::fs::write(&path, &disk).unwrap();
+        let block = Block {
+            offset: 0,
+            size: disk.len() as u32,
+            raw_size: raw.len() as u32,
+            kind: BlockKind::Metadata,
+            stored: false,
+            raw_sha256: Sha256Digest::of_bytes(&raw),
+            disk_sha256: Sha256Digest::of_bytes(&disk),
+        };
+        let map = BlockMap {
+            compressor,
+            block_size: 131072,
+            image_size: disk.len() as u64,
+            blocks: vec![block],
+            files: vec![],
+        };
+        let source = Source { path: path.clone(), file: File::open(&path).unwrap(), map };
+        let (mut data, record) = Packer::new(compressor, ReuseIndex::new(vec![source], compressor)).unwrap();
+        let mut out = vec![0u8; raw.len()];
+        // A data block with that content is compressed at the data's level, not copied.
+        let Packed::Compressed(n) = data.pack(&raw, &mut out).unwrap() else { panic!("stored") };
+        assert_ne!(out[..n], disk[..], "level 15 gives other bytes");
+        assert_eq!((record.stats().reused_blocks, record.stats().compressed_blocks), (0, 1));
+        // Forked data packers too; the metadata packer copies it.
+        data.fork().unwrap().pack(&raw, &mut out).unwrap();
+        assert_eq!((record.stats().reused_blocks, record.stats().compressed_blocks), (0, 2));
+        let mut metadata = data.for_metadata().unwrap();
+        assert_eq!(metadata.pack(&raw, &mut out).unwrap(), Packed::Compressed(disk.len()));
+        assert_eq!(out[..disk.len()], disk[..]);
+        assert_eq!((record.stats().reused_blocks, record.stats().compressed_blocks), (1, 2));
+        metadata.fork().unwrap().pack(&raw, &mut out).unwrap();
+        assert_eq!(record.stats().reused_blocks, 2, "a fork of the metadata packer packs metadata");
+    }
 }
