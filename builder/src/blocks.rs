@@ -166,13 +166,13 @@ impl Packer {
             compressed_bytes: AtomicU64::new(0),
             rejected_blocks: AtomicU64::new(0),
         });
-        let packer = Packer {
-            compressor: BlockCompressor::new(compressor.level)?,
-            metadata: false,
-            shared: shared.clone(),
-            scratch: Vec::new(),
-        };
-        Ok((packer, Record(shared)))
+        Ok((Packer::sharing(shared.clone(), false)?, Record(shared)))
+    }
+
+    /// A packer of metadata blocks or of the others, at their level.
+    fn sharing(shared: Arc<Shared>, metadata: bool) -> io::Result<Self> {
+        let compressor = BlockCompressor::new(shared.compressor.level_of(metadata))?;
+        Ok(Packer { compressor, metadata, shared, scratch: Vec::new() })
     }
 
     /// Copies an earlier image's block for content `raw` into `out`, if
@@ -232,21 +232,11 @@ impl BlockPacker for Packer {
     }
 
     fn fork(&self) -> io::Result<Box<dyn BlockPacker>> {
-        Ok(Box::new(Packer {
-            compressor: BlockCompressor::new(self.shared.compressor.level_of(self.metadata))?,
-            metadata: self.metadata,
-            shared: self.shared.clone(),
-            scratch: Vec::new(),
-        }))
+        Ok(Box::new(Packer::sharing(self.shared.clone(), self.metadata)?))
     }
 
     fn for_metadata(&self) -> io::Result<Box<dyn BlockPacker>> {
-        Ok(Box::new(Packer {
-            compressor: BlockCompressor::new(self.shared.compressor.metadata_level)?,
-            metadata: true,
-            shared: self.shared.clone(),
-            scratch: Vec::new(),
-        }))
+        Ok(Box::new(Packer::sharing(self.shared.clone(), true)?))
     }
 }
 
