@@ -39,8 +39,6 @@ sleep 1
 http_bytes() { awk '{s+=$3} END {print s+0}' "$work/access.log"; }
 reset_log() { : > "$work/access.log"; }
 
-build() { "$bin/imgbuild" -q build "$work/master" --key "$work/k.key" --channel bench --repo "$work/srv/repo" --level "${BENCH_LEVEL:-15}" --json; }
-field() { python3 -c "import json,sys; print(json.load(sys.stdin)$1)"; }
 # Runs a command; its last stderr line is its CPU time and peak RSS.
 measured() {
   python3 -c 'import resource, subprocess, sys
@@ -54,13 +52,7 @@ deltas_summary() {
 ds = json.load(sys.stdin)["deltas"]
 print(", ".join("%d B (%d copied, %d patched in %d blocks, %d literal)" % (d["size"], d["copied"], d["patched"], d["blocks_patched"], d["literal"]) for d in ds) or "none")'
 }
-cat > "$work/imgdeploy.toml" <<TOML
-source = "http://127.0.0.1:$port/repo/bench.json"
-trusted_keys = ["$work/k.pub"]
-state_dir = "$work/state"
-link = "$work/link"
-drain_timeout = "1s"
-TOML
+bench_deployer
 
 # Version 1 everywhere.
 v1=$(build); img1=$(echo "$v1" | field '["image"]')

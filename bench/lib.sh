@@ -45,3 +45,21 @@ http { $extra sendfile on;
 NGINX
   nginx -c "$n/nginx.conf" -p "$n" & pids+=($!)
 }
+
+# The channel `bench` of the repository under $work/srv/repo, signed with
+# $work/k.key and served by serve_static (ROOT $work/srv) on $port:
+# `bench_deployer` writes $work/imgdeploy.toml, a frontend of it (state and
+# `link` under $work); `build` builds $work/master into it at BENCH_LEVEL
+# (default 15) and prints its JSON report; `field KEY` prints one field of
+# the JSON on stdin.
+bench_deployer() {
+  cat > "$work/imgdeploy.toml" <<TOML
+source = "http://127.0.0.1:$port/repo/bench.json"
+trusted_keys = ["$work/k.pub"]
+state_dir = "$work/state"
+link = "$work/link"
+drain_timeout = "1s"
+TOML
+}
+build() { "$bin/imgbuild" -q build "$work/master" --key "$work/k.key" --channel bench --repo "$work/srv/repo" --level "${BENCH_LEVEL:-15}" --json; }
+field() { python3 -c "import json,sys; print(json.load(sys.stdin)$1)"; }

@@ -24,15 +24,7 @@ done
 "$bin/imgbuild" -q keygen --out "$work/k" >/dev/null
 serve_static "$work/srv" "access_log off;"
 sleep 1
-cat > "$work/imgdeploy.toml" <<TOML
-source = "http://127.0.0.1:$port/repo/bench.json"
-trusted_keys = ["$work/k.pub"]
-state_dir = "$work/state"
-link = "$work/link"
-drain_timeout = "1s"
-TOML
-build() { "$bin/imgbuild" -q build "$work/master" --key "$work/k.key" --channel bench --repo "$work/srv/repo" --level "${BENCH_LEVEL:-15}" --json; }
-field() { python3 -c "import json,sys; print(json.load(sys.stdin)$1)"; }
+bench_deployer
 # Peak RSS in KiB of one apply; its JSON outcome in $work/apply.json.
 apply_rss() {
   /usr/bin/time -f '%M' -o "$work/rss" "$bin/imgdeploy" -q -c "$work/imgdeploy.toml" apply --json > "$work/apply.json"
