@@ -49,6 +49,8 @@ pub struct BuildRequest {
     pub jobs: u32,
     /// Pack file tails into shared fragment blocks.
     pub fragments: bool,
+    /// Start every file's data at a 4 KiB boundary ([`ImageOptions::align`]).
+    pub align: bool,
     /// Staged rollout percentage.
     pub rollout: Option<u8>,
     /// Copy the compressed blocks of the images the repository's channels
@@ -155,6 +157,7 @@ pub fn build(req: &BuildRequest) -> Result<BuildReport> {
         workers: jobs,
         mtime: epoch.map(|e| e.min(u32::MAX as u64) as u32),
         fragments: req.fragments,
+        align: req.align,
     };
     let sources = if req.reuse { earlier_images(&repo, &trusted) } else { Vec::new() };
     let reuse = ReuseIndex::new(sources, Compressor::identity(req.level));

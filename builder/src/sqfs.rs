@@ -95,6 +95,14 @@ mod ffi {
     }
 
     #[repr(C)]
+    pub struct BlockWriter {
+        pub base: Object,
+        pub write_data_block:
+            unsafe extern "C" fn(*mut BlockWriter, *mut c_void, u32, u32, u32, *const u8, *mut u64) -> c_int,
+        pub get_block_count: unsafe extern "C" fn(*const BlockWriter) -> u64,
+    }
+
+    #[repr(C)]
     pub struct CompressorConfig {
         pub id: u16,
         pub flags: u16,
@@ -176,6 +184,8 @@ mod ffi {
     pub const SQFS_META_WRITER_KEEP_IN_MEMORY: u32 = 0x01;
     pub const SQFS_FLAG_COMPRESSOR_OPTIONS: u16 = 0x0400;
     pub const SQFS_BLK_DONT_FRAGMENT: u32 = 0x0004;
+    pub const SQFS_BLK_ALIGN: u32 = 0x0002;
+    pub const SQFS_BLK_FIRST_BLOCK: u32 = 0x0800;
 
     pub const SQFS_INODE_DIR: u16 = 1;
     pub const SQFS_INODE_FILE: u16 = 2;
@@ -358,6 +368,74 @@ unsafe extern "C" fn own_do_block(
         }
         Err(_) => ffi::SQFS_ERROR_COMPRESSOR,
     }
+}
+
+/// The alignment of a file's first block when it asks for one.
+const ALIGN: u64 = 4096;
+
+/// A `sqfs_block_writer_t` in front of libsquashfs's own, which aligns the
+/// first block of every file that asks for it (`SQFS_BLK_ALIGN`) to a
+/// 4 KiB boundary of the image. libsquashfs 1.2.0's own alignment pads by
+/// the remainder instead of up to the boundary (and also pads fragment
+/// blocks), so the flag never reaches it. Deduplication stays its job: it
+/// notes the file's start after our padding and truncates back to it.
+#[repr(C)]
+struct AligningWriter {
+    base: ffi::BlockWriter,
+    inner: *mut ffi::BlockWriter,
+    file: *mut ffi::File,
+}
+
+impl AligningWriter {
+    fn boxed(inner: *mut c_void, file: *mut ffi::File) -> *mut c_void {
+        let this = Box::new(AligningWriter {
+            base: ffi::BlockWriter {
+                base: ffi::Object { destroy: aligning_destroy, copy: None },
+                write_data_block: aligning_write,
+                get_block_count: aligning_count,
+            },
+            inner: inner.cast(),
+            file,
+        });
+        Box::into_raw(this).cast()
+    }
+}
+
+/// SAFETY (all `aligning_*`): libsquashfs calls these only with the pointer
+/// [`AligningWriter::boxed`] returned; `inner` is a live block writer it
+/// owns and `file` outlives it.
+unsafe extern "C" fn aligning_destroy(obj: *mut ffi::Object) {
+    let this = Box::from_raw(obj.cast::<AligningWriter>());
+    destroy(this.inner.cast());
+}
+
+unsafe extern "C" fn aligning_count(wr: *const ffi::BlockWriter) -> u64 {
+    let this = &*wr.cast::<AligningWriter>();
+    ((*this.inner).get_block_count)(this.inner)
+}
+
+unsafe extern "C" fn aligning_write(
+    wr: *mut ffi::BlockWriter,
+    user: *mut c_void,
+    size: u32,
+    checksum: u32,
+    flags: u32,
+    data: *const u8,
+    location: *mut u64,
+) -> c_int {
+    let this = &mut *wr.cast::<AligningWriter>();
+    if flags & ffi::SQFS_BLK_FIRST_BLOCK != 0 && flags & ffi::SQFS_BLK_ALIGN != 0 {
+        let end = ((*this.file).get_size)(this.file);
+        let pad = end.next_multiple_of(ALIGN) - end;
+        if pad > 0 {
+            let zeros = [0u8; ALIGN as usize];
+            let rc = ((*this.file).write_at)(this.file, end, zeros.as_ptr().cast(), pad as usize);
+            if rc != 0 {
+                return rc;
+            }
+        }
+    }
+    ((*this.inner).write_data_block)(this.inner, user, size, checksum, flags & !ffi::SQFS_BLK_ALIGN, data, location)
 }
 
 /// Where a file's data went, read from its finished inode.
@@ -667,7 +745,8 @@ impl ImageWriter {
             if n > 0 {
                 w.sup.flags |= ffi::SQFS_FLAG_COMPRESSOR_OPTIONS;
             }
-            w.blkwr = nonnull(ffi::sqfs_block_writer_create(w.file, 4096, 0), "creating the block writer")?.as_ptr();
+            let inner = nonnull(ffi::sqfs_block_writer_create(w.file, 4096, 0), "creating the block writer")?;
+            w.blkwr = AligningWriter::boxed(inner.as_ptr(), w.file);
             w.fragtbl = nonnull(ffi::sqfs_frag_table_create(0), "creating the fragment table")?.as_ptr();
             let desc = ffi::BlockProcessorDesc {
                 size: std::mem::size_of::<ffi::BlockProcessorDesc>() as u32,
@@ -697,22 +776,18 @@ impl ImageWriter {
 
     /// Starts a regular file's data. With `own_tail`, the file's last partial
     /// block is stored as a block of its own instead of being packed into a
-    /// shared fragment block.
-    pub fn begin_file(&mut self, own_tail: bool) -> Result<FileSlot, SqfsError> {
+    /// shared fragment block. With `align`, its first block starts at a
+    /// 4 KiB boundary of the image and zeros pad its last block to one.
+    pub fn begin_file(&mut self, own_tail: bool, align: bool) -> Result<FileSlot, SqfsError> {
+        let flags =
+            if own_tail { ffi::SQFS_BLK_DONT_FRAGMENT } else { 0 } | if align { ffi::SQFS_BLK_ALIGN } else { 0 };
         self.file_slots.push(Box::new(ptr::null_mut()));
         let idx = self.file_slots.len() - 1;
         let slot: *mut *mut ffi::InodeGeneric = &mut *self.file_slots[idx];
         // SAFETY: the boxed slot outlives the processor's use of it (until
         // `finish_data`), as the Vec only moves the Box, not its contents.
         check(
-            unsafe {
-                ffi::sqfs_block_processor_begin_file(
-                    self.proc_,
-                    slot,
-                    ptr::null_mut(),
-                    if own_tail { ffi::SQFS_BLK_DONT_FRAGMENT } else { 0 },
-                )
-            },
+            unsafe { ffi::sqfs_block_processor_begin_file(self.proc_, slot, ptr::null_mut(), flags) },
             "starting a file",
         )?;
         Ok(FileSlot(idx))

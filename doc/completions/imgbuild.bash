@@ -97,7 +97,7 @@ _imgbuild() {
             return 0
             ;;
         imgbuild__subcmd__build)
-            opts="-v -q -h --key --trust --channel --repo --version --serial --level --exclude --expires-in --jobs --no-fragments --no-reuse --deltas --rollout --json --verbose --quiet --help"
+            opts="-v -q -h --key --trust --channel --repo --version --serial --level --exclude --expires-in --jobs --no-fragments --align --no-reuse --deltas --rollout --json --verbose --quiet --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0

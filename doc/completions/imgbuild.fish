@@ -55,6 +55,7 @@ complete -c imgbuild -n "__fish_imgbuild_using_subcommand build" -l jobs -d 'Com
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand build" -l deltas -d 'Make static deltas to the new image from the channel\'s last K images (0: none). Deployers older than static deltas refuse a manifest that lists any: build with 0 until the fleet is upgraded' -r
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand build" -l rollout -d 'Publish as a staged rollout to this share of hosts (0-100; default: all)' -r
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand build" -l no-fragments -d 'Store each file\'s tail in its own block instead of shared fragment blocks'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand build" -l align -d 'Start each file\'s data at a 4 KiB boundary of the image, so that deployers whose state directory is on XFS or btrfs share the extents of unchanged files with the old image instead of copying them (the image grows by about 2 KiB per file of 128 KiB or more)'
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand build" -l no-reuse -d 'Compress every block, instead of copying the compressed bytes of blocks the repository\'s current images already hold (the image is the same either way)'
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand build" -l json -d 'Print the result as one JSON object'
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand build" -s v -l verbose -d 'More log output (repeat for more)'
