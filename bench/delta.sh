@@ -16,17 +16,20 @@
 #
 #   bash bench/delta.sh [SRC...]   default: /usr/share /usr/lib/x86_64-linux-gnu
 #   BENCH_LEVEL=3 bash bench/delta.sh   images built at `--level 3` (default 15)
+#   BENCH_FS=xfs bash bench/delta.sh    every tool writes to XFS on a loop device
+#                                       (reflinks; images built --align)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 srcs=("$@"); ((${#srcs[@]})) || srcs=(/usr/share /usr/lib/x86_64-linux-gnu)
 source bench/lib.sh
 bench_binaries -p imgdeploy-builder -p imgdeploy-deployer
 bench_workdir imgdelta
+bench_fs
 now() { date +%s.%N; }
 
 mkdir -p "$work/master" "$work/srv"
 for s in "${srcs[@]}"; do cp -a "$s" "$work/master/"; done
-echo "tree: ${srcs[*]}: $(du -sh --apparent-size "$work/master" | cut -f1), $(find "$work/master" -type f | wc -l) files; $(nproc) cores; zstd level ${BENCH_LEVEL:-15}" >&2
+echo "tree: ${srcs[*]}: $(du -sh --apparent-size "$work/master" | cut -f1), $(find "$work/master" -type f | wc -l) files; $(nproc) cores; zstd level ${BENCH_LEVEL:-15}; writing to $(stat -f -c %T "$dest")$([[ $align == 1 ]] && echo ", images aligned")" >&2
 "$bin/imgbuild" -q keygen --out "$work/k" >/dev/null
 
 # nginx serving the image repository, the casync store and the zsync files.
@@ -53,12 +56,20 @@ ds = json.load(sys.stdin)["deltas"]
 print(", ".join("%d B (%d copied, %d patched in %d blocks, %d literal)" % (d["size"], d["copied"], d["patched"], d["blocks_patched"], d["literal"]) for d in ds) or "none")'
 }
 bench_deployer
+# On XFS or btrfs: how much of the image imgdeploy just installed shares its
+# extents with another file (the old image), from filefrag's "shared" flag.
+shared() {
+  [[ -n ${BENCH_FS:-} ]] || return 0
+  local img; img=$(ls -t "$dest"/state/slots/*/image.squashfs | head -n 1)
+  filefrag -v "$img" | awk -F: '$1 ~ /^ *[0-9]+$/ {n = $4 + 0; all += n; if ($0 ~ /shared/) s += n}
+    END {printf ", %.1f%% of the new image shares extents with the old", all ? 100 * s / all : 0}'
+}
 
 # Version 1 everywhere.
 v1=$(build); img1=$(echo "$v1" | field '["image"]')
 "$bin/imgdeploy" -q -c "$work/imgdeploy.toml" apply >/dev/null
-cp -a "$work/master" "$work/rsync-copy"
-cp "$img1" "$work/old.img"
+cp -a "$work/master" "$dest/rsync-copy"
+cp "$img1" "$dest/old.img"
 
 change() {
   case $1 in
@@ -90,7 +101,7 @@ for s in a b c; do
   # Each tool starts with nothing left to write back: the preparation above
   # leaves about a GB dirty, which would slow whoever syncs first.
   # rsync, the status quo.
-  sync; t0=$(now); out=$(rsync -a --delete --stats "rsync://127.0.0.1:$rport/tree/" "$work/rsync-copy/"); t1=$(now)
+  sync; t0=$(now); out=$(rsync -a --delete --stats "rsync://127.0.0.1:$rport/tree/" "$dest/rsync-copy/"); t1=$(now)
   rb=$(echo "$out" | awk -F': ' '/Total bytes sent/ {gsub(",","",$2); s=$2} /Total bytes received/ {gsub(",","",$2); r=$2} END {print s+r}')
   rt=$(echo "$t1 - $t0" | bc -l)
   # imgdeploy delta.
@@ -99,15 +110,15 @@ for s in a b c; do
   t1=$(now)
   ib=$(http_bytes); it=$(echo "$t1 - $t0" | bc -l)
   mode=$(field '["download"]["mode"]' < "$work/apply.json"); patched=$(field '["download"]["patched"]' < "$work/apply.json")
-  echo "($s) imgdeploy: $mode, $patched bytes patched, $usage" >&2
+  echo "($s) imgdeploy: $mode, $patched bytes patched$(shared), $usage" >&2
   # casync.
-  sync; reset_log; rm -f "$work/casync.img"; t0=$(now)
-  casync extract --seed="$work/old.img" --store="http://127.0.0.1:$port/store.castr" "http://127.0.0.1:$port/image.caibx" "$work/casync.img" >/dev/null 2>&1; t1=$(now)
-  cb=$(http_bytes); ct=$(echo "$t1 - $t0" | bc -l); cmp -s "$work/casync.img" "$img" || echo "warning: casync result differs" >&2
+  sync; reset_log; rm -f "$dest/casync.img"; t0=$(now)
+  casync extract --seed="$dest/old.img" --store="http://127.0.0.1:$port/store.castr" "http://127.0.0.1:$port/image.caibx" "$dest/casync.img" >/dev/null 2>&1; t1=$(now)
+  cb=$(http_bytes); ct=$(echo "$t1 - $t0" | bc -l); cmp -s "$dest/casync.img" "$img" || echo "warning: casync result differs" >&2
   # zsync.
-  sync; reset_log; rm -f "$work/zsync.img"; t0=$(now)
-  (cd "$work" && zsync -q -i "$work/old.img" -o "$work/zsync.img" "http://127.0.0.1:$port/new.img.zsync" >/dev/null 2>&1); t1=$(now)
-  zb=$(http_bytes); zt=$(echo "$t1 - $t0" | bc -l); cmp -s "$work/zsync.img" "$img" || echo "warning: zsync result differs" >&2
+  sync; reset_log; rm -f "$dest/zsync.img"; t0=$(now)
+  (cd "$dest" && zsync -q -i "$dest/old.img" -o "$dest/zsync.img" "http://127.0.0.1:$port/new.img.zsync" >/dev/null 2>&1); t1=$(now)
+  zb=$(http_bytes); zt=$(echo "$t1 - $t0" | bc -l); cmp -s "$dest/zsync.img" "$img" || echo "warning: zsync result differs" >&2
   # full download.
   reset_log; t0=$(now); curl -sS -o /dev/null "http://127.0.0.1:$port/repo/${img#"$work/srv/repo/"}"; t1=$(now)
   fb=$(http_bytes); ft=$(echo "$t1 - $t0" | bc -l)
@@ -116,6 +127,6 @@ for s in a b c; do
     printf '%-4s %-22s %14d %8.2fx %9.2f\n' "$s" "$1" "$2" "$(echo "$2 / $rb" | bc -l)" "$3"
   done
   summary+=("($s) bytes $(echo "$ib / $rb" | bc -l | xargs printf '%.2f')x time $(echo "$it / $rt" | bc -l | xargs printf '%.2f')x")
-  cp "$img" "$work/old.img"
+  cp "$img" "$dest/old.img"
 done
 echo "ratio imgdeploy/rsync: ${summary[*]}"

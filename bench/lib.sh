@@ -46,20 +46,46 @@ NGINX
   nginx -c "$n/nginx.conf" -p "$n" & pids+=($!)
 }
 
+# With BENCH_FS=xfs or btrfs, makes that filesystem on a loop device (a
+# sparse file of SIZE, default 16G, in the work directory) and mounts it at
+# $work/fs; `dest` is where the frontends' copies go: that mount, or $work
+# itself (the work directory's own filesystem) when BENCH_FS is unset.
+# Images are then built `--align`ed (BENCH_ALIGN=0 to not), so that
+# unchanged files can share extents with the old image.
+bench_fs() {
+  dest=$work
+  align=${BENCH_ALIGN:-0}
+  [[ -n ${BENCH_FS:-} ]] || return 0
+  align=${BENCH_ALIGN:-1}
+  truncate -s "${1:-16G}" "$work/fs.img"
+  case $BENCH_FS in
+    xfs) mkfs.xfs -q -m reflink=1 "$work/fs.img" ;;
+    btrfs) mkfs.btrfs -q "$work/fs.img" ;;
+    *) echo "BENCH_FS=$BENCH_FS: use xfs or btrfs (or leave it unset)" >&2; exit 2 ;;
+  esac
+  mkdir "$work/fs"
+  mount -o loop "$work/fs.img" "$work/fs"
+  dest=$work/fs
+}
+
 # The channel `bench` of the repository under $work/srv/repo, signed with
 # $work/k.key and served by serve_static (ROOT $work/srv) on $port:
-# `bench_deployer` writes $work/imgdeploy.toml, a frontend of it (state and
-# `link` under $work); `build` builds $work/master into it at BENCH_LEVEL
-# (default 15) and prints its JSON report; `field KEY` prints one field of
+# `bench_deployer` writes $work/imgdeploy.toml, a frontend of it (state
+# under $dest, see bench_fs, `link` under $work); `build` builds
+# $work/master into it at BENCH_LEVEL (default 15), `--align`ed if bench_fs
+# said so, and prints its JSON report; `field KEY` prints one field of
 # the JSON on stdin.
 bench_deployer() {
   cat > "$work/imgdeploy.toml" <<TOML
 source = "http://127.0.0.1:$port/repo/bench.json"
 trusted_keys = ["$work/k.pub"]
-state_dir = "$work/state"
+state_dir = "${dest:-$work}/state"
 link = "$work/link"
 drain_timeout = "1s"
 TOML
 }
-build() { "$bin/imgbuild" -q build "$work/master" --key "$work/k.key" --channel bench --repo "$work/srv/repo" --level "${BENCH_LEVEL:-15}" --json; }
+build() {
+  local a=(); [[ ${align:-0} == 1 ]] && a=(--align)
+  "$bin/imgbuild" -q build "$work/master" --key "$work/k.key" --channel bench --repo "$work/srv/repo" --level "${BENCH_LEVEL:-15}" "${a[@]}" --json
+}
 field() { python3 -c "import json,sys; print(json.load(sys.stdin)$1)"; }

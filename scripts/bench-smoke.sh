@@ -19,6 +19,7 @@ runs=(
   "build.sh $small"
   "deploy.sh 8"
   "delta.sh $small"
+  "BENCH_FS=xfs delta.sh $small"
   "publish.sh $small"
   "memory.sh 64"
   "layout.sh $small"
@@ -27,8 +28,11 @@ runs=(
 )
 for r in "${runs[@]}"; do
   read -r -a cmd <<< "$r"
+  # Leading NAME=VALUE words are the run's environment.
+  vars=()
+  while [[ ${cmd[0]} == *=* ]]; do vars+=("${cmd[0]}"); cmd=("${cmd[@]:1}"); done
   start=$SECONDS
-  if ! out=$(bash "bench/${cmd[0]}" "${cmd[@]:1}" 2>&1); then
+  if ! out=$(env "${vars[@]}" bash "bench/${cmd[0]}" "${cmd[@]:1}" 2>&1); then
     echo "$out" | tail -30
     echo "error: bench/$r failed" >&2
     exit 1

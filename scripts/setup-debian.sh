@@ -14,6 +14,7 @@ packages=(
   time                          # /usr/bin/time -v: peak RSS in benchmarks
   curl bc                       # the peer pipeline in the deploy benchmark
   rsync casync zsync            # peers measured by bench/delta.sh
+  xfsprogs btrfs-progs          # reflinks: BENCH_FS of bench/delta.sh and the e2e test of shared extents
   psmisc                        # fuser, for debugging busy mounts
   cpio binutils                 # initramfs checks; objcopy strips /init for netboot
   linux-image-amd64             # a real kernel and modules for the netboot qemu test

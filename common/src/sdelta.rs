@@ -527,6 +527,10 @@ impl ApplyStats {
     }
 }
 
+/// The block of extent sharing: XFS's and btrfs's usual block size, and the
+/// alignment of `imgbuild build --align`.
+const SHARE_BLOCK: u64 = 4096;
+
 /// Copies `len` bytes at `from` in `old` to `to` in `out`, sharing extents
 /// where the filesystem can; returns how many bytes the old image had.
 fn copy_range(old: &File, from: u64, out: &File, to: u64, len: u64) -> io::Result<u64> {
@@ -545,8 +549,15 @@ fn copy_range_with(
 ) -> io::Result<u64> {
     let (mut src, mut dst) = (from as i64, to as i64);
     let mut left = len;
+    // XFS and btrfs share extents only between ranges that start on a
+    // filesystem block in both files; a call whose start is not is copied
+    // whole. So when the two offsets lie alike within a block, the bytes
+    // up to the next boundary go first, on their own, and the rest can be
+    // shared (`--align`ed images put every unchanged file there).
+    let alike = from.wrapping_sub(to) % SHARE_BLOCK == 0;
     while left > 0 {
-        let want = left.min(1 << 30) as usize;
+        let head = (SHARE_BLOCK - dst as u64 % SHARE_BLOCK) % SHARE_BLOCK;
+        let want = if alike && head > 0 { head.min(left) } else { left.min(1 << 30) } as usize;
         match share(&mut src, &mut dst, want) {
             Ok(0) => break,
             Ok(n) => left -= n as u64,
@@ -1279,6 +1290,38 @@ mod tests {
         let mut failing = |_: &mut i64, _: &mut i64, _: usize| Err(Errno::EIO);
         let e = copy_range_with(&mut failing, &old, 0, &out, 0, 10).unwrap_err();
         assert_eq!(e.raw_os_error(), Some(Errno::EIO as i32));
+    }
+
+    /// A range whose offsets lie alike within a 4 KiB block is asked for in
+    /// two calls, the bytes up to the boundary first, so the rest starts
+    /// aligned in both files and can be shared; offsets that lie apart, or
+    /// an aligned start, make one call.
+    #[test]
+    fn copies_split_at_the_first_boundary_when_offsets_lie_alike() {
+        let dir = tempfile::tempdir().unwrap();
+        let old_path = dir.path().join("o");
+        let data = test_noise(1 << 20, 17);
+        std::fs::write(&old_path, &data).unwrap();
+        let old = File::open(&old_path).unwrap();
+        for (from, to, len, calls) in [
+            (5_000u64, 9_096u64, 300_000u64, vec![3_192usize, 296_808]),
+            (904, 904, 3_000, vec![3_000]),
+            (8_192, 4_096, 300_000, vec![300_000]),
+            (5_000, 9_097, 300_000, vec![300_000]),
+            (0, 4_095, 10, vec![10]),
+        ] {
+            let out = tempfile::tempfile_in(dir.path()).unwrap();
+            let mut asked = Vec::new();
+            let mut share = |src: &mut i64, dst: &mut i64, n: usize| {
+                asked.push(n);
+                nix::fcntl::copy_file_range(&old, Some(src), &out, Some(dst), n)
+            };
+            assert_eq!(copy_range_with(&mut share, &old, from, &out, to, len).unwrap(), len);
+            assert_eq!(asked, calls, "{from} -> {to}");
+            let mut got = vec![0u8; len as usize];
+            out.read_exact_at(&mut got, to).unwrap();
+            assert!(got[..] == data[from as usize..(from + len) as usize], "{from} -> {to}: bytes differ");
+        }
     }
 
     #[test]

@@ -349,3 +349,66 @@ fn privileged_repairing_a_static_delta_slot_fetches_one_chunk() {
     assert_eq!(d.active_version().as_deref(), Some("v2"));
     d.assert_no_leaks();
 }
+
+/// The share of `path`'s bytes on extents it shares with another file
+/// (filefrag's `shared` flag: XFS and btrfs reflinks).
+fn shared_fraction(path: &Path) -> f64 {
+    let out = imgdeploy_tests::run(std::process::Command::new("filefrag").arg("-v").arg(path)).ok().stdout;
+    let (mut all, mut shared) = (0u64, 0u64);
+    for line in out.lines() {
+        let f: Vec<&str> = line.split(':').collect();
+        if f.len() < 4 || f[0].trim().parse::<u64>().is_err() {
+            continue;
+        }
+        let n: u64 = f[3].trim().parse().unwrap_or(0);
+        all += n;
+        shared += if line.contains("shared") { n } else { 0 };
+    }
+    assert!(all > 0, "filefrag listed no extents of {}:\n{out}", path.display());
+    shared as f64 / all as f64
+}
+
+/// On XFS and btrfs, an image built `--align`ed and made from a static
+/// delta shares the extents of the old image's unchanged files instead of
+/// copying them; an image packed without alignment cannot, as its files
+/// start at any byte (the control, which shows what the figure measures).
+#[test]
+fn privileged_aligned_images_share_extents_on_xfs_and_btrfs() {
+    if !require_root("privileged_aligned_images_share_extents_on_xfs_and_btrfs") {
+        return;
+    }
+    for filesystem in ["xfs", "btrfs"] {
+        let d = Deployment::on_filesystem(filesystem);
+        let tree = d.dir.path().join("tree");
+        for i in 0..40usize {
+            write(&tree.join(format!("lib/f{i:02}.so")), &noise(300_000 + i * 5_003, i as u64));
+            write(&tree.join(format!("etc/t{i:02}")), &text(2_000 + i * 301, 50 + i as u64));
+        }
+        d.publish_tree_with(&tree, "v1", &["--align"]);
+        d.imgdeploy(&["apply"]).ok();
+        let installed = |d: &Deployment| {
+            let slot = d.status()["active"]["slot"].as_str().unwrap().to_owned();
+            d.state.join(format!("slots/{slot}/image.squashfs"))
+        };
+
+        // A library near the end grows by a byte. Everything before it is
+        // one copy, which starts mid-block (after the superblock, which
+        // records the new size) at the same offset in both images.
+        let mut changed = noise(300_000 + 35 * 5_003, 35);
+        changed.push(b'!');
+        write(&tree.join("lib/f35.so"), &changed);
+        let built = d.publish_tree_with(&tree, "v2", &["--align"]);
+        apply_and_check(&d, &format!("{filesystem}: aligned"), &built, "static-delta", true);
+        let aligned = shared_fraction(&installed(&d));
+        assert!(aligned > 0.9, "{filesystem}: only {:.1}% of the aligned image is shared", aligned * 100.0);
+
+        // A like change packed without alignment.
+        write(&tree.join("lib/f07.so"), &changed);
+        let built = d.publish_tree_with(&tree, "v3", &[]);
+        apply_and_check(&d, &format!("{filesystem}: packed"), &built, "static-delta", false);
+        let packed = shared_fraction(&installed(&d));
+        assert!(packed < 0.2, "{filesystem}: {:.1}% of a packed image is shared", packed * 100.0);
+        eprintln!("SHARED {filesystem}: aligned {:.1}%, packed {:.1}%", aligned * 100.0, packed * 100.0);
+        d.assert_link_sound();
+    }
+}

@@ -26,6 +26,8 @@ pub struct Deployment {
     pub state: PathBuf,
     /// The active link.
     pub link: PathBuf,
+    /// A filesystem of its own mounted at `state` ([`Self::on_filesystem`]).
+    state_fs: bool,
 }
 
 impl Deployment {
@@ -39,8 +41,26 @@ impl Deployment {
         let state = dir.path().join("state");
         let link = dir.path().join("webroot/cgi");
         let config = dir.path().join("imgdeploy.toml");
-        let d = Deployment { dir, keys, repo, nginx, config, state, link };
+        let d = Deployment { dir, keys, repo, nginx, config, state, link, state_fs: false };
         d.write_config(extra);
+        d
+    }
+
+    /// A deployment whose state directory is a fresh `fs` (`xfs` or
+    /// `btrfs`, which can share extents between files) on a loop device:
+    /// a sparse 1 GiB file in the temp directory, unmounted on drop.
+    pub fn on_filesystem(fs: &str) -> Self {
+        let mut d = Self::new("", "");
+        let backing = d.dir.path().join(format!("{fs}.img"));
+        fs::File::create(&backing).unwrap().set_len(1 << 30).unwrap();
+        let mkfs = match fs {
+            "xfs" => run(Command::new("mkfs.xfs").args(["-q", "-m", "reflink=1"]).arg(&backing)),
+            _ => run(Command::new(format!("mkfs.{fs}")).arg("-q").arg(&backing)),
+        };
+        assert_eq!(mkfs.code, 0, "mkfs.{fs}: {}", mkfs.stderr);
+        fs::create_dir_all(&d.state).unwrap();
+        run(Command::new("mount").arg("-o").arg("loop").arg(&backing).arg(&d.state)).ok();
+        d.state_fs = true;
         d
     }
 
@@ -255,6 +275,12 @@ impl Drop for Deployment {
             if Self::is_mounted(&p) {
                 // Last resort so the temp dir can go; a lazy unmount never deletes through the mount.
                 run(Command::new("umount").arg("-l").arg(&p));
+            }
+        }
+        if self.state_fs {
+            // After the slots; lazily, so the temp dir can go whatever still holds it.
+            if run(Command::new("umount").arg(&self.state)).code != 0 {
+                run(Command::new("umount").arg("-l").arg(&self.state));
             }
         }
     }
