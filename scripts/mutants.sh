@@ -76,6 +76,8 @@ if ! cargo mutants --version >/dev/null 2>&1; then
   cargo install --locked cargo-mutants@27.1.0 >&2
 fi
 
+# cargo-mutants makes target/mutants but not its parent (a fresh clone has no target/).
+mkdir -p target
 args=(--no-shuffle --jobs "${MUTANTS_JOBS:-2}" --profile mutants --output target/mutants)
 declare -A packages=()
 picked=() changed=()
