@@ -342,12 +342,12 @@ fn write_tree(out: &File, v: &Verity, disk: impl Fn(io::Error) -> DeltaError) ->
     }
 }
 
-/// A reader of the image's data: the first `v.hash_offset` bytes of `out`.
-/// Unbuffered: the tree reads it in 8 MiB batches.
+/// A reader of the image's data: the first `v.hash_offset` bytes of `out`,
+/// what the page cache holds from there and the rest straight from the
+/// disk ([`crate::readback`]). Unbuffered: the tree reads it in 8 MiB
+/// batches.
 pub fn data_reader(out: &File, v: &Verity) -> io::Result<impl Read> {
-    let mut data = out.try_clone()?;
-    io::Seek::rewind(&mut data)?;
-    Ok(data.take(v.hash_offset))
+    crate::readback::ReadBack::new(out, v.hash_offset)
 }
 
 /// Hashes the image's data, read from `data`, into the dm-verity tree of

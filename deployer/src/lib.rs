@@ -30,6 +30,7 @@ pub mod loopdev;
 pub mod metrics;
 pub mod mount;
 pub mod ops;
+pub mod readback;
 pub mod safety;
 pub mod slot;
 pub mod state;
