@@ -215,7 +215,7 @@ mod tests {
         f.read_exact_at(&mut vec![0u8; len], at as u64).unwrap();
     }
 
-    /// Reads it all in pieces of `piece` bytes.
+    /// Reads it all in pieces of `piece` bytes; never more than its length.
     fn read_all(r: &mut ReadBack, piece: usize) -> Vec<u8> {
         let mut out = Vec::new();
         let mut buf = vec![0u8; piece];
@@ -225,6 +225,7 @@ mod tests {
                 return out;
             }
             out.extend_from_slice(&buf[..n]);
+            assert!(out.len() as u64 <= r.len, "read {} bytes of {}", out.len(), r.len);
         }
     }
 
