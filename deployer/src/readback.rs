@@ -119,32 +119,24 @@ impl Read for ReadBack {
         if want == 0 {
             return Ok(0);
         }
-        let n = match self.run(want.min(MAX_DIRECT)) {
-            Some((false, n)) => match self.read_direct(&mut buf[..n])? {
-                0 => None,
-                got => {
-                    self.stats.direct += got as u64;
-                    Some(got)
-                }
-            },
-            _ => None,
-        };
-        let n = match n {
-            Some(n) => n,
-            None => {
-                // Cached, or no way to tell: through the page cache, up to
-                // the end of the cached run when there is one.
-                let upto = match self.run(want) {
-                    Some((true, n)) => n,
-                    _ => want,
-                };
-                let got = self.cached.read_at(&mut buf[..upto], self.pos)?;
-                self.stats.cached += got as u64;
-                got
-            }
-        };
-        self.pos += n as u64;
-        Ok(n)
+        let run = self.run(want);
+        let mut got = 0;
+        if let Some((false, n)) = run {
+            got = self.read_direct(&mut buf[..n.min(MAX_DIRECT)])?;
+            self.stats.direct += got as u64;
+        }
+        if got == 0 {
+            // Cached, no way to tell, or direct reads just given up:
+            // through the page cache, up to the end of a cached run.
+            let upto = match run {
+                Some((true, n)) => n,
+                _ => want,
+            };
+            got = self.cached.read_at(&mut buf[..upto], self.pos)?;
+            self.stats.cached += got as u64;
+        }
+        self.pos += got as u64;
+        Ok(got)
     }
 }
 
