@@ -9,9 +9,12 @@
 //! filesystem ignores what follows its `bytes_used`, so the same file mounts
 //! with or without dm-verity under it.
 //!
-//! Everything is reproducible: the salt is the sha256 of the data area (with
-//! a domain prefix) and the superblock's UUID is derived from the salt, so
-//! the same tree always gives the same image bytes.
+//! Everything is reproducible: the salt is the same for every image
+//! ([`image_salt`]) and the superblock's UUID is derived from it, so the
+//! same tree always gives the same image bytes. A data block two images
+//! share has the same hash in both trees, so a deployer that copied blocks
+//! from the old image takes their hashes from the old tree
+//! ([`write_tree_beside`]'s `known`) instead of hashing them again.
 //!
 //! The root hash, salt and offset are in the signed manifest ([`Verity`]);
 //! the deployer builds the dm-verity table from them, never from the
@@ -37,9 +40,8 @@ pub const HASH: &str = "sha256";
 /// Blocks read and hashed per batch by [`write_tree`] (8 MiB; unit tests
 /// use 4, so their trees cross batches on every level).
 const BATCH_BLOCKS: usize = if cfg!(test) { 4 } else { 2048 };
-/// What the salt is derived with, so it cannot collide with another use of
-/// the data area's sha256.
-const SALT_DOMAIN: &[u8] = b"imgdeploy dm-verity salt v1\0";
+/// What the salt is the sha256 of ([`image_salt`]).
+const SALT_DOMAIN: &[u8] = b"imgdeploy dm-verity salt v2\0";
 /// The verity superblock's size on disk (padded to [`BLOCK_SIZE`]).
 const SUPERBLOCK_BYTES: usize = 512;
 
@@ -83,6 +85,15 @@ impl Verity {
     /// (the device dm-verity reads hashes from is the image itself).
     pub fn hash_start_block(&self) -> u64 {
         self.hash_offset / BLOCK_SIZE + 1
+    }
+
+    /// Where the bottom level (one hash per data block, in order) starts in
+    /// the file: after the levels above it, which come first. None for a
+    /// single data block, whose hash is the root.
+    pub fn leaves_offset(&self) -> Option<u64> {
+        let sizes = levels(self.data_blocks());
+        let above: u64 = sizes.get(1..)?.iter().sum();
+        Some(self.hash_offset + BLOCK_SIZE + above * BLOCK_SIZE)
     }
 
     /// Checks that the parameters are ours and describe an image of
@@ -164,21 +175,35 @@ fn salted(salt: &Sha256Digest, block: &[u8]) -> [u8; 32] {
     h.finalize().into()
 }
 
-/// The salt of a data area: sha256 over a domain prefix and the data.
-pub fn salt_of(data: impl Read) -> io::Result<Sha256Digest> {
-    Sha256Digest::of_reader(SALT_DOMAIN.chain(data)).map(|(d, _)| d)
+/// The salt of every image's tree: the sha256 of a fixed string. The same
+/// for all images, so that a block two images share has one hash in both
+/// trees. (It used to be the data's own sha256, which made every hash of
+/// every image differ.) dm-verity's salt is no secret: it is in the signed
+/// manifest and on the disk, and sha256 needs no salt to resist second
+/// preimages.
+pub fn image_salt() -> Sha256Digest {
+    Sha256Digest::of_bytes(SALT_DOMAIN)
 }
 
 /// The salted hashes of `bytes`' blocks, split across `threads`.
 fn hash_blocks(bytes: &[u8], salt: &Sha256Digest, threads: usize) -> Vec<u8> {
     let n = bytes.chunks(BLOCK_SIZE as usize).len();
-    let mut out = vec![0u8; n * 32];
+    hash_unknown(bytes, salt, threads, vec![0u8; n * 32], &[])
+}
+
+/// [`hash_blocks`] into `out`, leaving alone the hashes of the blocks
+/// `known` flags (all are hashed when it is empty).
+fn hash_unknown(bytes: &[u8], salt: &Sha256Digest, threads: usize, mut out: Vec<u8>, known: &[bool]) -> Vec<u8> {
+    let n = bytes.chunks(BLOCK_SIZE as usize).len();
     let per = n.div_ceil(threads).max(1);
     std::thread::scope(|s| {
-        for (blocks, hashes) in bytes.chunks(per * BLOCK_SIZE as usize).zip(out.chunks_mut(per * 32)) {
+        let parts = bytes.chunks(per * BLOCK_SIZE as usize).zip(out.chunks_mut(per * 32));
+        for (t, (blocks, hashes)) in parts.enumerate() {
             s.spawn(move || {
-                for (block, hash) in blocks.chunks(BLOCK_SIZE as usize).zip(hashes.chunks_mut(32)) {
-                    hash.copy_from_slice(&salted(salt, block));
+                for (i, (block, hash)) in blocks.chunks(BLOCK_SIZE as usize).zip(hashes.chunks_mut(32)).enumerate() {
+                    if !known.get(t * per + i).copied().unwrap_or(false) {
+                        hash.copy_from_slice(&salted(salt, block));
+                    }
                 }
             });
         }
@@ -197,22 +222,31 @@ fn hash_blocks(bytes: &[u8], salt: &Sha256Digest, threads: usize) -> Vec<u8> {
 /// place as it is hashed, and read back from there to hash the level above,
 /// [`BATCH_BLOCKS`] blocks (8 MiB) at a time, split across the cores.
 pub fn write_tree(file: &File, data: impl Read, data_blocks: u64, salt: &Sha256Digest) -> io::Result<Sha256Digest> {
-    write_tree_beside(file, data, data_blocks, salt, None)
+    write_tree_beside(file, data, data_blocks, salt, None, None)
 }
 
 /// What sees each batch of the data beside the tree ([`write_tree_beside`]).
 pub type Beside<'a> = &'a mut (dyn FnMut(&[u8]) + Send);
 
+/// Data blocks' hashes the caller already has ([`write_tree_beside`]):
+/// called for each batch with its first block, a 32-byte place per block
+/// of the batch and a flag per block, it writes the hashes it knows into
+/// their places and sets their flags; only the other blocks are hashed. A
+/// wrong hash given here gives another root.
+pub type Known<'a> = &'a mut dyn FnMut(u64, &mut [u8], &mut [bool]) -> io::Result<()>;
+
 /// [`write_tree`], also handing every batch of the data, in order, to
 /// `beside`, which runs on a core of its own while the batch's blocks are
 /// hashed on the others: a deployer hashes the whole image in the same
-/// read. The next batch is read while one is hashed.
+/// read. The next batch is read while one is hashed. The blocks whose
+/// hashes `known` gives are not hashed.
 pub fn write_tree_beside(
     file: &File,
     mut data: impl Read,
     data_blocks: u64,
     salt: &Sha256Digest,
     mut beside: Option<Beside<'_>>,
+    mut known: Option<Known<'_>>,
 ) -> io::Result<Sha256Digest> {
     let sizes = levels(data_blocks);
     let hash_offset = data_blocks * BLOCK_SIZE;
@@ -238,11 +272,18 @@ pub fn write_tree_beside(
     for done in (0..data_blocks).step_by(BATCH_BLOCKS) {
         let bytes = &buf[..batch(done)];
         let ahead = done + BATCH_BLOCKS as u64;
+        let n = bytes.chunks(BLOCK_SIZE as usize).len();
+        let (mut given, mut flags) = (vec![0u8; n * 32], Vec::new());
+        if let Some(k) = known.as_deref_mut() {
+            flags = vec![false; n];
+            k(done, &mut given, &mut flags)?;
+        }
+        let flags = &flags;
         let (hashes, read) = std::thread::scope(|s| {
             if let Some(f) = beside.as_deref_mut() {
                 s.spawn(move || f(bytes));
             }
-            let hashing = s.spawn(|| hash_blocks(bytes, salt, hashers));
+            let hashing = s.spawn(move || hash_unknown(bytes, salt, hashers, given, flags));
             let read = data.read_exact(&mut next[..batch(ahead.min(data_blocks))]);
             (hashing.join().expect("hashing does not panic"), read)
         });
@@ -317,8 +358,7 @@ pub fn append_tree(file: &mut File) -> io::Result<Verity> {
         ));
     }
     let data_blocks = data_len / BLOCK_SIZE;
-    file.seek(SeekFrom::Start(0))?;
-    let salt = salt_of(io::BufReader::with_capacity(1 << 20, (&*file).take(data_len)))?;
+    let salt = image_salt();
     file.seek(SeekFrom::Start(0))?;
     let data = io::BufReader::with_capacity(1 << 20, (&*file).take(data_len));
     let root_hash = write_tree(file, data, data_blocks, &salt)?;
@@ -457,7 +497,10 @@ mod tests {
                 seen.extend_from_slice(b);
                 calls += 1;
             };
-            assert_eq!(write_tree_beside(&file, &data[..], blocks as u64, &salt, Some(&mut beside)).unwrap(), root);
+            assert_eq!(
+                write_tree_beside(&file, &data[..], blocks as u64, &salt, Some(&mut beside), None).unwrap(),
+                root
+            );
             assert!(seen == data, "{blocks} blocks: beside saw other bytes");
             assert_eq!(calls, blocks.div_ceil(BATCH_BLOCKS), "one call per batch");
             let mut tail = vec![0u8; clean.len()];
@@ -465,7 +508,7 @@ mod tests {
             assert!(tail == clean, "{blocks} blocks: the tree differs");
             // Data that ends early is an error, in the first batch or a later one.
             let short = &data[..data.len() - 1];
-            assert!(write_tree_beside(&file, short, blocks as u64, &salt, Some(&mut |_: &[u8]| ())).is_err());
+            assert!(write_tree_beside(&file, short, blocks as u64, &salt, Some(&mut |_: &[u8]| ()), None).is_err());
         }
     }
 
@@ -487,16 +530,135 @@ mod tests {
     }
 
     #[test]
-    fn a_changed_byte_changes_the_root_and_the_salt() {
+    fn a_changed_byte_changes_the_root() {
         let data = noise(200);
-        let salt = salt_of(&data[..]).unwrap();
+        let salt = image_salt();
         let mut other = data.clone();
         other[4096 * 150 + 9] ^= 1;
-        assert_ne!(salt_of(&other[..]).unwrap(), salt);
         let a = hash_tree(&data[..], 200, &salt).unwrap().1;
         let b = hash_tree(&other[..], 200, &salt).unwrap().1;
         assert_ne!(a, b);
-        assert_ne!(salt, Sha256Digest::of_bytes(&data), "the salt has its own domain");
+    }
+
+    #[test]
+    fn every_image_gets_the_same_salt_so_shared_blocks_share_hashes() {
+        // Pinned: another salt would make every hash of the next image
+        // differ from the last one's.
+        assert_eq!(image_salt(), Sha256Digest::of_bytes(b"imgdeploy dm-verity salt v2\0"));
+        let dir = tempfile::tempdir().unwrap();
+        let tree_of = |data: &[u8]| {
+            let p = dir.path().join("img");
+            std::fs::write(&p, data).unwrap();
+            let mut f = std::fs::OpenOptions::new().read(true).write(true).open(&p).unwrap();
+            let v = append_tree(&mut f).unwrap();
+            let mut leaves = vec![0u8; data.len() / 4096 * 32];
+            f.read_exact_at(&mut leaves, v.leaves_offset().unwrap()).unwrap();
+            (v, leaves)
+        };
+        let data = noise(300);
+        let mut other = data.clone();
+        other[4096 * 150 + 9] ^= 1;
+        let (a, la) = tree_of(&data);
+        let (b, lb) = tree_of(&other);
+        assert_eq!((a.salt, b.salt), (image_salt(), image_salt()));
+        assert_ne!(a.root_hash, b.root_hash);
+        // One leaf differs: block 150's.
+        let differ: Vec<usize> = (0..300).filter(|i| la[i * 32..i * 32 + 32] != lb[i * 32..i * 32 + 32]).collect();
+        assert_eq!(differ, [150]);
+    }
+
+    #[test]
+    fn leaves_offset_is_where_the_data_blocks_hashes_are() {
+        for blocks in [2usize, 128, 129, 300, 16_385] {
+            let data = if blocks < 1000 { noise(blocks) } else { stamped(blocks) };
+            let file = tempfile::tempfile().unwrap();
+            file.write_all_at(&data, 0).unwrap();
+            let salt = image_salt();
+            write_tree(&file, &data[..], blocks as u64, &salt).unwrap();
+            let v = Verity {
+                root_hash: Sha256Digest([0; 32]),
+                salt,
+                hash_offset: data.len() as u64,
+                data_block_size: 4096,
+                hash_block_size: 4096,
+                hash: HASH.into(),
+            };
+            let at = v.leaves_offset().unwrap();
+            let mut leaves = vec![0u8; blocks * 32];
+            file.read_exact_at(&mut leaves, at).unwrap();
+            for (i, block) in data.chunks(4096).enumerate() {
+                assert_eq!(leaves[i * 32..i * 32 + 32], salted(&salt, block), "{blocks} blocks: block {i}");
+            }
+            // The level ends where the image does.
+            assert_eq!(at + (blocks as u64 * 32).next_multiple_of(4096), expected_image_size(blocks as u64).unwrap());
+        }
+        let one = Verity { hash_offset: 4096, ..good_verity() };
+        assert_eq!(one.leaves_offset(), None, "one block: no level, its hash is the root");
+    }
+
+    fn good_verity() -> Verity {
+        Verity {
+            root_hash: Sha256Digest([0; 32]),
+            salt: Sha256Digest([0; 32]),
+            hash_offset: 300 * 4096,
+            data_block_size: 4096,
+            hash_block_size: 4096,
+            hash: HASH.into(),
+        }
+    }
+
+    #[test]
+    fn known_hashes_are_taken_and_only_the_other_blocks_hashed() {
+        let salt = image_salt();
+        let blocks = 301usize;
+        let data = noise(blocks);
+        let (clean, root) = hash_tree(&data, blocks as u64, &salt).unwrap();
+        let truth: Vec<[u8; 32]> = data.chunks(4096).map(|b| salted(&salt, b)).collect();
+        // Given: every third block's true hash, or one of them wrong.
+        for wrong in [None, Some(150u64)] {
+            let file = tempfile::tempfile().unwrap();
+            file.write_all_at(&data, 0).unwrap();
+            let mut asked = Vec::new();
+            let mut known = |first: u64, hashes: &mut [u8], flags: &mut [bool]| {
+                asked.push((first, flags.len()));
+                assert_eq!(hashes.len(), flags.len() * 32);
+                for (i, (h, f)) in hashes.chunks_mut(32).zip(flags.iter_mut()).enumerate() {
+                    let b = first + i as u64;
+                    if b % 3 == 0 {
+                        h.copy_from_slice(&truth[b as usize]);
+                        if Some(b) == wrong {
+                            h[0] ^= 1;
+                        }
+                        *f = true;
+                    }
+                }
+                Ok(())
+            };
+            let got = write_tree_beside(&file, &data[..], blocks as u64, &salt, None, Some(&mut known)).unwrap();
+            let batches: Vec<(u64, usize)> =
+                (0..blocks as u64).step_by(BATCH_BLOCKS).map(|b| (b, 4.min(blocks - b as usize))).collect();
+            assert_eq!(asked, batches, "asked once per batch, with its first block and length");
+            let mut tail = vec![0u8; clean.len()];
+            file.read_exact_at(&mut tail, (blocks as u64 + 1) * 4096).unwrap();
+            match wrong {
+                None => assert!(got == root && tail == clean, "the same tree from the hashes given"),
+                Some(_) => assert_ne!(got, root, "a wrong hash given is used, and changes the root"),
+            }
+        }
+        // Hashes given for blocks not flagged are not used.
+        let file = tempfile::tempfile().unwrap();
+        let mut noise_only = |_: u64, hashes: &mut [u8], _: &mut [bool]| {
+            hashes.fill(0xee);
+            Ok(())
+        };
+        assert_eq!(
+            write_tree_beside(&file, &data[..], blocks as u64, &salt, None, Some(&mut noise_only)).unwrap(),
+            root
+        );
+        // An error from it is the tree's error.
+        let mut failing = |_: u64, _: &mut [u8], _: &mut [bool]| Err(io::Error::other("old tree unreadable"));
+        let e = write_tree_beside(&file, &data[..], blocks as u64, &salt, None, Some(&mut failing)).unwrap_err();
+        assert!(e.to_string().contains("old tree unreadable"));
     }
 
     #[test]
@@ -531,14 +693,7 @@ mod tests {
 
     #[test]
     fn validate_accepts_only_our_layout_of_the_signed_size() {
-        let good = Verity {
-            root_hash: Sha256Digest([0; 32]),
-            salt: Sha256Digest([0; 32]),
-            hash_offset: 300 * 4096,
-            data_block_size: 4096,
-            hash_block_size: 4096,
-            hash: HASH.into(),
-        };
+        let good = good_verity();
         let size = 305 * 4096;
         good.validate(size).unwrap();
         assert_eq!(good.validate(size + 4096).unwrap_err().field, "image.verity.hash_offset");
@@ -576,7 +731,7 @@ mod tests {
         let all = std::fs::read(&p).unwrap();
         v.validate(all.len() as u64).unwrap();
         assert_eq!(&all[..data.len()], &data[..]);
-        assert_eq!(v.salt, salt_of(&data[..]).unwrap());
+        assert_eq!(v.salt, image_salt());
         assert_eq!(v.root_hash, naive_root(&data, &v.salt));
         assert_eq!(&all[data.len()..data.len() + 512], &superblock(129, &v.salt));
     }

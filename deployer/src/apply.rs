@@ -24,6 +24,7 @@ use imgdeploy_common::digest::Sha256Digest;
 use imgdeploy_common::location::Location;
 use imgdeploy_common::manifest::Timestamp;
 use imgdeploy_common::transport::Transport;
+use imgdeploy_common::verity::Verity;
 use serde::Serialize;
 
 use crate::config::Config;
@@ -258,6 +259,7 @@ fn download_into(
     fetched: &crate::fetch::FetchedManifest,
     standby: SlotId,
     held: &[(SlotId, Sha256Digest)],
+    trees: &[(SlotId, Verity)],
 ) -> Result<(DownloadStats, File)> {
     let m = &fetched.verified.manifest;
     let image_transport = t.with_timeouts(Duration::from_secs(60), cfg.download_timeout);
@@ -269,7 +271,17 @@ fn download_into(
     // A static delta from an image a slot holds fills the partial first.
     let mut made = None;
     if let Some((from, d)) = crate::static_delta::pick(m, held) {
-        match crate::static_delta::fetch_and_apply(t, budget, &fetched.location, m, d, from, layout, standby) {
+        let old_tree = trees.iter().find(|(s, _)| *s == from).map(|(_, v)| v);
+        match crate::static_delta::fetch_and_apply(
+            t,
+            budget,
+            &fetched.location,
+            m,
+            d,
+            (from, old_tree),
+            layout,
+            standby,
+        ) {
             Ok(st) => made = Some(st),
             Err(e) => tracing::warn!("static delta not used: {}; going on with the chunk delta", Chain(&e)),
         }
@@ -278,7 +290,7 @@ fn download_into(
     // chunk index is needed (the next chunk delta computes this slot's).
     if let Some(st) = made.as_mut().filter(|s| s.applied.unreproduced_bytes == 0) {
         let out = st.out.take().expect("a static delta returns its output");
-        match crate::static_delta::finish(&out, m) {
+        match crate::static_delta::finish(&out, m, st.old_leaves.take()) {
             Ok(true) => {
                 let stats = DownloadStats {
                     mode: TransferMode::StaticDelta,
@@ -527,6 +539,13 @@ fn apply_locked(cfg: &Config, opts: &ApplyOptions, layout: &Layout, state: &mut 
         .flatten()
         .map(|i| (i.slot, i.manifest.image.sha256))
         .collect();
+    // Their dm-verity trees, whose hashes of the blocks a static delta
+    // copies need not be computed again.
+    let trees: Vec<(SlotId, Verity)> = [active_inst.as_ref(), standby_inst.as_ref().ok().and_then(Option::as_ref)]
+        .into_iter()
+        .flatten()
+        .filter_map(|i| Some((i.slot, i.manifest.image.verity.clone()?)))
+        .collect();
     if opts.dry_run {
         return dry_run(&transport, &fetched, layout, &held);
     }
@@ -552,7 +571,7 @@ fn apply_locked(cfg: &Config, opts: &ApplyOptions, layout: &Layout, state: &mut 
         }
     });
     if verified_file.is_none() {
-        let (stats, file) = download_into(cfg, layout, &transport, &fetched, standby, &held)?;
+        let (stats, file) = download_into(cfg, layout, &transport, &fetched, standby, &held, &trees)?;
         download = stats;
         verified_file = Some(file);
     } else {

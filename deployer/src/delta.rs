@@ -336,7 +336,7 @@ fn compute_tree(sources: &mut [Source], new: &ChunkIndex, verity: Option<&Verity
 /// Writes the superblock and hash tree of `v` after the data already in
 /// `out`, once the tree it yields has the signed root hash.
 fn write_tree(out: &File, v: &Verity, disk: impl Fn(io::Error) -> DeltaError) -> Result<(), DeltaError> {
-    match tree_from(out, data_reader(out, v).map_err(&disk)?, v, None).map_err(disk)? {
+    match tree_from(out, data_reader(out, v).map_err(&disk)?, v, None, None).map_err(disk)? {
         Ok(()) => Ok(()),
         Err(found) => Err(DeltaError::RootHash { expected: v.root_hash, found }),
     }
@@ -355,14 +355,16 @@ pub fn data_reader(out: &File, v: &Verity) -> io::Result<impl Read> {
 /// root against the signed one. `Ok(Err(root))`: the data has another root,
 /// so the tail written is wrong too (the image's signed sha256 refuses it
 /// unless a later pass writes it again).
-/// `beside` sees the data as it is read ([`verity::write_tree_beside`]).
+/// `beside` sees the data as it is read, and `known` gives the hashes of
+/// blocks that need not be hashed ([`verity::write_tree_beside`]).
 pub fn tree_from(
     out: &File,
     data: impl Read,
     v: &Verity,
     beside: Option<verity::Beside<'_>>,
+    known: Option<verity::Known<'_>>,
 ) -> io::Result<Result<(), Sha256Digest>> {
-    let root = verity::write_tree_beside(out, data, v.data_blocks(), &v.salt, beside)?;
+    let root = verity::write_tree_beside(out, data, v.data_blocks(), &v.salt, beside, known)?;
     Ok(if root == v.root_hash { Ok(()) } else { Err(root) })
 }
 

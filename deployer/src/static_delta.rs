@@ -20,6 +20,7 @@ use imgdeploy_common::location::{FetchError, Location};
 use imgdeploy_common::manifest::{DeltaRef, Manifest};
 use imgdeploy_common::sdelta::{self, ApplyStats, DeltaReader};
 use imgdeploy_common::transport::Transport;
+use imgdeploy_common::verity::Verity;
 use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 
 use crate::delta::Budget;
@@ -102,6 +103,81 @@ pub struct StaticStats {
     /// The partial file it was applied into.
     #[serde(skip)]
     pub out: Option<File>,
+    /// The hashes of the blocks it copied, in the old image's tree, when
+    /// that tree has the new one's salt.
+    #[serde(skip)]
+    pub old_leaves: Option<OldLeaves>,
+}
+
+/// The dm-verity hashes of the blocks a static delta copied whole from the
+/// old image, read from the old image's own tree instead of computed: with
+/// the same salt, the same block has the same hash. When one was read
+/// wrong (a damaged old tree) the root differs from the signed one and the
+/// image is checked chunk by chunk; the whole image's sha256, over every
+/// byte, is checked either way.
+#[derive(Debug)]
+pub struct OldLeaves {
+    old: File,
+    /// Where the old tree's bottom level starts.
+    at: u64,
+    /// The old image's data blocks.
+    blocks: u64,
+    /// The delta's copies, in output order: (new offset, old offset, length).
+    copies: Vec<(u64, u64, u64)>,
+}
+
+impl OldLeaves {
+    /// For `old_tree`, the tree of the image in `old`, if its salt is `new`'s.
+    fn new(old: &File, old_tree: &Verity, new: &Verity, copies: Vec<(u64, u64, u64)>) -> io::Result<Option<Self>> {
+        let Some(at) = old_tree.leaves_offset().filter(|_| old_tree.salt == new.salt) else { return Ok(None) };
+        Ok(Some(OldLeaves { old: old.try_clone()?, at, blocks: old_tree.data_blocks(), copies }))
+    }
+
+    /// The copies of the delta in `delta` (read again from its start).
+    fn copies_in(delta: &File) -> Result<Vec<(u64, u64, u64)>, sdelta::DeltaFileError> {
+        let mut f = delta.try_clone().map_err(sdelta::DeltaFileError::Read)?;
+        io::Seek::rewind(&mut f).map_err(sdelta::DeltaFileError::Read)?;
+        let mut r = DeltaReader::new(io::BufReader::with_capacity(1 << 20, f))?;
+        let (mut at, mut copies) = (0, Vec::new());
+        while let Some(op) = r.next_op()? {
+            let len = op.out_len();
+            if let sdelta::Op::Copy { offset, .. } = op {
+                copies.push((at, offset, len));
+            }
+            at += len;
+        }
+        Ok(copies)
+    }
+
+    /// Fills in the hashes of the blocks from `first` on (one per flag)
+    /// that lie whole in a copy whose old offset is on the same block
+    /// boundary ([`imgdeploy_common::verity::Known`]).
+    pub fn fill(&self, first: u64, hashes: &mut [u8], known: &mut [bool]) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        const BLOCK: u64 = imgdeploy_common::verity::BLOCK_SIZE;
+        let end = first + known.len() as u64;
+        let from = self.copies.partition_point(|&(at, _, len)| at + len <= first * BLOCK);
+        for &(at, old, len) in &self.copies[from..] {
+            if at >= end * BLOCK {
+                break;
+            }
+            if at % BLOCK != old % BLOCK {
+                continue;
+            }
+            // The blocks of this batch wholly inside the copy and inside the
+            // old data (the old tree has no hash of its own tail).
+            let a = first.max(at.div_ceil(BLOCK));
+            let old_a = (old + a * BLOCK).saturating_sub(at) / BLOCK;
+            let b = end.min((at + len) / BLOCK).min((a + self.blocks).saturating_sub(old_a));
+            if a >= b {
+                continue;
+            }
+            let (i, j) = ((a - first) as usize, (b - first) as usize);
+            self.old.read_exact_at(&mut hashes[i * 32..j * 32], self.at + old_a * 32)?;
+            known[i..j].fill(true);
+        }
+        Ok(())
+    }
 }
 
 /// Fetches the delta `d` (relative to the manifest at `base`) into the
@@ -179,13 +255,17 @@ pub fn fetch_and_apply(
     base: &Location,
     m: &Manifest,
     d: &DeltaRef,
-    from: SlotId,
+    (from, old_tree): (SlotId, Option<&Verity>),
     layout: &Layout,
     standby: SlotId,
 ) -> Result<StaticStats, StaticDeltaError> {
     let started = Instant::now();
     let url = base.sibling(&d.path).to_string();
     let (file, fetched) = fetch_delta(t, budget, base, d, layout, standby)?;
+    let again = file.try_clone().map_err(|source| StaticDeltaError::Disk {
+        path: layout.static_delta(standby).display().to_string(),
+        source,
+    })?;
     let mut reader = DeltaReader::new(io::BufReader::with_capacity(1 << 20, file))
         .map_err(|err| StaticDeltaError::Invalid { url: url.clone(), err })?;
     let h = *reader.header();
@@ -229,15 +309,23 @@ pub fn fetch_and_apply(
         HumanBytes(applied.unreproduced_bytes),
         started.elapsed().as_millis()
     );
-    Ok(StaticStats { fetched, delta_size: d.size, applied, out: Some(out) })
+    // Only for a check of the whole image (every region reproduced).
+    let mut old_leaves = None;
+    if let (Some(old_tree), Some(new), 0) = (old_tree, &m.image.verity, applied.unreproduced_bytes) {
+        let copies = OldLeaves::copies_in(&again).map_err(|err| StaticDeltaError::Invalid { url: url.clone(), err })?;
+        old_leaves = OldLeaves::new(&old, old_tree, new, copies).map_err(disk)?;
+    }
+    Ok(StaticStats { fetched, delta_size: d.size, applied, out: Some(out), old_leaves })
 }
 
 /// Completes an image whose data a static delta reproduced in full: one
 /// read of the data feeds both the dm-verity tree (whose root must be the
 /// signed one) and the whole-image sha256 (which must be the signed one,
-/// tree included), on separate cores; then the file is made durable.
+/// tree included), on separate cores; then the file is made durable. The
+/// tree takes the hashes of the blocks copied from the old image from its
+/// tree (`old`), so only the rest is hashed twice.
 /// `Ok(false)` when either differs: the caller checks it chunk by chunk.
-pub fn finish(out: &File, m: &Manifest) -> io::Result<bool> {
+pub fn finish(out: &File, m: &Manifest, old: Option<OldLeaves>) -> io::Result<bool> {
     use std::os::unix::fs::FileExt;
     let Some(v) = &m.image.verity else { return Ok(false) };
     // The data the delta wrote goes to disk while it is hashed (on this
@@ -245,7 +333,10 @@ pub fn finish(out: &File, m: &Manifest) -> io::Result<bool> {
     let data = out.try_clone()?;
     let flushing = std::thread::spawn(move || data.sync_data());
     let mut whole = StreamHasher::new();
-    let tree = crate::delta::tree_from(out, crate::delta::data_reader(out, v)?, v, Some(&mut |b| whole.update(b)));
+    let mut fill = old.map(|o| move |first: u64, h: &mut [u8], k: &mut [bool]| o.fill(first, h, k));
+    let known = fill.as_mut().map(|f| f as imgdeploy_common::verity::Known<'_>);
+    let tree =
+        crate::delta::tree_from(out, crate::delta::data_reader(out, v)?, v, Some(&mut |b| whole.update(b)), known);
     let flushed = flushing.join().expect("fsync does not panic");
     if let Err(root) = tree? {
         tracing::warn!("the static delta's data has dm-verity root {root}, the manifest signs {}", v.root_hash);
@@ -272,6 +363,88 @@ pub fn finish(out: &File, m: &Manifest) -> io::Result<bool> {
 mod tests {
     use super::*;
     use imgdeploy_common::manifest::{image_path, BlockMapRef, ImageFormat, ImageRef, Timestamp, FORMAT_VERSION};
+
+    /// An image of `blocks` distinct data blocks with its tree, as the
+    /// builder appends it: the file and its `Verity`.
+    fn image(dir: &std::path::Path, name: &str, data: &[u8]) -> (File, Verity) {
+        let p = dir.join(name);
+        std::fs::write(&p, data).unwrap();
+        let mut f = OpenOptions::new().read(true).write(true).open(&p).unwrap();
+        let v = imgdeploy_common::verity::append_tree(&mut f).unwrap();
+        (f, v)
+    }
+
+    fn blocks(n: usize, seed: u8) -> Vec<u8> {
+        (0..n * 4096).map(|i| ((i / 4096) as u8).wrapping_mul(31) ^ (i as u8) ^ seed).collect()
+    }
+
+    #[test]
+    fn old_leaves_give_the_hash_of_every_block_copied_whole_and_on_the_same_boundary() {
+        use std::os::unix::fs::FileExt;
+        const B: u64 = 4096;
+        let dir = tempfile::tempdir().unwrap();
+        let old_data = blocks(40, 1);
+        let (old, old_v) = image(dir.path(), "old", &old_data);
+        // The new image: its copies from the old one, and new bytes elsewhere.
+        let copies = vec![
+            (0, 10 * B, 3 * B),                 // blocks 0-2 <- old 10-12
+            (3 * B, 20 * B + 7, 2 * B),         // another boundary: none
+            (5 * B + 100, 30 * B + 100, 3 * B), // blocks 6 and 7 whole <- old 31, 32
+            (9 * B, 38 * B, 4 * B),             // past the old data after old block 39: block 9, 10
+            (13 * B, 0, 11 * B),                // blocks 13-23 <- old 0-10, across batches
+        ];
+        let mut new_data = blocks(24, 2);
+        for &(at, from, len) in &copies {
+            let (at, from) = (at as usize, from as usize);
+            let end = (from + len as usize).min(old_data.len());
+            new_data[at..at + end - from].copy_from_slice(&old_data[from..end]);
+        }
+        let (new, new_v) = image(dir.path(), "new", &new_data);
+        let leaves = OldLeaves::new(&old, &old_v, &new_v, copies.clone()).unwrap().expect("the same salt");
+        let mut truth = vec![0u8; 24 * 32];
+        new.read_exact_at(&mut truth, new_v.leaves_offset().unwrap()).unwrap();
+        let mut known_blocks = Vec::new();
+        for first in (0..24).step_by(5) {
+            let n = 5.min(24 - first as usize);
+            let (mut hashes, mut known) = (vec![0u8; n * 32], vec![false; n]);
+            leaves.fill(first, &mut hashes, &mut known).unwrap();
+            for (i, k) in known.iter().enumerate() {
+                let b = first as usize + i;
+                if *k {
+                    known_blocks.push(b);
+                    assert_eq!(hashes[i * 32..i * 32 + 32], truth[b * 32..b * 32 + 32], "block {b}");
+                }
+            }
+        }
+        let want: Vec<usize> = [0, 1, 2, 6, 7, 9, 10].into_iter().chain(13..24).collect();
+        assert_eq!(known_blocks, want);
+        // Another salt: nothing to take.
+        let other = Verity { salt: Sha256Digest([9; 32]), ..new_v.clone() };
+        assert!(OldLeaves::new(&old, &old_v, &other, copies).unwrap().is_none());
+    }
+
+    #[test]
+    fn the_copies_are_read_back_from_the_delta_file_with_their_new_offsets() {
+        use imgdeploy_common::compress::Compressor;
+        use sdelta::{DeltaWriter, Header, Op};
+        let h = Header {
+            from: Sha256Digest([1; 32]),
+            to: Sha256Digest([2; 32]),
+            out_size: 4109,
+            compressor: Compressor::identity(3),
+        };
+        let mut w = DeltaWriter::new(tempfile::tempfile().unwrap(), &h).unwrap();
+        for op in [
+            Op::Literal(b"head".to_vec()),
+            Op::Copy { offset: 8192, len: 4096 },
+            Op::Literal(vec![7; 5]),
+            Op::Copy { offset: 3, len: 4 },
+        ] {
+            w.push(&op).unwrap();
+        }
+        let f = w.finish().unwrap();
+        assert_eq!(OldLeaves::copies_in(&f).unwrap(), [(4, 8192, 4096), (4105, 3, 4)]);
+    }
 
     fn delta_from(from: u8) -> DeltaRef {
         let map = BlockMapRef { path: "maps/x.map".into(), sha256: Sha256Digest([0; 32]), size: 1 };

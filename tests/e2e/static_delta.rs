@@ -412,3 +412,82 @@ fn privileged_aligned_images_share_extents_on_xfs_and_btrfs() {
         d.assert_link_sound();
     }
 }
+
+/// The old image's tree and data are the frontend's own bytes, which the
+/// deployer takes the copied blocks' hashes from: whoever damages them (a
+/// failing disk, a local root) must not get a wrong image installed. A
+/// flipped hash in the old tree gives another dm-verity root; a flipped
+/// byte of a copied block, whose old hash is right, another sha256 of the
+/// whole image. Either way the image is checked chunk by chunk and comes
+/// out right.
+#[test]
+fn privileged_a_damaged_old_tree_or_block_never_installs_a_wrong_image() {
+    if !require_root("privileged_a_damaged_old_tree_or_block_never_installs_a_wrong_image") {
+        return;
+    }
+    let d = Deployment::new("", "");
+    let tree = d.dir.path().join("tree");
+    full_tree(&tree);
+    d.publish_tree(&tree, "v1");
+    d.imgdeploy(&["apply"]).ok();
+    let mut n = 0;
+    let mut next = |d: &Deployment| {
+        n += 1;
+        let p = tree.join("pkg/share/p00");
+        let mut b = fs::read(&p).unwrap();
+        b[10..20].copy_from_slice(&text(10, 5000 + n));
+        fs::write(&p, b).unwrap();
+        d.publish_tree(&tree, &format!("v{}", n + 1))
+    };
+    // The active image's bytes at the middle of its data, and its block's hash.
+    let active = |d: &Deployment| {
+        let slot = d.status()["active"]["slot"].as_str().unwrap().to_owned();
+        let m = Manifest::parse(&fs::read(d.state.join(format!("slots/{slot}/manifest.json"))).unwrap()).unwrap();
+        let v = m.image.verity.unwrap();
+        let block = v.data_blocks() / 2;
+        (d.state.join(format!("slots/{slot}/image.squashfs")), block * 4096, v.leaves_offset().unwrap() + block * 32)
+    };
+    let flip = |path: &Path, at: u64| {
+        use std::os::unix::fs::FileExt;
+        let f = fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+        let mut b = [0u8];
+        f.read_exact_at(&mut b, at).unwrap();
+        f.write_all_at(&[b[0] ^ 0x20], at).unwrap();
+    };
+
+    // Undamaged: the copied blocks' hashes come from the old tree, and
+    // the image is installed from the delta alone.
+    let built = next(&d);
+    let r = d.imgdeploy(&["apply", "--json", "-v"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("installed serial") && !r.stderr.contains("checking it chunk by chunk"), "{}", r.stderr);
+    assert_eq!(d.active_version().as_deref(), built["version"].as_str());
+
+    // 1. A hash in the old tree.
+    let built = next(&d);
+    let (image, _, leaf) = active(&d);
+    flip(&image, leaf);
+    let r = d.imgdeploy(&["apply", "--json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("the static delta's data has dm-verity root"), "{}", r.stderr);
+    assert_image(&d, "a damaged old tree", &built);
+
+    // 2. A byte of a block the delta copies.
+    let built = next(&d);
+    let (image, data, _) = active(&d);
+    flip(&image, data + 1000);
+    let r = d.imgdeploy(&["apply", "--json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("the image made by the static delta has sha256"), "{}", r.stderr);
+    assert_image(&d, "a damaged old block", &built);
+    d.assert_no_leaks();
+}
+
+/// The active image is the one published as `built`, byte for byte.
+fn assert_image(d: &Deployment, what: &str, built: &serde_json::Value) {
+    assert_eq!(d.active_version().as_deref(), built["version"].as_str(), "{what}");
+    let m = manifest(d);
+    let slot = d.status()["active"]["slot"].as_str().unwrap().to_owned();
+    let got = fs::read(d.state.join(format!("slots/{slot}/image.squashfs"))).unwrap();
+    assert!(got == fs::read(d.repo.join(&m.image.path)).unwrap(), "{what}: the installed image differs");
+}
