@@ -533,19 +533,14 @@ fn apply_locked(cfg: &Config, opts: &ApplyOptions, layout: &Layout, state: &mut 
     // 2. Standby slot.
     let standby = active.map(SlotId::other).unwrap_or(SlotId::A);
     let standby_inst = installed(layout, standby, &keys);
-    // Images a static delta may start from: the active one first.
-    let held: Vec<(SlotId, Sha256Digest)> = [active_inst.as_ref(), standby_inst.as_ref().ok().and_then(Option::as_ref)]
-        .into_iter()
-        .flatten()
-        .map(|i| (i.slot, i.manifest.image.sha256))
-        .collect();
-    // Their dm-verity trees, whose hashes of the blocks a static delta
+    // Images a static delta may start from: the active one first; and
+    // their dm-verity trees, whose hashes of the blocks a static delta
     // copies need not be computed again.
-    let trees: Vec<(SlotId, Verity)> = [active_inst.as_ref(), standby_inst.as_ref().ok().and_then(Option::as_ref)]
-        .into_iter()
-        .flatten()
-        .filter_map(|i| Some((i.slot, i.manifest.image.verity.clone()?)))
-        .collect();
+    let holders = [active_inst.as_ref(), standby_inst.as_ref().ok().and_then(Option::as_ref)];
+    let held: Vec<(SlotId, Sha256Digest)> =
+        holders.iter().flatten().map(|i| (i.slot, i.manifest.image.sha256)).collect();
+    let trees: Vec<(SlotId, Verity)> =
+        holders.iter().flatten().filter_map(|i| Some((i.slot, i.manifest.image.verity.clone()?))).collect();
     if opts.dry_run {
         return dry_run(&transport, &fetched, layout, &held);
     }
