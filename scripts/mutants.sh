@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # cargo-mutants on the pure modules: the manifest, signatures and trust,
-# chunk indexes, block maps and the block compressor, static deltas, the dm-verity hash
-# tree, sources (local and HTTP, against a local test server), the
-# multipart parser, the transport's credential files, the one-line error
-# report, and rollout waves in common; the deployer's update decision, its
-# read-back of the images it wrote, the device-mapper ioctl encoding and
-# parsing, and the netboot /init's pure parts. Every mutant must be caught
+# SHA-256 digests and checkpoints, chunk indexes, block maps and the block
+# compressor, static deltas, the dm-verity hash tree, sources (local and
+# HTTP, against a local test server), the multipart parser, the
+# transport's credential files, the one-line error report, and rollout
+# waves in common; the deployer's update decision, its read-back of the
+# images it wrote and their check on every core, the device-mapper ioctl
+# encoding and parsing, and the netboot /init's pure parts. Every mutant must be caught
 # by the unit tests (cargo-mutants exits non-zero otherwise).
 #
 # All of them (about 790) take about an hour on 2 cores, far beyond CI's
@@ -36,6 +37,8 @@ units=(
   "1 imgdeploy-common common/src/report.rs"
   "3 imgdeploy-common common/src/verity.rs"
   "3 imgdeploy-common common/src/chunk.rs"
+  # SHA-256 digests, and the resumable SHA-256 behind the checkpoints.
+  "1 imgdeploy-common common/src/digest.rs"
   "1 imgdeploy-common common/src/rollout.rs"
   "1 imgdeploy-common common/src/compress.rs"
   "4 imgdeploy-common common/src/transport.rs"
@@ -49,6 +52,8 @@ units=(
   # Reading an image back to check it: the cached and the direct runs.
   # Left out: the mapping's munmap (a leak only).
   "0 imgdeploy-deployer deployer/src/readback.rs readback\.rs:.*replace <impl Drop for Mapping>::drop"
+  # Checking an image's pieces between SHA-256 checkpoints on every core.
+  "0 imgdeploy-deployer deployer/src/parallel_check.rs"
   # The netboot /init: its command line, the DHCP lease, the resolver files,
   # the resumable download and the memory check; what needs a booted
   # machine (bring_up, fetch_current, fetch_from) is the qemu tests' job.

@@ -28,7 +28,7 @@ use std::time::Duration;
 use imgdeploy_common::atomic::{commit_file, create_dir_all_durable, fsync_dir, write_atomic};
 use imgdeploy_common::blockmap::{map_path, BlockMap, MAPS_DIR, MAX_MAP_BYTES};
 use imgdeploy_common::chunk::{ChunkIndex, ChunkParams};
-use imgdeploy_common::digest::Sha256Digest;
+use imgdeploy_common::digest::{checkpoint_offsets, Checkpoint, Sha256Digest};
 use imgdeploy_common::manifest::{
     image_path, index_path, signature_path, validate_channel, BlockMapRef, ImageRef, IndexRef, Manifest, ManifestError,
     Timestamp, FORMAT_VERSION, IMAGES_DIR, INDEXES_DIR, SIGS_DIR,
@@ -308,6 +308,9 @@ pub struct StoredImage {
     pub map_file: PathBuf,
     /// Its dm-verity hash tree, appended to the image.
     pub verity: Option<Verity>,
+    /// Its SHA-256 state at a few offsets of its data, recorded in the same
+    /// read ([`imgdeploy_common::digest::checkpoint_offsets`]).
+    pub checkpoints: Vec<Checkpoint>,
 }
 
 /// Whether `path` is a regular file of `size` bytes hashing to `sha`.
@@ -356,7 +359,11 @@ pub fn store_image(
 ) -> Result<StoredImage, PublishError> {
     let err = |source| PublishError::Repo { path: repo.images_dir(), source };
     let reader = std::io::BufReader::with_capacity(1 << 20, fs::File::open(tmp).map_err(err)?);
-    let (index, sha, size) = ChunkIndex::build(reader, ChunkParams::default()).map_err(err)?;
+    // With a hash tree, the data ends on a 4 KiB boundary: deployers check
+    // the pieces between checkpoints on every core.
+    let at = verity.as_ref().map(|v| checkpoint_offsets(v.hash_offset)).unwrap_or_default();
+    let (index, sha, size, checkpoints) =
+        ChunkIndex::build_with_checkpoints(reader, ChunkParams::default(), &at).map_err(err)?;
     let encoded = index.encode();
     let index_sha = Sha256Digest::of_bytes(&encoded);
     let index_ref = IndexRef { path: index_path(&index_sha), sha256: index_sha, size: encoded.len() as u64 };
@@ -387,6 +394,7 @@ pub fn store_image(
         block_map,
         map_file,
         verity,
+        checkpoints,
     })
 }
 
@@ -560,6 +568,7 @@ pub fn publish_manifest(
             format: imgdeploy_common::manifest::ImageFormat::Squashfs,
             compression: "zstd".into(),
             verity: image.verity.clone(),
+            checkpoints: image.checkpoints.clone(),
         },
         index: Some(image.index.clone()),
         rollout: release.rollout,

@@ -25,7 +25,7 @@
 
 use std::io::{self, Read};
 
-use crate::digest::{Sha256Digest, StreamHasher};
+use crate::digest::{Checkpoint, ResumableSha256, Sha256Digest};
 
 const MAGIC: &[u8; 8] = b"IMGIDX\x01\0";
 const HEADER: usize = 8 + 4 * 3 + 8 + 8;
@@ -112,15 +112,45 @@ impl ChunkIndex {
     /// Cutting runs on this thread; hashing (each chunk and the whole) on a
     /// second one, so the pass costs about as much as the slower of the two.
     pub fn build(reader: impl Read, params: ChunkParams) -> io::Result<(ChunkIndex, Sha256Digest, u64)> {
+        Self::build_with_checkpoints(reader, params, &[]).map(|(index, sha, size, _)| (index, sha, size))
+    }
+
+    /// [`ChunkIndex::build`], also recording the whole image's SHA-256
+    /// state at each offset of `at` the image reaches (in increasing order,
+    /// multiples of 64; [`crate::digest::Checkpoint`]).
+    pub fn build_with_checkpoints(
+        reader: impl Read,
+        params: ChunkParams,
+        at: &[u64],
+    ) -> io::Result<(ChunkIndex, Sha256Digest, u64, Vec<Checkpoint>)> {
         let (tx, rx) = std::sync::mpsc::sync_channel::<(u64, Vec<u8>)>(32);
+        let at = at.to_vec();
         let hasher = std::thread::spawn(move || {
-            let mut whole = StreamHasher::new();
+            let mut whole = ResumableSha256::new();
+            let mut checkpoints = Vec::new();
+            let mut next = at.iter().copied().peekable();
             let mut chunks = Vec::new();
             for (offset, data) in rx {
                 chunks.push(Chunk { offset, len: data.len() as u32, hash: ChunkHash::of(&data) });
-                whole.update(&data);
+                let mut rest = &data[..];
+                // Cut the chunk at each checkpoint inside it (or at its end).
+                while let Some(&cut) = next.peek() {
+                    if cut > whole.count() + rest.len() as u64 {
+                        break;
+                    }
+                    // An offset already passed or recorded is left out.
+                    let fresh = checkpoints.last().is_none_or(|c: &Checkpoint| c.at != cut);
+                    if let Some(before) = cut.checked_sub(whole.count()).filter(|_| fresh) {
+                        let (before, after) = rest.split_at(before as usize);
+                        whole.update(before);
+                        checkpoints.extend(whole.checkpoint());
+                        rest = after;
+                    }
+                    next.next();
+                }
+                whole.update(rest);
             }
-            (chunks, whole.finish())
+            (chunks, whole.finish(), checkpoints)
         });
         let cdc = fastcdc::v2020::StreamCDC::new(reader, params.min as usize, params.avg as usize, params.max as usize);
         let mut result = Ok(());
@@ -140,9 +170,9 @@ impl ChunkIndex {
             }
         }
         drop(tx);
-        let (chunks, (sha, size)) = hasher.join().expect("the hashing thread does not panic");
+        let (chunks, (sha, size), checkpoints) = hasher.join().expect("the hashing thread does not panic");
         result?;
-        Ok((ChunkIndex { params, image_size: size, chunks }, sha, size))
+        Ok((ChunkIndex { params, image_size: size, chunks }, sha, size, checkpoints))
     }
 
     /// The uncompressed binary form.
@@ -234,6 +264,26 @@ mod tests {
         let old: std::collections::HashSet<_> = ia.chunks.iter().map(|c| c.hash).collect();
         let new_bytes: u64 = ib.chunks.iter().filter(|c| !old.contains(&c.hash)).map(|c| c.len as u64).sum();
         assert!(new_bytes < 300_000, "{new_bytes} new bytes for a 5000-byte insertion");
+    }
+
+    #[test]
+    fn checkpoints_are_the_states_of_the_prefixes_wherever_chunks_cut() {
+        let a = data(3 << 20, 11);
+        // At 0, inside chunks, on the same offset twice, out of order, at
+        // the end, and past it.
+        let at = [0, 64, 4096, 1 << 20, 1 << 20, 4096, (3 << 20) - 64, 3 << 20, 4 << 20];
+        let (_, sha, size, cps) = ChunkIndex::build_with_checkpoints(&a[..], ChunkParams::default(), &at).unwrap();
+        assert_eq!((sha, size), (Sha256Digest::of_bytes(&a), a.len() as u64));
+        let got: Vec<u64> = cps.iter().map(|c| c.at).collect();
+        assert_eq!(got, [0, 64, 4096, 1 << 20, (3 << 20) - 64, 3 << 20]);
+        for cp in &cps {
+            let mut h = ResumableSha256::new();
+            h.update(&a[..cp.at as usize]);
+            assert_eq!(h.checkpoint().as_ref(), Some(cp), "at {}", cp.at);
+            let mut rest = ResumableSha256::resume(cp).unwrap();
+            rest.update(&a[cp.at as usize..]);
+            assert_eq!(rest.finish(), (sha, size), "from {}", cp.at);
+        }
     }
 
     #[test]

@@ -88,6 +88,10 @@ impl<'de> Deserialize<'de> for Timestamp {
     }
 }
 
+/// The most checkpoints a manifest may list (the builder writes at most
+/// [`crate::digest::CHECKPOINTS`]).
+pub const MAX_CHECKPOINTS: usize = 64;
+
 /// Where the image is and what it must hash to.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -106,9 +110,36 @@ pub struct ImageRef {
     /// before hash trees, checked at install only). See [`crate::verity`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verity: Option<crate::verity::Verity>,
+    /// The SHA-256 state of the image at a few offsets in its data, the
+    /// last at the data's end, so that a deployer checks `sha256` on every
+    /// core ([`crate::digest::Checkpoint`]). Absent: images built before
+    /// them, checked on one core.
+    #[serde(default, rename = "sha256_checkpoints", skip_serializing_if = "Vec::is_empty")]
+    pub checkpoints: Vec<crate::digest::Checkpoint>,
 }
 
 impl ImageRef {
+    /// Checkpoints must be few, increasing, on 4 KiB boundaries (a
+    /// dm-verity block; a direct read), and inside the data.
+    fn validate_checkpoints(&self) -> Result<(), ManifestError> {
+        let bad = |why: String| Err(ManifestError::Field { field: "image.sha256_checkpoints", why });
+        if self.checkpoints.len() > MAX_CHECKPOINTS {
+            return bad(format!("{} are more than {MAX_CHECKPOINTS}", self.checkpoints.len()));
+        }
+        let mut after = 0;
+        for c in &self.checkpoints {
+            if c.at <= after || c.at % 4096 != 0 || c.at > self.data_size() {
+                return bad(format!(
+                    "offset {} is not a multiple of 4096 after {after} and within the image's {} bytes of data",
+                    c.at,
+                    self.data_size()
+                ));
+            }
+            after = c.at;
+        }
+        Ok(())
+    }
+
     /// Bytes of the file that are the filesystem: all of it, or what comes
     /// before the dm-verity superblock and tree.
     pub fn data_size(&self) -> u64 {
@@ -384,6 +415,7 @@ impl Manifest {
         if let Some(v) = &self.image.verity {
             v.validate(self.image.size).map_err(|e| ManifestError::Field { field: e.field, why: e.why })?;
         }
+        self.image.validate_checkpoints()?;
         if self.rollout.is_some_and(|p| p > 100) {
             return Err(ManifestError::Field { field: "rollout", why: "must be a percentage from 0 to 100".into() });
         }
@@ -563,6 +595,52 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn checkpoints_are_few_increasing_block_aligned_and_inside_the_data() {
+        use crate::digest::Checkpoint;
+        let cp = |at: u64| Checkpoint { at, state: Sha256Digest::of_bytes(&at.to_le_bytes()) };
+        let with = |ats: &[u64]| {
+            let mut m = sample();
+            m.image.size = 1 << 30;
+            m.image.checkpoints = ats.iter().map(|&a| cp(a)).collect();
+            m.validate()
+        };
+        let field = |r: Result<(), ManifestError>| match r {
+            Err(ManifestError::Field { field, .. }) => field,
+            other => panic!("{other:?}"),
+        };
+        assert!(with(&[]).is_ok());
+        assert!(with(&[4096, 8192, 1 << 30]).is_ok(), "up to the data's end");
+        let many: Vec<u64> = (1..=MAX_CHECKPOINTS as u64).map(|k| k * 4096).collect();
+        assert!(with(&many).is_ok());
+        let too_many: Vec<u64> = (1..=MAX_CHECKPOINTS as u64 + 1).map(|k| k * 4096).collect();
+        for bad in [&too_many[..], &[0], &[4096, 4096], &[8192, 4096], &[4096 + 64], &[(1 << 30) + 4096]] {
+            assert_eq!(field(with(bad)), "image.sha256_checkpoints", "{:?}", &bad[..bad.len().min(3)]);
+        }
+        // Inside the data: not into the hash tree.
+        let mut m = sample();
+        m.image.size = 3 * 1024 * 1024;
+        m.image.verity = Some(crate::verity::Verity {
+            root_hash: Sha256Digest::of_bytes(b"root"),
+            salt: Sha256Digest::of_bytes(b"salt"),
+            hash_offset: 2 * 1024 * 1024,
+            data_block_size: 4096,
+            hash_block_size: 4096,
+            hash: crate::verity::HASH.into(),
+        });
+        m.image.checkpoints = vec![cp(2 * 1024 * 1024 + 4096)];
+        assert!(m.image.validate_checkpoints().unwrap_err().to_string().contains("2097152 bytes of data"));
+        m.image.checkpoints = vec![cp(2 * 1024 * 1024)];
+        assert!(m.image.validate_checkpoints().is_ok());
+        // They round-trip through the signed bytes, under their JSON name.
+        let mut m = sample();
+        m.image.checkpoints = vec![cp(4096)];
+        let json: serde_json::Value = serde_json::from_slice(&m.to_bytes()).unwrap();
+        assert_eq!(json["image"]["sha256_checkpoints"][0]["at"], 4096);
+        assert_eq!(json["image"]["sha256_checkpoints"][0]["state"], cp(4096).state.to_string());
+        assert_eq!(Manifest::parse(&m.to_bytes()).unwrap(), m);
+    }
+
+    #[test]
     fn version_labels() {
         for good in ["a", "v1.2 (build 7)", &"é".repeat(128)] {
             assert!(validate_version(good).is_ok(), "{good:?}");
@@ -588,6 +666,7 @@ pub(crate) mod tests {
                 format: ImageFormat::Squashfs,
                 compression: "zstd".into(),
                 verity: None,
+                checkpoints: Vec::new(),
             },
             index: None,
             rollout: None,

@@ -199,16 +199,35 @@ fn hash_unknown(bytes: &[u8], salt: &Sha256Digest, threads: usize, mut out: Vec<
     std::thread::scope(|s| {
         let parts = bytes.chunks(per * BLOCK_SIZE as usize).zip(out.chunks_mut(per * 32));
         for (t, (blocks, hashes)) in parts.enumerate() {
-            s.spawn(move || {
-                for (i, (block, hash)) in blocks.chunks(BLOCK_SIZE as usize).zip(hashes.chunks_mut(32)).enumerate() {
-                    if !known.get(t * per + i).copied().unwrap_or(false) {
-                        hash.copy_from_slice(&salted(salt, block));
-                    }
-                }
-            });
+            let known = known.get(t * per..).unwrap_or_default();
+            s.spawn(move || hash_leaves(blocks, salt, hashes, known));
         }
     });
     out
+}
+
+/// The salted hashes of `bytes`' blocks (the last may be short) into
+/// `hashes`, 32 bytes each, on this thread; the blocks `known` flags (none
+/// when it is empty or short) keep the hash `hashes` holds.
+pub fn hash_leaves(bytes: &[u8], salt: &Sha256Digest, hashes: &mut [u8], known: &[bool]) {
+    for (i, (block, hash)) in bytes.chunks(BLOCK_SIZE as usize).zip(hashes.chunks_mut(32)).enumerate() {
+        if !known.get(i).copied().unwrap_or(false) {
+            hash.copy_from_slice(&salted(salt, block));
+        }
+    }
+}
+
+/// Where each hash level of a tree over `data_blocks` starts in the file,
+/// bottom (the data's hashes) first: the top level is on disk first, one
+/// block after the superblock.
+fn level_starts(data_blocks: u64, sizes: &[u64]) -> Vec<u64> {
+    let mut starts = vec![0u64; sizes.len()];
+    let mut at = (data_blocks + 1) * BLOCK_SIZE;
+    for (start, blocks) in starts.iter_mut().zip(sizes).rev() {
+        *start = at;
+        at += blocks * BLOCK_SIZE;
+    }
+    starts
 }
 
 /// Hashes `data_blocks` blocks read from `data` (the image's data area) and
@@ -249,18 +268,7 @@ pub fn write_tree_beside(
     mut known: Option<Known<'_>>,
 ) -> io::Result<Sha256Digest> {
     let sizes = levels(data_blocks);
-    let hash_offset = data_blocks * BLOCK_SIZE;
-    let mut block = vec![0u8; BLOCK_SIZE as usize];
-    block[..SUPERBLOCK_BYTES].copy_from_slice(&superblock(data_blocks, salt));
-    file.write_all_at(&block, hash_offset)?;
-    // Where each level starts, bottom (the data's hashes) first; the top
-    // level is on disk first.
-    let mut starts = vec![0u64; sizes.len()];
-    let mut at = hash_offset + BLOCK_SIZE;
-    for (start, blocks) in starts.iter_mut().zip(&sizes).rev() {
-        *start = at;
-        at += blocks * BLOCK_SIZE;
-    }
+    let leaves_at = level_starts(data_blocks, &sizes).first().copied();
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(8);
     let hashers = if beside.is_some() { threads.saturating_sub(1).max(1) } else { threads };
     let batch = |done: u64| (data_blocks - done).min(BATCH_BLOCKS as u64) as usize * BLOCK_SIZE as usize;
@@ -292,10 +300,34 @@ pub fn write_tree_beside(
         if done == 0 {
             first.copy_from_slice(&hashes[..32]);
         }
-        if let Some(&start) = starts.first() {
-            file.write_all_at(&hashes, start + done * 32)?;
+        if let Some(at) = leaves_at {
+            file.write_all_at(&hashes, at + done * 32)?;
         }
     }
+    drop((buf, next));
+    match leaves_at {
+        Some(_) => write_levels_above(file, data_blocks, salt),
+        None => {
+            write_superblock(file, data_blocks, salt)?;
+            Ok(Sha256Digest(first))
+        }
+    }
+}
+
+/// Writes the superblock and the levels above the bottom one, which must
+/// already be in its place ([`Verity::leaves_offset`]), and returns the
+/// root hash: the end of [`write_tree`] for a caller that hashed the data
+/// blocks itself ([`hash_leaves`]), on as many threads as it liked. An
+/// error for a single data block, whose hash is the root.
+pub fn write_levels_above(file: &File, data_blocks: u64, salt: &Sha256Digest) -> io::Result<Sha256Digest> {
+    let sizes = levels(data_blocks);
+    let starts = level_starts(data_blocks, &sizes);
+    if sizes.is_empty() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "a single data block has no hash levels"));
+    }
+    write_superblock(file, data_blocks, salt)?;
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(8);
+    let mut buf = vec![0u8; BATCH_BLOCKS * BLOCK_SIZE as usize];
     // Each level: its hashes padded with zeros to whole blocks, then the
     // hashes of those blocks written into the level above.
     let mut hashes_in = data_blocks;
@@ -304,9 +336,9 @@ pub fn write_tree_beside(
         file.write_all_at(&vec![0u8; (blocks * BLOCK_SIZE - used) as usize], start + used)?;
         let Some(&above) = starts.get(k + 1) else {
             // The top level is one block: its hash is the root.
-            file.read_exact_at(&mut block, start)?;
-            first = salted(salt, &block);
-            break;
+            let top = &mut buf[..BLOCK_SIZE as usize];
+            file.read_exact_at(top, start)?;
+            return Ok(Sha256Digest(salted(salt, top)));
         };
         for done in (0..blocks).step_by(BATCH_BLOCKS) {
             let n = (blocks - done).min(BATCH_BLOCKS as u64) as usize;
@@ -316,7 +348,14 @@ pub fn write_tree_beside(
         }
         hashes_in = blocks;
     }
-    Ok(Sha256Digest(first))
+    unreachable!("the last level is one block")
+}
+
+/// The superblock, padded to a block, where the data ends.
+fn write_superblock(file: &File, data_blocks: u64, salt: &Sha256Digest) -> io::Result<()> {
+    let mut block = vec![0u8; BLOCK_SIZE as usize];
+    block[..SUPERBLOCK_BYTES].copy_from_slice(&superblock(data_blocks, salt));
+    file.write_all_at(&block, data_blocks * BLOCK_SIZE)
 }
 
 /// A UUID for the superblock, derived from the salt (version 4 and variant
@@ -427,6 +466,45 @@ mod tests {
         let mut tree = vec![0u8; (size - (blocks + 1) * 4096) as usize];
         file.read_exact_at(&mut tree, (blocks + 1) * 4096)?;
         Ok((tree, root))
+    }
+
+    #[test]
+    fn leaves_hashed_in_pieces_by_the_caller_give_the_same_image_and_root() {
+        let salt = image_salt();
+        for blocks in [2usize, 5, 129, 300] {
+            let data = stamped(blocks);
+            let whole = tempfile::tempfile().unwrap();
+            whole.write_all_at(&data, 0).unwrap();
+            let root = write_tree(&whole, &data[..], blocks as u64, &salt).unwrap();
+            let file = tempfile::tempfile().unwrap();
+            file.write_all_at(&data, 0).unwrap();
+            // Two pieces, as two threads would hash them; a hash the caller
+            // knows is kept as given.
+            let mut hashes = vec![0u8; blocks * 32];
+            hashes[32..64].copy_from_slice(&salted(&salt, &data[4096..8192]));
+            let cut = blocks / 2;
+            hash_leaves(&data[..cut * 4096], &salt, &mut hashes[..cut * 32], &[false, true]);
+            hash_leaves(&data[cut * 4096..], &salt, &mut hashes[cut * 32..], &[]);
+            let v = Verity { hash_offset: blocks as u64 * 4096, root_hash: root, ..good_verity() };
+            file.write_all_at(&hashes, v.leaves_offset().unwrap()).unwrap();
+            assert_eq!(write_levels_above(&file, blocks as u64, &salt).unwrap(), root, "{blocks} blocks");
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            (&whole).read_to_end(&mut a).unwrap();
+            (&file).read_to_end(&mut b).unwrap();
+            assert!(a == b, "{blocks} blocks: another image");
+            // A wrong leaf given: another root.
+            let mut wrong = hashes.clone();
+            wrong[blocks * 32 - 1] ^= 1;
+            file.write_all_at(&wrong, v.leaves_offset().unwrap()).unwrap();
+            assert_ne!(write_levels_above(&file, blocks as u64, &salt).unwrap(), root, "{blocks} blocks");
+        }
+        // A known flag keeps the given hash, even a wrong one.
+        let data = stamped(2);
+        let mut given = vec![7u8; 64];
+        hash_leaves(&data, &salt, &mut given, &[true]);
+        assert_eq!((&given[..32], &given[32..]), (&[7u8; 32][..], &salted(&salt, &data[4096..])[..]));
+        let e = write_levels_above(&tempfile::tempfile().unwrap(), 1, &salt).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
     }
 
     /// The tree recomputed naively, level by level, from the definition.

@@ -163,6 +163,7 @@ mod tests {
                 format: imgdeploy_common::manifest::ImageFormat::Squashfs,
                 compression: "zstd".into(),
                 verity: None,
+                checkpoints: Vec::new(),
             },
             index: None,
             rollout: None,

@@ -30,6 +30,7 @@ pub mod loopdev;
 pub mod metrics;
 pub mod mount;
 pub mod ops;
+pub mod parallel_check;
 pub mod readback;
 pub mod safety;
 pub mod slot;

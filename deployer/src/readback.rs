@@ -68,6 +68,14 @@ impl ReadBack {
         Ok(ReadBack { cached, direct, map, bounce: Vec::new(), pos: 0, len, stats: ReadStats::default() })
     }
 
+    /// The same reader from byte `pos` on (a page boundary, or every read
+    /// goes through the cache): one of several threads that each read a
+    /// piece of the file.
+    pub fn starting_at(mut self, pos: u64) -> Self {
+        self.pos = pos.min(self.len);
+        self
+    }
+
     /// From `self.pos`, the length of the run of pages (at most `want`
     /// bytes) that are all cached or all not, and which. None when that
     /// cannot be told, or direct reads were given up.
@@ -88,12 +96,18 @@ impl ReadBack {
     /// follows reports an error that is the disk's.
     fn read_direct(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let Some(direct) = &self.direct else { return Ok(0) };
-        // Whole pages, into a page-aligned buffer (allocated once, at the
-        // most a run asks for); the file's last page may be short, which
-        // the read reports.
+        // Whole pages, into a page-aligned buffer: the caller's own when it
+        // is one (no copy), or one allocated once, at the most a run asks
+        // for; the file's last page may be short, which the read reports.
         let ask = buf.len().next_multiple_of(PAGE);
-        if self.bounce.is_empty() {
-            self.bounce = vec![0u8; MAX_DIRECT + PAGE];
+        if ask == buf.len() && buf.as_ptr().align_offset(PAGE) == 0 {
+            return match direct.read_at(buf, self.pos) {
+                Ok(got) => Ok(got),
+                Err(e) => Ok(self.give_up(e)),
+            };
+        }
+        if self.bounce.len() < ask + PAGE {
+            self.bounce = vec![0u8; ask + PAGE];
         }
         let skip = self.bounce.as_ptr().align_offset(PAGE);
         let aligned = &mut self.bounce[skip..skip + ask];
@@ -103,13 +117,17 @@ impl ReadBack {
                 buf[..n].copy_from_slice(&aligned[..n]);
                 Ok(n)
             }
-            Err(e) => {
-                tracing::debug!("direct read failed ({e}); reading through the page cache from here");
-                self.direct = None;
-                self.map = None;
-                Ok(0)
-            }
+            Err(e) => Ok(self.give_up(e)),
         }
+    }
+
+    /// After a direct read failed: reads go through the page cache from
+    /// here. Returns the 0 bytes read.
+    fn give_up(&mut self, e: io::Error) -> usize {
+        tracing::debug!("direct read failed ({e}); reading through the page cache from here");
+        self.direct = None;
+        self.map = None;
+        0
     }
 }
 
@@ -231,6 +249,17 @@ mod tests {
         assert!(r.direct.is_some() && r.map.is_some(), "/var/tmp takes direct reads and mappings");
         assert_eq!(read_all(&mut r, 1 << 20), bytes);
         assert_eq!(r.stats, ReadStats { cached: 9 * PAGE as u64, direct: 55 * PAGE as u64 });
+    }
+
+    #[test]
+    fn a_reader_started_inside_the_file_reads_its_rest_the_same_ways() {
+        let (_d, f, bytes) = cold_file(64);
+        warm(&f, 40 * PAGE, 2 * PAGE);
+        let mut r = ReadBack::new(&f, bytes.len() as u64).unwrap().starting_at(32 * PAGE as u64);
+        assert_eq!(read_all(&mut r, 3 * PAGE), &bytes[32 * PAGE..]);
+        assert_eq!(r.stats, ReadStats { cached: 2 * PAGE as u64, direct: 30 * PAGE as u64 });
+        let mut past = ReadBack::new(&f, bytes.len() as u64).unwrap().starting_at(1 << 30);
+        assert_eq!(read_all(&mut past, PAGE), b"");
     }
 
     #[test]

@@ -333,6 +333,7 @@ fn sign_manifest(keys: &Keys, repo: &Path, channel: &str, serial: u64, payload: 
             format: imgdeploy_common::manifest::ImageFormat::Squashfs,
             compression: "zstd".into(),
             verity: None,
+            checkpoints: Vec::new(),
         },
         index: None,
         rollout: None,

@@ -454,7 +454,9 @@ fn privileged_a_damaged_old_tree_or_block_never_installs_a_wrong_image() {
 
     // Undamaged: the copied blocks' hashes come from the old tree, and
     // the image is installed from the delta alone.
+    // Its data is checked in pieces, between the manifest's checkpoints.
     let built = next(&d);
+    assert!(manifest(&d).image.checkpoints.len() >= 2, "{:?}", manifest(&d).image.checkpoints);
     let r = d.imgdeploy(&["apply", "--json", "-v"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(r.stderr.contains("installed serial") && !r.stderr.contains("checking it chunk by chunk"), "{}", r.stderr);
@@ -469,14 +471,36 @@ fn privileged_a_damaged_old_tree_or_block_never_installs_a_wrong_image() {
     assert!(r.stderr.contains("the static delta's data has dm-verity root"), "{}", r.stderr);
     assert_image(&d, "a damaged old tree", &built);
 
-    // 2. A byte of a block the delta copies.
+    // 2. A byte of a block the delta copies: its piece does not end in
+    // the signed state.
     let built = next(&d);
     let (image, data, _) = active(&d);
     flip(&image, data + 1000);
     let r = d.imgdeploy(&["apply", "--json"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
-    assert!(r.stderr.contains("the image made by the static delta has sha256"), "{}", r.stderr);
+    assert!(r.stderr.contains("does not have the SHA-256 checkpoints the manifest signs"), "{}", r.stderr);
     assert_image(&d, "a damaged old block", &built);
+
+    // 3. The same without checkpoints (an older builder's manifest): the
+    // image's sha256, on one core, refuses it.
+    next(&d);
+    resign(&d, |m| m.image.checkpoints.clear());
+    let (image, data, _) = active(&d);
+    flip(&image, data + 2000);
+    let r = d.imgdeploy(&["apply", "--json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("the image made by the static delta has sha256"), "{}", r.stderr);
+    assert_eq!(manifest(&d).image.checkpoints, [], "installed without checkpoints");
+    assert_image(&d, "a damaged old block, no checkpoints", &serde_json::json!({"version": manifest(&d).version}));
+
+    // 4. A wrong state signed (a builder's bug): the right data is not
+    // taken for wrong for long, nor a wrong state for right.
+    let built = next(&d);
+    resign(&d, |m| m.image.checkpoints[1].state.0[5] ^= 1);
+    let r = d.imgdeploy(&["apply", "--json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("does not have the SHA-256 checkpoints the manifest signs"), "{}", r.stderr);
+    assert_image(&d, "a wrong checkpoint signed", &serde_json::json!({"version": built["version"]}));
     d.assert_no_leaks();
 }
 

@@ -8,6 +8,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use imgdeploy_common::digest::{checkpoint_offsets, ResumableSha256, Sha256Digest};
 use imgdeploy_common::manifest::Manifest;
 use imgdeploy_common::verity::{uuid_of, Verity};
 use imgdeploy_tests::{build_image, noise, run, Keys};
@@ -61,6 +62,23 @@ fn veritysetup_verifies_the_tree_and_writes_the_same_bytes() {
     let bytes = fs::read(&image).unwrap();
     let bytes_used = u64::from_le_bytes(bytes[40..48].try_into().unwrap());
     assert!(bytes_used <= v.hash_offset && v.hash_offset - bytes_used < 4096, "{bytes_used} vs {}", v.hash_offset);
+
+    // The signed SHA-256 checkpoints are the states of the image's
+    // prefixes where checkpoint_offsets puts them, and from the last one
+    // the tail hashes to the image's sha256.
+    let m = Manifest::parse(&fs::read(b["manifest"].as_str().unwrap()).unwrap()).unwrap();
+    let ats: Vec<u64> = m.image.checkpoints.iter().map(|c| c.at).collect();
+    assert_eq!(ats, checkpoint_offsets(v.hash_offset));
+    assert!(ats.len() >= 2, "{ats:?}");
+    let mut sha = ResumableSha256::new();
+    for c in &m.image.checkpoints {
+        sha.update(&bytes[sha.count() as usize..c.at as usize]);
+        assert_eq!(sha.checkpoint().as_ref(), Some(c));
+        sha = ResumableSha256::resume(c).unwrap();
+    }
+    sha.update(&bytes[v.hash_offset as usize..]);
+    assert_eq!(sha.finish(), (Sha256Digest::of_bytes(&bytes), size));
+    assert_eq!(m.image.sha256, Sha256Digest::of_bytes(&bytes));
 
     // veritysetup checks it, through our superblock and with the manifest's
     // parameters alone.

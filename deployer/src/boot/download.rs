@@ -273,6 +273,7 @@ mod tests {
                 format: ImageFormat::Squashfs,
                 compression: "zstd".into(),
                 verity: None,
+                checkpoints: Vec::new(),
             },
             index: None,
             rollout: None,
