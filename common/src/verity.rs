@@ -488,6 +488,10 @@ mod tests {
             let v = Verity { hash_offset: blocks as u64 * 4096, root_hash: root, ..good_verity() };
             file.write_all_at(&hashes, v.leaves_offset().unwrap()).unwrap();
             assert_eq!(write_levels_above(&file, blocks as u64, &salt).unwrap(), root, "{blocks} blocks");
+            // The lengths first: a tree written past its place would be a
+            // huge sparse file to read.
+            let size = expected_image_size(blocks as u64).unwrap();
+            assert_eq!((whole.metadata().unwrap().len(), file.metadata().unwrap().len()), (size, size));
             let (mut a, mut b) = (Vec::new(), Vec::new());
             (&whole).read_to_end(&mut a).unwrap();
             (&file).read_to_end(&mut b).unwrap();

@@ -60,12 +60,11 @@ impl Piece {
     }
 }
 
-/// The pieces of `v`'s data, when `checkpoints` cut it into at least two,
-/// the last ending where the data ends, and the tree has a bottom level.
+/// The pieces of `v`'s data, when `checkpoints` cut it (the last ending
+/// where the data ends) and the tree has a bottom level.
 fn pieces(v: &Verity, checkpoints: &[Checkpoint]) -> Option<Vec<Piece>> {
     v.leaves_offset()?;
-    let last = checkpoints.last()?;
-    if checkpoints.len() < 2 || last.at != v.hash_offset {
+    if checkpoints.last()?.at != v.hash_offset {
         return None;
     }
     let mut from = None;
@@ -91,9 +90,10 @@ fn runs(pieces: &[Piece], threads: usize) -> Vec<&[Piece]> {
     let mut out = Vec::new();
     let mut first = 0;
     for (i, p) in pieces.iter().enumerate() {
-        // Cut after the piece that reaches the next share of the bytes.
+        // Cut after the piece that reaches the next share of the bytes
+        // (the last piece reaches the last share: all of them).
         let share = total * (out.len() as u64 + 1) / threads;
-        if p.to.at >= share || i + 1 == pieces.len() {
+        if p.to.at >= share {
             out.push(&pieces[first..=i]);
             first = i + 1;
         }
@@ -170,9 +170,10 @@ fn check_run(
             for &(_, n) in reads_ {
                 // The hasher stopped: so does the reader.
                 let Ok(mut buf) = emptied.recv() else { return };
-                let read = data.read_exact(aligned(&mut buf, n)).map(|()| buf);
-                let stop = read.is_err();
-                if full.send(read).is_err() || stop {
+                if let Err(e) = data.read_exact(aligned(&mut buf, n)) {
+                    return drop(full.send(Err(e)));
+                }
+                if full.send(Ok(buf)).is_err() {
                     return;
                 }
             }
@@ -307,10 +308,11 @@ mod tests {
     }
 
     #[test]
-    fn checkpoints_that_cannot_cut_this_image_are_left_to_the_caller() {
+    fn checkpoints_that_cannot_cut_this_image_are_left_to_the_caller_and_any_others_used() {
         let (f, v, cps, _) = image(3);
         assert_eq!(check_data(&f, &v, &[], None).unwrap(), None, "none");
-        assert_eq!(check_data(&f, &v, &cps[2..], None).unwrap(), None, "one piece");
+        assert_eq!(check_data(&f, &v, &cps[2..], None).unwrap(), Some(true), "one piece: one thread");
+        assert_eq!(check_data(&f, &v, &[cps[0], cps[2]], None).unwrap(), Some(true), "two pieces");
         assert_eq!(check_data(&f, &v, &cps[..2], None).unwrap(), None, "not to the data's end");
         let mut odd = cps.clone();
         odd[0].at += 64;

@@ -106,9 +106,8 @@ impl ReadBack {
                 Err(e) => Ok(self.give_up(e)),
             };
         }
-        if self.bounce.len() < ask + PAGE {
-            self.bounce = vec![0u8; ask + PAGE];
-        }
+        let need = self.bounce.len().max(ask + PAGE);
+        self.bounce.resize(need, 0);
         let skip = self.bounce.as_ptr().align_offset(PAGE);
         let aligned = &mut self.bounce[skip..skip + ask];
         match direct.read_at(aligned, self.pos) {
@@ -260,6 +259,25 @@ mod tests {
         assert_eq!(r.stats, ReadStats { cached: 2 * PAGE as u64, direct: 30 * PAGE as u64 });
         let mut past = ReadBack::new(&f, bytes.len() as u64).unwrap().starting_at(1 << 30);
         assert_eq!(read_all(&mut past, PAGE), b"");
+    }
+
+    #[test]
+    fn direct_reads_go_into_an_aligned_buffer_of_whole_pages_or_through_one_of_ours() {
+        let (_d, f, bytes) = cold_file(8);
+        let mut r = ReadBack::new(&f, bytes.len() as u64).unwrap();
+        let mut buf = vec![0u8; 8 * PAGE];
+        let skip = buf.as_ptr().align_offset(PAGE);
+        // Aligned, but not whole pages: through our buffer, a page more than
+        // the pages asked for.
+        assert_eq!(r.read(&mut buf[skip..skip + PAGE + 100]).unwrap(), PAGE + 100);
+        assert_eq!(r.bounce.len(), 3 * PAGE);
+        assert!(r.direct.is_some(), "direct reads were given up");
+        // Whole pages, aligned: straight into the caller's buffer.
+        r = r.starting_at(2 * PAGE as u64);
+        assert_eq!(r.read(&mut buf[skip..skip + 2 * PAGE]).unwrap(), 2 * PAGE);
+        assert_eq!(&buf[skip..skip + 2 * PAGE], &bytes[2 * PAGE..4 * PAGE]);
+        assert_eq!(r.bounce.len(), 3 * PAGE, "our buffer unused");
+        assert_eq!(r.stats, ReadStats { cached: 0, direct: 3 * PAGE as u64 + 100 });
     }
 
     #[test]
