@@ -619,14 +619,7 @@ pub(crate) mod tests {
         // Inside the data: not into the hash tree.
         let mut m = sample();
         m.image.size = 3 * 1024 * 1024;
-        m.image.verity = Some(crate::verity::Verity {
-            root_hash: Sha256Digest::of_bytes(b"root"),
-            salt: Sha256Digest::of_bytes(b"salt"),
-            hash_offset: 2 * 1024 * 1024,
-            data_block_size: 4096,
-            hash_block_size: 4096,
-            hash: crate::verity::HASH.into(),
-        });
+        m.image.verity = Some(verity_at(2 * 1024 * 1024));
         m.image.checkpoints = vec![cp(2 * 1024 * 1024 + 4096)];
         assert!(m.image.validate_checkpoints().unwrap_err().to_string().contains("2097152 bytes of data"));
         m.image.checkpoints = vec![cp(2 * 1024 * 1024)];
@@ -647,6 +640,18 @@ pub(crate) mod tests {
         }
         for bad in ["", "a\nb", "tab\there", &"é".repeat(129)] {
             assert!(validate_version(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    /// A tree whose data ends at `hash_offset`.
+    fn verity_at(hash_offset: u64) -> crate::verity::Verity {
+        crate::verity::Verity {
+            root_hash: Sha256Digest::of_bytes(b"root"),
+            salt: Sha256Digest::of_bytes(b"salt"),
+            hash_offset,
+            data_block_size: 4096,
+            hash_block_size: 4096,
+            hash: crate::verity::HASH.into(),
         }
     }
 
@@ -683,14 +688,7 @@ pub(crate) mod tests {
         let mut image = sample().image;
         image.size = 3 * 1024 * 1024;
         assert_eq!(image.data_size(), 3 * 1024 * 1024);
-        image.verity = Some(crate::verity::Verity {
-            root_hash: Sha256Digest::of_bytes(b"root"),
-            salt: Sha256Digest::of_bytes(b"salt"),
-            hash_offset: 2 * 1024 * 1024,
-            data_block_size: 4096,
-            hash_block_size: 4096,
-            hash: crate::verity::HASH.into(),
-        });
+        image.verity = Some(verity_at(2 * 1024 * 1024));
         assert_eq!(image.data_size(), 2 * 1024 * 1024);
     }
 

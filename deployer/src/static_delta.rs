@@ -351,8 +351,8 @@ pub fn finish(out: &File, m: &Manifest, old: Option<OldLeaves>) -> io::Result<bo
         Ok(None) => {
             // No checkpoints: the tree and the sha256 side by side.
             let mut whole = ResumableSha256::new();
-            let mut fill = old.as_ref().map(|o| move |first: u64, h: &mut [u8], k: &mut [bool]| o.fill(first, h, k));
-            let known = fill.as_mut().map(|f| f as imgdeploy_common::verity::Known<'_>);
+            let mut by_ref = fill.as_ref();
+            let known = by_ref.as_mut().map(|f| f as imgdeploy_common::verity::Known<'_>);
             let data = crate::delta::data_reader(out, v);
             data.and_then(|d| crate::delta::tree_from(out, d, v, Some(&mut |b| whole.update(b)), known))
                 .map(|tree| Some((tree, whole)))
