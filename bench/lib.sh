@@ -46,12 +46,12 @@ NGINX
   nginx -c "$n/nginx.conf" -p "$n" & pids+=($!)
 }
 
-# With BENCH_FS=xfs or btrfs, makes that filesystem on a loop device (a
-# sparse file of SIZE, default 16G, in the work directory) and mounts it at
-# $work/fs; `dest` is where the frontends' copies go: that mount, or $work
-# itself (the work directory's own filesystem) when BENCH_FS is unset.
-# Images are then built `--align`ed (BENCH_ALIGN=0 to not), so that
-# unchanged files can share extents with the old image.
+# With BENCH_FS=xfs, btrfs or ext4, makes that filesystem on a loop device
+# (a sparse file of SIZE, default 16G, in the work directory) and mounts it
+# at $work/fs; `dest` is where the frontends' copies go: that mount, or
+# $work itself (the work directory's own filesystem) when BENCH_FS is unset.
+# On XFS and btrfs images are then built `--align`ed (BENCH_ALIGN=0 to
+# not), so that unchanged files can share extents with the old image.
 bench_fs() {
   dest=$work
   align=${BENCH_ALIGN:-0}
@@ -61,11 +61,31 @@ bench_fs() {
   case $BENCH_FS in
     xfs) mkfs.xfs -q -m reflink=1 "$work/fs.img" ;;
     btrfs) mkfs.btrfs -q "$work/fs.img" ;;
-    *) echo "BENCH_FS=$BENCH_FS: use xfs or btrfs (or leave it unset)" >&2; exit 2 ;;
+    # No extents to share: unchanged data is copied, as on the host's ext4.
+    ext4) mkfs.ext4 -q "$work/fs.img"; align=${BENCH_ALIGN:-0} ;;
+    *) echo "BENCH_FS=$BENCH_FS: use xfs, btrfs or ext4 (or leave it unset)" >&2; exit 2 ;;
   esac
   mkdir "$work/fs"
   mount -o loop "$work/fs.img" "$work/fs"
   dest=$work/fs
+}
+
+# fs_snapshot keeps a copy of bench_fs's filesystem as it is now (frozen
+# while it is copied) and of where `link` points; fs_restore puts both back,
+# unmounting what is mounted on it first (the caller mounts the slots
+# again). So a change can be timed more than once from the same start.
+fs_snapshot() {
+  fsfreeze -f "$dest"
+  cp --sparse=always "$work/fs.img" "$work/fs.snap" || { fsfreeze -u "$dest"; return 1; }
+  fsfreeze -u "$dest"
+  snap_link=$(readlink "$work/link" || true)
+}
+
+fs_restore() {
+  awk -v d="$dest" 'index($2, d "/") == 1 || $2 == d {print $2}' /proc/mounts | sort -r | while read -r m; do umount "$m"; done
+  cp --sparse=always "$work/fs.snap" "$work/fs.img"
+  mount -o loop "$work/fs.img" "$dest"
+  if [[ -n $snap_link ]]; then ln -sfn "$snap_link" "$work/link"; fi
 }
 
 # The channel `bench` of the repository under $work/srv/repo, signed with

@@ -19,7 +19,7 @@ runs=(
   "build.sh $small"
   "deploy.sh 8"
   "delta.sh $small"
-  "BENCH_FS=xfs delta.sh $small"
+  "BENCH_FS=xfs BENCH_RUNS=2 delta.sh $small"
   "publish.sh $small"
   "memory.sh 64"
   "layout.sh $small"
