@@ -38,7 +38,7 @@ now() { date +%s.%N; }
 
 mkdir -p "$work/master" "$work/srv"
 for s in "${srcs[@]}"; do cp -a "$s" "$work/master/"; done
-echo "tree: ${srcs[*]}: $(du -sh --apparent-size "$work/master" | cut -f1), $(find "$work/master" -type f | wc -l) files; $(nproc) cores; zstd level ${BENCH_LEVEL:-15}; writing to $(stat -f -c %T "$dest")$([[ $align == 1 ]] && echo ", images aligned"); best of $runs run(s)" >&2
+echo "tree: ${srcs[*]}: $(du -sh --apparent-size "$work/master" | cut -f1), $(find "$work/master" -type f | wc -l) files; $(nproc) cores; zstd level ${BENCH_LEVEL:-15}; writing to ${BENCH_FS:-$(stat -f -c %T "$dest")}$([[ $align == 1 ]] && echo ", images aligned"); best of $runs run(s)" >&2
 "$bin/imgbuild" -q keygen --out "$work/k" >/dev/null
 
 # nginx serving the image repository, the casync store and the zsync files.
@@ -68,7 +68,7 @@ bench_deployer
 # On XFS or btrfs: how much of the image imgdeploy just installed shares its
 # extents with another file (the old image), from filefrag's "shared" flag.
 shared() {
-  [[ -n ${BENCH_FS:-} ]] || return 0
+  [[ ${BENCH_FS:-} == xfs || ${BENCH_FS:-} == btrfs ]] || return 0
   local img; img=$(ls -t "$dest"/state/slots/*/image.squashfs | head -n 1)
   filefrag -v "$img" | awk -F: '$1 ~ /^ *[0-9]+$/ {n = $4 + 0; all += n; if ($0 ~ /shared/) s += n}
     END {printf ", %.1f%% of the new image shares extents with the old", all ? 100 * s / all : 0}'
