@@ -15,6 +15,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 srcs=("$@"); ((${#srcs[@]})) || srcs=(/usr/share /usr)
+source bench/lib.sh
 # zstd level for both tools (15 is what the figures use; smoke runs use 3).
 level=${BENCH_LEVEL:-15}
 bash scripts/setup-debian.sh
@@ -51,10 +52,10 @@ for src in "${srcs[@]}"; do
       veritysetup format "$2" "$2" --hash-offset="$(stat -c %s "$2")" >/dev/null' sh "$work/merged" "$work/mksquashfs.img" "$level"
     measure imgbuild "$imgbuild" -q build "$work/merged" --key "$work/k.key" --channel bench --repo "$work/repo" --level "$level" --json
     read -r t r < "$work/mksquashfs.time"
-    [[ -z $mt ]] || awk -v a="$t" -v b="$mt" 'BEGIN { exit !(a < b) }' && mt=$t
+    mt=$(smaller "$mt" "$t")
     ((r > mr)) && mr=$r
     read -r t r < "$work/imgbuild.time"
-    [[ -z $it ]] || awk -v a="$t" -v b="$it" 'BEGIN { exit !(a < b) }' && it=$t
+    it=$(smaller "$it" "$t")
     ((r > ir)) && ir=$r
     echo "run $run: mksquashfs $(cut -d' ' -f1 "$work/mksquashfs.time") s, imgbuild $(cut -d' ' -f1 "$work/imgbuild.time") s" >&2
   done

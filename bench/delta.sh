@@ -124,8 +124,7 @@ for s in a b c; do
     ib=$(http_bytes); i_t=$(echo "$t1 - $t0" | bc -l)
     mode=$(field '["download"]["mode"]' < "$work/apply.json"); patched=$(field '["download"]["patched"]' < "$work/apply.json")
     echo "($s) run $run of $runs: rsync $(printf '%.2f' "$r_t") s; imgdeploy $(printf '%.2f' "$i_t") s, $mode, $patched bytes patched$(shared), $usage" >&2
-    if [[ -z $rt ]] || (($(echo "$r_t < $rt" | bc -l))); then rt=$r_t; fi
-    if [[ -z $it ]] || (($(echo "$i_t < $it" | bc -l))); then it=$i_t; fi
+    rt=$(smaller "$rt" "$r_t"); it=$(smaller "$it" "$i_t")
   done
   # casync.
   sync; reset_log; rm -f "$dest/casync.img"; t0=$(now)

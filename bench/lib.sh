@@ -22,9 +22,21 @@ bench_workdir() {
 
 bench_cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
-  awk -v w="$work/" 'index($2, w) == 1 {print $2}' /proc/mounts | sort -r | while read -r m; do umount "$m" 2>/dev/null || true; done
+  umount_under "$work" 2>/dev/null || true
   rm -rf "$work"
 }
+
+# Unmounts DIR and everything mounted under it, deepest first; tries every
+# one, and fails if one did not unmount.
+umount_under() {
+  local m rc=0
+  while read -r m; do umount "$m" || rc=1; done < <(awk -v d="$1" 'index($2, d "/") == 1 || $2 == d {print $2}' /proc/mounts | sort -r)
+  return $rc
+}
+
+# The smaller of two times in seconds; with the first empty (no run yet),
+# the second: `best=$(smaller "$best" "$t")`.
+smaller() { awk -v a="$1" -v b="$2" 'BEGIN { print (a == "" || b + 0 < a + 0) ? b : a }'; }
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
@@ -82,7 +94,7 @@ fs_snapshot() {
 }
 
 fs_restore() {
-  awk -v d="$dest" 'index($2, d "/") == 1 || $2 == d {print $2}' /proc/mounts | sort -r | while read -r m; do umount "$m"; done
+  umount_under "$dest"
   cp --sparse=always "$work/fs.snap" "$work/fs.img"
   mount -o loop "$work/fs.img" "$dest"
   if [[ -n $snap_link ]]; then ln -sfn "$snap_link" "$work/link"; fi
