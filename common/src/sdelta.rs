@@ -34,11 +34,13 @@ use std::fs::File;
 use std::io::{self, BufReader, Read, Write};
 use std::os::unix::fs::FileExt;
 
-use crate::compress::{decompress_block, BlockCompressor, Compressor};
+use crate::compress::{BlockCompressor, BlockDecompressor, Compressor};
 use crate::digest::Sha256Digest;
 
 const MAGIC: &[u8; 8] = b"IMGDLT\x02\0";
 const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+/// How a zstd dictionary starts (`ZSTD_MAGIC_DICTIONARY`).
+const ZSTD_DICT_MAGIC: [u8; 4] = [0x37, 0xa4, 0x30, 0xec];
 /// The zstd window a delta may ask for (32 MiB; level 19 uses 8 MiB).
 const WINDOW_LOG_MAX: u32 = 25;
 /// Longest literal op; longer runs are split.
@@ -447,13 +449,13 @@ impl<R: Read> DeltaReader<R> {
 
 /// Reads one old block's uncompressed bytes; `None` if the old image does
 /// not hold a block like that there (damaged, or another image).
-pub fn read_old_block(old: &File, b: &OldBlock) -> Option<Vec<u8>> {
+pub fn read_old_block(old: &File, b: &OldBlock, unpack: &mut BlockDecompressor) -> Option<Vec<u8>> {
     let mut disk = vec![0u8; b.size as usize];
     old.read_exact_at(&mut disk, b.offset).ok()?;
     if b.stored {
         return Some(disk);
     }
-    decompress_block(&disk, b.raw_size as usize).ok()
+    unpack.unpack(&disk, b.raw_size as usize).ok()
 }
 
 /// Makes the on-disk bytes of a patched block from its old blocks'
@@ -464,25 +466,45 @@ pub fn reproduce_block(
     kind: PatchKind,
     patch: &[u8],
     block: &NewBlock,
-    comp: &mut BlockCompressor,
+    (comp, unpatch): (&mut BlockCompressor, &mut Unpatcher),
 ) -> Option<Vec<u8>> {
-    let raw = unpatch(base, kind, patch, block.raw_size)?;
+    let raw = unpatch.unpatch(base, kind, patch, block.raw_size)?;
     let (disk, stored) = if block.stored { (raw, true) } else { comp.pack(&raw).ok()? };
     (stored == block.stored && Sha256Digest::of_bytes(&disk) == block.sha256).then_some(disk)
 }
 
-/// The uncompressed bytes `patch` makes from `base`, if exactly `raw_size` of them.
-fn unpatch(base: &[u8], kind: PatchKind, patch: &[u8], raw_size: u32) -> Option<Vec<u8>> {
-    let mut raw = Vec::with_capacity(raw_size as usize);
-    match kind {
-        PatchKind::Bsdiff => bsdiff::patch(base, &mut &patch[..], &mut raw).ok()?,
-        PatchKind::Zstd => {
-            let mut d = zstd::stream::read::Decoder::with_ref_prefix(patch, base).ok()?;
-            d.window_log_max(WINDOW_LOG_MAX).ok()?;
-            d.take(raw_size as u64 + 1).read_to_end(&mut raw).ok()?;
-        }
+/// Undoes patches, with one zstd context for every block of a worker.
+pub struct Unpatcher(zstd::zstd_safe::DCtx<'static>);
+
+impl Unpatcher {
+    /// A fresh context.
+    pub fn new() -> io::Result<Self> {
+        let ctx =
+            zstd::zstd_safe::DCtx::try_create().ok_or_else(|| io::Error::other("no memory for a zstd context"))?;
+        Ok(Self(ctx))
     }
-    (raw.len() == raw_size as usize).then_some(raw)
+
+    /// The uncompressed bytes `patch` makes from `base`, if exactly `raw_size` of them.
+    pub fn unpatch(&mut self, base: &[u8], kind: PatchKind, patch: &[u8], raw_size: u32) -> Option<Vec<u8>> {
+        let mut raw = Vec::with_capacity(raw_size as usize);
+        match kind {
+            PatchKind::Bsdiff => bsdiff::patch(base, &mut &patch[..], &mut raw).ok()?,
+            // zstd reads a base that starts like a zstd dictionary as one,
+            // where the patch's writer took it as raw bytes (a prefix): the
+            // stream decoder is told so.
+            PatchKind::Zstd if base.starts_with(&ZSTD_DICT_MAGIC) => {
+                let mut d = zstd::stream::read::Decoder::with_ref_prefix(patch, base).ok()?;
+                d.window_log_max(WINDOW_LOG_MAX).ok()?;
+                d.take(raw_size as u64 + 1).read_to_end(&mut raw).ok()?;
+            }
+            // All in one call, into at most `raw_size` bytes: the window is
+            // the output, so a frame asking for a larger one costs nothing.
+            PatchKind::Zstd => {
+                self.0.decompress_using_dict(&mut raw, patch, base).ok()?;
+            }
+        }
+        (raw.len() == raw_size as usize).then_some(raw)
+    }
 }
 
 /// Makes a patch of `kind` turning `base` into `new`.
@@ -517,6 +539,9 @@ pub struct ApplyStats {
     pub unreproduced: Vec<(u64, u64)>,
     /// Their total length.
     pub unreproduced_bytes: u64,
+    /// What was copied, in output order: (new offset, old offset, length).
+    #[serde(skip)]
+    pub copies: Vec<(u64, u64, u64)>,
 }
 
 impl ApplyStats {
@@ -604,23 +629,29 @@ struct PatchJob {
 /// What a worker did with a [`PatchJob`]: (offset, length, reproduced).
 type PatchDone = io::Result<(u64, u64, bool)>;
 
-/// A worker's compression contexts: data and fragment blocks, metadata blocks.
+/// A worker's zstd contexts: compression for data and fragment blocks and
+/// for metadata blocks, decompression for old blocks and for patches.
 struct Recompressors {
     data: BlockCompressor,
     metadata: BlockCompressor,
+    unpack: BlockDecompressor,
+    unpatch: Unpatcher,
 }
 
 impl Recompressors {
     fn new(c: Compressor) -> io::Result<Self> {
-        Ok(Self { data: BlockCompressor::new(c.level)?, metadata: BlockCompressor::new(c.metadata_level)? })
+        Ok(Self {
+            data: BlockCompressor::new(c.level)?,
+            metadata: BlockCompressor::new(c.metadata_level)?,
+            unpack: BlockDecompressor::new()?,
+            unpatch: Unpatcher::new()?,
+        })
     }
 
-    fn of(&mut self, block: &NewBlock) -> &mut BlockCompressor {
-        if block.metadata {
-            &mut self.metadata
-        } else {
-            &mut self.data
-        }
+    /// What makes `block` from its patch.
+    fn of(&mut self, block: &NewBlock) -> (&mut BlockCompressor, &mut Unpatcher) {
+        let comp = if block.metadata { &mut self.metadata } else { &mut self.data };
+        (comp, &mut self.unpatch)
     }
 }
 
@@ -631,7 +662,7 @@ fn patch_one(old: &File, out: &File, job: &PatchJob, comps: &mut Recompressors) 
         .refs
         .iter()
         .try_for_each(|r| {
-            base.extend_from_slice(&read_old_block(old, r)?);
+            base.extend_from_slice(&read_old_block(old, r, &mut comps.unpack)?);
             Some(())
         })
         .and_then(|()| reproduce_block(&base, job.kind, &job.patch, &job.block, comps.of(&job.block)));
@@ -687,10 +718,13 @@ pub fn apply<R: Read>(
         // would fail rather than wait.
         let jobs_rx = std::sync::Arc::new(std::sync::Mutex::new(jobs_rx));
         let (done_tx, done_rx) = std::sync::mpsc::channel::<PatchDone>();
-        for comp in comps {
-            let (jobs_rx, done_tx) = (jobs_rx.clone(), done_tx.clone());
-            s.spawn(move || patch_worker(&jobs_rx, done_tx, old, out, comp));
-        }
+        let workers: Vec<_> = comps
+            .into_iter()
+            .map(|comp| {
+                let (jobs_rx, done_tx) = (jobs_rx.clone(), done_tx.clone());
+                s.spawn(move || patch_worker(&jobs_rx, done_tx, old, out, comp))
+            })
+            .collect();
         drop((jobs_rx, done_tx));
         let answered = std::cell::Cell::new(0u64);
         let absorb = |stats: &mut ApplyStats, done: PatchDone| -> Result<(), ApplyError> {
@@ -706,6 +740,13 @@ pub fn apply<R: Read>(
         drop(jobs_tx);
         // The workers finish what they hold, whatever happened here.
         let done = done_rx.iter().try_for_each(|d| absorb(&mut stats, d));
+        // Joined, not only waited for as the scope does: a thread's own
+        // state (a channel's thread-local context) is freed when it exits,
+        // after its closure returns, and the fuzzer's leak check saw it
+        // still there. A worker that panicked was counted out above.
+        for w in workers {
+            let _ = w.join();
+        }
         let sent = ops?;
         done?;
         if answered.get() != sent {
@@ -752,6 +793,9 @@ fn apply_ops<R: Read>(
             Op::Copy { offset, len } => {
                 let got = copy_range(old, offset, out, at, len).map_err(ApplyError::Write)?;
                 stats.copied += got;
+                if got > 0 {
+                    stats.copies.push((at, offset, got));
+                }
                 if got < len {
                     stats.missed(at + got, len - got);
                 }
@@ -1086,7 +1130,8 @@ mod tests {
                 patched: disk2.len() as u64,
                 literal: 4,
                 unreproduced: vec![],
-                unreproduced_bytes: 0
+                unreproduced_bytes: 0,
+                copies: vec![(4, 0, blocks[0].0.size as u64)],
             }
         );
     }
@@ -1205,22 +1250,30 @@ mod tests {
         let size = b.size as u64;
         assert_eq!(stats.unreproduced, vec![(4, size), (4 + size + 4, 11)]);
         assert_eq!((stats.unreproduced_bytes, stats.copied, stats.patched), (size + 11, 4, 0));
+        // Only what was copied is listed as copied.
+        let old_len = std::fs::metadata(dir.path().join("old")).unwrap().len();
+        assert_eq!(stats.copies, vec![(4 + size, old_len - 4, 4)]);
         // At the right level it reproduces; from a damaged old block it does not.
-        let mut comp = BlockCompressor::new(3).unwrap();
-        assert!(reproduce_block(&blocks[0].1, PatchKind::Bsdiff, &patch, &b, &mut comp).is_some());
+        let (mut comp, mut up) = (BlockCompressor::new(3).unwrap(), Unpatcher::new().unwrap());
+        assert!(reproduce_block(&blocks[0].1, PatchKind::Bsdiff, &patch, &b, (&mut comp, &mut up)).is_some());
         let mut damaged = blocks[0].1.clone();
         damaged[5] ^= 0xff;
-        assert!(reproduce_block(&damaged, PatchKind::Bsdiff, &patch, &b, &mut comp).is_none());
+        assert!(reproduce_block(&damaged, PatchKind::Bsdiff, &patch, &b, (&mut comp, &mut up)).is_none());
         let cut = &patch[..patch.len() - 1];
-        assert!(reproduce_block(&blocks[0].1, PatchKind::Bsdiff, cut, &b, &mut comp).is_none(), "cut patch");
-        assert!(reproduce_block(&blocks[0].1, PatchKind::Zstd, &patch, &b, &mut comp).is_none(), "another kind");
-        // An old block that does not decompress, or lies past the end, is no base.
+        assert!(reproduce_block(&blocks[0].1, PatchKind::Bsdiff, cut, &b, (&mut comp, &mut up)).is_none(), "cut patch");
+        assert!(
+            reproduce_block(&blocks[0].1, PatchKind::Zstd, &patch, &b, (&mut comp, &mut up)).is_none(),
+            "another kind"
+        );
+        // An old block that does not decompress, or lies past the end, is no
+        // base; the context reads the next one all the same.
+        let mut d = BlockDecompressor::new().unwrap();
         let mut wrong = blocks[0].0;
         wrong.offset += 1;
-        assert!(read_old_block(&old, &wrong).is_none());
+        assert!(read_old_block(&old, &wrong, &mut d).is_none());
         wrong.offset = 1 << 40;
-        assert!(read_old_block(&old, &blocks[1].0).is_some());
-        assert!(read_old_block(&old, &wrong).is_none());
+        assert_eq!(read_old_block(&old, &blocks[1].0, &mut d).as_ref(), Some(&blocks[1].1));
+        assert!(read_old_block(&old, &wrong, &mut d).is_none());
     }
 
     #[test]
@@ -1231,21 +1284,65 @@ mod tests {
         new[0] ^= 1;
         let (b, disk) = new_block(&new, &mut comp);
         assert!(b.stored);
+        let mut up = Unpatcher::new().unwrap();
         for kind in [PatchKind::Bsdiff, PatchKind::Zstd] {
             let patch = make_patch(kind, &old, &new);
-            assert_eq!(reproduce_block(&old, kind, &patch, &b, &mut comp), Some(disk.clone()), "{kind:?}");
+            let got = reproduce_block(&old, kind, &patch, &b, (&mut comp, &mut up));
+            assert_eq!(got, Some(disk.clone()), "{kind:?}");
             let mut other = b;
             other.raw_size += 1;
-            assert!(reproduce_block(&old, kind, &patch, &other, &mut comp).is_none(), "{kind:?}: too long");
+            let got = reproduce_block(&old, kind, &patch, &other, (&mut comp, &mut up));
+            assert!(got.is_none(), "{kind:?}: too long");
             other.raw_size -= 2;
-            assert!(reproduce_block(&old, kind, &patch, &other, &mut comp).is_none(), "{kind:?}: too short");
+            let got = reproduce_block(&old, kind, &patch, &other, (&mut comp, &mut up));
+            assert!(got.is_none(), "{kind:?}: too short");
             // A patch that makes more bytes than the block has is refused
             // before anything is hashed, whatever it makes after them.
             let n = new.len() as u32;
-            assert_eq!(unpatch(&old, kind, &patch, n).as_deref(), Some(&new[..]), "{kind:?}");
-            assert_eq!(unpatch(&old, kind, &patch, n - 1), None, "{kind:?}: a byte too many");
-            assert_eq!(unpatch(&old, kind, &patch, n + 1), None, "{kind:?}: a byte short");
+            assert_eq!(up.unpatch(&old, kind, &patch, n).as_deref(), Some(&new[..]), "{kind:?}");
+            assert_eq!(up.unpatch(&old, kind, &patch, n - 1), None, "{kind:?}: a byte too many");
+            assert_eq!(up.unpatch(&old, kind, &patch, n + 1), None, "{kind:?}: a byte short");
         }
+    }
+
+    #[test]
+    fn a_base_that_starts_like_a_zstd_dictionary_is_still_raw_bytes() {
+        // The patch's writer takes its base as raw bytes whatever they are;
+        // zstd's one-call decoder would read this one as a dictionary.
+        let mut old = ZSTD_DICT_MAGIC.to_vec();
+        old.extend((0..20000u32).map(|i| (i % 97) as u8 ^ (i / 300) as u8));
+        let mut new = old.clone();
+        new[9000..9100].copy_from_slice(&test_noise(100, 3));
+        let patch = make_patch(PatchKind::Zstd, &old, &new);
+        let mut up = Unpatcher::new().unwrap();
+        let n = new.len() as u32;
+        assert_eq!(up.unpatch(&old, PatchKind::Zstd, &patch, n).as_deref(), Some(&new[..]));
+        assert_eq!(up.unpatch(&old, PatchKind::Zstd, &patch, n - 1), None, "a byte too many");
+        assert_eq!(up.unpatch(&old, PatchKind::Zstd, &patch, n + 1), None, "a byte short");
+        // The same context goes on with ordinary bases.
+        let (old, new) = (&old[4..], &new[4..]);
+        let patch = make_patch(PatchKind::Zstd, old, new);
+        assert_eq!(up.unpatch(old, PatchKind::Zstd, &patch, n - 4).as_deref(), Some(new));
+    }
+
+    #[test]
+    fn a_zstd_patch_is_decoded_into_the_block_whatever_window_it_asks_for() {
+        // A frame that asks for a 128 MiB window, which a stream decoder
+        // would have to hold (and is refused past WINDOW_LOG_MAX): decoded
+        // in one call, the output is the window, a block's size at most.
+        let old: Vec<u8> = (0..20000u32).map(|i| (i % 89) as u8).collect();
+        let mut new = old.clone();
+        new[100..200].copy_from_slice(&test_noise(100, 4));
+        let mut patch = Vec::new();
+        let mut e = zstd::stream::write::Encoder::with_ref_prefix(&mut patch, ZSTD_PATCH_LEVEL, &old).unwrap();
+        e.window_log(27).unwrap();
+        e.write_all(&new).unwrap();
+        e.finish().unwrap();
+        let mut stream = zstd::stream::read::Decoder::with_ref_prefix(&patch[..], &old).unwrap();
+        stream.window_log_max(WINDOW_LOG_MAX).unwrap();
+        assert!(stream.read_to_end(&mut Vec::new()).is_err(), "the stream decoder takes it");
+        let got = Unpatcher::new().unwrap().unpatch(&old, PatchKind::Zstd, &patch, new.len() as u32);
+        assert_eq!(got.as_deref(), Some(&new[..]));
     }
 
     /// Where `copy_file_range` is refused (another filesystem, an old

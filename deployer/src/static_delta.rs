@@ -133,22 +133,6 @@ impl OldLeaves {
         Ok(Some(OldLeaves { old: old.try_clone()?, at, blocks: old_tree.data_blocks(), copies }))
     }
 
-    /// The copies of the delta in `delta` (read again from its start).
-    fn copies_in(delta: &File) -> Result<Vec<(u64, u64, u64)>, sdelta::DeltaFileError> {
-        let mut f = delta.try_clone().map_err(sdelta::DeltaFileError::Read)?;
-        io::Seek::rewind(&mut f).map_err(sdelta::DeltaFileError::Read)?;
-        let mut r = DeltaReader::new(io::BufReader::with_capacity(1 << 20, f))?;
-        let (mut at, mut copies) = (0, Vec::new());
-        while let Some(op) = r.next_op()? {
-            let len = op.out_len();
-            if let sdelta::Op::Copy { offset, .. } = op {
-                copies.push((at, offset, len));
-            }
-            at += len;
-        }
-        Ok(copies)
-    }
-
     /// Fills in the hashes of the blocks from `first` on (one per flag)
     /// that lie whole in a copy whose old offset is on the same block
     /// boundary ([`imgdeploy_common::verity::Known`]).
@@ -263,10 +247,6 @@ pub fn fetch_and_apply(
     let started = Instant::now();
     let url = base.sibling(&d.path).to_string();
     let (file, fetched) = fetch_delta(t, budget, base, d, layout, standby)?;
-    let again = file.try_clone().map_err(|source| StaticDeltaError::Disk {
-        path: layout.static_delta(standby).display().to_string(),
-        source,
-    })?;
     let mut reader = DeltaReader::new(io::BufReader::with_capacity(1 << 20, file))
         .map_err(|err| StaticDeltaError::Invalid { url: url.clone(), err })?;
     let h = *reader.header();
@@ -296,7 +276,7 @@ pub fn fetch_and_apply(
             HumanBytes(s.unreproduced_bytes)
         ));
     };
-    let applied = sdelta::apply(&mut reader, &old, &out, &shown).map_err(|e| match e {
+    let mut applied = sdelta::apply(&mut reader, &old, &out, &shown).map_err(|e| match e {
         sdelta::ApplyError::File(err) => StaticDeltaError::Invalid { url: url.clone(), err },
         sdelta::ApplyError::Write(source) => disk(source),
     })?;
@@ -313,8 +293,7 @@ pub fn fetch_and_apply(
     // Only for a check of the whole image (every region reproduced).
     let mut old_leaves = None;
     if let (Some(old_tree), Some(new), 0) = (old_tree, &m.image.verity, applied.unreproduced_bytes) {
-        let copies = OldLeaves::copies_in(&again).map_err(|err| StaticDeltaError::Invalid { url: url.clone(), err })?;
-        old_leaves = OldLeaves::new(&old, old_tree, new, copies).map_err(disk)?;
+        old_leaves = OldLeaves::new(&old, old_tree, new, std::mem::take(&mut applied.copies)).map_err(disk)?;
     }
     Ok(StaticStats { fetched, delta_size: d.size, applied, out: Some(out), old_leaves })
 }
@@ -444,29 +423,6 @@ mod tests {
         // Another salt: nothing to take.
         let other = Verity { salt: Sha256Digest([9; 32]), ..new_v.clone() };
         assert!(OldLeaves::new(&old, &old_v, &other, copies).unwrap().is_none());
-    }
-
-    #[test]
-    fn the_copies_are_read_back_from_the_delta_file_with_their_new_offsets() {
-        use imgdeploy_common::compress::Compressor;
-        use sdelta::{DeltaWriter, Header, Op};
-        let h = Header {
-            from: Sha256Digest([1; 32]),
-            to: Sha256Digest([2; 32]),
-            out_size: 4109,
-            compressor: Compressor::identity(3),
-        };
-        let mut w = DeltaWriter::new(tempfile::tempfile().unwrap(), &h).unwrap();
-        for op in [
-            Op::Literal(b"head".to_vec()),
-            Op::Copy { offset: 8192, len: 4096 },
-            Op::Literal(vec![7; 5]),
-            Op::Copy { offset: 3, len: 4 },
-        ] {
-            w.push(&op).unwrap();
-        }
-        let f = w.finish().unwrap();
-        assert_eq!(OldLeaves::copies_in(&f).unwrap(), [(4, 8192, 4096), (4105, 3, 4)]);
     }
 
     fn delta_from(from: u8) -> DeltaRef {
